@@ -1,0 +1,451 @@
+"""YAML configuration → frozen, validated dataclasses.
+
+Every problem becomes one line naming the file (with line number), the image id and the field; all
+problems in a file are collected and reported together, and nothing runs while any remain.
+
+Paths: ``source`` and ``.reg`` files are relative to the config file; ``workdir`` and ``output_dir``
+are relative to the directory the pipeline is started from (the repository root for ``make``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
+
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx")
+BUILTIN_REGISTRY = ("mergeide",)
+MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class ConfigError(InputError):
+    """All problems found in one config file; ``errors`` holds one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__(f"{len(errors)} config error(s): " + "; ".join(errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+@dataclass(frozen=True)
+class GhostConfig:
+    backend: str = "native"  # exe | native
+    command: tuple[str, ...] = ()
+    path_style: str = "posix"  # wine | posix | windows
+    vmdk_type: str = "sparse"  # sparse | flat
+    vmdk_size_mb: int | None = None
+    vmdk_split_mb: int | None = None
+    adapter: str = "ide"  # ide | lsilogic | buslogic
+    password_env: str | None = None
+    timeout_s: int = 14400
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    id: str
+    source: Path
+    workdir: Path = Path("var/work")
+    output_dir: Path = Path("var/images")
+    format: str = "raw"
+    libvirt_uri: str = "test:///default"
+    memory_mib: int = 512
+    vcpus: int = 1
+    disk_bus: str = "ide"
+    nic_model: str = "rtl8139"
+    network: str = "user"
+    registry: tuple[str, ...] = ("mergeide",)
+    verify: bool = True
+    name: str | None = None
+    title: str | None = None
+    description: str | None = None
+    uuid: str | None = None
+    mac: str | None = None
+    autostart: bool = False
+    boot_check: int = 0
+    start: bool = False
+    ghost: GhostConfig = field(default_factory=GhostConfig)
+
+    @property
+    def domain_name(self) -> str:
+        return self.name or self.id
+
+    @property
+    def image_dir(self) -> Path:
+        return self.workdir / self.id
+
+    @property
+    def final_disk(self) -> Path:
+        return self.output_dir / f"{self.id}.{self.format}"
+
+    @property
+    def registry_files(self) -> tuple[Path, ...]:
+        return tuple(Path(r) for r in self.registry if r not in BUILTIN_REGISTRY)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Host-level settings (not per image)."""
+
+    force_tcg: bool = False  # LIBGUESTFS_BACKEND=direct + force_tcg (test machines, demo)
+    scheduler: str = "local"  # local | central
+    scheduler_url: str = "http://127.0.0.1:8082"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    images: tuple[ImageConfig, ...]
+    settings: Settings = field(default_factory=Settings)
+
+    def image(self, image_id: str) -> ImageConfig:
+        for img in self.images:
+            if img.id == image_id:
+                return img
+        raise InputError(f"{self.path}: no image with id '{image_id}' (have: "
+                         f"{', '.join(i.id for i in self.images) or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading with line numbers
+
+
+class _Map(dict):
+    lines: dict[str, int]
+    line: int
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    m = _Map()
+    m.lines = {}
+    m.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        m[key] = loader.construct_object(value_node, deep=True)
+        m.lines[str(key)] = key_node.start_mark.line + 1
+    return m
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field rules: name -> (type description, check(value) -> normalised value or raises ValueError)
+
+_IMAGE_KEYS = {f.name for f in fields(ImageConfig)}
+_DEFAULT_KEYS = _IMAGE_KEYS - {"id", "source", "name", "uuid", "mac", "title", "description"}
+_GHOST_KEYS = {f.name for f in fields(GhostConfig)}
+_SETTINGS_KEYS = {f.name for f in fields(Settings)}
+
+
+def _choice(*options: str):
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+        return v
+
+    return check
+
+
+def _int_range(lo: int, hi: int):
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"expected {lo}..{hi}, got {v}")
+        return v
+
+    return check
+
+
+def _opt(check):
+    def wrapped(v: Any):
+        return None if v is None else check(v)
+
+    return wrapped
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _regex(rx: re.Pattern, what: str):
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not rx.match(v.lower()):
+            raise ValueError(f"expected {what}, got {v!r}")
+        return v.lower()
+
+    return check
+
+
+def _network(v: Any) -> str:
+    if isinstance(v, str) and (v == "user" or re.match(r"^(network|bridge):[A-Za-z0-9._-]+$", v)):
+        return v
+    raise ValueError(f"expected user, network:NAME or bridge:NAME, got {v!r}")
+
+
+def _libvirt_uri(v: Any) -> str:
+    if isinstance(v, str) and re.match(r"^[a-z][a-z0-9+]*://", v):
+        return v
+    raise ValueError(f"expected a libvirt URI such as qemu:///system, got {v!r}")
+
+
+def _registry(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"expected a list of built-in names ({', '.join(BUILTIN_REGISTRY)}) "
+                         f"or .reg file paths, got {v!r}")
+    for x in v:
+        if x not in BUILTIN_REGISTRY and not x.lower().endswith(".reg"):
+            raise ValueError(f"expected a built-in name ({', '.join(BUILTIN_REGISTRY)}) or a path "
+                             f"ending in .reg, got {x!r}")
+    return tuple(v)
+
+
+def _command(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str) and v:
+        return (v,)
+    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+        return tuple(v)
+    raise ValueError(f"expected an argv list such as [wine64, /opt/ghost/ghost64.exe], got {v!r}")
+
+
+def _env_name(v: Any) -> str:
+    if isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+        return v
+    raise ValueError(f"expected an environment variable name, got {v!r}")
+
+
+IMAGE_RULES: dict[str, Any] = {
+    "workdir": _str,
+    "output_dir": _str,
+    "format": _choice("raw", "qcow2"),
+    "libvirt_uri": _libvirt_uri,
+    "memory_mib": _int_range(64, 4 * 1024 * 1024),
+    "vcpus": _int_range(1, 512),
+    "disk_bus": _choice("ide", "sata", "virtio"),
+    "nic_model": _choice("rtl8139", "e1000", "virtio"),
+    "network": _network,
+    "registry": _registry,
+    "verify": _bool,
+    "name": _regex(re.compile(r"^.{1,200}$", re.S), "a domain name"),
+    "title": _text,
+    "description": _text,
+    "uuid": _regex(UUID_RE, "a UUID like 6f1c0a0e-8d3e-4f53-9a57-2c3b9d0e1f22"),
+    "mac": _regex(MAC_RE, "a MAC address 52:54:00:xx:xx:xx"),
+    "autostart": _bool,
+    "boot_check": _int_range(0, 3600),
+    "start": _bool,
+}
+GHOST_RULES: dict[str, Any] = {
+    "backend": _choice("exe", "native"),
+    "command": _command,
+    "path_style": _choice("wine", "posix", "windows"),
+    "vmdk_type": _choice("sparse", "flat"),
+    "vmdk_size_mb": _opt(_int_range(1, 64 * 1024 * 1024)),
+    "vmdk_split_mb": _opt(_int_range(1, 64 * 1024 * 1024)),
+    "adapter": _choice("ide", "lsilogic", "buslogic"),
+    "password_env": _opt(_env_name),
+    "timeout_s": _int_range(1, 7 * 24 * 3600),
+}
+SETTINGS_RULES: dict[str, Any] = {
+    "force_tcg": _bool,
+    "scheduler": _choice("local", "central"),
+    "scheduler_url": _regex(re.compile(r"^https?://"), "an http(s) URL"),
+}
+
+
+class _Collector:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.errors: list[str] = []
+
+    def add(self, line: int | None, image: str | None, fieldname: str | None, msg: str) -> None:
+        loc = f"{self.path}:{line}" if line else str(self.path)
+        parts = [loc]
+        if image is not None:
+            parts.append(f"image '{image}'")
+        if fieldname:
+            parts.append(f"field '{fieldname}'")
+        self.errors.append(": ".join(parts) + f": {msg}")
+
+
+def _unknown_key_msg(key: str, allowed: set[str]) -> str:
+    close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key{hint}"
+
+
+def _check_section(
+    col: _Collector, data: _Map, rules: dict[str, Any], allowed: set[str], image: str | None,
+    prefix: str = "",
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        line = data.lines.get(str(key))
+        name = f"{prefix}{key}"
+        if key not in allowed:
+            col.add(line, image, name, _unknown_key_msg(key, allowed))
+            continue
+        rule = rules.get(key)
+        if rule is None:
+            out[key] = value
+            continue
+        try:
+            out[key] = rule(value)
+        except ValueError as e:
+            col.add(line, image, name, str(e))
+    return out
+
+
+def _ghost(col: _Collector, raw: Any, line: int | None, image: str | None) -> dict[str, Any] | None:
+    if not isinstance(raw, _Map):
+        col.add(line, image, "ghost", f"expected a mapping, got {raw!r}")
+        return None
+    return _check_section(col, raw, GHOST_RULES, _GHOST_KEYS, image, prefix="ghost.")
+
+
+def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> Config:
+    """Load and validate a config file; raise :class:`ConfigError` listing every problem."""
+    path = Path(path)
+    col = _Collector(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
+    try:
+        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        col.add(line, None, None, f"not valid YAML: {getattr(e, 'problem', e)}")
+        raise ConfigError(col.errors) from None
+    if not isinstance(doc, _Map):
+        raise ConfigError([f"{path}: expected a mapping with 'images' (and optional 'defaults')"])
+    for key in doc:
+        if key not in ("defaults", "images", "settings"):
+            col.add(doc.lines.get(str(key)), None, str(key),
+                    _unknown_key_msg(key, {"defaults", "images", "settings"}))
+
+    settings: dict[str, Any] = {}
+    if "settings" in doc:
+        raw = doc["settings"]
+        if isinstance(raw, _Map):
+            settings = _check_section(col, raw, SETTINGS_RULES, _SETTINGS_KEYS, None, "settings.")
+        else:
+            col.add(doc.lines.get("settings"), None, "settings", "expected a mapping")
+
+    defaults: dict[str, Any] = {}
+    default_ghost: dict[str, Any] = {}
+    if "defaults" in doc and doc["defaults"] is not None:
+        raw = doc["defaults"]
+        if isinstance(raw, _Map):
+            defaults = _check_section(col, raw, IMAGE_RULES, _DEFAULT_KEYS, None, "defaults.")
+            if "ghost" in defaults:
+                default_ghost = _ghost(col, defaults.pop("ghost"), raw.lines.get("ghost"), None) or {}
+        else:
+            col.add(doc.lines.get("defaults"), None, "defaults", "expected a mapping")
+
+    images_raw = doc.get("images")
+    if not isinstance(images_raw, list) or not images_raw:
+        col.add(doc.lines.get("images"), None, "images", "expected a non-empty list of images")
+        images_raw = []
+
+    base = path.parent
+    seen: dict[str, int] = {}
+    images: list[ImageConfig] = []
+    for idx, raw in enumerate(images_raw):
+        if not isinstance(raw, _Map):
+            col.add(None, f"#{idx + 1}", None, f"expected a mapping with id and source, got {raw!r}")
+            continue
+        image_id = raw.get("id")
+        label = str(image_id) if image_id is not None else f"#{idx + 1}"
+        before = len(col.errors)
+        if not isinstance(image_id, str) or not ID_RE.match(image_id):
+            col.add(raw.lines.get("id", raw.line), label, "id",
+                    f"expected 1-64 characters of [A-Za-z0-9._-], got {image_id!r}")
+        elif image_id in seen:
+            col.add(raw.lines.get("id"), label, "id", f"duplicate id (first used on line {seen[image_id]})")
+        else:
+            seen[image_id] = raw.lines.get("id", raw.line)
+        values = dict(defaults)
+        values.update(_check_section(col, _sub(raw, ("id", "source", "ghost")), IMAGE_RULES, _IMAGE_KEYS, label))
+        ghost_values = dict(default_ghost)
+        if "ghost" in raw:
+            ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})
+        source = raw.get("source")
+        src_path: Path | None = None
+        if not isinstance(source, str) or not source:
+            col.add(raw.lines.get("source", raw.line), label, "source", "expected a path to the source image")
+        else:
+            src_path = (base / source) if not os.path.isabs(source) else Path(source)
+            src_path = Path(os.path.normpath(src_path.absolute()))
+            if not src_path.name.lower().endswith(SOURCE_SUFFIXES):
+                col.add(raw.lines.get("source"), label, "source",
+                        f"expected one of {' '.join(SOURCE_SUFFIXES)}, got {src_path.name!r}")
+            elif check_sources and not src_path.is_file():
+                col.add(raw.lines.get("source"), label, "source", f"file not found: {src_path}")
+        regs = values.get("registry", ())
+        for r in regs:
+            if r in BUILTIN_REGISTRY:
+                continue
+            rp = Path(os.path.normpath((base / r).absolute())) if not os.path.isabs(r) else Path(r)
+            if not rp.is_file():
+                col.add(raw.lines.get("registry", raw.line), label, "registry", f"file not found: {rp}")
+        if len(col.errors) != before or src_path is None:
+            continue
+        if "registry" in values:
+            values["registry"] = tuple(
+                r if r in BUILTIN_REGISTRY or os.path.isabs(r) else os.path.normpath((base / r).absolute())
+                for r in values["registry"]
+            )
+        for key in ("workdir", "output_dir"):
+            if key in values:
+                values[key] = Path(os.path.abspath(values[key]))
+        values.setdefault("workdir", Path(os.path.abspath("var/work")))
+        values.setdefault("output_dir", Path(os.path.abspath("var/images")))
+        if ghost_values.get("backend") == "exe" and not ghost_values.get("command"):
+            col.add(raw.lines.get("ghost", raw.line), label, "ghost.command",
+                    "backend exe needs a command such as [wine64, /opt/ghost/ghost64.exe]")
+            continue
+        if "backend" not in ghost_values and ghost_values.get("command"):
+            ghost_values["backend"] = "exe"
+        images.append(ImageConfig(id=image_id, source=src_path, ghost=GhostConfig(**ghost_values), **values))
+
+    if col.errors:
+        raise ConfigError(col.errors)
+    return Config(path=path, images=tuple(images), settings=Settings(**settings))
+
+
+def _sub(raw: _Map, drop: tuple[str, ...]) -> _Map:
+    m = _Map({k: v for k, v in raw.items() if k not in drop})
+    m.lines = raw.lines
+    m.line = raw.line
+    return m

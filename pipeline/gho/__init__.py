@@ -1,0 +1,1 @@
+"""Native reader for Norton/Symantec Ghost ``.GHO`` images (see ``../shared/gho/FORMAT.md``)."""
