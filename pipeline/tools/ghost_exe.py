@@ -1,0 +1,435 @@
+"""ghost-convert with Ghost's own executable (``ghost64.exe``), run natively, under Wine or on a
+Windows worker host.
+
+Ghost restores the image straight into a VMware disk::
+
+    ghost64.exe -clone,mode=restore,src=X.GHO,dst=OUT.vmdk -batch -sure -VMDKTYPE=sparse ...
+
+``-clone,mode=restore,src=…,dst=…`` is ONE argument (Ghost splits it on commas itself), so paths
+must not contain commas. Ghost writes its abort log (``Error Number: (10030)`` followed by
+``Message: …``) to the ``-afile=`` path; a failure surfaces that number and message.
+
+Outputs are written into a private temporary directory ``out_dir/.ghost.tmp-<pid>/`` under their
+FINAL names (``ghost.vmdk``, and for flat disks Ghost's own ``ghost-s001.vmdk`` extent), so the
+descriptor's extent lines already name the final files and a plain rename into ``out_dir`` is
+enough. The extents are renamed first and the descriptor last, so ``out_dir/ghost.vmdk`` existing
+means the disk is complete. Nothing is renamed unless Ghost exited 0, the output exists and
+``qemu-img info`` reads it.
+
+The password (``-pwd=``) is taken from the environment variable named by ``password_env`` and is
+redacted from every argv, message, stderr and error-file text this module hands out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import GhostConfig
+from pipeline.errors import InputError, ToolError
+from pipeline.gho.spans import find_spans
+from pipeline.tools.run import REDACTED, redact, run
+
+STEP = "ghost-convert"
+FINAL_STEM = "ghost"
+FINAL_NAME = f"{FINAL_STEM}.vmdk"
+TMP_PREFIX = ".ghost.tmp-"
+AFILE_NAME = "ghost-abort.txt"
+PATH_STYLES = ("wine", "posix", "windows")
+VMDK_TYPES = ("sparse", "flat")
+ADAPTERS = ("ide", "lsilogic", "buslogic")
+
+_ERRNO_RE = re.compile(r"Error\s+Number\s*:?\s*\(?\s*(\d+)\s*\)?", re.I)
+_MESSAGE_RE = re.compile(r"^\s*Message\s*:\s*(.*\S)\s*$", re.I)
+_PROGRESS_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+_EXTENT_RE = re.compile(rb'^(\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+")([^"]+)(".*)$')
+_OLD_EXTENT_RE = re.compile(rf"^{FINAL_STEM}-s\d{{3,}}\.vmdk$", re.I)
+_SPARSE_MAGIC = b"KDMV"
+_COWD_MAGIC = b"COWD"
+
+
+@dataclass
+class GhostResult:
+    """What one Ghost run did; ``to_dict()`` is JSON-serialisable (for receipts)."""
+
+    argv: list[str]  # redacted
+    spans: list[dict[str, Any]]  # continuation files: path, size, mtime
+    outputs: list[dict[str, Any]]  # final files: path, size (descriptor last)
+    exit_code: int
+    seconds: float
+    vmdk_type: str
+    source: dict[str, Any] = field(default_factory=dict)  # the .GHO itself: path, size, mtime
+    disk: str = ""  # out_dir/ghost.vmdk (open this one)
+    virtual_size: int | None = None
+    create_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# argv
+
+
+def translate_path(path: str | os.PathLike[str], style: str) -> str:
+    """Spell ``path`` the way the Ghost process sees it.
+
+    ``posix``: unchanged. ``wine``: absolute POSIX path on Wine's ``Z:`` drive
+    (``/data/x.GHO`` → ``Z:\\data\\x.GHO``). ``windows``: slashes become backslashes (paths given
+    for a Windows worker host, e.g. ``D:/images/x.GHO`` or ``\\\\srv\\share\\x.GHO``).
+    """
+    text = os.fspath(path)
+    if style == "posix":
+        return text
+    if style == "wine":
+        return "Z:" + os.path.abspath(text).replace("/", "\\")
+    if style == "windows":
+        return text.replace("/", "\\")
+    raise InputError(f"ghost.path_style: expected one of {', '.join(PATH_STYLES)}, got {style!r}",
+                     step=STEP)
+
+
+def _clone_path(path: Path, style: str, what: str) -> str:
+    text = translate_path(path, style)
+    if "," in text:
+        # Ghost splits -clone,... on commas; there is no quoting.
+        raise InputError(f"Ghost cannot take a {what} path containing a comma: {text}", step=STEP)
+    return text
+
+
+def build_argv(cfg: GhostConfig, src: Path, dst: Path, afile: Path, password: str | None) -> list[str]:
+    """The argv Ghost is run with (password in clear: redact before showing it)."""
+    if not cfg.command:
+        raise InputError("ghost.command is empty; set it to e.g. [wine64, /opt/ghost/ghost64.exe]",
+                         step=STEP)
+    if cfg.vmdk_type not in VMDK_TYPES:
+        raise InputError(f"ghost.vmdk_type: expected sparse or flat, got {cfg.vmdk_type!r}", step=STEP)
+    if cfg.adapter not in ADAPTERS:
+        raise InputError(f"ghost.adapter: expected one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}",
+                         step=STEP)
+    style = cfg.path_style
+    clone = f"src={_clone_path(src, style, 'source')},dst={_clone_path(dst, style, 'target')}"
+    argv = [
+        *cfg.command,
+        f"-clone,mode=restore,{clone}",
+        "-batch",
+        "-sure",
+        f"-VMDKTYPE={cfg.vmdk_type}",
+    ]
+    if cfg.vmdk_size_mb is not None:
+        argv.append(f"-VMDKSIZE={int(cfg.vmdk_size_mb)}")
+    if cfg.vmdk_split_mb is not None:
+        argv.append(f"-VMDKSPLIT={int(cfg.vmdk_split_mb)}")
+    argv.append(f"-VMDKADAPTER={cfg.adapter}")
+    if password:
+        argv.append(f"-pwd={password}")
+    argv.append(f"-afile={translate_path(afile, style)}")
+    return argv
+
+
+# ---------------------------------------------------------------------------------------------
+# Ghost's abort log
+
+
+def parse_error_file(text: str) -> tuple[int | None, str | None]:
+    """Return (error number, message) from Ghost's abort log; (None, None) if it has none.
+
+    The message is the ``Message:`` line after ``Error Number: (N)``, or else the next non-empty
+    line after it.
+    """
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = _ERRNO_RE.search(line)
+        if not m:
+            continue
+        number = int(m.group(1))
+        rest = [ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("*")]
+        for ln in rest[:6]:
+            mm = _MESSAGE_RE.match(ln)
+            if mm:
+                return number, mm.group(1)
+        return number, (rest[0].strip() if rest else None)
+    return None, None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# temp outputs
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of ours (earlier call in this process) is stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out_dir: Path) -> list[Path]:
+    """Remove temp outputs of earlier runs whose process is gone (or is this one)."""
+    removed: list[Path] = []
+    try:
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        pid_text = entry.name[len(TMP_PREFIX):].split(".")[0].split("-")[0]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _stat_entry(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _is_text_descriptor(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head not in (_SPARSE_MAGIC, _COWD_MAGIC)
+
+
+def _normalize_descriptor(desc: Path) -> list[str]:
+    """Make every extent line of a text descriptor name a bare file in the same directory.
+
+    Ghost names extents relative to the descriptor (``ghost-s001.vmdk``); should it ever write a
+    path, it is reduced to the file name (matched case-insensitively), rewritten atomically.
+    Returns the extent file names; raises ValueError naming a missing extent.
+    """
+    if not _is_text_descriptor(desc):
+        return []
+    data = desc.read_bytes()
+    present = {p.name.lower(): p.name for p in desc.parent.iterdir() if p.is_file()}
+    names: list[str] = []
+    changed = False
+    out_lines = []
+    for line in data.split(b"\n"):
+        m = _EXTENT_RE.match(line)
+        if m:
+            ref = m.group(2).decode("utf-8", "replace")
+            base = re.split(r"[\\/]", ref)[-1]
+            actual = present.get(base.lower())
+            if actual is None:
+                raise ValueError(f"descriptor {desc.name} names extent {ref!r}, which Ghost did not write")
+            if actual != ref:
+                line = m.group(1) + actual.encode() + m.group(3)
+                changed = True
+            names.append(actual)
+        out_lines.append(line)
+    if changed:
+        tmp = desc.with_name(desc.name + ".rewrite")
+        with tmp.open("wb") as f:
+            f.write(b"\n".join(out_lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, desc)
+    return names
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def _password(cfg: GhostConfig, image_id: str) -> str | None:
+    if not cfg.password_env:
+        return None
+    value = os.environ.get(cfg.password_env)
+    if value is None:
+        raise InputError(f"ghost.password_env names environment variable {cfg.password_env}, which is "
+                         f"not set; export {cfg.password_env} with the image password",
+                         image_id=image_id, step=STEP)
+    if not value:
+        raise InputError(f"environment variable {cfg.password_env} (ghost.password_env) is empty",
+                         image_id=image_id, step=STEP)
+    return value
+
+
+def convert(
+    cfg: GhostConfig,
+    src: Path,
+    out_dir: Path,
+    *,
+    image_id: str,
+    progress: Callable[[float], None] | None = None,
+) -> GhostResult:
+    """Restore ``src`` (a .GHO, with its .GHS spans beside it) into ``out_dir/ghost.vmdk``.
+
+    For ``vmdk_type: flat`` the raw extent is ``out_dir/ghost-s001.vmdk`` (more with
+    ``vmdk_split_mb``). ``progress`` gets Ghost's percentage (0-100) when it prints one.
+    Raises :class:`InputError` for bad input, :class:`ToolError` when Ghost or the check fails.
+    """
+    src = Path(src)
+    out_dir = Path(out_dir)
+    password = _password(cfg, image_id)
+    secrets = [password] if password else []
+    if not src.is_file():
+        raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
+    source = _stat_entry(src)
+    spans = [_stat_entry(p) for p in find_spans(src)]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    tmp_dir = out_dir / f"{TMP_PREFIX}{os.getpid()}"
+    tmp_dir.mkdir()
+    tmp_dst = tmp_dir / FINAL_NAME
+    afile = tmp_dir / AFILE_NAME
+    argv = build_argv(cfg, src, tmp_dst, afile, password)
+    shown = redact(argv, secrets)
+    tool = os.path.basename(cfg.command[-1])
+    env = {"WINEDEBUG": "-all"} if cfg.path_style == "wine" else None
+
+    def fail(message: str, returncode: int | None, stderr: str = "", stdout: str = "") -> ToolError:
+        _remove(tmp_dir)
+        return ToolError(_scrub(message, secrets), tool=tool, argv=shown, returncode=returncode,
+                         stderr=_scrub(stderr, secrets), stdout=_scrub(stdout, secrets),
+                         image_id=image_id, step=STEP)
+
+    def on_stdout(line: str) -> None:
+        if progress is None:
+            return
+        m = _PROGRESS_RE.search(line)
+        if m:
+            progress(min(100.0, float(m.group(1))))
+
+    try:
+        try:
+            res = run(argv, step=STEP, image_id=image_id, timeout=cfg.timeout_s, env=env,
+                      cwd=str(tmp_dir), secrets=secrets, check=False, on_stdout=on_stdout)
+        except ToolError as e:  # not found, timeout: the wrapper's own message, scrubbed once more
+            raise fail(e.message, e.returncode, e.stderr, e.stdout) from None
+
+        err_text = _read_text(afile)
+        if err_text is None:  # Ghost's default abort log name, in its working directory
+            for p in tmp_dir.iterdir():
+                if p.name.lower() == "ghosterr.txt":
+                    err_text = _read_text(p)
+        err_text = _scrub(err_text or "", secrets)
+        number, message = parse_error_file(err_text)
+        if res.returncode != 0 or number is not None:
+            if number is not None:
+                what = f"Ghost error {number}: {message or '(no message)'}"
+            else:
+                tail = " | ".join(ln.strip() for ln in (res.stderr or res.stdout).splitlines()
+                                  if ln.strip())[-400:]
+                what = f"Ghost failed without an error number: {tail or '(no output)'}"
+            raise fail(f"{what} (exit {res.returncode})", res.returncode,
+                       err_text or res.stderr, res.stdout)
+
+        if not tmp_dst.is_file():
+            raise fail(f"Ghost exited 0 but wrote no output "
+                       f"(expected {translate_path(tmp_dst, cfg.path_style)})",
+                       res.returncode, res.stderr, res.stdout)
+
+        try:
+            extents = _normalize_descriptor(tmp_dst)
+        except (OSError, ValueError) as e:
+            raise fail(f"Ghost output is unusable: {e}", res.returncode, res.stderr, res.stdout) from None
+
+        try:
+            info_res = run(["qemu-img", "info", "--output=json", str(tmp_dst)], step=STEP,
+                           image_id=image_id, timeout=300)
+            info = json.loads(info_res.stdout)
+        except ToolError as e:
+            raise fail(f"Ghost output is not a readable VMDK: {e.message}", res.returncode,
+                       e.stderr, e.stdout) from None
+        except ValueError as e:
+            raise fail(f"qemu-img info printed no JSON for the Ghost output: {e}", res.returncode) from None
+        fmt = info.get("format")
+        create_type = ((info.get("format-specific") or {}).get("data") or {}).get("create-type")
+        if fmt != "vmdk":
+            raise fail(f"Ghost output is {fmt!r}, not a VMDK", res.returncode)
+        if create_type and cfg.vmdk_type not in str(create_type).lower():
+            raise fail(f"asked Ghost for a {cfg.vmdk_type} VMDK but it wrote {create_type}", res.returncode)
+
+        # Commit: extents first, descriptor last (its presence marks a complete disk).
+        outputs: list[dict[str, Any]] = []
+        for name in [*extents, FINAL_NAME]:
+            if name == FINAL_NAME and name in extents:
+                continue
+            final = out_dir / name
+            os.replace(tmp_dir / name, final)
+            st = final.stat()
+            outputs.append({"path": str(final), "size": st.st_size})
+        _fsync_dir(out_dir)
+        for p in out_dir.iterdir():  # extents of an earlier flat/split run that this one replaced
+            if _OLD_EXTENT_RE.match(p.name) and p.name not in extents:
+                _remove(p)
+    except BaseException:
+        _remove(tmp_dir)
+        raise
+    _remove(tmp_dir)
+
+    if progress is not None:
+        progress(100.0)
+    return GhostResult(
+        argv=shown,
+        spans=spans,
+        outputs=outputs,
+        exit_code=res.returncode,
+        seconds=round(res.seconds, 3),
+        vmdk_type=cfg.vmdk_type,
+        source=source,
+        disk=str(out_dir / FINAL_NAME),
+        virtual_size=info.get("virtual-size"),
+        create_type=create_type,
+    )
+
+
+__all__ = [
+    "GhostResult",
+    "build_argv",
+    "convert",
+    "parse_error_file",
+    "remove_stale_temps",
+    "translate_path",
+]

@@ -1,0 +1,337 @@
+"""ghost-convert through Ghost's executable, exercised with tests/fakes/ghost64_standin.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import GhostConfig
+from pipeline.errors import InputError, ToolError
+from pipeline.tools import ghost_exe
+from pipeline.tools.ghost_exe import GhostResult, build_argv, convert, parse_error_file, translate_path
+
+STANDIN = Path(__file__).parent / "fakes" / "ghost64_standin.py"
+PASSWORD = "s3cr3t-Pa55"
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    """A 4 MiB raw disk with recognisable data at a few offsets."""
+    p = tmp_path / "payload.raw"
+    with p.open("wb") as f:
+        f.truncate(4 * MB)
+        for off in (0, 510, MB + 3, 4 * MB - 16):
+            f.seek(off)
+            f.write(b"GHO2KVM-%d" % off)
+    return p
+
+
+@pytest.fixture
+def gho(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    p = d / "winxpsp3.GHO"
+    p.write_bytes(b"not really a ghost image")
+    return p
+
+
+@pytest.fixture
+def standin_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, payload: Path) -> Path:
+    log = tmp_path / "standin.log"
+    for name in ("GHOST_STANDIN_FAIL", "GHOST_STANDIN_MESSAGE", "GHOST_STANDIN_NO_OUTPUT",
+                 "GHOST_STANDIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GHOST_STANDIN_PAYLOAD", str(payload))
+    monkeypatch.setenv("GHOST_STANDIN_LOG", str(log))
+    return log
+
+
+def cfg(**kw) -> GhostConfig:
+    kw.setdefault("backend", "exe")
+    kw.setdefault("command", (sys.executable, str(STANDIN)))
+    kw.setdefault("timeout_s", 120)
+    return GhostConfig(**kw)
+
+
+def calls(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+
+
+def compare(a: Path, b: Path) -> None:
+    subprocess.run(["qemu-img", "compare", "-f", "vmdk", "-F", "raw", str(a), str(b)], check=True,
+                   capture_output=True)
+
+
+def qemu_info(p: Path) -> dict:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(p)], check=True, capture_output=True)
+    return json.loads(out.stdout)
+
+
+def leftovers(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in out_dir.iterdir() if p.name.startswith(".ghost.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# argv and paths
+
+
+def test_argv_shape_exact():
+    c = GhostConfig(backend="exe", command=("wine64", "/opt/ghost/ghost64.exe"), path_style="wine",
+                    vmdk_type="flat", vmdk_size_mb=30720, vmdk_split_mb=2000, adapter="lsilogic")
+    argv = build_argv(c, Path("/data/winxpsp3.GHO"), Path("/out/xp.vmdk"), Path("/out/abort.txt"), "pw")
+    assert argv == [
+        "wine64", "/opt/ghost/ghost64.exe",
+        r"-clone,mode=restore,src=Z:\data\winxpsp3.GHO,dst=Z:\out\xp.vmdk",
+        "-batch", "-sure",
+        "-VMDKTYPE=flat", "-VMDKSIZE=30720", "-VMDKSPLIT=2000", "-VMDKADAPTER=lsilogic",
+        "-pwd=pw",
+        r"-afile=Z:\out\abort.txt",
+    ]
+
+
+def test_argv_defaults_posix_no_password():
+    c = GhostConfig(backend="exe", command=("ghost64",))
+    argv = build_argv(c, Path("/d/x.GHO"), Path("/o/x.vmdk"), Path("/o/a.txt"), None)
+    assert argv == ["ghost64", "-clone,mode=restore,src=/d/x.GHO,dst=/o/x.vmdk", "-batch", "-sure",
+                    "-VMDKTYPE=sparse", "-VMDKADAPTER=ide", "-afile=/o/a.txt"]
+    assert not any(a.lower().startswith(("-pwd", "-vmdksize", "-vmdksplit")) for a in argv)
+
+
+def test_argv_needs_command_and_rejects_commas():
+    with pytest.raises(InputError, match="ghost.command"):
+        build_argv(GhostConfig(), Path("/a.GHO"), Path("/b.vmdk"), Path("/c"), None)
+    with pytest.raises(InputError, match="comma"):
+        build_argv(cfg(), Path("/data/a,b.GHO"), Path("/b.vmdk"), Path("/c"), None)
+
+
+def test_translate_path_styles(monkeypatch: pytest.MonkeyPatch):
+    assert translate_path(Path("/data/x.GHO"), "wine") == "Z:\\data\\x.GHO"
+    assert translate_path("/data/dir with space/x.GHO", "wine") == "Z:\\data\\dir with space\\x.GHO"
+    monkeypatch.chdir("/tmp")
+    assert translate_path("rel/x.GHO", "wine") == "Z:\\tmp\\rel\\x.GHO"
+    assert translate_path("D:/images/x.GHO", "windows") == "D:\\images\\x.GHO"
+    assert translate_path("//srv/share/x.GHO", "windows") == "\\\\srv\\share\\x.GHO"
+    assert translate_path(Path("/data/x.GHO"), "posix") == "/data/x.GHO"
+    with pytest.raises(InputError):
+        translate_path("/x", "dos")
+
+
+def test_parse_error_file():
+    text = ("*********************************\r\nDate   : Mon\r\nError Number: (10030)\r\n"
+            "Message: Not a valid image file\r\nVersion: 11.5\r\n")
+    assert parse_error_file(text) == (10030, "Not a valid image file")
+    bare = "Error Number: (19916)\n\n  Image file is corrupt\n"
+    assert parse_error_file(bare) == (19916, "Image file is corrupt")
+    assert parse_error_file("Operation completed\n") == (None, None)
+    assert parse_error_file("") == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# successful conversions
+
+
+def test_sparse(tmp_path: Path, gho: Path, payload: Path, standin_env: Path):
+    out = tmp_path / "out"
+    seen: list[float] = []
+    res = convert(cfg(), gho, out, image_id="xp", progress=seen.append)
+    disk = out / "ghost.vmdk"
+    assert sorted(p.name for p in out.iterdir()) == ["ghost.vmdk"]
+    info = qemu_info(disk)
+    assert info["format"] == "vmdk"
+    assert info["format-specific"]["data"]["create-type"] == "monolithicSparse"
+    compare(disk, payload)
+    assert res.outputs == [{"path": str(disk), "size": disk.stat().st_size}]
+    assert res.disk == str(disk) and res.vmdk_type == "sparse" and res.exit_code == 0
+    assert res.virtual_size == 4 * MB and res.create_type == "monolithicSparse"
+    assert res.source["path"] == str(gho) and res.source["size"] == gho.stat().st_size
+    assert res.seconds >= 0 and seen and seen[-1] == 100.0
+    assert len(calls(standin_env)) == 1
+    json.dumps(res.to_dict())
+
+
+@pytest.mark.parametrize("style", ["posix", "wine"])
+def test_flat_descriptor_points_at_renamed_extent(tmp_path: Path, gho: Path, payload: Path,
+                                                  standin_env: Path, style: str):
+    out = tmp_path / "out"
+    res = convert(cfg(vmdk_type="flat", adapter="lsilogic", path_style=style), gho, out, image_id="xp")
+    disk, extent = out / "ghost.vmdk", out / "ghost-s001.vmdk"
+    assert sorted(p.name for p in out.iterdir()) == ["ghost-s001.vmdk", "ghost.vmdk"]
+    desc = disk.read_bytes()
+    assert b'"ghost-s001.vmdk"' in desc and b".ghost.tmp" not in desc.split(b"# The Disk Data Base")[0]
+    assert b'ddb.adapterType = "lsilogic"' in desc
+    info = qemu_info(disk)
+    assert info["format-specific"]["data"]["create-type"] == "monolithicFlat"
+    assert info["format-specific"]["data"]["extents"][0]["filename"].endswith("ghost-s001.vmdk")
+    compare(disk, payload)
+    assert [o["path"] for o in res.outputs] == [str(extent), str(disk)]  # descriptor renamed last
+    assert res.outputs[0]["size"] == 4 * MB
+    assert res.vmdk_type == "flat" and res.create_type == "monolithicFlat"
+    if style == "wine":
+        clone = calls(standin_env)[0][0]
+        assert clone.startswith("-clone,mode=restore,src=Z:\\") and ",dst=Z:\\" in clone
+
+
+def test_flat_with_shebang_and_size(tmp_path: Path, gho: Path, payload: Path, standin_env: Path):
+    out = tmp_path / "out"
+    res = convert(cfg(command=(str(STANDIN),), vmdk_type="flat", vmdk_size_mb=8), gho, out, image_id="xp")
+    assert res.virtual_size == 8 * MB
+    assert (out / "ghost-s001.vmdk").stat().st_size == 8 * MB
+    assert "-VMDKSIZE=8" in calls(standin_env)[0]
+
+
+def test_rerun_sparse_after_flat_drops_old_extent(tmp_path: Path, gho: Path, payload: Path,
+                                                  standin_env: Path):
+    out = tmp_path / "out"
+    convert(cfg(vmdk_type="flat"), gho, out, image_id="xp")
+    convert(cfg(vmdk_type="sparse"), gho, out, image_id="xp")
+    assert sorted(p.name for p in out.iterdir()) == ["ghost.vmdk"]
+    compare(out / "ghost.vmdk", payload)
+
+
+def test_spans_recorded(tmp_path: Path, gho: Path, standin_env: Path):
+    (gho.parent / "winxp001.GHS").write_bytes(b"a" * 10)
+    (gho.parent / "WINXP002.ghs").write_bytes(b"b" * 20)
+    (gho.parent / "winxp004.GHS").write_bytes(b"gap")  # after a gap: not a span
+    res = convert(cfg(), gho, tmp_path / "out", image_id="xp")
+    got = [(Path(s["path"]).name, s["size"]) for s in res.spans]
+    assert got == [("winxp001.GHS", 10), ("WINXP002.ghs", 20)]
+    assert all(isinstance(s["mtime"], float) for s in res.spans)
+
+
+def test_stale_temps_removed(tmp_path: Path, gho: Path, standin_env: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / ".ghost.tmp-999999999"  # no such pid
+    dead.mkdir()
+    (dead / "ghost.vmdk").write_bytes(b"half")
+    (out / ".ghost.tmp-999999998.vmdk").write_bytes(b"half")
+    live = out / f".ghost.tmp-{os.getppid()}"  # another process still running: leave it alone
+    live.mkdir()
+    convert(cfg(), gho, out, image_id="xp")
+    assert leftovers(out) == [live.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# failures
+
+
+def test_ghost_error_number_and_message(tmp_path: Path, gho: Path, standin_env: Path,
+                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GHOST_STANDIN_FAIL", "10030")
+    monkeypatch.setenv("GHOST_STANDIN_MESSAGE", "Not a valid image file")
+    out = tmp_path / "out"
+    with pytest.raises(ToolError) as ei:
+        convert(cfg(), gho, out, image_id="xp")
+    e = ei.value
+    assert "Ghost error 10030: Not a valid image file" in str(e)
+    assert e.image_id == "xp" and e.step == "ghost-convert" and e.returncode == 10
+    assert "Error Number: (10030)" in e.stderr  # the abort log, kept on the error
+    assert list(out.iterdir()) == []
+
+
+def test_missing_source_reported_before_running(tmp_path: Path, standin_env: Path):
+    with pytest.raises(InputError, match="not found"):
+        convert(cfg(), tmp_path / "nope.GHO", tmp_path / "out", image_id="xp")
+    assert calls(standin_env) == []
+
+
+def test_missing_output_after_exit_0(tmp_path: Path, gho: Path, standin_env: Path,
+                                     monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GHOST_STANDIN_NO_OUTPUT", "1")
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match="exited 0 but wrote no output") as ei:
+        convert(cfg(vmdk_type="flat"), gho, out, image_id="xp")
+    assert ei.value.returncode == 0
+    assert list(out.iterdir()) == []
+
+
+def test_output_not_a_vmdk(tmp_path: Path, gho: Path):
+    # A "Ghost" that exits 0 after writing junk: qemu-img reads it as raw, so nothing is committed.
+    code = ("import sys; a = sys.argv[1]; dst = a.split(',dst=')[1]; "
+            "open(dst, 'wb').write(b'junk' * 1000)")
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match="not a VMDK"):
+        convert(cfg(command=(sys.executable, "-c", code)), gho, out, image_id="xp")
+    assert list(out.iterdir()) == []
+
+
+def test_ghost_not_installed(tmp_path: Path, gho: Path):
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match="not found"):
+        convert(cfg(command=("/nonexistent/ghost64.exe",)), gho, out, image_id="xp")
+    assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# password
+
+
+def test_password_used_and_redacted(tmp_path: Path, gho: Path, payload: Path, standin_env: Path,
+                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GHOST_STANDIN_PASSWORD", PASSWORD)
+    monkeypatch.setenv("XP_GHOST_PW", PASSWORD)
+    res = convert(cfg(password_env="XP_GHOST_PW"), gho, tmp_path / "out", image_id="xp")
+    assert f"-pwd={PASSWORD}" in calls(standin_env)[0]  # Ghost got it ...
+    assert "-pwd=***" in res.argv  # ... the record did not
+    assert PASSWORD not in json.dumps(res.to_dict())
+    compare(tmp_path / "out" / "ghost.vmdk", payload)
+
+
+def test_wrong_password_error_is_redacted(tmp_path: Path, gho: Path, standin_env: Path,
+                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GHOST_STANDIN_PASSWORD", "the-right-one")
+    monkeypatch.setenv("XP_GHOST_PW", PASSWORD)
+    out = tmp_path / "out"
+    with pytest.raises(ToolError) as ei:
+        convert(cfg(password_env="XP_GHOST_PW"), gho, out, image_id="xp")
+    e = ei.value
+    assert "Invalid password" in str(e) and "Ghost error" in str(e)
+    # The stand-in, like Ghost, copies its command line (password included) into the abort log
+    # and prints it on stderr: none of it may reach the error.
+    assert "Command line arguments:" in e.stderr and "-pwd=***" in e.stderr
+    for text in (str(e), e.message, e.stderr, e.stdout, " ".join(e.argv)):
+        assert PASSWORD not in text
+    assert "-pwd=***" in e.argv
+    assert list(out.iterdir()) == []
+
+
+def test_missing_password_variable(tmp_path: Path, gho: Path, standin_env: Path,
+                                   monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("XP_GHOST_PW", raising=False)
+    with pytest.raises(InputError, match="XP_GHOST_PW"):
+        convert(cfg(password_env="XP_GHOST_PW"), gho, tmp_path / "out", image_id="xp")
+    assert calls(standin_env) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# descriptor normalisation (should Ghost ever write a path into the extent line)
+
+
+def test_descriptor_extent_path_reduced_to_name(tmp_path: Path, payload: Path):
+    d = tmp_path / "t"
+    d.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
+                    str(payload), str(d / "ghost.vmdk")], check=True)
+    (d / "ghost-flat.vmdk").rename(d / "ghost-s001.vmdk")
+    desc = (d / "ghost.vmdk").read_bytes()
+    windows_ref = b'"Z:\\work\\.ghost.tmp-1\\GHOST-S001.VMDK"'
+    (d / "ghost.vmdk").write_bytes(desc.replace(b'"ghost-flat.vmdk"', windows_ref))
+    assert ghost_exe._normalize_descriptor(d / "ghost.vmdk") == ["ghost-s001.vmdk"]
+    assert b'FLAT "ghost-s001.vmdk" 0' in (d / "ghost.vmdk").read_bytes()
+    compare(d / "ghost.vmdk", payload)
+    (d / "ghost-s001.vmdk").unlink()
+    with pytest.raises(ValueError, match="did not write"):
+        ghost_exe._normalize_descriptor(d / "ghost.vmdk")
+
+
+def test_result_is_a_dataclass_with_the_fields():
+    names = set(GhostResult.__dataclass_fields__)
+    assert {"argv", "spans", "outputs", "exit_code", "seconds", "vmdk_type"} <= names
