@@ -157,7 +157,7 @@ def test_sparse(tmp_path: Path, gho: Path, payload: Path, standin_env: Path):
     json.dumps(res.to_dict())
 
 
-@pytest.mark.parametrize("style", ["posix", "wine"])
+@pytest.mark.parametrize("style", ["posix", "wine", "windows"])
 def test_flat_descriptor_points_at_renamed_extent(tmp_path: Path, gho: Path, payload: Path,
                                                   standin_env: Path, style: str):
     out = tmp_path / "out"
@@ -174,9 +174,12 @@ def test_flat_descriptor_points_at_renamed_extent(tmp_path: Path, gho: Path, pay
     assert [o["path"] for o in res.outputs] == [str(extent), str(disk)]  # descriptor renamed last
     assert res.outputs[0]["size"] == 4 * MB
     assert res.vmdk_type == "flat" and res.create_type == "monolithicFlat"
+    clone, afile = calls(standin_env)[0][0], calls(standin_env)[0][-1]
     if style == "wine":
-        clone = calls(standin_env)[0][0]
         assert clone.startswith("-clone,mode=restore,src=Z:\\") and ",dst=Z:\\" in clone
+        assert afile.startswith("-afile=Z:\\")
+    elif style == "windows":
+        assert "/" not in clone and "/" not in afile
 
 
 def test_flat_with_shebang_and_size(tmp_path: Path, gho: Path, payload: Path, standin_env: Path):
@@ -335,3 +338,47 @@ def test_descriptor_extent_path_reduced_to_name(tmp_path: Path, payload: Path):
 def test_result_is_a_dataclass_with_the_fields():
     names = set(GhostResult.__dataclass_fields__)
     assert {"argv", "spans", "outputs", "exit_code", "seconds", "vmdk_type"} <= names
+
+
+def test_bad_paths_rejected_before_anything_is_written(tmp_path: Path, gho: Path, standin_env: Path):
+    out = tmp_path / "a,b"
+    with pytest.raises(InputError, match="comma"):
+        convert(cfg(), gho, out, image_id="xp")
+    assert not out.exists() and calls(standin_env) == []
+
+
+def test_scrub_is_case_insensitive_and_catches_pwd_switch():
+    text = "Command line arguments: -CLONE,MODE=RESTORE -PWD=S3CR3T-PA55 -pwd=other -pwd=*** x"
+    got = ghost_exe._scrub(text, [PASSWORD])
+    assert PASSWORD.lower() not in got.lower() and "other" not in got
+    assert got.count("=***") == 3
+
+
+def test_concurrent_temp_of_this_process_is_kept(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    running = out / f".ghost.tmp-{os.getpid()}-abc"
+    running.mkdir()
+    ghost_exe._ACTIVE.add(str(running))
+    try:
+        assert ghost_exe.remove_stale_temps(out) == []
+    finally:
+        ghost_exe._ACTIVE.discard(str(running))
+    assert ghost_exe.remove_stale_temps(out) == [running]  # interrupted earlier call of ours
+
+
+def test_failure_without_error_file(tmp_path: Path, gho: Path):
+    code = "import sys; print('wine: cannot find L\"ghost64.exe\"', file=sys.stderr); sys.exit(53)"
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match=r"without an error number: wine: cannot find .*exit 53") as ei:
+        convert(cfg(command=(sys.executable, "-c", code)), gho, out, image_id="xp")
+    assert ei.value.returncode == 53
+    assert list(out.iterdir()) == []
+
+
+def test_timeout_removes_temps(tmp_path: Path, gho: Path):
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match="timed out"):
+        convert(cfg(command=(sys.executable, "-c", "import time; time.sleep(30)"), timeout_s=1),
+                gho, out, image_id="xp")
+    assert list(out.iterdir()) == []

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ _MESSAGE_RE = re.compile(r"^\s*Message\s*:\s*(.*\S)\s*$", re.I)
 _PROGRESS_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 _EXTENT_RE = re.compile(rb'^(\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+")([^"]+)(".*)$')
 _OLD_EXTENT_RE = re.compile(rf"^{FINAL_STEM}-s\d{{3,}}\.vmdk$", re.I)
+_PWD_RE = re.compile(r"(-pwd=)(?!\*\*\*(?:\s|$))\S+", re.I)
+_TYPE_WORDS = {"sparse": ("sparse",), "flat": ("flat", "vmfs")}
 _SPARSE_MAGIC = b"KDMV"
 _COWD_MAGIC = b"COWD"
 
@@ -167,19 +170,22 @@ def _read_text(path: Path) -> str | None:
 
 
 def _scrub(text: str, secrets: Sequence[str]) -> str:
+    """Remove secrets from text Ghost wrote; case-insensitively (it may upper-case its command
+    line), and any ``-pwd=`` value whatever it says."""
     for s in secrets:
         if s:
-            text = text.replace(s, REDACTED)
-    return text
+            text = re.sub(re.escape(s), REDACTED, text, flags=re.I)
+    return _PWD_RE.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 # ---------------------------------------------------------------------------------------------
 # temp outputs
 
 
+_ACTIVE: set[str] = set()  # temp dirs of conversions running in this process
+
+
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of ours (earlier call in this process) is stale too
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -190,17 +196,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:
-    """Remove temp outputs of earlier runs whose process is gone (or is this one)."""
+    """Remove temp outputs (``.ghost.tmp-<pid>…``) of earlier runs whose process is gone.
+
+    Temps of other live processes and of conversions still running in this one are kept; those of
+    this process that are no longer running (an interrupted earlier call) are stale.
+    """
     removed: list[Path] = []
     try:
         entries = list(out_dir.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TMP_PREFIX):
+        if not entry.name.startswith(TMP_PREFIX) or str(entry) in _ACTIVE:
             continue
         pid_text = entry.name[len(TMP_PREFIX):].split(".")[0].split("-")[0]
-        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
             continue
         _remove(entry)
         removed.append(entry)
@@ -316,11 +326,14 @@ def convert(
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
     source = _stat_entry(src)
     spans = [_stat_entry(p) for p in find_spans(src)]
+    # Check the configuration and paths before touching the disk (temp names never add commas).
+    probe = out_dir / f"{TMP_PREFIX}0" / FINAL_NAME
+    build_argv(cfg, src, probe, probe.with_name(AFILE_NAME), password)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
-    tmp_dir = out_dir / f"{TMP_PREFIX}{os.getpid()}"
-    tmp_dir.mkdir()
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out_dir))
+    _ACTIVE.add(str(tmp_dir))
     tmp_dst = tmp_dir / FINAL_NAME
     afile = tmp_dir / AFILE_NAME
     argv = build_argv(cfg, src, tmp_dst, afile, password)
@@ -388,7 +401,7 @@ def convert(
         create_type = ((info.get("format-specific") or {}).get("data") or {}).get("create-type")
         if fmt != "vmdk":
             raise fail(f"Ghost output is {fmt!r}, not a VMDK", res.returncode)
-        if create_type and cfg.vmdk_type not in str(create_type).lower():
+        if create_type and not any(w in str(create_type).lower() for w in _TYPE_WORDS[cfg.vmdk_type]):
             raise fail(f"asked Ghost for a {cfg.vmdk_type} VMDK but it wrote {create_type}", res.returncode)
 
         # Commit: extents first, descriptor last (its presence marks a complete disk).
@@ -404,10 +417,9 @@ def convert(
         for p in out_dir.iterdir():  # extents of an earlier flat/split run that this one replaced
             if _OLD_EXTENT_RE.match(p.name) and p.name not in extents:
                 _remove(p)
-    except BaseException:
+    finally:
         _remove(tmp_dir)
-        raise
-    _remove(tmp_dir)
+        _ACTIVE.discard(str(tmp_dir))
 
     if progress is not None:
         progress(100.0)
