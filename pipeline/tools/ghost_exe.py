@@ -9,12 +9,13 @@ Ghost restores the image straight into a VMware disk::
 must not contain commas. Ghost writes its abort log (``Error Number: (10030)`` followed by
 ``Message: …``) to the ``-afile=`` path; a failure surfaces that number and message.
 
-Outputs are written into a private temporary directory ``out_dir/.ghost.tmp-<pid>/`` under their
+Outputs are written into a private temporary directory ``out_dir/.ghost.tmp-<pid>-<random>/`` under their
 FINAL names (``ghost.vmdk``, and for flat disks Ghost's own ``ghost-s001.vmdk`` extent), so the
 descriptor's extent lines already name the final files and a plain rename into ``out_dir`` is
 enough. The extents are renamed first and the descriptor last, so ``out_dir/ghost.vmdk`` existing
-means the disk is complete. Nothing is renamed unless Ghost exited 0, the output exists and
-``qemu-img info`` reads it.
+means the disk is complete. Nothing is renamed unless Ghost exited 0, wrote no abort log with an
+error number, the output exists and ``qemu-img info`` reads it as a VMDK of the requested type.
+Should Ghost put a path in an extent line, it is reduced to the bare file name (atomic rewrite).
 
 The password (``-pwd=``) is taken from the environment variable named by ``password_env`` and is
 redacted from every argv, message, stderr and error-file text this module hands out.
