@@ -1,0 +1,84 @@
+"""Atomic outputs: write under a temp name in the same folder, rename at the end.
+
+A half-written artifact never looks complete; temp names start with ``.`` and contain ``.tmp-`` so
+that :func:`remove_stale_temps` can clean up after a killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def temporary_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success fsync + rename, on error remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    _unlink(tmp)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(final: Path, text: str) -> None:
+    with temporary_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(final: Path, data: Any) -> None:
+    write_text(final, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """Return parsed JSON or None if missing/unreadable/corrupt (never raises)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale_temps(folder: Path, stem: str | None = None) -> list[Path]:
+    """Remove temp files left by killed runs (optionally only those for artifact ``stem``)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.startswith(".") and TMP_MARK in name and (stem is None or name.startswith(f".{stem}")):
+            _unlink(entry)
+            removed.append(entry)
+    return removed
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()

@@ -1,0 +1,240 @@
+"""Builder of small fake-but-real Windows disks, for the demo and the tests.
+
+A real partition table (MBR, or GPT with an EFI system partition for UEFI), a real NTFS file system
+with ``Windows/System32/cmd.exe`` (a real PE file shipped by pip), real ``SYSTEM``/``SOFTWARE`` hives
+and dummy IDE drivers: enough for libguestfs inspection and for the registry step. One appliance
+launch per disk; VMDK subformats are made from the raw disk with ``qemu-img convert``.
+
+``python -m pipeline.fakedisk OUT [--product ...]`` builds one (reused if already built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import atomic
+from pipeline.inspect import ESP_GUID
+from pipeline.registry import hive
+from pipeline.tools.guestfs import Guestfish
+from pipeline.tools.run import run
+
+STEP = "fakedisk"
+VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "streamOptimized")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    windows: bool = True
+    product: str = "Microsoft Windows XP"
+    version: str = "5.1"  # CurrentVersion
+    build: str = "2600"
+    control_set: int = 1
+    hostname: str = "XPDEMO"
+    partition_table: str = "mbr"  # mbr | gpt
+    uefi: bool = False  # gpt + ESP with \EFI\Microsoft\Boot\bootmgfw.efi
+    size_mib: int = 64
+    arch: str = "i386"  # i386 | x86_64
+    drivers: bool = True
+    output: str = "raw"  # raw | qcow2 | one of VMDK_SUBFORMATS
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+XP = DiskSpec()
+WIN7_UEFI = DiskSpec(product="Windows 7 Professional", version="6.1", build="7601", control_set=2,
+                     hostname="WIN7DEMO", partition_table="gpt", uefi=True, size_mib=128, arch="x86_64")
+
+
+def pe_file(arch: str) -> Path:
+    import pip
+
+    name = "t32.exe" if arch == "i386" else "t64.exe"
+    path = Path(pip.__file__).parent / "_vendor" / "distlib" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no PE file shipped by pip at {path}")
+    return path
+
+
+def _reg(lines: list[str]) -> str:
+    """A .reg text; every key's missing ancestors are emitted first (hivexregedit needs them)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for line in lines:
+        if line.startswith("[") and line.endswith("]"):
+            parts = line[1:-1].split("\\")
+            for depth in range(3, len(parts)):  # below HKEY_LOCAL_MACHINE\<hive>
+                parent = "\\".join(parts[:depth])
+                if parent not in seen:
+                    seen.add(parent)
+                    out += [f"[{parent}]", ""]
+            seen.add(line[1:-1])
+        out.append(line)
+    return "Windows Registry Editor Version 5.00\n\n" + "\n".join(out) + "\n"
+
+
+def system_reg(spec: DiskSpec) -> str:
+    lines = [
+        r"[HKEY_LOCAL_MACHINE\SYSTEM\Select]",
+        f'"Current"=dword:{spec.control_set:08x}',
+        f'"Default"=dword:{spec.control_set:08x}',
+        f'"LastKnownGood"=dword:{spec.control_set:08x}',
+        '"Failed"=dword:00000000',
+        "",
+    ]
+    # every control set exists, like on a real machine; only the current one is live
+    for n in sorted({1, spec.control_set}):
+        s = f"ControlSet{n:03d}"
+        lines += [
+            rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Control\CriticalDeviceDatabase]",
+            "",
+            rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Control\ComputerName\ComputerName]",
+            f'"ComputerName"="{spec.hostname}"',
+            "",
+            rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Services\Tcpip\Parameters]",
+            f'"Hostname"="{spec.hostname.lower()}"',
+            "",
+            rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Services\atapi]",
+            '"Start"=dword:00000003',
+            '"Type"=dword:00000001',
+            "",
+        ]
+    return _reg(lines)
+
+
+def software_reg(spec: DiskSpec) -> str:
+    return _reg([
+        r"[HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows NT\CurrentVersion]",
+        f'"ProductName"="{spec.product}"',
+        f'"CurrentVersion"="{spec.version}"',
+        f'"CurrentBuildNumber"="{spec.build}"',
+        r'"SystemRoot"="C:\\WINDOWS"',
+    ])
+
+
+def build_raw(raw: Path, spec: DiskSpec, *, force_tcg: bool) -> None:
+    """Build the raw disk at ``raw`` (overwritten) in one appliance launch."""
+    with tempfile.TemporaryDirectory(prefix="gho2kvm-fakedisk-") as td:
+        tmp = Path(td)
+        with open(raw, "wb") as fh:
+            fh.truncate(spec.size_mib * 1024 * 1024)
+        if spec.windows:
+            for name, text, prefix in (("SYSTEM", system_reg(spec), r"HKEY_LOCAL_MACHINE\SYSTEM"),
+                                       ("SOFTWARE", software_reg(spec), r"HKEY_LOCAL_MACHINE\SOFTWARE")):
+                hive.write_empty_hive(tmp / name)
+                hive.apply_reg(tmp / name, text, prefix, step=STEP)
+            (tmp / "driver.sys").write_bytes(b"MZ fake driver for tests\n")
+            (tmp / "bootmgfw.efi").write_bytes(pe_file("x86_64").read_bytes())
+        with Guestfish([(raw, "raw", False)], image_id=None, step=STEP, force_tcg=force_tcg) as g:
+            if spec.partition_table == "gpt":
+                g("part-init", "/dev/sda", "gpt")
+                if spec.uefi:
+                    g("part-add", "/dev/sda", "p", "2048", str(2048 + 40 * 2048 - 1))
+                    g("part-set-gpt-type", "/dev/sda", "1", ESP_GUID)
+                    g("part-add", "/dev/sda", "p", str(2048 + 40 * 2048), "-34")
+                    g("mkfs", "vfat", "/dev/sda1")
+                    g("mount", "/dev/sda1", "/")
+                    g("mkdir-p", "/EFI/Microsoft/Boot")
+                    g("upload", str(tmp / "bootmgfw.efi"), "/EFI/Microsoft/Boot/bootmgfw.efi")
+                    g("umount-all")
+                    data = "/dev/sda2"
+                else:
+                    g("part-disk", "/dev/sda", "gpt")
+                    data = "/dev/sda1"
+            else:
+                g("part-disk", "/dev/sda", "mbr")
+                g("part-set-bootable", "/dev/sda", "1", "true")
+                data = "/dev/sda1"
+            g("mkfs", "ntfs", data)
+            g("mount", data, "/")
+            if spec.windows:
+                g("mkdir-p", "/WINDOWS/system32/config")
+                g("mkdir-p", "/WINDOWS/system32/drivers")
+                g("upload", str(pe_file(spec.arch)), "/WINDOWS/system32/cmd.exe")
+                g("upload", str(tmp / "SYSTEM"), "/WINDOWS/system32/config/system")
+                g("upload", str(tmp / "SOFTWARE"), "/WINDOWS/system32/config/software")
+                if spec.drivers:
+                    for drv in ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys"):
+                        g("upload", str(tmp / "driver.sys"), f"/WINDOWS/system32/drivers/{drv}")
+            else:
+                g("mkdir-p", "/data")
+                g("write", "/data/readme.txt", "not an operating system\n")
+            g("umount-all")
+            g("sync")
+
+
+def build(out: Path, spec: DiskSpec, *, force_tcg: bool = False, raw_cache: Path | None = None) -> Path:
+    """Build ``out`` for ``spec`` unless an identical one is already there; return ``out``.
+
+    ``raw_cache`` is a raw disk made earlier from the same spec (minus ``output``) to convert from,
+    so that every VMDK subformat of one disk costs a single appliance launch.
+    """
+    out = Path(out)
+    stamp = out.with_name(out.name + ".spec.json")
+    if out.exists() and atomic.read_json(stamp) == asdict(spec):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out.parent, out.name)
+    if spec.output == "raw":
+        with atomic.temporary_path(out) as tmp:
+            build_raw(tmp, spec, force_tcg=force_tcg)
+    else:
+        raw = raw_cache
+        tmpdir = None
+        if raw is None:
+            tmpdir = tempfile.TemporaryDirectory(prefix="gho2kvm-fakedisk-", dir=out.parent)
+            raw = Path(tmpdir.name) / "disk.raw"
+            build_raw(raw, spec, force_tcg=force_tcg)
+        try:
+            if spec.output == "qcow2":
+                argv = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"]
+            else:
+                argv = ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={spec.output}"]
+            # VMDK descriptors name their extents after the output file, so convert in place and
+            # only then write the stamp (the stamp is what marks the disk complete).
+            atomic.remove_stale_temps(out.parent)
+            for extra in out.parent.glob(out.stem + "-*.vmdk"):
+                extra.unlink()
+            stamp.unlink(missing_ok=True)
+            run([*argv, str(raw), str(out)], step=STEP, timeout=600)
+        finally:
+            if tmpdir is not None:
+                tmpdir.cleanup()
+    atomic.write_json(stamp, asdict(spec))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.fakedisk", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--product", default=XP.product)
+    p.add_argument("--version", default=XP.version)
+    p.add_argument("--build", default=XP.build)
+    p.add_argument("--control-set", type=int, default=1)
+    p.add_argument("--hostname", default=XP.hostname)
+    p.add_argument("--gpt", action="store_true")
+    p.add_argument("--uefi", action="store_true")
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--arch", default="i386", choices=("i386", "x86_64"))
+    p.add_argument("--output", default=None, help="raw | qcow2 | " + " | ".join(VMDK_SUBFORMATS) +
+                   " (default from the file name)")
+    p.add_argument("--force-tcg", action="store_true", default=os.environ.get("GHO2KVM_FORCE_TCG") == "1")
+    a = p.parse_args(argv)
+    output = a.output or {".vmdk": "monolithicSparse", ".qcow2": "qcow2"}.get(a.out.suffix, "raw")
+    spec = DiskSpec(product=a.product, version=a.version, build=a.build, control_set=a.control_set,
+                    hostname=a.hostname, partition_table="gpt" if a.gpt or a.uefi else "mbr", uefi=a.uefi,
+                    size_mib=a.size_mib, arch=a.arch, output=output)
+    build(a.out, spec, force_tcg=a.force_tcg)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

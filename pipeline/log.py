@@ -1,0 +1,87 @@
+"""structlog set-up, done once per process.
+
+Console renderer on a TTY, JSON lines otherwise; luigi's stdlib logging goes through the same
+processors; an optional JSON log file per run. ``image_id`` and ``task`` are bound with
+:func:`bind` (contextvars), so every line written while a task runs carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+_configured = False
+_file_handler: logging.Handler | None = None
+
+_shared: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+
+def _renderer(json: bool) -> Any:
+    if json:
+        return structlog.processors.JSONRenderer(sort_keys=False)
+    return structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+
+
+def configure(*, json: bool | None = None, level: str | None = None, log_file: Path | None = None) -> None:
+    """Configure structlog and stdlib logging (idempotent; a later call may add a log file)."""
+    global _configured, _file_handler
+    if json is None:
+        json = os.environ.get("GHO2KVM_LOG_JSON") == "1" or not sys.stderr.isatty()
+    level = level or os.environ.get("GHO2KVM_LOG_LEVEL", "INFO")
+    if not _configured:
+        structlog.configure(
+            processors=[
+                *_shared,
+                structlog.processors.StackInfoRenderer(),
+                structlog.processors.format_exc_info,
+                structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            ],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+            cache_logger_on_first_use=True,
+        )
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(foreign_pre_chain=_shared, processor=_renderer(json))
+        )
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        # luigi installs its own handlers unless told not to; route it through ours.
+        for name in ("luigi", "luigi-interface", "luigi.scheduler"):
+            lg = logging.getLogger(name)
+            lg.handlers[:] = []
+            lg.propagate = True
+        _configured = True
+    if log_file is not None:
+        root = logging.getLogger()
+        if _file_handler is not None:
+            root.removeHandler(_file_handler)
+            _file_handler.close()
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=_shared, processor=structlog.processors.JSONRenderer()
+            )
+        )
+        root.addHandler(fh)
+        _file_handler = fh
+
+
+def get(name: str = "gho2kvm") -> Any:
+    return structlog.get_logger(name)
+
+
+def bind(**kw: Any) -> Any:
+    return structlog.contextvars.bound_contextvars(**kw)

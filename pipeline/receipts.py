@@ -1,0 +1,83 @@
+"""Receipts: the JSON file each step writes last, next to its artifact.
+
+A receipt records what the step did and the *fingerprint* of its inputs: files by path/size/mtime
+(never their content for disk images), small files (``.reg``) by content hash, the config fields the
+step uses, tool versions and the ``run_id`` of the upstream receipt. ``is_current`` compares a
+receipt with freshly computed inputs using only ``stat`` and small reads, and never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline import atomic
+
+
+def file_stamp(path: Path | str) -> dict[str, Any]:
+    """Path, size and mtime of a file (``missing`` when absent). Reads no content."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p), "missing": True}
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def content_hash(path: Path | str) -> dict[str, Any]:
+    """sha256 of a small file (``.reg``); ``missing`` when absent."""
+    p = Path(path)
+    try:
+        return {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    except OSError:
+        return {"path": str(p), "missing": True}
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    data = atomic.read_json(path)
+    return data if isinstance(data, dict) else None
+
+
+def write(path: Path, receipt: dict[str, Any]) -> None:
+    atomic.write_json(path, receipt)
+
+
+def why_stale(receipt: dict[str, Any] | None, fingerprint: dict[str, Any]) -> str | None:
+    """None if the receipt is current for ``fingerprint``; else a short human reason."""
+    if receipt is None:
+        return "no receipt (never ran, or did not finish)"
+    old = receipt.get("fingerprint")
+    if not isinstance(old, dict):
+        return "receipt has no fingerprint"
+    for key in sorted(set(old) | set(fingerprint)):
+        if old.get(key) != fingerprint.get(key):
+            return f"input changed: {key}"
+    for out in receipt.get("outputs", {}).values():
+        if not isinstance(out, dict) or "path" not in out:
+            continue
+        now = file_stamp(out["path"])
+        if now.get("missing"):
+            return f"output missing: {out['path']}"
+        if "size" in out and now.get("size") != out["size"]:
+            return f"output changed: {out['path']}"
+        if "mtime_ns" in out and now.get("mtime_ns") != out["mtime_ns"]:
+            return f"output changed: {out['path']}"
+    return None
+
+
+def output_stamp(path: Path) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "allocated": st.st_blocks * 512}

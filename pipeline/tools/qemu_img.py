@@ -1,0 +1,88 @@
+"""qemu-img: info, check, overlay creation, convert with progress, compare."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError, ToolError
+from pipeline.tools.run import run
+
+QEMU_IMG = "qemu-img"
+_PROGRESS_RE = re.compile(r"\(\s*(\d+(?:\.\d+)?)/100%\)")
+
+
+@functools.cache
+def version() -> str:
+    out = run([QEMU_IMG, "--version"], step="version", timeout=30).stdout
+    m = re.search(r"version\s+(\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0]
+
+
+def info(path: Path, *, image_id: str | None, step: str, fmt: str | None = None,
+         backing_chain: bool = False) -> dict[str, Any]:
+    argv = [QEMU_IMG, "info", "--output=json"]
+    if fmt:
+        argv += ["-f", fmt]
+    if backing_chain:
+        argv.append("--backing-chain")
+    argv.append(str(path))
+    try:
+        out = run(argv, step=step, image_id=image_id, timeout=120).stdout
+    except ToolError as e:
+        raise InputError(f"{path}: qemu-img cannot read the image: {e.message.split(': ', 1)[-1]}",
+                         image_id=image_id, step=step) from None
+    return json.loads(out)
+
+
+def check(path: Path, fmt: str, *, image_id: str | None, step: str) -> dict[str, Any] | None:
+    """Run ``qemu-img check`` for formats that support it; None if unsupported."""
+    if fmt not in ("qcow2", "vmdk", "vdi", "vhdx", "qed", "parallels"):
+        return None
+    r = run([QEMU_IMG, "check", "--output=json", "-f", fmt, str(path)], step=step, image_id=image_id,
+            timeout=600, check=False)
+    # exit 0 ok, 1 check not completed, 2 corruptions, 3 leaks (harmless), 63 unsupported
+    if r.returncode == 63:
+        return None
+    if r.returncode in (0, 3):
+        try:
+            return json.loads(r.stdout) if r.stdout.strip() else {"check-errors": 0}
+        except ValueError:
+            return {"check-errors": 0}
+    msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
+    raise InputError(f"{path}: qemu-img check found the image damaged or unreadable (exit {r.returncode}): "
+                     f"{' | '.join(msg[-2:]) if msg else 'no details'}", image_id=image_id, step=step)
+
+
+def create_overlay(overlay: Path, backing: Path, backing_fmt: str, *, image_id: str | None, step: str) -> None:
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", str(backing.absolute()),
+         str(overlay)], step=step, image_id=image_id, timeout=120)
+
+
+def convert(src: Path, src_fmt: str, dst: Path, dst_fmt: str, *, image_id: str | None, step: str,
+            progress: Callable[[float], None] | None = None, timeout: float = 24 * 3600) -> None:
+    argv = [QEMU_IMG, "convert", "-p", "-f", src_fmt, "-O", dst_fmt]
+    if dst_fmt == "raw":
+        argv += ["-S", "4k"]  # keep zero areas as holes
+    argv += [str(src), str(dst)]
+
+    def on_out(chunk: str) -> None:
+        m = _PROGRESS_RE.search(chunk)
+        if m and progress:
+            progress(float(m.group(1)))
+
+    run(argv, step=step, image_id=image_id, timeout=timeout, on_stdout=on_out)
+
+
+def compare(a: Path, a_fmt: str, b: Path, b_fmt: str, *, image_id: str | None, step: str,
+            timeout: float = 24 * 3600) -> None:
+    r = run([QEMU_IMG, "compare", "-f", a_fmt, "-F", b_fmt, str(a), str(b)], step=step,
+            image_id=image_id, timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise ToolError(f"verification failed: {b} differs from {a}: {r.stdout.strip() or r.stderr.strip()}",
+                        tool="qemu-img", argv=r.argv, returncode=r.returncode, stderr=r.stderr,
+                        image_id=image_id, step=step)
