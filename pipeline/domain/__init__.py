@@ -1,0 +1,27 @@
+"""libvirt domain XML: declarative model, host facts → model, deterministic rendering."""
+
+from pipeline.domain.facts import (
+    ArchCaps,
+    DomainSpec,
+    HostCaps,
+    build_domain,
+    default_mac,
+    default_uuid,
+    force_tcg_from_env,
+    host_caps,
+)
+from pipeline.domain.model import Domain
+from pipeline.domain.render import render
+
+__all__ = [
+    "ArchCaps",
+    "Domain",
+    "DomainSpec",
+    "HostCaps",
+    "build_domain",
+    "default_mac",
+    "default_uuid",
+    "force_tcg_from_env",
+    "host_caps",
+    "render",
+]

@@ -1,0 +1,333 @@
+"""Facts → model: what the host offers (:class:`HostCaps`) + what we want (:class:`DomainSpec`) →
+:class:`~pipeline.domain.model.Domain`.
+
+Nothing host-specific is hard-coded: the emulator path, the machine type (the host's canonical
+name for ``pc``, i.e. i440fx, so the guest sees the PIIX3 IDE controller Windows XP has drivers
+for) and the UEFI firmware come from ``virConnectGetCapabilities`` and
+``virConnectGetDomainCapabilities``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid as uuid_mod
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from pipeline.domain.model import (
+    Clock,
+    Controller,
+    Disk,
+    Domain,
+    Features,
+    Graphics,
+    Input,
+    Interface,
+    Loader,
+    MemBalloon,
+    Os,
+    Timer,
+    Video,
+)
+from pipeline.errors import InputError
+
+#: uuid5 namespace for domain UUIDs derived from the image id. Never change it: existing domains
+#: are recognised by their UUID.
+DOMAIN_UUID_NAMESPACE = uuid_mod.UUID("6b0c2f4e-7a51-5c8e-9d3f-1e2a4b6c8d0f")
+
+FORCE_TCG_ENV = "GHO2KVM_FORCE_TCG"
+
+DISK_DEV_PREFIX = {"ide": "hd", "sata": "sd", "virtio": "vd"}
+DISK_FORMATS = ("raw", "qcow2")
+NIC_MODELS = ("rtl8139", "e1000", "virtio")
+FIRMWARES = ("bios", "uefi")
+ARCHES = ("x86_64", "i686")
+
+
+class _Conn(Protocol):
+    def getCapabilities(self) -> str: ...
+    def getDomainCapabilities(self, emulatorbin: str | None, arch: str | None, machine: str | None,
+                              virttype: str | None, flags: int = 0) -> str: ...
+    def getType(self) -> str: ...
+    def getURI(self) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Host capabilities
+
+
+@dataclass(frozen=True)
+class ArchCaps:
+    arch: str
+    domain_type: str  # kvm | qemu
+    emulator: str | None
+    machine: str  # canonical i440fx machine, e.g. pc-i440fx-7.2 (or "pc" when unknown)
+    kvm_offered: bool = False
+    uefi_loaders: tuple[str, ...] = ()  # from domain capabilities, preferred first
+    disk_buses: tuple[str, ...] = ()  # empty = unknown (not checked)
+    video_models: tuple[str, ...] = ()  # empty = unknown (not checked)
+
+    @property
+    def uefi_loader(self) -> str | None:
+        return self.uefi_loaders[0] if self.uefi_loaders else None
+
+
+@dataclass(frozen=True)
+class HostCaps:
+    uri: str
+    driver: str  # libvirt driver name: QEMU, Test, ...
+    arches: tuple[ArchCaps, ...]
+
+    def arch(self, name: str) -> ArchCaps:
+        for a in self.arches:
+            if a.arch == name:
+                return a
+        have = ", ".join(a.arch for a in self.arches) or "none"
+        raise InputError(f"libvirt at {self.uri} offers no hvm guest for arch {name} (have: {have})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def force_tcg_from_env() -> bool:
+    return os.environ.get(FORCE_TCG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _pick_machine(arch_el: ET.Element) -> str:
+    """Canonical name of the ``pc`` (i440fx) alias, else the newest pc-i440fx-*, else ``pc``."""
+    i440fx: list[str] = []
+    for m in arch_el.findall("machine"):
+        name = (m.text or "").strip()
+        if name == "pc" and m.get("canonical"):
+            return m.get("canonical", "pc")
+        if name.startswith("pc-i440fx-"):
+            i440fx.append(name)
+    if i440fx:
+        return sorted(i440fx, key=_version_key)[-1]
+    return "pc"
+
+
+def _version_key(machine: str) -> tuple[int, ...]:
+    out = []
+    for part in machine.removeprefix("pc-i440fx-").split("."):
+        out.append(int(part) if part.isdigit() else -1)
+    return tuple(out)
+
+
+def _loader_rank(path: str) -> tuple[int, str]:
+    low = os.path.basename(path).lower()
+    # Plain (non secure-boot, no pre-enrolled keys) OVMF first: Windows 7 cannot do secure boot.
+    bad = any(s in low for s in ("secboot", "secure", ".ms.", "snakeoil", "enrolled"))
+    return (1 if bad else 0, path)
+
+
+def _parse_domcaps(xml: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    root = ET.fromstring(xml)
+    loaders: list[str] = []
+    os_el = root.find("os")
+    if os_el is not None and os_el.get("supported") == "yes":
+        loader = os_el.find("loader")
+        if loader is not None and loader.get("supported") == "yes":
+            loaders = [(v.text or "").strip() for v in loader.findall("value") if (v.text or "").strip()]
+    buses = tuple(v.text or "" for v in root.findall("devices/disk/enum[@name='bus']/value"))
+    videos = tuple(v.text or "" for v in root.findall("devices/video/enum[@name='modelType']/value"))
+    return tuple(sorted(loaders, key=_loader_rank)), buses, videos
+
+
+def host_caps(conn: _Conn, *, prefer_kvm: bool | None = None,
+              arches: tuple[str, ...] = ARCHES) -> HostCaps:
+    """Read what the libvirt host behind ``conn`` offers for hvm guests of ``arches``.
+
+    Domain type ``kvm`` when the host offers it and ``prefer_kvm`` (default: not
+    ``$GHO2KVM_FORCE_TCG``), else ``qemu``. The libvirt *test* driver offers neither; for it we
+    describe a plain ``qemu`` guest so the pipeline can be exercised against ``test:///default``.
+    """
+    import libvirt  # local: keep pure-model users free of the binding
+
+    if prefer_kvm is None:
+        prefer_kvm = not force_tcg_from_env()
+    uri = conn.getURI()
+    driver = conn.getType()
+    caps = ET.fromstring(conn.getCapabilities())
+    found: list[ArchCaps] = []
+    fallback_emulator: str | None = None
+    for guest in caps.findall("guest"):
+        if (guest.findtext("os_type") or "").strip() != "hvm":
+            continue
+        arch_el = guest.find("arch")
+        if arch_el is None:
+            continue
+        name = arch_el.get("name", "")
+        emulator = (arch_el.findtext("emulator") or "").strip() or None
+        fallback_emulator = fallback_emulator or emulator
+        if name not in arches:
+            continue
+        types = {d.get("type", ""): (d.findtext("emulator") or "").strip() or emulator
+                 for d in arch_el.findall("domain")}
+        if "kvm" in types and prefer_kvm:
+            dtype = "kvm"
+        elif "qemu" in types:
+            dtype = "qemu"
+        elif "kvm" in types:
+            dtype = "kvm"  # KVM only host; forcing TCG is impossible there
+        else:
+            continue
+        emulator = types[dtype]
+        machine = _pick_machine(arch_el)
+        loaders: tuple[str, ...] = ()
+        buses: tuple[str, ...] = ()
+        videos: tuple[str, ...] = ()
+        # older/other drivers have no domain capabilities: UEFI is then reported as unavailable
+        with contextlib.suppress(libvirt.libvirtError):
+            loaders, buses, videos = _parse_domcaps(
+                conn.getDomainCapabilities(emulator, name, machine, dtype, 0))
+        found.append(ArchCaps(arch=name, domain_type=dtype, emulator=emulator, machine=machine,
+                              kvm_offered="kvm" in types, uefi_loaders=loaders, disk_buses=buses,
+                              video_models=videos))
+    if not found and driver.lower() == "test":
+        found = [ArchCaps(arch=a, domain_type="qemu", emulator=fallback_emulator, machine="pc")
+                 for a in arches]
+    if not found:
+        raise InputError(f"libvirt at {uri} (driver {driver}) offers neither kvm nor qemu hvm guests "
+                         f"for {'/'.join(arches)}")
+    return HostCaps(uri=uri, driver=driver, arches=tuple(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec → Domain
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    image_id: str
+    disk_path: str  # absolute
+    title: str | None = None
+    description: str | None = None
+    uuid: str | None = None  # None: uuid5(DOMAIN_UUID_NAMESPACE, image_id)
+    mac: str | None = None  # None: 52:54:00 + 3 bytes of sha256(image_id)
+    memory_mib: int = 512
+    vcpus: int = 1
+    disk_format: str = "raw"
+    disk_bus: str = "ide"
+    nic_model: str = "rtl8139"
+    network: str = "user"  # user | network:NAME | bridge:NAME
+    os_major: int | None = None  # Windows version from inspection: XP 5.1, 2003 5.2, 7 6.1
+    os_minor: int | None = None
+    arch: str = "x86_64"
+    firmware: str = "bios"  # bios | uefi
+
+
+def default_uuid(image_id: str) -> str:
+    return str(uuid_mod.uuid5(DOMAIN_UUID_NAMESPACE, image_id))
+
+
+def default_mac(image_id: str) -> str:
+    h = hashlib.sha256(("gho2kvm-mac:" + image_id).encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+def parse_network(network: str, *, image_id: str | None = None) -> tuple[str, str | None]:
+    if network == "user":
+        return "user", None
+    kind, sep, name = network.partition(":")
+    if sep and kind in ("network", "bridge") and name.strip():
+        return kind, name.strip()
+    raise InputError(f"network '{network}': expected user, network:NAME or bridge:NAME",
+                     image_id=image_id, step="domain-xml")
+
+
+def video_model(os_major: int | None, os_minor: int | None) -> str:
+    """cirrus for XP/2003 (and unknown: every Windows has a driver), std VGA for Vista/7 and later."""
+    if os_major is not None and os_major >= 6:
+        return "vga"
+    return "cirrus"
+
+
+def _check(spec: DomainSpec) -> None:
+    problems: list[str] = []
+    if not spec.name or "/" in spec.name or spec.name != spec.name.strip():
+        problems.append(f"name {spec.name!r} must be non-empty, without '/' or surrounding spaces")
+    if spec.title is not None and ("\n" in spec.title or "\r" in spec.title):
+        problems.append("title must be a single line")
+    if not os.path.isabs(spec.disk_path):
+        problems.append(f"disk_path {spec.disk_path!r} must be absolute")
+    if spec.disk_format not in DISK_FORMATS:
+        problems.append(f"disk_format {spec.disk_format!r} not in {DISK_FORMATS}")
+    if spec.disk_bus not in DISK_DEV_PREFIX:
+        problems.append(f"disk_bus {spec.disk_bus!r} not in {tuple(DISK_DEV_PREFIX)}")
+    if spec.nic_model not in NIC_MODELS:
+        problems.append(f"nic_model {spec.nic_model!r} not in {NIC_MODELS}")
+    if spec.firmware not in FIRMWARES:
+        problems.append(f"firmware {spec.firmware!r} not in {FIRMWARES}")
+    if spec.arch not in ARCHES:
+        problems.append(f"arch {spec.arch!r} not in {ARCHES}")
+    if spec.memory_mib < 16:
+        problems.append(f"memory_mib {spec.memory_mib} too small")
+    if spec.vcpus < 1:
+        problems.append(f"vcpus {spec.vcpus} must be >= 1")
+    if spec.uuid is not None:
+        try:
+            uuid_mod.UUID(spec.uuid)
+        except ValueError:
+            problems.append(f"uuid {spec.uuid!r} is not a UUID")
+    if spec.mac is not None:
+        parts = spec.mac.split(":")
+        if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                      for p in parts):
+            problems.append(f"mac {spec.mac!r} is not a MAC address")
+        elif int(parts[0], 16) & 1:
+            problems.append(f"mac {spec.mac!r} is a multicast address")
+    if problems:
+        raise InputError("domain spec: " + "; ".join(problems), image_id=spec.image_id, step="domain-xml")
+
+
+def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
+    """The libvirt domain for a converted Windows disk, on this host."""
+    _check(spec)
+    arch = host.arch(spec.arch)
+    iface_type, iface_source = parse_network(spec.network, image_id=spec.image_id)
+    if arch.disk_buses and spec.disk_bus not in arch.disk_buses:
+        raise InputError(f"disk_bus {spec.disk_bus} not offered by {host.uri} for {spec.arch} "
+                         f"(have: {', '.join(arch.disk_buses)})", image_id=spec.image_id, step="domain-xml")
+    video = video_model(spec.os_major, spec.os_minor)
+    if arch.video_models and video not in arch.video_models:
+        raise InputError(f"video model {video} not offered by {host.uri} "
+                         f"(have: {', '.join(arch.video_models)})", image_id=spec.image_id, step="domain-xml")
+    loader = None
+    if spec.firmware == "uefi":
+        if arch.uefi_loader is None:
+            raise InputError(f"firmware uefi requested but libvirt at {host.uri} reports no UEFI loader for "
+                             f"{spec.arch}/{arch.machine} (install ovmf, or use firmware bios)",
+                             image_id=spec.image_id, step="domain-xml")
+        loader = Loader(path=arch.uefi_loader)
+    virtio = spec.disk_bus == "virtio" or spec.nic_model == "virtio"
+    return Domain(
+        type=arch.domain_type,
+        name=spec.name,
+        uuid=(spec.uuid or default_uuid(spec.image_id)).lower(),
+        title=spec.title,
+        description=spec.description,
+        memory_mib=spec.memory_mib,
+        vcpus=spec.vcpus,
+        os=Os(arch=spec.arch, machine=arch.machine, loader=loader),
+        features=Features(acpi=True, apic=True, pae=True),
+        clock=Clock(offset="localtime", timers=(
+            Timer("rtc", tickpolicy="catchup"),
+            Timer("pit", tickpolicy="delay"),
+            Timer("hpet", present=False),
+        )),
+        emulator=arch.emulator,
+        disks=(Disk(path=spec.disk_path, format=spec.disk_format, bus=spec.disk_bus,
+                    dev=DISK_DEV_PREFIX[spec.disk_bus] + "a"),),
+        controllers=(Controller("usb", 0, "piix3-uhci"),),
+        interfaces=(Interface(type=iface_type, source=iface_source, model=spec.nic_model,
+                              mac=(spec.mac or default_mac(spec.image_id)).lower()),),
+        inputs=(Input("tablet", "usb"),),
+        graphics=(Graphics("vnc", listen="127.0.0.1", autoport=True),),
+        videos=(Video(video),),
+        memballoon=MemBalloon("virtio" if virtio else "none"),
+    )
