@@ -20,11 +20,11 @@ import yaml
 
 from pipeline.errors import InputError
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
 SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx")
 BUILTIN_REGISTRY = ("mergeide",)
-MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}\Z")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 class ConfigError(InputError):
@@ -207,7 +207,7 @@ def _regex(rx: re.Pattern, what: str):
 
 
 def _network(v: Any) -> str:
-    if isinstance(v, str) and (v == "user" or re.match(r"^(network|bridge):[A-Za-z0-9._-]+$", v)):
+    if isinstance(v, str) and (v == "user" or re.match(r"^(network|bridge):[A-Za-z0-9._-]+\Z", v)):
         return v
     raise ValueError(f"expected user, network:NAME or bridge:NAME, got {v!r}")
 
@@ -238,7 +238,7 @@ def _command(v: Any) -> tuple[str, ...]:
 
 
 def _env_name(v: Any) -> str:
-    if isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+    if isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", v):
         return v
     raise ValueError(f"expected an environment variable name, got {v!r}")
 
@@ -325,11 +325,12 @@ def _check_section(
     return out
 
 
-def _ghost(col: _Collector, raw: Any, line: int | None, image: str | None) -> dict[str, Any] | None:
+def _ghost(col: _Collector, raw: Any, line: int | None, image: str | None,
+           prefix: str = "") -> dict[str, Any] | None:
     if not isinstance(raw, _Map):
-        col.add(line, image, "ghost", f"expected a mapping, got {raw!r}")
+        col.add(line, image, f"{prefix}ghost", f"expected a mapping, got {raw!r}")
         return None
-    return _check_section(col, raw, GHOST_RULES, _GHOST_KEYS, image, prefix="ghost.")
+    return _check_section(col, raw, GHOST_RULES, _GHOST_KEYS, image, prefix=f"{prefix}ghost.")
 
 
 def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> Config:
@@ -369,7 +370,8 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
         if isinstance(raw, _Map):
             defaults = _check_section(col, raw, IMAGE_RULES, _DEFAULT_KEYS, None, "defaults.")
             if "ghost" in defaults:
-                default_ghost = _ghost(col, defaults.pop("ghost"), raw.lines.get("ghost"), None) or {}
+                default_ghost = _ghost(col, defaults.pop("ghost"), raw.lines.get("ghost"), None,
+                                       "defaults.") or {}
         else:
             col.add(doc.lines.get("defaults"), None, "defaults", "expected a mapping")
 
@@ -396,7 +398,8 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
         else:
             seen[image_id] = raw.lines.get("id", raw.line)
         values = dict(defaults)
-        values.update(_check_section(col, _sub(raw, ("id", "source", "ghost")), IMAGE_RULES, _IMAGE_KEYS, label))
+        values.update(_check_section(col, _sub(raw, ("id", "source", "ghost")), IMAGE_RULES, _IMAGE_KEYS,
+                                     label))
         ghost_values = dict(default_ghost)
         if "ghost" in raw:
             ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})

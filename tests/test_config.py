@@ -1,0 +1,340 @@
+"""Config loading: defaults, overrides, paths, and one clear line per problem (fast; no tools)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from pipeline.config import ConfigError, GhostConfig, load_config
+from pipeline.errors import InputError
+
+
+def write(folder: Path, text: str, name: str = "images.yaml") -> Path:
+    path = folder / name
+    path.write_text(dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cfgdir(tmp_path: Path) -> Path:
+    """A config folder with two source images next to it."""
+    (tmp_path / "disks").mkdir()
+    (tmp_path / "disks" / "xp.vmdk").write_bytes(b"")
+    (tmp_path / "disks" / "old.GHO").write_bytes(b"")
+    (tmp_path / "extra.reg").write_text("Windows Registry Editor Version 5.00\n")
+    return tmp_path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    return ei.value.errors
+
+
+def one_error(path: Path) -> str:
+    errs = errors_of(path)
+    assert len(errs) == 1, errs
+    return errs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# valid configs
+
+
+def test_valid_config_defaults_and_overrides(cfgdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(cfgdir)
+    path = write(cfgdir, """
+        defaults:
+          memory_mib: 1024
+          disk_bus: sata
+          ghost:
+            adapter: lsilogic
+        images:
+          - id: xp-office
+            source: disks/xp.vmdk
+          - id: old_pc.2
+            source: disks/old.GHO
+            memory_mib: 2048
+            nic_model: e1000
+            registry: [mergeide, extra.reg]
+            mac: 52:54:00:AB:CD:EF
+            ghost:
+              command: [wine64, /opt/ghost/ghost64.exe]
+              vmdk_type: flat
+    """)
+    cfg = load_config(path)
+    assert [i.id for i in cfg.images] == ["xp-office", "old_pc.2"]
+    first, second = cfg.images
+
+    # built-in defaults, then the file's defaults
+    assert first.vcpus == 1
+    assert first.format == "raw"
+    assert first.nic_model == "rtl8139"
+    assert first.registry == ("mergeide",)
+    assert first.memory_mib == 1024
+    assert first.disk_bus == "sata"
+    assert first.ghost == GhostConfig(adapter="lsilogic")
+    assert first.domain_name == "xp-office"
+    # workdir/output_dir are relative to where the pipeline starts
+    assert first.workdir == Path(os.path.abspath("var/work"))
+
+    # per-image values win over defaults; defaults not overridden still apply
+    assert second.memory_mib == 2048
+    assert second.nic_model == "e1000"
+    assert second.disk_bus == "sata"
+    assert second.mac == "52:54:00:ab:cd:ef"
+    assert second.registry == ("mergeide", str(cfgdir / "extra.reg"))
+    # a ghost command without a backend means the exe backend; default adapter kept
+    assert second.ghost.backend == "exe"
+    assert second.ghost.command == ("wine64", "/opt/ghost/ghost64.exe")
+    assert second.ghost.vmdk_type == "flat"
+    assert second.ghost.adapter == "lsilogic"
+    assert cfg.image("old_pc.2") is second
+    with pytest.raises(InputError, match="no image with id 'nope'.*xp-office, old_pc.2"):
+        cfg.image("nope")
+
+
+def test_relative_source_is_resolved_against_the_config_folder(
+        cfgdir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(elsewhere)
+    path = write(cfgdir, """
+        images:
+          - id: xp
+            source: disks/../disks/xp.vmdk
+    """)
+    (img,) = load_config(path).images
+    assert img.source == cfgdir / "disks" / "xp.vmdk"
+    assert img.source.is_absolute()
+    # the working directory plays no part for source ...
+    assert not (elsewhere / "disks").exists()
+    # ... but it does for workdir/output_dir
+    assert img.workdir == Path(os.path.abspath("var/work"))
+    assert img.output_dir == Path(os.path.abspath("var/images"))
+    assert img.final_disk == img.output_dir / "xp.raw"
+
+
+def test_absolute_source_is_kept(cfgdir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = tmp_path_factory.mktemp("other")
+    path = write(other, f"""
+        images:
+          - id: xp
+            source: {cfgdir / "disks" / "xp.vmdk"}
+    """)
+    assert load_config(path).images[0].source == cfgdir / "disks" / "xp.vmdk"
+
+
+def test_missing_sources_can_be_skipped_on_request(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        images:
+          - id: xp
+            source: not-there.vmdk
+    """)
+    assert load_config(path, check_sources=False).images[0].source == tmp_path / "not-there.vmdk"
+    assert "file not found" in one_error(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# one line per problem: file:line, image id, field
+
+
+def _img(extra: str, source: str = "disks/xp.vmdk") -> str:
+    """One image 'xp1' whose source is on line 3; ``extra`` lines start at line 4."""
+    body = "".join(f"    {ln}\n" for ln in dedent(extra).strip("\n").splitlines())
+    return f"images:\n  - id: xp1\n    source: {source}\n{body}"
+
+
+@pytest.mark.parametrize(("extra", "field", "words"), [
+    pytest.param("memroy_mib: 1024", "memroy_mib", ["unknown key", "did you mean 'memory_mib'"], id="typo"),
+    pytest.param("vcpus: two", "vcpus", ["expected an integer", "'two'"], id="wrong-type"),
+    pytest.param("memory_mib: true", "memory_mib", ["expected an integer", "True"], id="bool-as-int"),
+    pytest.param("verify: 'yes'", "verify", ["expected true or false", "'yes'"], id="wrong-type-bool"),
+    pytest.param("vcpus: 0", "vcpus", ["expected 1..512", "got 0"], id="out-of-range"),
+    pytest.param("disk_bus: scsi", "disk_bus", ["expected one of ide, sata, virtio", "'scsi'"], id="enum"),
+    pytest.param("format: vmdk", "format", ["expected one of raw, qcow2", "'vmdk'"], id="enum-format"),
+    pytest.param("network: br0", "network", ["network:NAME or bridge:NAME", "'br0'"], id="network"),
+    pytest.param("mac: 00:11:22:33:44:55", "mac", ["52:54:00:xx:xx:xx"], id="mac"),
+    pytest.param('mac: "52:54:00:aa:bb:cc\\n"', "mac", ["52:54:00:xx:xx:xx"], id="mac-newline"),
+    pytest.param("uuid: not-a-uuid", "uuid", ["a UUID"], id="uuid"),
+    pytest.param("libvirt_uri: localhost", "libvirt_uri", ["libvirt URI"], id="uri"),
+    pytest.param("registry: [mergeide, tweaks.txt]", "registry", ["ending in .reg", "'tweaks.txt'"],
+                 id="registry-suffix"),
+    pytest.param("registry: mergeide", "registry", ["expected a list"], id="registry-not-list"),
+    pytest.param("registry: [mergeide, missing.reg]", "registry", ["file not found", "missing.reg"],
+                 id="registry-missing-file"),
+    pytest.param("ghost: flat", "ghost", ["expected a mapping"], id="ghost-not-mapping"),
+    pytest.param("ghost:\n  vmdk_typ: flat", "ghost.vmdk_typ", ["unknown key", "did you mean 'vmdk_type'"],
+                 id="ghost-typo"),
+    pytest.param("ghost:\n  adapter: nvme", "ghost.adapter", ["expected one of ide, lsilogic, buslogic"],
+                 id="ghost-enum"),
+    pytest.param("ghost:\n  timeout_s: -5", "ghost.timeout_s", ["expected 1..604800", "-5"],
+                 id="ghost-range"),
+    pytest.param("ghost:\n  password_env: my-pass", "ghost.password_env", ["environment variable name"],
+                 id="ghost-env-name"),
+    pytest.param("ghost:\n  command: []", "ghost.command", ["argv list"], id="ghost-command-empty"),
+])
+def test_each_problem_is_one_line_naming_file_line_image_and_field(
+        cfgdir: Path, extra: str, field: str, words: list[str]) -> None:
+    path = write(cfgdir, _img(extra))
+    err = one_error(path)
+    line = 5 if field.startswith("ghost.") else 4
+    assert err.startswith(f"{path}:{line}: image 'xp1': field '{field}': "), err
+    assert "\n" not in err
+    for w in words:
+        assert w in err, err
+
+
+def test_exe_backend_needs_a_command(cfgdir: Path) -> None:
+    path = write(cfgdir, _img("ghost:\n  backend: exe"))
+    err = one_error(path)
+    assert err.startswith(f"{path}:4: image 'xp1': field 'ghost.command': backend exe needs a command")
+
+
+def test_duplicate_ids(cfgdir: Path) -> None:
+    path = write(cfgdir, """
+        images:
+          - id: xp
+            source: disks/xp.vmdk
+          - id: xp
+            source: disks/old.GHO
+    """)
+    err = one_error(path)
+    assert err == f"{path}:4: image 'xp': field 'id': duplicate id (first used on line 2)"
+
+
+@pytest.mark.parametrize("bad_id", ["has space", "a/b", "x" * 65, "", "ünï", "xp\n", 42])
+def test_ids_outside_the_allowed_characters_are_refused(cfgdir: Path, bad_id: object) -> None:
+    import json
+
+    path = write(cfgdir, f"images:\n  - id: {json.dumps(bad_id)}\n    source: disks/xp.vmdk\n")
+    err = one_error(path)
+    assert err.startswith(f"{path}:2: image "), err
+    assert "field 'id': expected 1-64 characters of [A-Za-z0-9._-]" in err
+
+
+def test_id_of_64_characters_is_fine(cfgdir: Path) -> None:
+    path = write(cfgdir, _img("").replace("xp1", "A-z.0_9" * 9 + "x"))
+    assert load_config(path).images[0].id == "A-z.0_9" * 9 + "x"
+
+
+def test_missing_source_file(cfgdir: Path) -> None:
+    path = write(cfgdir, _img("", source="disks/nope.vmdk"))
+    err = one_error(path)
+    assert err == f"{path}:3: image 'xp1': field 'source': file not found: {cfgdir / 'disks' / 'nope.vmdk'}"
+
+
+def test_source_of_unknown_type(cfgdir: Path) -> None:
+    (cfgdir / "disk.iso").write_bytes(b"")
+    err = one_error(write(cfgdir, _img("", source="disk.iso")))
+    assert "field 'source': expected one of .vmdk .gho" in err and "'disk.iso'" in err
+
+
+def test_image_without_source(cfgdir: Path) -> None:
+    path = write(cfgdir, "images:\n  - id: xp1\n    memory_mib: 256\n")
+    assert one_error(path) == f"{path}:2: image 'xp1': field 'source': expected a path to the source image"
+
+
+def test_problems_in_defaults_and_top_level(cfgdir: Path) -> None:
+    path = write(cfgdir, """
+        defaults:
+          vcpu: 2
+          ghost:
+            backend: wine
+        setings: {}
+        images:
+          - id: xp
+            source: disks/xp.vmdk
+    """)
+    errs = errors_of(path)
+    assert errs == [
+        f"{path}:5: field 'setings': unknown key (did you mean 'settings'?)",
+        f"{path}:2: field 'defaults.vcpu': unknown key (did you mean 'vcpus'?)",
+        f"{path}:4: field 'defaults.ghost.backend': expected one of exe, native, got 'wine'",
+    ]
+
+
+def test_several_errors_are_all_reported_together(cfgdir: Path) -> None:
+    path = write(cfgdir, """
+        images:
+          - id: xp1
+            source: disks/xp.vmdk
+            memroy_mib: 1024
+            vcpus: "2"
+          - id: xp1
+            source: disks/old.GHO
+          - id: "bad id"
+            source: disks/missing.vmdk
+          - id: fine
+            source: disks/xp.vmdk
+            ghost:
+              adapter: nvme
+    """)
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    errs = ei.value.errors
+    assert errs == [
+        f"{path}:4: image 'xp1': field 'memroy_mib': unknown key (did you mean 'memory_mib'?)",
+        f"{path}:5: image 'xp1': field 'vcpus': expected an integer, got '2'",
+        f"{path}:6: image 'xp1': field 'id': duplicate id (first used on line 2)",
+        f"{path}:8: image 'bad id': field 'id': expected 1-64 characters of [A-Za-z0-9._-], got 'bad id'",
+        f"{path}:9: image 'bad id': field 'source': file not found: {cfgdir / 'disks' / 'missing.vmdk'}",
+        f"{path}:13: image 'fine': field 'ghost.adapter': expected one of ide, lsilogic, buslogic, "
+        "got 'nvme'",
+    ]
+    # what the user sees: one problem per line, and a count in the one-line form
+    assert str(ei.value) == "\n".join(errs)
+    assert ei.value.message.startswith("6 config error(s): ")
+    assert isinstance(ei.value, InputError)
+
+
+@pytest.mark.parametrize(("text", "line", "words"), [
+    ("images:\n  - id: xp\n    source: [unclosed\n", 4, "expected ',' or ']'"),
+    ("images:\n  - id: xp\n\tsource: a.vmdk\n", 3, "found character '\\t'"),
+    ("images: [\n", 2, "expected the node content"),
+])
+def test_invalid_yaml(tmp_path: Path, text: str, line: int, words: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    err = one_error(path)
+    assert err.startswith(f"{path}:{line}: not valid YAML: "), err
+    assert words in err
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "expected a mapping with 'images'"),
+    ("- id: xp\n", "expected a mapping with 'images'"),
+    ("images: []\n", "field 'images': expected a non-empty list of images"),
+    ("defaults: {}\n", "field 'images': expected a non-empty list of images"),
+])
+def test_document_shape(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    err = one_error(path)
+    assert err.startswith(str(path)) and words in err, err
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    err = one_error(tmp_path / "missing.yaml")
+    assert err == f"{tmp_path / 'missing.yaml'}: cannot read config: No such file or directory"
+
+
+def test_settings(cfgdir: Path) -> None:
+    path = write(cfgdir, """
+        settings:
+          force_tcg: true
+          scheduler: central
+        images:
+          - id: xp
+            source: disks/xp.vmdk
+    """)
+    cfg = load_config(path)
+    assert cfg.settings.force_tcg is True
+    assert cfg.settings.scheduler == "central"
+    assert cfg.settings.scheduler_url == "http://127.0.0.1:8082"
+
+    path.write_text(path.read_text().replace("central", "remote"))
+    err = one_error(path)
+    assert err == f"{path}:3: field 'settings.scheduler': expected one of local, central, got 'remote'"
