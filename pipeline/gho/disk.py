@@ -1,0 +1,99 @@
+"""Partition tables: parse an MBR, place volumes on a disk and synthesise MBR + EBRs (§8.6, §10.10)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+SECTOR = 512
+EXTENDED_TYPES = (0x05, 0x0F, 0x85)
+CHS_LBA = b"\xfe\xff\xff"  # "use LBA" CHS value
+
+
+@dataclass(frozen=True)
+class MbrEntry:
+    status: int
+    ptype: int
+    start: int
+    sectors: int
+
+
+def parse_mbr(sector: bytes) -> list[MbrEntry] | None:
+    """The four primary entries (empty ones included), or None without the 55 AA signature."""
+    if len(sector) < 512 or sector[510:512] != b"\x55\xaa":
+        return None
+    out = []
+    for k in range(4):
+        o = 446 + 16 * k
+        status, ptype, start, count = sector[o], sector[o + 4], *struct.unpack_from("<II", sector, o + 8)
+        out.append(MbrEntry(status, ptype, start, count))
+    return out
+
+
+@dataclass
+class Placement:
+    start: int  # LBA
+    sectors: int
+    ptype: int
+    logical: bool = False
+    ebr: int | None = None  # LBA of the EBR before a logical partition
+
+
+def plan_synthetic(volumes: list[tuple[int, int, int]]) -> list[Placement]:
+    """Place (hidden sectors, sectors, type) volumes as §10.10: one primary, the rest logical."""
+    out: list[Placement] = []
+    for k, (hidden, sectors, ptype) in enumerate(volumes):
+        if k == 0:
+            out.append(Placement(hidden if hidden > 0 else 63, sectors, ptype))
+            continue
+        first, prev = out[0], out[-1]
+        prev_end = prev.start + prev.sectors
+        if first.start <= hidden < first.start + first.sectors or hidden < 63:
+            ebr = prev_end
+            start = prev_end + max(hidden, 1)
+        else:
+            start = hidden
+            ebr = start - 63 if start - 63 >= prev_end else prev_end
+            if start <= ebr:
+                ebr, start = prev_end, prev_end + 63
+        out.append(Placement(start, sectors, ptype, logical=True, ebr=ebr))
+    return out
+
+
+def _entry(status: int, ptype: int, start: int, count: int) -> bytes:
+    return bytes([status]) + CHS_LBA + bytes([ptype]) + CHS_LBA + struct.pack("<II", start, count)
+
+
+def table_sectors(places: list[Placement], disk_id: int, mbr: bytes | None = None) -> list[tuple[int, bytes]]:
+    """(LBA, sector) pairs: the MBR (synthesised unless ``mbr`` is given) and every EBR."""
+    out: list[tuple[int, bytes]] = []
+    logical = [p for p in places if p.logical]
+    ext_start = logical[0].ebr if logical else None
+    if mbr is None:
+        m = bytearray(512)
+        struct.pack_into("<I", m, 440, disk_id & 0xFFFFFFFF)
+        slot = 0
+        for p in places:
+            if not p.logical:
+                m[446 + 16 * slot: 462 + 16 * slot] = _entry(0x80 if slot == 0 else 0, p.ptype, p.start, p.sectors)
+                slot += 1
+        if logical and ext_start is not None and slot < 4:
+            end = logical[-1].start + logical[-1].sectors
+            m[446 + 16 * slot: 462 + 16 * slot] = _entry(0, 0x0F, ext_start, end - ext_start)
+        m[510:512] = b"\x55\xaa"
+        out.append((0, bytes(m)))
+    for k, p in enumerate(logical):
+        assert p.ebr is not None and ext_start is not None
+        e = bytearray(512)
+        e[446:462] = _entry(0, p.ptype, p.start - p.ebr, p.sectors)
+        if k + 1 < len(logical):
+            nxt = logical[k + 1]
+            assert nxt.ebr is not None
+            e[462:478] = _entry(0, 0x05, nxt.ebr - ext_start, nxt.start + nxt.sectors - nxt.ebr)
+        e[510:512] = b"\x55\xaa"
+        out.append((p.ebr, bytes(e)))
+    return out
+
+
+def fs_partition_type(fs: str | None) -> int:
+    return {"FAT12": 0x01, "FAT16": 0x0E, "FAT32": 0x0C, "NTFS": 0x07}.get(fs or "", 0x83)

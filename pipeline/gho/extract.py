@@ -1,0 +1,160 @@
+"""Rebuild a whole raw disk from an image: sparse, atomic, bounded memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.gho.disk import SECTOR, Placement, fs_partition_type, parse_mbr, plan_synthetic, table_sectors
+from pipeline.gho.errors import GhoError
+from pipeline.gho.fat import FatSection
+from pipeline.gho.image import EXT_UNSUPPORTED, NTFS_UNSUPPORTED, Image, Volume, generation
+from pipeline.gho.sector import SectorSection
+from pipeline.gho.sparse import SparseWriter
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ExtractedPartition:
+    index: int
+    kind: str
+    fs: str | None
+    label: str | None
+    start_lba: int
+    sectors: int
+    partition_type: int
+    logical: bool
+    files: int = 0
+    directories: int = 0
+    file_bytes: int = 0
+
+
+@dataclass
+class ExtractResult:
+    source: str
+    output: str
+    disk_size: int
+    bytes_written: int
+    generation: str
+    compression: str
+    partitions: list[ExtractedPartition]
+    files: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placement], bytes | None]:
+    """Placements for every volume (same order) and the MBR to keep (None = synthesise)."""
+    types = [fs_partition_type(v.fs) for v in vols]
+    sizes = [-(-(v.size or 0) // SECTOR) for v in vols]
+    entries = parse_mbr(track0[:512]) if track0 else None
+    if entries:
+        prim = sorted((e for e in entries if e.ptype and e.ptype not in (0x05, 0x0F, 0x85) and e.sectors),
+                      key=lambda e: e.start)
+        places = [Placement(e.start, max(e.sectors, sizes[k]), e.ptype) for k, e in enumerate(prim[:len(vols)])]
+        extra = vols[len(places):]
+        if extra:
+            prev_end = places[-1].start + places[-1].sectors if places else 63
+            more = plan_synthetic([(0, prev_end, 0)] + [(v.hidden_sectors or 0, sizes[v.index], types[v.index])
+                                                        for v in extra])[1:]
+            places += more
+        return places, track0[:512]
+    vols_spec = [(v.hidden_sectors or 0, sizes[k], types[k]) for k, v in enumerate(vols)]
+    return plan_synthetic(vols_spec), None
+
+
+def _tmp_name(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+
+def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
+            progress: Progress | None = None) -> ExtractResult:
+    """Rebuild the disk held by the image at ``path`` as a sparse raw file ``out_path``."""
+    out = Path(out_path)
+    with Image(path) as img:
+        img.unlock(password)
+        layout = img.layout
+        for sec in layout.sections:
+            if sec.kind == "ntfs":
+                raise GhoError(f"{img.name}: partition {sec.index + 1} (offset {sec.header_offset}): "
+                               f"{NTFS_UNSUPPORTED}")
+            if sec.kind == "ext":
+                raise GhoError(f"{img.name}: partition {sec.index + 1} (offset {sec.header_offset}): "
+                               f"{EXT_UNSUPPORTED}")
+        vols = img.volumes()
+        for v in vols:
+            if isinstance(v.reader, FatSection):
+                v.reader.allocate()
+        track0 = img.track0()
+        places, mbr = _place(img, vols, track0)
+        disk_sectors = max([p.start + p.sectors for p in places] + [-(-len(track0) // SECTOR)])
+        tables = table_sectors(places, img.header.image_id, mbr)
+        if not out.parent.is_dir():
+            raise GhoError(f"{img.name}: output folder {out.parent} does not exist")
+        total = img.stream.size
+
+        def step(done: int) -> None:
+            if progress:
+                progress(min(done, total), total)
+
+        tmp = _tmp_name(out)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        ok = False
+        try:
+            w = SparseWriter(fd)
+            if track0:
+                w.write_at(0, track0)
+            for lba, data in tables:
+                w.write_at(lba * SECTOR, data)
+            parts = []
+            files: list[dict[str, Any]] = []
+            warnings: list[str] = []
+            for v, p in zip(vols, places, strict=True):
+                reader = v.reader
+                assert reader is not None
+                part = ExtractedPartition(v.index + 1, v.kind, v.fs, v.label, p.start, p.sectors, p.ptype,
+                                          p.logical)
+                if isinstance(reader, FatSection):
+                    reader.write(w, p.start * SECTOR, step)
+                    for n in reader.nodes:
+                        d = n.to_dict()
+                        d["partition"] = v.index + 1
+                        files.append(d)
+                    fl = reader.files()
+                    part.files, part.file_bytes = len(fl), sum(n.size for n in fl)
+                    part.directories = sum(1 for n in reader.nodes if n.is_dir)
+                    warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
+                elif isinstance(reader, SectorSection):
+                    reader.write(w, p.start * SECTOR, step)
+                parts.append(part)
+            os.ftruncate(fd, disk_sectors * SECTOR)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, out)
+            ok = True
+            with contextlib.suppress(OSError):
+                dfd = os.open(out.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            step(total)
+            return ExtractResult(
+                source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR, bytes_written=w.written,
+                generation=generation(layout.descriptor_size), compression=img.header.compression_name,
+                partitions=parts, files=files, warnings=warnings,
+            )
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if not ok:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)

@@ -1,0 +1,553 @@
+"""FAT12/16/32 file-aware sections (FORMAT.md §10): parse the record stream, rebuild the volume.
+
+Two passes over the section: pass 1 reads only boot, reserved-area and directory-entry records
+(data bodies are skipped) and builds the directory tree; clusters are then allocated with the
+placement-preserving strategy (§10.8 A); pass 2 decodes file data straight to its final place.
+Memory holds the tree (32 bytes + a small object per entry), never file data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import struct
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.gho.codecs import BLOCK_SIZE, BlockDecoder, CodecError
+from pipeline.gho.crypto import crc32_msb, decrypt
+from pipeline.gho.errors import GhoError
+from pipeline.gho.records import (
+    K_BOOT,
+    K_CATALOGUE,
+    K_DATA,
+    K_DIRENT,
+    K_END_RUN,
+    K_RESERVED,
+    Record,
+    Section,
+    Walker,
+)
+from pipeline.gho.sparse import SparseWriter
+
+ZERO_SLOT_CRC = 0x12EED357
+MAX_DEPTH = 256
+DOT = b".          "
+DOTDOT = b"..         "
+
+
+@dataclass(frozen=True)
+class Geometry:
+    bytes_per_sector: int
+    sectors_per_cluster: int
+    reserved_sectors: int
+    num_fats: int
+    root_entries: int
+    total_sectors: int
+    media: int
+    fat_sectors: int
+    hidden_sectors: int
+    root_cluster: int
+    fsinfo_sector: int
+    backup_boot_sector: int
+    fat_type: int
+    root_dir_sectors: int
+    first_data_sector: int
+    clusters: int
+
+    @property
+    def cluster_bytes(self) -> int:
+        return self.bytes_per_sector * self.sectors_per_cluster
+
+    @property
+    def size(self) -> int:
+        return self.total_sectors * self.bytes_per_sector
+
+    @property
+    def fs_name(self) -> str:
+        return f"FAT{self.fat_type}"
+
+    def cluster_offset(self, n: int) -> int:
+        return (self.first_data_sector + (n - 2) * self.sectors_per_cluster) * self.bytes_per_sector
+
+
+def parse_geometry(boot: bytes, where: str) -> Geometry:
+    """Geometry from a FAT boot sector (§10.8 step 1); raises :class:`GhoError` if implausible."""
+    if len(boot) < 512:
+        raise GhoError(f"{where}: boot sector is {len(boot)} bytes, expected 512")
+    bps, spc, rsvd, nfats, root_ent, tot16, media, fatsz16 = struct.unpack_from("<HBHBHHBH", boot, 11)
+    hidden, tot32 = struct.unpack_from("<II", boot, 28)
+    fatsz32, _flags, _ver, root_clus, fsinfo, backup = struct.unpack_from("<IHHIHH", boot, 36)
+    if bps not in (512, 1024, 2048, 4096) or spc == 0 or spc & (spc - 1) or nfats == 0 or rsvd == 0:
+        raise GhoError(f"{where}: not a FAT boot sector (bytes/sector {bps}, sectors/cluster {spc}, "
+                       f"FATs {nfats}, reserved {rsvd})")
+    fatsz = fatsz16 or fatsz32
+    totsec = tot16 or tot32
+    root_dir_sectors = (root_ent * 32 + bps - 1) // bps
+    first_data = rsvd + nfats * fatsz + root_dir_sectors
+    if fatsz == 0 or totsec <= first_data:
+        raise GhoError(f"{where}: inconsistent FAT geometry (FAT size {fatsz}, total sectors {totsec})")
+    clusters = (totsec - first_data) // spc
+    fat_type = 12 if clusters < 4085 else 16 if clusters < 65525 else 32
+    if fat_type == 32 and fatsz16 != 0:
+        raise GhoError(f"{where}: {clusters} clusters need FAT32 but the boot sector is FAT12/16")
+    if fat_type != 32:
+        root_clus, fsinfo, backup = 0, 0, 0
+    need = (clusters + 2) * fat_type // 8
+    if fatsz * bps < need:
+        raise GhoError(f"{where}: FAT of {fatsz} sectors cannot hold {clusters} clusters")
+    return Geometry(bps, spc, rsvd, nfats, root_ent, totsec, media, fatsz, hidden, root_clus, fsinfo, backup,
+                    fat_type, root_dir_sectors, first_data, clusters)
+
+
+def short_name(slot: bytes) -> str:
+    base = bytearray(slot[0:8].rstrip(b" "))
+    ext = slot[8:11].rstrip(b" ")
+    if base[:1] == b"\x05":
+        base[0] = 0xE5
+    b = bytes(base).decode("cp437")
+    e = ext.decode("cp437")
+    if slot[12] & 0x08:
+        b = b.lower()
+    if slot[12] & 0x10:
+        e = e.lower()
+    return f"{b}.{e}" if e else b
+
+
+def lfn_checksum(name11: bytes) -> int:
+    s = 0
+    for b in name11:
+        s = (((s & 1) << 7) + (s >> 1) + b) & 0xFF
+    return s
+
+
+def _lfn_name(parts: list[bytes], name11: bytes) -> str | None:
+    if not parts:
+        return None
+    csum = lfn_checksum(name11)
+    by_seq: dict[int, bytes] = {}
+    last = 0
+    for e in parts:
+        if e[13] != csum:
+            return None
+        seq = e[0] & 0x3F
+        if e[0] & 0x40:
+            last = seq
+        by_seq[seq] = e[1:11] + e[14:26] + e[28:32]
+    if not last or sorted(by_seq) != list(range(1, last + 1)):
+        return None
+    raw = b"".join(by_seq[k] for k in range(1, last + 1))
+    chars = []
+    for k in range(0, len(raw), 2):
+        c = raw[k] | (raw[k + 1] << 8)
+        if c == 0:
+            break
+        chars.append(c)
+    try:
+        return b"".join(struct.pack("<H", c) for c in chars).decode("utf-16-le")
+    except UnicodeDecodeError:
+        return None
+
+
+def fat_datetime(date: int, time: int) -> str | None:
+    try:
+        return _dt.datetime(1980 + (date >> 9), (date >> 5) & 15, date & 31,
+                            time >> 11, (time >> 5) & 63, (time & 31) * 2).isoformat()
+    except ValueError:
+        return None
+
+
+@dataclass(eq=False)
+class Node:
+    slot: bytes
+    name: str
+    path: str
+    is_dir: bool
+    parent: Node | None
+    entry_offset: int
+    orig_cluster: int
+    size: int = 0
+    #: directories: their recorded slots in order; an entry is (slot bytes, child node or None)
+    items: list[tuple[bytes, Node | None]] = field(default_factory=list)
+    extents: list[tuple[int, int]] = field(default_factory=list)
+    checksum: int | None = None
+    checksum_verified: bool | None = None
+    decoded: int = 0
+    records: int = 0
+
+    @property
+    def first_cluster(self) -> int:
+        return self.extents[0][0] if self.extents else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.slot
+        return {
+            "path": self.path, "type": "dir" if self.is_dir else "file", "size": self.size,
+            "attributes": s[11], "mtime": fat_datetime(*struct.unpack_from("<HH", s, 24)),
+            "date": struct.unpack_from("<H", s, 24)[0], "time": struct.unpack_from("<H", s, 22)[0],
+            "original_cluster": self.orig_cluster, "first_cluster": self.first_cluster,
+            "checksum": None if self.checksum is None else f"{self.checksum:08X}",
+            "checksum_verified": self.checksum_verified,
+        }
+
+
+class _Allocator:
+    """Cluster allocation over [2, clusters + 2) with sorted used intervals."""
+
+    def __init__(self, clusters: int) -> None:
+        self.lo, self.hi = 2, clusters + 2
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.used = 0
+
+    def is_free(self, start: int, n: int) -> bool:
+        if start < self.lo or start + n > self.hi:
+            return False
+        k = bisect.bisect_right(self.starts, start)
+        if k > 0 and self.ends[k - 1] > start:
+            return False
+        return not (k < len(self.starts) and self.starts[k] < start + n)
+
+    def take(self, start: int, n: int) -> None:
+        k = bisect.bisect_right(self.starts, start)
+        self.starts.insert(k, start)
+        self.ends.insert(k, start + n)
+        self.used += n
+
+    def gaps(self) -> list[list[int]]:
+        out, cur = [], self.lo
+        for s, e in zip(self.starts, self.ends, strict=True):
+            if s > cur:
+                out.append([cur, s])
+            cur = max(cur, e)
+        if cur < self.hi:
+            out.append([cur, self.hi])
+        return out
+
+
+class FatSection:
+    """One FAT file-aware section of an image."""
+
+    def __init__(self, walker: Walker, section: Section, decoder: BlockDecoder, seed: int | None) -> None:
+        self.walker = walker
+        self.section = section
+        self.decoder = decoder
+        self.seed = seed
+        self.where = f"{walker.name}: partition {section.index + 1} (offset {section.header_offset})"
+        self.boot: bytes | None = None
+        self.reserved: bytes | None = None
+        self.geometry: Geometry | None = None
+        self.label: str | None = None
+        self.root: Node | None = None
+        self.nodes: list[Node] = []
+        self.warnings: list[str] = []
+        self.kind_counts: dict[int, int] = {}
+        self._by_offset: dict[int, Node] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def body(self, rec: Record) -> bytes:
+        data = self.walker.stream.read(rec.body_offset, rec.length, f"the body of the record at offset {rec.offset}")
+        return decrypt(data, self.seed) if self.seed is not None else data
+
+    # -- pass 1 -----------------------------------------------------------------------------
+    def parse(self) -> None:
+        sec = self.section
+        stack: list[Node] = []
+        lfn: list[bytes] = []
+        for rec in self.walker.iter_records(sec.body_start, sec.end):
+            self.kind_counts[rec.kind] = self.kind_counts.get(rec.kind, 0) + 1
+            if rec.kind == K_BOOT:
+                body = self.body(rec)
+                if self.boot is None:
+                    self._set_boot(body, rec)
+                    assert self.root is not None
+                    stack = [self.root]
+                elif body != self.boot:
+                    self.warnings.append(f"closing boot-sector record at offset {rec.offset} differs from the first")
+            elif rec.kind == K_RESERVED:
+                self.reserved = self.body(rec)
+            elif rec.kind == K_DIRENT:
+                if self.root is None:
+                    raise GhoError(f"{self.where}: directory entry at offset {rec.offset} before the boot record")
+                if rec.length < 32:
+                    raise GhoError(f"{self.where}: directory-entry record at offset {rec.offset} has "
+                                   f"{rec.length} bytes, expected 56")
+                lfn = self._entry(self.body(rec), rec, stack, lfn)
+            elif rec.kind in (K_DATA, K_END_RUN, K_CATALOGUE):
+                continue
+            else:
+                self.warnings.append(f"record kind 0x{rec.kind:02x} at offset {rec.offset} ignored")
+        if self.boot is None:
+            raise GhoError(f"{self.where}: no boot-sector record")
+        if len(stack) > 1:
+            self.warnings.append(f"directory {stack[-1].path} not closed by a zero slot")
+
+    def _set_boot(self, body: bytes, rec: Record) -> None:
+        if len(body) != 512 or body[510:512] != b"\x55\xaa":
+            raise GhoError(f"{self.where}: boot-sector record at offset {rec.offset} is not a 512-byte "
+                           f"boot sector ending 55 AA (wrong password?)")
+        self.boot = body
+        g = self.geometry = parse_geometry(body, self.where)
+        root_cluster = g.root_cluster if g.fat_type == 32 else 0
+        self.root = Node(b"", "", "/", True, None, rec.offset, root_cluster)
+
+    def _entry(self, body: bytes, rec: Record, stack: list[Node], lfn: list[bytes]) -> list[bytes]:
+        e = body[:32]
+        crc = struct.unpack_from("<I", body, 32)[0] if len(body) >= 36 else None
+        want = ZERO_SLOT_CRC if e == bytes(32) else crc32_msb(e)
+        if crc is not None and crc != want:
+            self.warnings.append(f"directory entry at offset {rec.offset}: CRC {crc:08X}, expected {want:08X}")
+        cur = stack[-1]
+        if e[0] == 0:
+            if len(stack) > 1:
+                stack.pop()
+            return []
+        if e[0] == 0xE5:
+            cur.items.append((e, None))
+            return []
+        attr = e[11]
+        if attr & 0x3F == 0x0F:
+            cur.items.append((e, None))
+            return [*lfn, e]
+        if attr & 0x18 == 0x08:
+            if cur is self.root and self.label is None:
+                self.label = e[0:11].decode("cp437").rstrip()
+            cur.items.append((e, None))
+            return []
+        if e[0:11] in (DOT, DOTDOT):
+            cur.items.append((e, None))
+            return []
+        name = _lfn_name(lfn, e[0:11]) or short_name(e)
+        orig = struct.unpack_from("<H", e, 26)[0]
+        g = self.geometry
+        assert g is not None
+        if g.fat_type == 32:
+            orig |= struct.unpack_from("<H", e, 20)[0] << 16
+        is_dir = bool(attr & 0x10)
+        path = (cur.path.rstrip("/") + "/" + name)
+        node = Node(e, name, path, is_dir, cur, rec.offset, orig, 0 if is_dir else struct.unpack_from("<I", e, 28)[0])
+        cur.items.append((e, node))
+        self.nodes.append(node)
+        if is_dir:
+            if len(stack) >= MAX_DEPTH:
+                raise GhoError(f"{self.where}: directories nested deeper than {MAX_DEPTH} at offset {rec.offset}")
+            stack.append(node)
+        else:
+            self._by_offset[rec.offset] = node
+        return []
+
+    # -- allocation -------------------------------------------------------------------------
+    def _dir_slots(self, d: Node) -> list[tuple[bytes, Node | None]]:
+        """The slots to write for directory ``d`` (synthesises missing ``.``/``..``, §10.8 step 7)."""
+        items = d.items
+        if d is self.root:
+            return items
+        names = [s[0:11] for s, _ in items[:2]]
+        if names == [DOT, DOTDOT]:
+            return items
+        base = bytearray(d.slot)
+        dot = bytes(DOT) + bytes(base[11:32])
+        dotdot = bytes(DOTDOT) + bytes(base[11:32])
+        rest = [it for it in items if it[0][0:11] not in (DOT, DOTDOT)]
+        return [(dot, None), (dotdot, None), *rest]
+
+    def allocate(self) -> None:
+        g = self.geometry
+        assert g is not None and self.root is not None
+        cb = g.cluster_bytes
+        alloc = _Allocator(g.clusters)
+        ents: list[tuple[Node, int]] = []
+        if g.fat_type == 32:
+            ents.append((self.root, max(1, -(-len(self.root.items) * 32 // cb))))
+        elif len(self.root.items) > g.root_entries:
+            raise GhoError(f"{self.where}: root directory has {len(self.root.items)} slots, "
+                           f"the volume allows {g.root_entries}")
+        for n in self.nodes:
+            need = max(1, -(-len(self._dir_slots(n)) * 32 // cb)) if n.is_dir else -(-n.size // cb)
+            ents.append((n, need))
+        total = sum(need for _, need in ents)
+        if total > g.clusters:
+            raise GhoError(f"{self.where}: files need {total} clusters, the volume has {g.clusters}")
+        rest = []
+        for n, need in ents:
+            if need and alloc.is_free(n.orig_cluster, need):
+                alloc.take(n.orig_cluster, need)
+                n.extents = [(n.orig_cluster, need)]
+            elif need:
+                rest.append((n, need))
+        gaps = alloc.gaps()
+        gi = 0
+        for n, need in rest:
+            while need:
+                start, end = gaps[gi]
+                take = min(need, end - start)
+                n.extents.append((start, take))
+                gaps[gi][0] += take
+                if gaps[gi][0] == end:
+                    gi += 1
+                need -= take
+                alloc.used += take
+        self.used_clusters = alloc.used
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, out: SparseWriter, base: int, progress: Callable[[int], None] | None = None) -> None:
+        """Write the rebuilt volume at byte ``base`` of ``out`` (parse() and allocate() first)."""
+        g = self.geometry
+        assert g is not None and self.boot is not None and self.root is not None
+        bps = g.bytes_per_sector
+        if self.reserved:
+            res = bytearray(self.reserved[: g.reserved_sectors * bps])
+            if g.fat_type == 32:
+                for sec in {g.fsinfo_sector, g.backup_boot_sector + 1 if g.backup_boot_sector else 0}:
+                    o = sec * bps
+                    if sec and o + 512 <= len(res) and struct.unpack_from("<I", res, o)[0] == 0x41615252:
+                        struct.pack_into("<II", res, o + 488, g.clusters - self.used_clusters, 0xFFFFFFFF)
+            out.write_at(base, bytes(res))
+        out.write_at(base, self.boot)
+        self._write_fats(out, base)
+        self._write_dirs(out, base)
+        self._write_files(out, base, progress)
+
+    def _chains(self) -> list[list[tuple[int, int]]]:
+        chains = [n.extents for n in self.nodes if n.extents]
+        if self.root is not None and self.root.extents:
+            chains.append(self.root.extents)
+        return chains
+
+    def _write_fats(self, out: SparseWriter, base: int) -> None:
+        g = self.geometry
+        assert g is not None
+        fat_off = [base + (g.reserved_sectors + k * g.fat_sectors) * g.bytes_per_sector for k in range(g.num_fats)]
+        if g.fat_type == 12:
+            fat = bytearray((g.clusters + 2) * 3 // 2 + 2)
+
+            def put(n: int, v: int) -> None:
+                o = n * 3 // 2
+                cur = fat[o] | (fat[o + 1] << 8)
+                cur = (cur & 0x000F) | (v << 4) if n & 1 else (cur & 0xF000) | v
+                fat[o], fat[o + 1] = cur & 0xFF, cur >> 8
+
+            put(0, 0xF00 | g.media)
+            put(1, 0xFFF)
+            for chain in self._chains():
+                for k, (s, c) in enumerate(chain):
+                    for x in range(s, s + c - 1):
+                        put(x, x + 1)
+                    put(s + c - 1, chain[k + 1][0] if k + 1 < len(chain) else 0xFFF)
+            for o in fat_off:
+                out.write_at(o, bytes(fat))
+            return
+        code, eoc, head = ("H", 0xFFFF, 0xFF00) if g.fat_type == 16 else ("I", 0x0FFFFFFF, 0x0FFFFF00)
+        es = 2 if g.fat_type == 16 else 4
+        first = array(code, [head | g.media, eoc]).tobytes()
+        for o in fat_off:
+            out.write_at(o, first)
+        for chain in self._chains():
+            for k, (s, c) in enumerate(chain):
+                ents = array(code, range(s + 1, s + c))
+                ents.append(chain[k + 1][0] if k + 1 < len(chain) else eoc)
+                data = ents.tobytes()
+                for o in fat_off:
+                    out.write_at(o + s * es, data)
+
+    def _patch(self, slot: bytes, cluster: int) -> bytes:
+        g = self.geometry
+        assert g is not None
+        b = bytearray(slot)
+        struct.pack_into("<H", b, 26, cluster & 0xFFFF)
+        if g.fat_type == 32:
+            struct.pack_into("<H", b, 20, cluster >> 16)
+        return bytes(b)
+
+    def _write_dirs(self, out: SparseWriter, base: int) -> None:
+        g = self.geometry
+        assert g is not None and self.root is not None
+        for d in [self.root, *[n for n in self.nodes if n.is_dir]]:
+            parts = []
+            for slot, child in self._dir_slots(d):
+                if child is not None:
+                    parts.append(self._patch(slot, child.first_cluster))
+                elif slot[0:11] == DOT:
+                    parts.append(self._patch(slot, d.first_cluster))
+                elif slot[0:11] == DOTDOT:
+                    p = d.parent
+                    parts.append(self._patch(slot, 0 if p is None or p is self.root else p.first_cluster))
+                else:
+                    parts.append(slot)
+            data = b"".join(parts)
+            if d is self.root and g.fat_type != 32:
+                out.write_at(base + (g.reserved_sectors + g.num_fats * g.fat_sectors) * g.bytes_per_sector, data)
+            else:
+                self._write_extents(out, base, d.extents, 0, data)
+
+    def _write_extents(self, out: SparseWriter, base: int, extents: list[tuple[int, int]], pos: int,
+                       data: bytes) -> None:
+        """Write ``data`` at byte ``pos`` of the cluster chain ``extents``."""
+        g = self.geometry
+        assert g is not None
+        cb = g.cluster_bytes
+        view = memoryview(data)
+        start = 0
+        for s, c in extents:
+            ext_bytes = c * cb
+            if pos >= ext_bytes:
+                pos -= ext_bytes
+                continue
+            take = min(len(view) - start, ext_bytes - pos)
+            out.write_at(base + g.cluster_offset(s) + pos, view[start:start + take])
+            start += take
+            pos = 0
+            if start >= len(view):
+                return
+        if start < len(view):
+            raise GhoError(f"{self.where}: file data exceeds its allocation")
+
+    def _write_files(self, out: SparseWriter, base: int, progress: Callable[[int], None] | None) -> None:
+        sec = self.section
+        cur: Node | None = None
+        first_block = b""
+        for rec in self.walker.iter_records(sec.body_start, sec.end):
+            if rec.kind == K_DIRENT:
+                cur = self._by_offset.get(rec.offset)
+                first_block = b""
+            elif rec.kind == K_DATA:
+                if cur is None:
+                    raise GhoError(f"{self.where}: data record at offset {rec.offset} outside a file")
+                body = self.body(rec)
+                try:
+                    data = self.decoder.decode(body, BLOCK_SIZE)
+                except CodecError as e:
+                    raise GhoError(f"{self.walker.name}: {e} in the data record at offset {rec.offset} "
+                                   f"({cur.path})") from None
+                if cur.decoded + len(data) > cur.size:
+                    raise GhoError(f"{self.where}: {cur.path} decodes to more than its {cur.size} bytes "
+                                   f"(data record at offset {rec.offset})")
+                if cur.records == 0:
+                    first_block = data
+                self._write_extents(out, base, cur.extents, cur.decoded, data)
+                cur.decoded += len(data)
+                cur.records += 1
+                if progress:
+                    progress(rec.end)
+            elif rec.kind == K_END_RUN and cur is not None:
+                body = self.body(rec)
+                if len(body) >= 4:
+                    cur.checksum = struct.unpack_from("<I", body, 0)[0]
+                    if cur.records == 1:
+                        cur.checksum_verified = True if crc32_msb(first_block) == cur.checksum else None
+                self._finish(cur, rec)
+                cur = None
+        for n in self.nodes:
+            if not n.is_dir and n.decoded != n.size:
+                raise GhoError(f"{self.where}: {n.path} has {n.decoded} bytes of data, its entry says {n.size}")
+
+    def _finish(self, node: Node, rec: Record) -> None:
+        if node.decoded != node.size:
+            raise GhoError(f"{self.where}: {node.path} has {node.decoded} bytes of data, its entry says "
+                           f"{node.size} (end record at offset {rec.offset})")
+
+    # -- reporting --------------------------------------------------------------------------
+    def files(self) -> list[Node]:
+        return [n for n in self.nodes if not n.is_dir]

@@ -1,0 +1,137 @@
+"""Opening an image: spans, header, password, layout, and the per-section readers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.gho.codecs import BlockDecoder
+from pipeline.gho.crypto import seed_from_password, verifier_ok
+from pipeline.gho.errors import GhoError
+from pipeline.gho.fat import FatSection
+from pipeline.gho.header import HEADER_SIZE, SUBTYPE_EXT, SUBTYPE_FAT, SUBTYPE_NTFS, FileHeader, parse_file_header
+from pipeline.gho.records import Layout, Walker
+from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
+from pipeline.gho.spans import find_spans, resolve_first
+from pipeline.gho.stream import SpanStream
+
+NTFS_UNSUPPORTED = "NTFS file-aware GHO not supported yet"
+EXT_UNSUPPORTED = "ext2/ext3 file-aware GHO not supported yet"
+
+
+def generation(descriptor_size: int) -> str:
+    """§2.1: a 0x800-byte descriptor area is 7.5-style, a larger one 11.x-style (a guess)."""
+    return "7.5" if descriptor_size <= 0x800 else "11.x"
+
+
+@dataclass
+class Volume:
+    index: int
+    kind: str
+    offset: int
+    reader: FatSection | SectorSection | None
+    fs: str | None = None
+    label: str | None = None
+    hidden_sectors: int | None = None
+    size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Image:
+    """An opened image; use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise GhoError(f"{p}: no such file")
+        if not p.is_file():
+            raise GhoError(f"{p}: not a regular file")
+        with open(p, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        if len(head) >= 3 and head[0:2] == b"\xfe\xef" and head[2] == 0x09:
+            first = resolve_first(p)
+            if first is None:
+                raise GhoError(f"{p.name}: is a span continuation file (.GHS) and its first file (.GHO) "
+                               "was not found next to it")
+            p, head = first, first.read_bytes()[:HEADER_SIZE]
+        self.path = p
+        self.header: FileHeader = parse_file_header(head, p.name)
+        self.spans = find_spans(p)
+        self.stream = SpanStream(p, self.spans)
+        self.walker = Walker(self.stream, self.header)
+        self.seed: int | None = None
+        self._layout: Layout | None = None
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def unlock(self, password: str | None) -> None:
+        """Check ``password`` against the header verifier (§9.3); no-op for unprotected images."""
+        if not self.header.password:
+            return
+        if password is None or password == "":
+            raise GhoError(f"{self.name}: image is password-protected; a password is required")
+        seed = seed_from_password(password)
+        if not verifier_ok(self.header.raw, seed):
+            raise GhoError(f"{self.name}: wrong password (the header verifier does not decrypt to "
+                           "'BinaryResearch')")
+        self.seed = seed
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = self.walker.scan()
+        return self._layout
+
+    @property
+    def locked(self) -> bool:
+        return self.header.password and self.seed is None
+
+    def decoder(self) -> BlockDecoder:
+        return BlockDecoder(self.header.compression)
+
+    def track0(self) -> bytes:
+        return decode_track0(self.walker, self.layout, self.decoder(), self.seed)
+
+    def volumes(self, parse: bool = True) -> list[Volume]:
+        """One :class:`Volume` per section; FAT sections are parsed (pass 1) unless locked."""
+        out = []
+        for sec in self.layout.sections:
+            v = Volume(sec.index, sec.kind, sec.header_offset, None)
+            if sec.subtype == SUBTYPE_FAT:
+                v.kind = "fat"
+                if self.locked:
+                    v.notes.append("encrypted: give the password to list its contents")
+                elif parse:
+                    fs = FatSection(self.walker, sec, self.decoder(), self.seed)
+                    fs.parse()
+                    g = fs.geometry
+                    assert g is not None
+                    v.reader, v.fs, v.label = fs, g.fs_name, fs.label
+                    v.hidden_sectors, v.size = g.hidden_sectors, g.size
+            elif sec.subtype in (SUBTYPE_NTFS, SUBTYPE_EXT):
+                v.fs = "NTFS" if sec.subtype == SUBTYPE_NTFS else "ext2/3"
+                v.notes.append(NTFS_UNSUPPORTED if sec.subtype == SUBTYPE_NTFS else EXT_UNSUPPORTED)
+            else:
+                ss = SectorSection(self.walker, sec, self.decoder(), self.seed)
+                v.reader = ss
+                if not (self.locked and sec.raw):
+                    boot = ss.boot_sector()
+                    v.fs, _fs_size, v.label = detect_fs(boot)
+                    if v.fs and v.fs.startswith("FAT"):
+                        v.hidden_sectors = int.from_bytes(boot[28:32], "little")
+                    elif v.fs == "NTFS":
+                        v.hidden_sectors = int.from_bytes(boot[28:32], "little")
+                    v.size = ss.size()
+            out.append(v)
+        return out

@@ -1,0 +1,87 @@
+"""``read_info``: what an image holds, without writing anything."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.gho.disk import parse_mbr
+from pipeline.gho.fat import FatSection
+from pipeline.gho.image import Image, generation
+
+
+@dataclass
+class PartitionInfo:
+    index: int
+    offset: int
+    subtype: int
+    kind: str  # "fat" (file-aware FAT), "sector", "ntfs", "ext"
+    fs: str | None
+    label: str | None
+    hidden_sectors: int | None
+    size: int | None
+    files: int | None = None
+    directories: int | None = None
+    file_bytes: int | None = None
+    records: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GhoInfo:
+    path: str
+    stream_size: int
+    generation: str
+    compression: str
+    compression_code: int
+    image_type: str
+    image_type_code: int
+    password: bool
+    image_id: int
+    description: str
+    spans: list[str]
+    descriptor_size: int
+    track0_bytes: int
+    mbr_partitions: list[dict[str, int]]
+    partitions: list[PartitionInfo]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_info(path: str | Path, *, password: str | None = None) -> GhoInfo:
+    """Describe the image at ``path``. Without the password an encrypted image's FAT contents are not listed."""
+    with Image(path) as img:
+        if password is not None:
+            img.unlock(password)
+        layout = img.layout
+        parts = []
+        warnings: list[str] = []
+        for v in img.volumes():
+            sec = layout.sections[v.index]
+            p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors, v.size,
+                              notes=list(v.notes))
+            if sec.kind == "fat":
+                p.records = sec.records
+            if isinstance(v.reader, FatSection):
+                fl = v.reader.files()
+                p.files, p.file_bytes = len(fl), sum(n.size for n in fl)
+                p.directories = sum(1 for n in v.reader.nodes if n.is_dir)
+                warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
+            parts.append(p)
+        track0 = img.track0() if layout.track0 else b""
+        mbr = [
+            {"type": e.ptype, "start_lba": e.start, "sectors": e.sectors, "active": int(e.status == 0x80)}
+            for e in (parse_mbr(track0[:512]) or []) if e.ptype
+        ]
+        h = img.header
+        itype = {0: "file-aware", 1: "sector"}.get(h.image_type, f"unknown-0x{h.image_type:02x}")
+        return GhoInfo(
+            path=str(img.path), stream_size=img.stream.size, generation=generation(layout.descriptor_size),
+            compression=h.compression_name, compression_code=h.compression, image_type=itype,
+            image_type_code=h.image_type, password=h.password, image_id=h.image_id, description=h.description,
+            spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size, track0_bytes=len(track0),
+            mbr_partitions=mbr, partitions=parts, warnings=warnings,
+        )

@@ -1,0 +1,303 @@
+"""Record layer, block chains and the section layout of the stream (FORMAT.md §5, §6, §8)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pipeline.gho.errors import GhoError
+from pipeline.gho.header import (
+    HEADER_SIZE,
+    SUBTYPE_EXT,
+    SUBTYPE_FAT,
+    SUBTYPE_NAMES,
+    SUBTYPE_NTFS,
+    SUBTYPE_SECTOR,
+    FileHeader,
+    is_partition_header,
+)
+from pipeline.gho.stream import SpanStream
+
+RECORD_MAGIC = 0x012F18D8
+RECORD_MAGIC_BYTES = struct.pack("<I", RECORD_MAGIC)
+RECORD_HEADER = 10
+
+K_DATA = 0x02
+K_END_RUN = 0x03
+K_DIRENT = 0x04
+K_CATALOGUE = 0x05
+K_TRACK0 = 0x06
+K_BOOT = 0x17
+K_RESERVED = 0x18
+K_END_IMAGE = 0x23
+END_RECORD_SIZE = RECORD_HEADER + 24
+
+FIRST_SCAN_LIMIT = 16 << 20
+_SCAN_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int
+    kind: int
+    flags: int
+    aux: int
+    length: int
+
+    @property
+    def body_offset(self) -> int:
+        return self.offset + RECORD_HEADER
+
+    @property
+    def end(self) -> int:
+        return self.offset + RECORD_HEADER + self.length
+
+
+def parse_record_header(buf: bytes, offset: int) -> Record | None:
+    if len(buf) < RECORD_HEADER:
+        return None
+    kind, flags, aux, magic, length = struct.unpack_from("<BBHIH", buf, 0)
+    if magic != RECORD_MAGIC:
+        return None
+    return Record(offset, kind, flags, aux, length)
+
+
+@dataclass
+class Section:
+    index: int
+    header_offset: int
+    subtype: int
+    body_start: int
+    end: int = 0
+    #: sector chains: (payload offset, payload length) of the first and the last block, block count
+    first_block: tuple[int, int] | None = None
+    last_block: tuple[int, int] | None = None
+    blocks: int = 0
+    raw: bool = False  # uncompressed sector data without [u16] framing (§8.4)
+    records: int = 0
+
+    @property
+    def kind(self) -> str:
+        return SUBTYPE_NAMES.get(self.subtype, f"unknown-0x{self.subtype:02x}")
+
+
+@dataclass
+class Layout:
+    first_structure: int
+    sections: list[Section] = field(default_factory=list)
+    track0: list[Record] = field(default_factory=list)
+    trailer_start: int | None = None
+    end_record: int | None = None
+    catalogues: list[Record] = field(default_factory=list)
+
+    @property
+    def descriptor_size(self) -> int:
+        return self.first_structure - HEADER_SIZE
+
+
+class Walker:
+    """Walks one image's structures; every read goes through the stream (bounded sizes)."""
+
+    def __init__(self, stream: SpanStream, header: FileHeader) -> None:
+        self.stream = stream
+        self.header = header
+        self.name = stream.name
+
+    # -- primitives -------------------------------------------------------------------------
+    def part_header_at(self, pos: int) -> int | None:
+        buf = self.stream.read_upto(pos, 8)
+        if is_partition_header(buf, 0, self.header.compression, self.header.image_id):
+            return buf[2]
+        return None
+
+    def record_at(self, pos: int) -> Record | None:
+        return parse_record_header(self.stream.read_upto(pos, RECORD_HEADER), pos)
+
+    def find_end_record(self) -> tuple[int, int] | None:
+        """(trailer start, end-record offset) from the end record (§6.6), or None."""
+        e = self.stream.size - END_RECORD_SIZE
+        if e < HEADER_SIZE:
+            return None
+        buf = self.stream.read_upto(e, END_RECORD_SIZE)
+        rec = parse_record_header(buf, e)
+        if rec is None or rec.kind != K_END_IMAGE or rec.length != 24:
+            return None
+        _zero, a, _b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
+        if a > e - HEADER_SIZE:
+            return None
+        return e - a, e
+
+    def find_first_structure(self) -> int:
+        """Offset of the first partition header or track-0 record after the descriptor (§3, §5.2)."""
+        pos = HEADER_SIZE
+        limit = min(self.stream.size, FIRST_SCAN_LIMIT)
+        hdr = self.header
+        while pos < limit:
+            chunk = self.stream.read_upto(pos, _SCAN_CHUNK + 16)
+            if len(chunk) < 8:
+                break
+            best = None
+            j = chunk.find(b"\xfe\xef")
+            while j != -1 and j < _SCAN_CHUNK:
+                if is_partition_header(chunk, j, hdr.compression, hdr.image_id):
+                    best = j
+                    break
+                j = chunk.find(b"\xfe\xef", j + 1)
+            j = chunk.find(RECORD_MAGIC_BYTES)
+            while j != -1 and j - 4 < _SCAN_CHUNK and (best is None or j - 4 < best):
+                if j >= 4 and chunk[j - 4] == K_TRACK0:
+                    best = j - 4
+                    break
+                j = chunk.find(RECORD_MAGIC_BYTES, j + 1)
+            if best is not None:
+                return pos + best
+            pos += _SCAN_CHUNK
+        if self.stream.size < FIRST_SCAN_LIMIT and self.stream.size < 4096:
+            raise self.stream.truncated(self.stream.size, "a partition header")
+        raise GhoError(f"{self.name}: no partition header found in the first "
+                       f"{min(self.stream.size, FIRST_SCAN_LIMIT)} bytes; image truncated or not a Ghost image")
+
+    # -- record walk (FAT sections) ----------------------------------------------------------
+    def iter_records(self, pos: int, limit: int, what: str = "record") -> Iterator[Record]:
+        """Records from ``pos`` until a partition header, ``limit`` or a non-record (``self.stop``)."""
+        self.stop = pos
+        while pos < limit:
+            if self.part_header_at(pos) is not None:
+                break
+            buf = self.stream.read_upto(pos, RECORD_HEADER)
+            if len(buf) < RECORD_HEADER:
+                raise self.stream.truncated(pos + len(buf), f"a {what} header")
+            rec = parse_record_header(buf, pos)
+            if rec is None:
+                break
+            if rec.end > self.stream.size:
+                raise self.stream.truncated(self.stream.size, f"the body of the record at offset {pos}")
+            yield rec
+            pos = rec.end
+            self.stop = pos
+        self.stop = pos
+
+    # -- block chains (sector sections, §8.3) ---------------------------------------------
+    def iter_blocks(self, pos: int, limit: int) -> Iterator[tuple[int, int]]:
+        """(payload offset, payload length) of each ``[u16 stored_len][payload]`` block."""
+        self.stop = pos
+        while pos < limit:
+            buf = self.stream.read_upto(pos, 8)
+            if len(buf) >= 8 and buf[4:8] == RECORD_MAGIC_BYTES:
+                break
+            if len(buf) < 2:
+                raise self.stream.truncated(pos + len(buf), "a block length")
+            stored = buf[0] | (buf[1] << 8)
+            if stored < 3:
+                raise GhoError(f"{self.name}: corrupt block chain at offset {pos}: "
+                               f"block length {stored}, expected at least 3")
+            if pos + stored > self.stream.size:
+                raise self.stream.truncated(self.stream.size, f"the block at offset {pos}")
+            yield pos + 2, stored - 2
+            pos += stored
+            self.stop = pos
+        self.stop = pos
+
+    # -- the whole layout ------------------------------------------------------------------
+    def scan(self) -> Layout:
+        found = self.find_end_record()
+        limit = found[0] if found else self.stream.size
+        layout = Layout(first_structure=self.find_first_structure())
+        if found:
+            layout.trailer_start, layout.end_record = found
+        pos = layout.first_structure
+        # track 0 (disk sector images): kind 0x06 records, closed by a kind 0x03 record
+        while pos < limit and self.part_header_at(pos) is None:
+            rec = self.record_at(pos)
+            if rec is None:
+                break
+            if rec.kind == K_TRACK0:
+                lenbuf = self.stream.read(rec.body_offset, 2, "a track-0 block")
+                stored = lenbuf[0] | (lenbuf[1] << 8)
+                if stored < 3:
+                    raise GhoError(f"{self.name}: corrupt track-0 record at offset {pos}: block length {stored}")
+                layout.track0.append(Record(pos, rec.kind, rec.flags, rec.aux, stored))
+                pos = rec.body_offset + stored
+            elif rec.kind == K_END_RUN:
+                pos = rec.end
+            else:
+                break
+        while pos < limit:
+            subtype = self.part_header_at(pos)
+            if subtype is None:
+                break
+            sec = Section(len(layout.sections), pos, subtype, pos + HEADER_SIZE)
+            layout.sections.append(sec)
+            pos = sec.body_start
+            if subtype == SUBTYPE_FAT:
+                for _rec in self.iter_records(pos, limit):
+                    sec.records += 1
+                pos = self.stop
+            elif subtype == SUBTYPE_SECTOR:
+                pos = self._scan_chain(sec, pos, limit)
+            elif subtype in (SUBTYPE_NTFS, SUBTYPE_EXT):
+                sec.end = limit
+                return layout  # cannot be walked; extract() refuses it with a clear message
+            else:
+                raise GhoError(f"{self.name}: unsupported partition subtype 0x{subtype:02x} "
+                               f"in the partition header at offset {sec.header_offset}")
+            sec.end = pos
+        if not layout.sections:
+            raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
+        if found and pos != limit:
+            raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
+                           f"header or the trailer at offset {limit}")
+        if found:
+            for rec in self.iter_records(limit + layout.descriptor_size, found[1], "catalogue"):
+                if rec.kind == K_CATALOGUE:
+                    layout.catalogues.append(rec)
+        return layout
+
+    def _scan_chain(self, sec: Section, pos: int, limit: int) -> int:
+        if self.header.compression == 0 and self._looks_raw(pos, limit):
+            sec.raw = True
+            return self._scan_raw(sec, pos, limit)
+        for off, ln in self.iter_blocks(pos, limit):
+            if sec.first_block is None:
+                sec.first_block = (off, ln)
+            sec.last_block = (off, ln)
+            sec.blocks += 1
+        pos = self.stop
+        rec = self.record_at(pos) if pos < limit else None
+        if rec is not None and rec.kind == K_END_RUN:
+            pos = rec.end
+        return pos
+
+    def _looks_raw(self, pos: int, limit: int) -> bool:
+        """§8.4 probe: framed if the u16 at the data start is 32770 and another prefix follows."""
+        buf = self.stream.read_upto(pos, 2)
+        if len(buf) == 2 and buf[0] | (buf[1] << 8) == 32770:
+            nxt = self.stream.read_upto(pos + 32770, 8)
+            if len(nxt) >= 8 and nxt[4:8] == RECORD_MAGIC_BYTES:
+                return False
+            if len(nxt) >= 2 and 3 <= nxt[0] | (nxt[1] << 8) <= 32770:
+                return False
+            if pos + 32770 >= limit:
+                return False
+        if len(buf) == 2 and pos + 2 + (buf[0] | (buf[1] << 8)) - 2 <= limit:
+            stored = buf[0] | (buf[1] << 8)
+            rec = self.record_at(pos + stored)
+            if 3 <= stored < 32770 and (rec is not None or pos + stored == limit):
+                return False  # a single short framed block
+        return True
+
+    def _scan_raw(self, sec: Section, pos: int, limit: int) -> int:
+        """Raw uncompressed sector data: runs to the closing kind 0x03 record or the trailer."""
+        # the data length is not stored: look for the end-of-run record before the limit
+        from pipeline.gho.sector import raw_section_length  # local: avoid an import cycle
+
+        length = raw_section_length(self, pos, limit)
+        sec.first_block = (pos, min(length, 32768))
+        sec.last_block = (pos, length)
+        sec.blocks = 1
+        pos += length
+        rec = self.record_at(pos) if pos < limit else None
+        if rec is not None and rec.kind == K_END_RUN:
+            pos = rec.end
+        return pos

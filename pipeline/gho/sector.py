@@ -1,0 +1,142 @@
+"""Sector sections (FORMAT.md §8): track 0, block chains, raw uncompressed data."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from pipeline.gho.codecs import HARD_LIMIT, BlockDecoder, CodecError
+from pipeline.gho.crypto import decrypt
+from pipeline.gho.errors import GhoError
+from pipeline.gho.fat import parse_geometry
+from pipeline.gho.records import K_END_RUN, Layout, Section, Walker
+from pipeline.gho.sparse import SparseWriter
+
+UNIT = 32768
+
+
+def detect_fs(boot: bytes) -> tuple[str | None, int | None, str | None]:
+    """(file system, size in bytes, label) from a volume's first sector, as far as recognisable."""
+    if len(boot) < 512 or boot[510:512] != b"\x55\xaa":
+        return None, None, None
+    if boot[3:11] == b"NTFS    ":
+        bps = struct.unpack_from("<H", boot, 11)[0]
+        total = struct.unpack_from("<Q", boot, 0x28)[0]
+        return "NTFS", (total + 1) * bps, None
+    try:
+        g = parse_geometry(boot, "")
+    except GhoError:
+        return None, None, None
+    off = 71 if g.fat_type == 32 else 43
+    label = boot[off:off + 11].decode("cp437", "replace").rstrip()
+    return g.fs_name, g.size, label
+
+
+def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
+    """Length of unframed uncompressed sector data starting at ``pos`` (§8.4)."""
+    boot = walker.stream.read_upto(pos, 512)
+    _fs, size, _label = detect_fs(boot)
+    cands = []
+    if size:
+        cands += [size, size - 512]
+    cands += [limit - pos - 30, limit - pos]
+    for n in cands:
+        if n <= 0 or pos + n > limit:
+            continue
+        if pos + n == limit or walker.part_header_at(pos + n) is not None:
+            return n
+        rec = walker.record_at(pos + n)
+        if rec is not None and rec.kind == K_END_RUN:
+            return n
+    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data starting at offset {pos}")
+
+
+class SectorSection:
+    """A sector-mode partition: its decoded bytes are the volume, block by block."""
+
+    def __init__(self, walker: Walker, section: Section, decoder: BlockDecoder, seed: int | None) -> None:
+        self.walker = walker
+        self.section = section
+        self.decoder = decoder
+        self.seed = seed
+        self.name = walker.name
+
+    def _decode(self, off: int, ln: int) -> bytes:
+        payload = self.walker.stream.read(off, ln, f"the block at offset {off - 2}")
+        if self.seed is not None and self.decoder.compression == 0:
+            payload = decrypt(payload, self.seed)
+        try:
+            return self.decoder.decode(payload, HARD_LIMIT)
+        except CodecError as e:
+            raise GhoError(f"{self.name}: {e} at offset {off - 2}") from None
+
+    def _raw_chunk(self, start: int, rel: int, n: int) -> bytes:
+        data = self.walker.stream.read(start + rel, n, "uncompressed sector data")
+        if self.seed is not None:
+            data = decrypt(data, self.seed)
+        return data
+
+    def boot_sector(self) -> bytes:
+        sec = self.section
+        if sec.first_block is None:
+            return b""
+        if sec.raw:
+            return self._raw_chunk(sec.first_block[0], 0, min(512, sec.last_block[1] if sec.last_block else 0))
+        return self._decode(*sec.first_block)[:512]
+
+    def size(self) -> int:
+        sec = self.section
+        if sec.first_block is None or sec.last_block is None:
+            return 0
+        if sec.raw:
+            return sec.last_block[1]
+        first = len(self._decode(*sec.first_block))
+        last = len(self._decode(*sec.last_block)) if sec.blocks > 1 else first
+        if first % 512 or first > HARD_LIMIT:
+            raise GhoError(f"{self.name}: first block of the partition at offset {sec.header_offset} decodes to "
+                           f"{first} bytes, expected a multiple of 512")
+        return (sec.blocks - 1) * first + last
+
+    def write(self, out: SparseWriter, base: int, progress: Callable[[int], None] | None = None) -> int:
+        sec = self.section
+        if sec.raw and sec.last_block is not None:
+            start, total = sec.last_block
+            rel = 0
+            while rel < total:
+                n = min(UNIT, total - rel)
+                out.write_at(base + rel, self._raw_chunk(start, rel, n))
+                rel += n
+                if progress:
+                    progress(start + rel)
+            return total
+        pos = 0
+        bsize = None
+        for off, ln in self.walker.iter_blocks(sec.body_start, sec.end):
+            data = self._decode(off, ln)
+            if bsize is not None and pos % bsize:
+                raise GhoError(f"{self.name}: short block before the end of the chain at offset {off - 2}")
+            if bsize is None:
+                bsize = len(data)
+            out.write_at(base + pos, data)
+            pos += len(data)
+            if progress:
+                progress(off + ln)
+        return pos
+
+
+def decode_track0(walker: Walker, layout: Layout, decoder: BlockDecoder, seed: int | None) -> bytes:
+    """The sectors before the first partition (MBR first), decoded from the kind 0x06 records (§8.2)."""
+    parts = []
+    for rec in layout.track0:
+        off, ln = rec.body_offset + 2, rec.length - 2
+        payload = walker.stream.read(off, ln, f"the track-0 record at offset {rec.offset}")
+        if seed is not None and decoder.compression == 0:
+            payload = decrypt(payload, seed)
+        try:
+            parts.append(decoder.decode(payload, HARD_LIMIT))
+        except CodecError as e:
+            raise GhoError(f"{walker.name}: {e} in the track-0 record at offset {rec.offset}") from None
+    data = b"".join(parts)
+    if data and data[510:512] != b"\x55\xaa":
+        raise GhoError(f"{walker.name}: track-0 data does not start with an MBR (no 55 AA signature)")
+    return data
