@@ -302,7 +302,81 @@ def ppm_to_png(data: bytes) -> tuple[bytes, int, int]:
     return png, width, height
 
 
-def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) -> dict[str, Any]:
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG")
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        tag = data[pos + 4:pos + 8]
+        yield tag, data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if tag == b"IEND":
+            return
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    for tag, body in _png_chunks(data):
+        if tag == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+            return width, height
+    raise ValueError("PNG without IHDR")
+
+
+def png_to_ppm(data: bytes) -> tuple[bytes, int, int]:
+    """Decode an 8-bit, non-interlaced gray/RGB/RGBA PNG (what QEMU and libvirt produce) to a P6 PPM."""
+    ihdr = b""
+    idat = []
+    for tag, body in _png_chunks(data):
+        if tag == b"IHDR":
+            ihdr = body
+        elif tag == b"IDAT":
+            idat.append(body)
+    width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
+    if depth != 8 or channels is None or interlace:
+        raise ValueError(f"unsupported PNG (depth {depth}, colour type {ctype}, interlace {interlace})")
+    raw = zlib.decompress(b"".join(idat))
+    bpp, stride = channels, width * channels
+    prev = bytearray(stride)
+    out = bytearray()
+    pos = 0
+    for _ in range(height):
+        ftype = raw[pos]
+        line = bytearray(raw[pos + 1:pos + 1 + stride])
+        pos += 1 + stride
+        if ftype == 1:
+            for i in range(bpp, stride):
+                line[i] = (line[i] + line[i - bpp]) & 0xFF
+        elif ftype == 2:
+            line = bytearray((a + b) & 0xFF for a, b in zip(line, prev, strict=True))
+        elif ftype == 3:
+            for i in range(stride):
+                left = line[i - bpp] if i >= bpp else 0
+                line[i] = (line[i] + ((left + prev[i]) >> 1)) & 0xFF
+        elif ftype == 4:
+            for i in range(stride):
+                a = line[i - bpp] if i >= bpp else 0
+                b = prev[i]
+                c = prev[i - bpp] if i >= bpp else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                line[i] = (line[i] + pred) & 0xFF
+        elif ftype != 0:
+            raise ValueError(f"bad PNG filter {ftype}")
+        prev = line
+        if channels == 3:
+            out += line
+        else:
+            for x in range(width):
+                px = line[x * channels:(x + 1) * channels]
+                out += bytes(px[:3]) if channels == 4 else bytes([px[0]] * 3)
+    return b"P6\n%d %d\n255\n" % (width, height) + bytes(out), width, height
+
+
+def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path,
+                image_id: str | None) -> dict[str, Any]:
     stream = conn.newStream(0)
     chunks: list[bytes] = []
     try:
@@ -320,14 +394,16 @@ def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) ->
         raise
     data = b"".join(chunks)
     want_png = path.suffix.lower() == ".png"
-    width = height = None
-    if "png" in mime:
-        if not want_png:
-            raise InputError(f"screenshot came as {mime}; ask for a .png path instead of {path.name}")
-        out = data
-    else:  # QEMU: image/x-portable-pixmap
-        width, height, _, _ = _read_ppm(data)
-        out = ppm_to_png(data)[0] if want_png else data
+    try:
+        if data.startswith(b"\x89PNG"):  # newer QEMU: PNG
+            width, height = png_size(data)
+            out = data if want_png else png_to_ppm(data)[0]
+        else:  # older QEMU: image/x-portable-pixmap
+            width, height, _, _ = _read_ppm(data)
+            out = ppm_to_png(data)[0] if want_png else data
+    except (ValueError, IndexError, struct.error, zlib.error) as e:
+        raise BootCheckError(f"screenshot of {dom.name()} ({mime}, {len(data)} bytes) is unreadable: {e}",
+                             image_id=image_id, step="boot-check") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -338,8 +414,8 @@ def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) ->
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return {"screenshot": str(path), "mime": "image/png" if want_png else mime, "width": width,
-            "height": height, "bytes": len(out)}
+    return {"screenshot": str(path), "mime": "image/png" if want_png else "image/x-portable-pixmap",
+            "source_mime": mime, "width": width, "height": height, "bytes": len(out)}
 
 
 def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.PathLike[str],
@@ -387,7 +463,7 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
                 time.sleep(min(poll, remaining))
             result: dict[str, Any] = {"name": name, "uri": uri, "uuid": dom.UUIDString(),
                                       "seconds": seconds, "state": desc}
-            result.update(_screenshot(conn, dom, shot))
+            result.update(_screenshot(conn, dom, shot, image_id))
             result["kept_running"] = keep_running
             ok = True
             return result
