@@ -164,9 +164,9 @@ def decode_file_bytes(raw: bytes) -> str:
 
 # ----------------------------------------------------------------------------- parsing
 
-_HEX_TYPE = re.compile(r"hex\(([0-9A-Fa-f]{1,8})\):", re.ASCII)
+_HEX_TYPE = re.compile(r"hex\(([0-9A-Fa-f]{1,8})\):", re.ASCII | re.IGNORECASE)
 _HEXBYTE = re.compile(r"[0-9A-Fa-f]{1,2}", re.ASCII)
-_DWORD = re.compile(r"dword:([0-9A-Fa-f]{1,8})", re.ASCII)
+_DWORD = re.compile(r"dword:([0-9A-Fa-f]{1,8})", re.ASCII | re.IGNORECASE)
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
@@ -251,11 +251,10 @@ def _parse_hex_bytes(body: str, file: str, lineno: int) -> bytes:
     if not body:
         return b""
     out = bytearray()
-    for tok in body.split(","):
-        tok = tok.strip()
-        if not tok and tok is not body:
-            # a trailing comma (e.g. a continuation artefact) is tolerated
-            continue
+    tokens = [t.strip() for t in body.split(",")]
+    if len(tokens) > 1 and not tokens[-1]:
+        tokens.pop()  # a trailing comma (e.g. a continuation artefact) is tolerated
+    for tok in tokens:
         if not _HEXBYTE.fullmatch(tok):
             raise RegSyntaxError(file, lineno, f"bad hex byte {tok!r}: expected two hex digits")
         out.append(int(tok, 16))
@@ -400,12 +399,14 @@ def _value_line(op: Op) -> str:
 def to_reg_text(ops: Iterable[Op]) -> str:
     """Regedit 5 text (LF line ends, UTF-8-safe) for ``ops``, in order.
 
-    Consecutive ops on the same key share one ``[KEY]`` section. Values are always written as
+    Consecutive ops on the same key share one ``[KEY]`` section unless a value name repeats
+    (hivexregedit applies deletions before sets within a section). Values are always written as
     ``hex(N):`` bytes (``dword:`` for 4-byte DWORDs), so the result is byte-exact with
     ``hivexregedit --merge`` whatever its ``--encoding``. No line ends in a backslash.
     """
     out = [HEADER_V5, ""]
     current: str | None = None
+    names: set[str] = set()  # value names already in the current section
     for op in ops:
         if "\n" in op.key or "\r" in op.key or "]" in op.key:
             raise RegSyntaxError(op.file, op.line, f"key name cannot be written: {op.key!r}")
@@ -416,12 +417,18 @@ def to_reg_text(ops: Iterable[Op]) -> str:
             out.append("")
             current = None
             continue
-        if current is None or current.lower() != op.key.lower():
+        # hivexregedit applies a section's deletions before its sets and does not de-duplicate,
+        # so a value named twice needs a new section to keep file order.
+        repeated = op.name is not None and op.name.lower() in names
+        if current is None or current.lower() != op.key.lower() or repeated:
             if current is not None:
                 out.append("")
             out.append(f"[{op.key}]")
             current = op.key
+            names = set()
         if not op.is_key:
+            assert op.name is not None
+            names.add(op.name.lower())
             if op.name is not None and ("\n" in op.name or "\r" in op.name):
                 raise RegSyntaxError(op.file, op.line, f"value name cannot be written: {op.name!r}")
             out.append(_value_line(op))
