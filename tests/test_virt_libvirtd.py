@@ -81,13 +81,23 @@ def test_define_lifecycle(uri: str, host: HostCaps, spec: DomainSpec) -> None:
     assert virt.undefine(uri, spec.name) is False
 
 
-def test_validation_error_from_libvirt(uri: str, host: HostCaps, spec: DomainSpec) -> None:
-    xml = render(build_domain(spec, host)).replace('type="rtl8139"', 'type="no-such-nic"')
-    # schema-valid, semantically wrong: libvirt/QEMU's own message must come through, one line
-    xml = xml.replace("<vcpu placement=\"static\">1</vcpu>", "<vcpu placement=\"static\">100000</vcpu>")
-    with pytest.raises(InputError) as exc:
-        virt.define(uri, xml, image_id=spec.image_id)
-    assert "\n" not in str(exc.value) and spec.name in str(exc.value)
+def test_validation_errors_from_libvirt(uri: str, host: HostCaps, spec: DomainSpec) -> None:
+    good = render(build_domain(spec, host))
+    for bad, expect in [
+        (good.replace('placement="static">1<', 'placement="static">300<'), "(?i)cpus"),  # driver check
+        (good.replace("<memballoon", "<bogus /><memballoon"), "validate"),  # schema
+    ]:
+        with pytest.raises(InputError, match=expect) as exc:
+            virt.define(uri, bad, image_id=spec.image_id)
+        assert "\n" not in str(exc.value) and spec.name in str(exc.value)
+        assert exc.value.image_id == spec.image_id and not exc.value.transient
+
+
+def test_boot_check_missing_disk(uri: str, host: HostCaps, spec: DomainSpec) -> None:
+    virt.define(uri, render(build_domain(dataclasses.replace(spec, disk_path="/nonexistent/disk.raw"), host)))
+    with pytest.raises(virt.BootCheckError, match="failed to start.*/nonexistent/disk.raw") as exc:
+        virt.boot_check(uri, spec.name, 1, Path("/nonexistent/shot.png"), image_id=spec.image_id)
+    assert not exc.value.transient
 
 
 def test_uefi_define(uri: str, host: HostCaps, spec: DomainSpec) -> None:

@@ -65,9 +65,10 @@ def translate(e: libvirt.libvirtError, *, uri: str, doing: str, step: str,
                           image_id=image_id, step=step)
     if code == libvirt.VIR_ERR_NO_CONNECT and "no connection driver" in low:
         return InputError(f"libvirt URI {uri} is not usable here: {msg}", image_id=image_id, step=step)
-    if (connecting or code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_NO_CONNECT)
-            or e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)) and \
-            any(h in low for h in _UNREACHABLE_HINTS):
+    # only connection-level errors (not e.g. "Cannot access storage file ...: No such file") count
+    transport = connecting or code == libvirt.VIR_ERR_NO_CONNECT or \
+        e.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+    if transport and any(h in low for h in _UNREACHABLE_HINTS):
         return TransientError(f"libvirt daemon at {uri} is unreachable while {doing}: {msg}",
                               image_id=image_id, step=step)
     if connecting:
