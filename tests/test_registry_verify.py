@@ -161,3 +161,16 @@ def test_repeated_value_in_one_section_keeps_file_order(system_hive):
     assert verify(system_hive, ops) == []
     vals = [(o.name, o.value) for o in export(system_hive, r"\ControlSet002\R") if not o.is_key]
     assert vals == [("v", 2)]
+
+
+def test_non_ascii_key_and_value_names(tmp_path):
+    h = write_empty_hive(tmp_path / "SOFTWARE", "SOFTWARE")
+    text = HDR + '[HKLM\\SOFTWARE\\\u00c9diteur\\\u4e2d\u6587]\n"n\u00e4me"=dword:00000001\n' \
+        '"\u00c9"="\u00e9t\u00e9"\n'
+    ops = plan(parse_text(text), 1)["SOFTWARE"]
+    apply_reg(h, to_reg_text(ops), HIVE_PREFIXES["SOFTWARE"])
+    assert verify(h, ops) == []
+    got = [(o.key, o.name, o.value) for o in export(h, "\\\u00c9diteur")]
+    assert got == [("\\\u00c9diteur", None, None), ("\\\u00c9diteur\\\u4e2d\u6587", None, None),
+                   ("\\\u00c9diteur\\\u4e2d\u6587", "n\u00e4me", 1),
+                   ("\\\u00c9diteur\\\u4e2d\u6587", "\u00c9", "\u00e9t\u00e9")]

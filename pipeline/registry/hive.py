@@ -26,6 +26,12 @@ from pipeline.tools.run import run
 
 HIVEXREGEDIT = "hivexregedit"
 
+#: Perl's STDOUT layer for ``--export``: without it, names whose characters all fit in Latin-1 are
+#: printed as Latin-1 bytes and others as UTF-8. ``--merge`` reads the file as UTF-8 bytes, which
+#: hivex stores correctly, so it runs with Perl's Unicode features off.
+EXPORT_ENV = {"PERL_UNICODE": "O"}
+MERGE_ENV = {"PERL_UNICODE": "0"}
+
 BLOCK = 4096
 HBIN_HEADER = 0x20
 _NONE = 0xFFFFFFFF
@@ -186,7 +192,7 @@ def apply_reg(hive_path: str | os.PathLike[str], reg_text: str, prefix: str, *,
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         run([HIVEXREGEDIT, "--merge", "--prefix", prefix, os.fspath(hive_path), name],
-            step=step, image_id=image_id)
+            step=step, image_id=image_id, env=MERGE_ENV)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
@@ -202,7 +208,7 @@ def export_text(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str
     if prefix:
         argv += ["--prefix", prefix]
     argv += [os.fspath(hive_path), _hive_key(key_path)]
-    return run(argv, step=step, image_id=image_id).stdout
+    return run(argv, step=step, image_id=image_id, env=EXPORT_ENV).stdout
 
 
 def export(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str | None = None,

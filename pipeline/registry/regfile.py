@@ -408,7 +408,7 @@ def to_reg_text(ops: Iterable[Op]) -> str:
     current: str | None = None
     names: set[str] = set()  # value names already in the current section
     for op in ops:
-        if "\n" in op.key or "\r" in op.key or "]" in op.key:
+        if "\n" in op.key or "\r" in op.key:
             raise RegSyntaxError(op.file, op.line, f"key name cannot be written: {op.key!r}")
         if op.is_key and op.delete:
             if current is not None:

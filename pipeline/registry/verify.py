@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.errors import ToolError
-from pipeline.registry.hive import HIVEXREGEDIT
+from pipeline.registry.hive import EXPORT_ENV, HIVEXREGEDIT
 from pipeline.registry.plan import hive_relative
 from pipeline.registry.regfile import Op, parse_text, type_name
 from pipeline.tools.run import run
@@ -62,7 +62,7 @@ def _export(hive_path: str, rel: str, depth: int, image_id: str | None, step: st
     """Values of ``rel`` (and children if depth 2), keyed by lower path then lower name;
     None if ``rel`` does not exist."""
     argv = [HIVEXREGEDIT, "--export", "--max-depth", str(depth), hive_path, rel]
-    res = run(argv, step=step, image_id=image_id, check=False)
+    res = run(argv, step=step, image_id=image_id, check=False, env=EXPORT_ENV)
     if res.returncode != 0:
         if "path not found" in res.stderr:
             return None
@@ -96,19 +96,22 @@ def verify(hive_path: str | os.PathLike[str], ops: Sequence[Op], *, image_id: st
     path = os.fspath(hive_path)
     want = _expected(ops)
     # Which keys to read: group siblings under their parent.
+    # (Paths are passed in their original case: hivex only folds ASCII case.)
     by_parent: dict[str, list[str]] = defaultdict(list)
-    for lk in want:
+    parent_path: dict[str, str] = {}
+    for lk, k in want.items():
         parent = lk.rsplit("\\", 1)[0] or "\\"
         by_parent[parent].append(lk)
+        parent_path.setdefault(parent, k.path.rsplit("\\", 1)[0] or "\\")
     actual: dict[str, dict[str, Op] | None] = {}
     for parent, children in sorted(by_parent.items()):
         if len(children) >= _GROUP_MIN and parent != "\\":
-            got = _export(path, parent, 2, image_id, step)
+            got = _export(path, parent_path[parent], 2, image_id, step)
             for lk in children:
                 actual[lk] = None if got is None else got.get(lk)
         else:
             for lk in children:
-                got = _export(path, lk, 1, image_id, step)
+                got = _export(path, want[lk].path, 1, image_id, step)
                 actual[lk] = None if got is None else got.get(lk, {})
     problems: list[str] = []
     for lk, k in want.items():
