@@ -62,6 +62,8 @@ def configure(*, json: bool | None = None, level: str | None = None, log_file: P
             lg = logging.getLogger(name)
             lg.handlers[:] = []
             lg.propagate = True
+            # luigi's own chatter only when asked for; our canonical lines carry the facts
+            lg.setLevel(level if level == "DEBUG" else "WARNING")
         _configured = True
     if log_file is not None:
         root = logging.getLogger()

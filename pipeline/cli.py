@@ -1,0 +1,124 @@
+"""Command line: ``gho2kvm`` and ``python -m pipeline`` (the same CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import __version__, log
+from pipeline.config import ConfigError, load_config
+from pipeline.errors import Gho2KvmError
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"{cfg.path}: OK, {len(cfg.images)} image(s)")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pipeline.runner import migrate
+
+    cfg = _load(args)
+    return migrate(cfg, image=args.image or None, workers=args.workers, scheduler=args.scheduler,
+                   scheduler_url=args.scheduler_url)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import luigi
+
+    from pipeline.tasks import Inspect
+
+    cfg = _load(args)
+    cfg.image(args.image)
+    task = Inspect(config_path=str(cfg.path.absolute()), image_id=args.image)
+    res = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True)
+    r = task.receipt()
+    if not task.complete() or r is None:
+        err = (json.loads(task.error_path.read_text()) if task.error_path.exists() else {}).get("error")
+        print(err or f"inspect failed ({res.status.name})", file=sys.stderr)
+        return 1
+    print(json.dumps(r["result"], indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import plan_text
+
+    cfg = _load(args)
+    print(plan_text(cfg, only=args.image or None))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    cfg = _load(args)
+    md, html = write_report(cfg)
+    print(md)
+    print(html)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gho2kvm", description="Ghost/VMDK Windows images → libvirt domains")
+    p.add_argument("--version", action="version", version=f"gho2kvm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser, image_required: bool = False) -> None:
+        sp.add_argument("--config", "-c", required=True, type=Path, help="YAML config file")
+        sp.add_argument("--image", "-i", required=image_required, default="", help="only this image id")
+
+    sp = sub.add_parser("validate", help="check a config file and exit")
+    with_config(sp)
+    sp.set_defaults(func=cmd_validate)
+    sp = sub.add_parser("migrate", help="run the pipeline (resumes where it stopped)")
+    with_config(sp)
+    sp.add_argument("--workers", "-w", type=int, default=1, help="images processed at once")
+    sp.add_argument("--scheduler", choices=("local", "central"), default=None,
+                    help="local scheduler or a central luigid (default from config settings)")
+    sp.add_argument("--scheduler-url", default=None, help="luigid URL, e.g. http://127.0.0.1:8082")
+    sp.set_defaults(func=cmd_migrate)
+    sp = sub.add_parser("inspect", help="inspect one image and print inspect.json")
+    with_config(sp, image_required=True)
+    sp.set_defaults(func=cmd_inspect)
+    sp = sub.add_parser("plan", help="print which steps would run and why; touches nothing")
+    with_config(sp)
+    sp.set_defaults(func=cmd_plan)
+    sp = sub.add_parser("report", help="write <workdir>/report.md and report.html")
+    with_config(sp)
+    sp.set_defaults(func=cmd_report)
+    try:
+        from pipeline.gho.cli import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.configure()
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except Gho2KvmError as e:
+        print(e.one_line(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
