@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import libvirt
 import pytest
-from fx_libvirtd import *  # noqa: F403  (fixtures; until conftest registers the plugin)
 
 from pipeline.domain import host_caps
 from pipeline.errors import InputError

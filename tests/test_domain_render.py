@@ -203,6 +203,14 @@ def test_disk_bus_not_offered_by_host() -> None:
         _xml(dataclasses.replace(BASE, disk_bus="sata"), host)
 
 
+def test_arch_and_firmware_aliases() -> None:
+    xml = _xml(dataclasses.replace(BASE, arch="i386"))
+    assert _dev(xml, "os/type").get("arch") == "i686"
+    xml = _xml(dataclasses.replace(BASE, arch="amd64", firmware="efi"))
+    assert _dev(xml, "os/type").get("arch") == "x86_64"
+    assert _dev(xml, "os/loader").text == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+
+
 def test_unknown_arch_on_host() -> None:
     host = dataclasses.replace(HOST, arches=HOST.arches[:1])
     with pytest.raises(InputError, match="no hvm guest for arch i686"):

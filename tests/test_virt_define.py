@@ -8,7 +8,6 @@ import zlib
 
 import libvirt
 import pytest
-from fx_libvirtd import *  # noqa: F403  (fixtures; until conftest registers the plugin)
 
 from pipeline.domain import DomainSpec, build_domain, render
 from pipeline.errors import InputError, TransientError

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from fx_libvirtd import *  # noqa: F403  (fixtures; until conftest registers the plugin)
 
 from pipeline.domain import DomainSpec, HostCaps, build_domain, render
 from pipeline.errors import InputError

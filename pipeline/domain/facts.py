@@ -10,6 +10,7 @@ for) and the UEFI firmware come from ``virConnectGetCapabilities`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import uuid as uuid_mod
@@ -285,8 +286,22 @@ def _check(spec: DomainSpec) -> None:
         raise InputError("domain spec: " + "; ".join(problems), image_id=spec.image_id, step="domain-xml")
 
 
+ARCH_ALIASES = {"i386": "i686", "i486": "i686", "i586": "i686", "x86": "i686", "amd64": "x86_64"}
+FIRMWARE_ALIASES = {"efi": "uefi", "legacy": "bios"}
+
+
+def normalise(spec: DomainSpec) -> DomainSpec:
+    """Accept the spellings inspection tools use (i386, amd64, efi) for arch and firmware."""
+    arch = ARCH_ALIASES.get(spec.arch, spec.arch)
+    firmware = FIRMWARE_ALIASES.get(spec.firmware, spec.firmware)
+    if (arch, firmware) == (spec.arch, spec.firmware):
+        return spec
+    return dataclasses.replace(spec, arch=arch, firmware=firmware)
+
+
 def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
     """The libvirt domain for a converted Windows disk, on this host."""
+    spec = normalise(spec)
     _check(spec)
     arch = host.arch(spec.arch)
     iface_type, iface_source = parse_network(spec.network, image_id=spec.image_id)
