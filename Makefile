@@ -1,0 +1,70 @@
+# gho2kvm — the two set-up commands on a fresh Debian 12 machine:
+#   make migrate    demo migration (configs/demo.yaml) through every step
+#   make test       the whole test suite on the real tools
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+IMAGE ?=
+WORKERS ?= 1
+SCHEDULER ?= local
+LUIGID_PORT ?= 8082
+LUIGID_DIR := var/luigid
+DEMO_DISK := var/demo/xp-demo.vmdk
+PYTEST_ARGS ?=
+
+.PHONY: setup system venv migrate demo-disk test lint bench luigid luigid-stop clean plan report
+
+setup: system venv
+
+system:
+	@sh scripts/setup-system.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo-disk: setup
+	$(BIN)/python -m pipeline.fakedisk --force-tcg $(DEMO_DISK)
+
+migrate: setup $(if $(filter configs/demo.yaml,$(CONFIG)),demo-disk)
+	$(BIN)/gho2kvm migrate --config $(CONFIG) $(if $(IMAGE),--image $(IMAGE)) --workers $(WORKERS) \
+	  --scheduler $(SCHEDULER) $(if $(filter central,$(SCHEDULER)),--scheduler-url http://127.0.0.1:$(LUIGID_PORT))
+
+plan: setup
+	$(BIN)/gho2kvm plan --config $(CONFIG) $(if $(IMAGE),--image $(IMAGE))
+
+report: setup
+	$(BIN)/gho2kvm report --config $(CONFIG)
+
+test: setup
+	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/mypy
+
+bench: setup
+	GHO2KVM_FORCE_TCG=1 $(BIN)/python bench/run.py
+
+luigid: setup
+	@mkdir -p $(LUIGID_DIR)
+	@if [ -f $(LUIGID_DIR)/luigid.pid ] && kill -0 $$(cat $(LUIGID_DIR)/luigid.pid) 2>/dev/null; then \
+	  echo "luigid already running (pid $$(cat $(LUIGID_DIR)/luigid.pid))"; exit 0; fi; \
+	nohup $(BIN)/luigid --address 127.0.0.1 --port $(LUIGID_PORT) \
+	  --state-path $(LUIGID_DIR)/state.pickle >$(LUIGID_DIR)/luigid.log 2>&1 & echo $$! > $(LUIGID_DIR)/luigid.pid; \
+	for i in $$(seq 50); do \
+	  $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(LUIGID_PORT)/api/graph', timeout=1)" \
+	    2>/dev/null && { echo "luigid on http://127.0.0.1:$(LUIGID_PORT) (pid $$(cat $(LUIGID_DIR)/luigid.pid))"; exit 0; }; \
+	  sleep 0.2; done; echo "luigid did not start; see $(LUIGID_DIR)/luigid.log" >&2; exit 1
+
+luigid-stop:
+	@if [ -f $(LUIGID_DIR)/luigid.pid ]; then kill $$(cat $(LUIGID_DIR)/luigid.pid) 2>/dev/null || true; \
+	  rm -f $(LUIGID_DIR)/luigid.pid; echo "luigid stopped"; else echo "luigid not running"; fi
+
+clean:
+	rm -rf var/work var/images var/bench var/luigid .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""Helpers for end-to-end tests: write a config, run the real CLI, read receipts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_config(tmp: Path, images: list[dict[str, Any]], defaults: dict[str, Any] | None = None,
+                settings: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
+    """Write a config under ``tmp`` whose workdir/output_dir are ``tmp/work`` and ``tmp/images``."""
+    d = {"workdir": str(tmp / "work"), "output_dir": str(tmp / "images")}
+    d.update(defaults or {})
+    doc: dict[str, Any] = {"defaults": d, "images": [{k: str(v) if isinstance(v, Path) else v
+                                                       for k, v in img.items()} for img in images]}
+    if settings:
+        doc["settings"] = settings
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pipeline ARGS`` as a user would; JSON logs (not a TTY)."""
+    full = dict(os.environ)
+    full["GHO2KVM_FORCE_TCG"] = "1"
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full, cwd=str(cwd or REPO))
+
+
+def receipt(tmp: Path, image_id: str, step: str) -> dict[str, Any]:
+    return json.loads((tmp / "work" / image_id / f"{step}.json").read_text())
+
+
+def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """The JSON log lines a run printed on stderr."""
+    out = []
+    for line in proc.stderr.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
