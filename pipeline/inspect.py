@@ -27,7 +27,11 @@ SAFE_VMDK_TYPES = {
 }
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 REQUIRED_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
-_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"', re.I)
+_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(?:\s+\d+)?\s*$', re.I)
+# qemu's own extent parser (sscanf) is looser than _EXTENT_RE (e.g. "RW +8 FLAT ..." or
+# 'RW 8 VMFSSPARSE"x"' are extents to qemu): every line that may be an extent must match strictly.
+_EXTENT_LIKE_RE = re.compile(r"^\s*(RW|RDONLY|NOACCESS)", re.I)
+_QEMU_MAX_EXTENT_NAME = 511  # qemu truncates longer names, which would open a different file
 
 
 def format_of(path: Path) -> str:
@@ -74,21 +78,32 @@ def vmdk_safety(path: Path, image_id: str | None) -> dict[str, Any]:
         raise InputError(f"{path}: VMDK has a parent (delta disk); merge it into a standalone disk first",
                          image_id=image_id, step=STEP)
     folder = path.parent.resolve()
+    # a sparse VMDK with an embedded descriptor is its own (only) extent: qemu ignores the file name
+    # written in the descriptor, which still names the file as it was called when created
+    embedded = _is_sparse_vmdk(path)
     extents = []
     for line in text.splitlines():
         em = _EXTENT_RE.match(line)
         if not em:
+            if _EXTENT_LIKE_RE.match(line):
+                raise InputError(f"{path}: VMDK extent line {line.strip()[:200]!r} not understood; refused",
+                                 image_id=image_id, step=STEP)
             continue
         access, sectors, kind, name = em.groups()
-        target = _inside(folder, name)
+        target = _inside(folder, name) if len(name.encode()) <= _QEMU_MAX_EXTENT_NAME else None
         if target is None:
-            raise InputError(f"{path}: VMDK extent {name!r} lies outside the image's folder {folder}; refused",
-                             image_id=image_id, step=STEP)
+            raise InputError(f"{path}: VMDK extent {name!r} lies outside the image's folder {folder}; "
+                             "refused", image_id=image_id, step=STEP)
         extents.append({"access": access, "sectors": int(sectors), "type": kind, "file": name,
-                        "path": str(target)})
+                        "path": str(path.resolve() if embedded else target)})
     if not extents:
         raise InputError(f"{path}: VMDK descriptor lists no extents", image_id=image_id, step=STEP)
     return {"create_type": create_type, "extents": extents}
+
+
+def _is_sparse_vmdk(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"KDMV"
 
 
 def _inside(folder: Path, name: str) -> Path | None:
@@ -136,7 +151,8 @@ def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None) 
     for ext in facts["extents"]:
         p = Path(ext["path"])
         if not p.is_file():
-            raise InputError(f"{source}: VMDK extent {ext['file']!r} is missing", image_id=image_id, step=STEP)
+            raise InputError(f"{source}: VMDK extent {ext['file']!r} is missing", image_id=image_id,
+                             step=STEP)
         if ext["type"].upper() in ("FLAT", "VMFS") and p.stat().st_size < ext["sectors"] * 512:
             raise InputError(f"{source}: VMDK extent {ext['file']!r} is truncated: {p.stat().st_size} bytes, "
                              f"descriptor says {ext['sectors'] * 512}", image_id=image_id, step=STEP)
