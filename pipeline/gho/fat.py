@@ -185,11 +185,11 @@ class Node:
         s = self.slot
         return {
             "path": self.path, "type": "dir" if self.is_dir else "file", "size": self.size,
-            "attributes": s[11], "mtime": fat_datetime(*struct.unpack_from("<HH", s, 24)),
+            "attributes": s[11], "mtime": fat_datetime(struct.unpack_from("<H", s, 24)[0], struct.unpack_from("<H", s, 22)[0]),
             "date": struct.unpack_from("<H", s, 24)[0], "time": struct.unpack_from("<H", s, 22)[0],
-            "original_cluster": self.orig_cluster, "first_cluster": self.first_cluster,
+            "entry_offset": self.entry_offset, "original_cluster": self.orig_cluster, "first_cluster": self.first_cluster,
             "checksum": None if self.checksum is None else f"{self.checksum:08X}",
-            "checksum_verified": self.checksum_verified,
+            "checksum_verified": self.checksum_verified, "data_records": self.records,
         }
 
 

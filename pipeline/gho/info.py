@@ -25,6 +25,8 @@ class PartitionInfo:
     directories: int | None = None
     file_bytes: int | None = None
     records: int | None = None
+    record_kinds: dict[str, int] | None = None
+    geometry: dict[str, int] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -42,23 +44,31 @@ class GhoInfo:
     description: str
     spans: list[str]
     descriptor_size: int
+    first_structure: int
+    trailer_offset: int | None
     track0_bytes: int
     mbr_partitions: list[dict[str, int]]
     partitions: list[PartitionInfo]
     warnings: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_info(path: str | Path, *, password: str | None = None) -> GhoInfo:
-    """Describe the image at ``path``. Without the password an encrypted image's FAT contents are not listed."""
+def read_info(path: str | Path, *, password: str | None = None, list_files: bool = False) -> GhoInfo:
+    """Describe the image at ``path`` (nothing is written).
+
+    Without ``password`` an encrypted image's FAT sections are listed without their contents.
+    ``list_files`` adds every file and directory of the file-aware sections.
+    """
     with Image(path) as img:
         if password is not None:
             img.unlock(password)
         layout = img.layout
         parts = []
         warnings: list[str] = []
+        files: list[dict[str, Any]] = []
         for v in img.volumes():
             sec = layout.sections[v.index]
             p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors, v.size,
@@ -69,6 +79,20 @@ def read_info(path: str | Path, *, password: str | None = None) -> GhoInfo:
                 fl = v.reader.files()
                 p.files, p.file_bytes = len(fl), sum(n.size for n in fl)
                 p.directories = sum(1 for n in v.reader.nodes if n.is_dir)
+                p.record_kinds = {f"0x{k:02x}": c for k, c in sorted(v.reader.kind_counts.items())}
+                g = v.reader.geometry
+                assert g is not None
+                p.geometry = {
+                    "bytes_per_sector": g.bytes_per_sector, "sectors_per_cluster": g.sectors_per_cluster,
+                    "reserved_sectors": g.reserved_sectors, "num_fats": g.num_fats, "fat_sectors": g.fat_sectors,
+                    "root_entries": g.root_entries, "root_cluster": g.root_cluster,
+                    "total_sectors": g.total_sectors, "clusters": g.clusters,
+                }
+                if list_files:
+                    for n in v.reader.nodes:
+                        d = n.to_dict()
+                        d["partition"] = v.index + 1
+                        files.append(d)
                 warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
             parts.append(p)
         track0 = img.track0() if layout.track0 else b""
@@ -82,6 +106,7 @@ def read_info(path: str | Path, *, password: str | None = None) -> GhoInfo:
             path=str(img.path), stream_size=img.stream.size, generation=generation(layout.descriptor_size),
             compression=h.compression_name, compression_code=h.compression, image_type=itype,
             image_type_code=h.image_type, password=h.password, image_id=h.image_id, description=h.description,
-            spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size, track0_bytes=len(track0),
-            mbr_partitions=mbr, partitions=parts, warnings=warnings,
+            spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size,
+            first_structure=layout.first_structure, trailer_offset=layout.trailer_start, track0_bytes=len(track0),
+            mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
         )

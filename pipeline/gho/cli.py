@@ -1,0 +1,124 @@
+"""``gho`` sub-command: ``gho info FILE [--json]`` and ``gho extract FILE OUT.raw [--password-env VAR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from pipeline.errors import Gho2KvmError
+from pipeline.gho.errors import GhoError
+from pipeline.gho.extract import extract
+from pipeline.gho.info import read_info
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``gho`` command to an argparse ``subparsers`` object; every leaf sets ``func``."""
+    p = subparsers.add_parser("gho", help="read Norton Ghost .GHO images natively",
+                              description="Read Norton Ghost .GHO images without Ghost.")
+    sub = p.add_subparsers(dest="gho_command", metavar="{info,extract}")
+    sub.required = True
+    pi = sub.add_parser("info", help="show what an image holds")
+    pi.add_argument("file", help="the .GHO file (continuation .GHS files are found next to it)")
+    pi.add_argument("--json", action="store_true", help="print JSON")
+    pi.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
+    pi.set_defaults(func=cmd_info)
+    px = sub.add_parser("extract", help="rebuild the whole disk as a sparse raw file")
+    px.add_argument("file", help="the .GHO file")
+    px.add_argument("out", help="output raw disk (written atomically)")
+    px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
+    px.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    px.set_defaults(func=cmd_extract)
+    return p
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    var = getattr(args, "password_env", None)
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise GhoError(f"{args.file}: environment variable {var} (--password-env) is not set")
+    return value
+
+
+def _fail(e: BaseException) -> int:
+    if isinstance(e, Gho2KvmError):
+        print(f"error: {e.one_line()}", file=sys.stderr)
+        return EXIT_INPUT if isinstance(e, GhoError) else EXIT_FAIL
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        info = read_info(args.file, password=_password(args))
+    except (Gho2KvmError, OSError) as e:
+        return _fail(e)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return EXIT_OK
+    print(f"{info.path}: Ghost {info.generation}-style image, compression {info.compression}, "
+          f"{info.image_type}, {'password-protected' if info.password else 'no password'}")
+    if info.spans:
+        print(f"  spans: {', '.join(info.spans)}")
+    for p in info.partitions:
+        extra = f", {p.files} files, {_size(p.file_bytes)}" if p.files is not None else ""
+        label = f" '{p.label}'" if p.label else ""
+        print(f"  partition {p.index}: {p.kind} {p.fs or '?'}{label}, size {_size(p.size)}, "
+              f"hidden sectors {p.hidden_sectors if p.hidden_sectors is not None else '?'}{extra}"
+              + (f" ({'; '.join(p.notes)})" if p.notes else ""))
+    for w in info.warnings:
+        print(f"  warning: {w}")
+    return EXIT_OK
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = done * 100 // total if total else 100
+        if pct != last[0] and not args.quiet:
+            last[0] = pct
+            print(f"\r{pct:3d}%", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = extract(args.file, args.out, password=_password(args), progress=progress)
+    except (Gho2KvmError, OSError) as e:
+        if last[0] >= 0 and not args.quiet:
+            print(file=sys.stderr)
+        return _fail(e)
+    if last[0] >= 0 and not args.quiet:
+        print(file=sys.stderr)
+    files = sum(p.files for p in result.partitions)
+    print(f"{result.output}: {_size(result.disk_size)} disk, {len(result.partitions)} partitions, "
+          f"{files} files, {_size(result.bytes_written)} written")
+    for w in result.warnings:
+        print(f"  warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m pipeline.gho.cli``)."""
+    parser = argparse.ArgumentParser(prog="gho2kvm-gho")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
