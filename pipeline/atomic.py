@@ -68,7 +68,7 @@ def read_json(path: Path) -> Any | None:
 
 def remove_stale_temps(folder: Path, stem: str | None = None) -> list[Path]:
     """Remove temp files left by killed runs (optionally only those for artifact ``stem``)."""
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():

@@ -440,6 +440,7 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
             continue
         if "backend" not in ghost_values and ghost_values.get("command"):
             ghost_values["backend"] = "exe"
+        assert isinstance(image_id, str)
         images.append(ImageConfig(id=image_id, source=src_path, ghost=GhostConfig(**ghost_values), **values))
 
     if col.errors:

@@ -99,8 +99,9 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
                 g("download", guest_paths[name], str(back))
                 mismatches = verify(back, hive_ops, image_id=image.id, step=STEP)
                 if mismatches:
-                    raise ToolError(f"{name} hive read back from the overlay differs: {'; '.join(mismatches[:5])}",
-                                    tool="hivex", argv=[], returncode=None, image_id=image.id, step=STEP)
+                    raise ToolError(f"{name} hive read back from the overlay differs: "
+                                    f"{'; '.join(mismatches[:5])}", tool="hivex", argv=[],
+                                    returncode=None, image_id=image.id, step=STEP)
                 hives_done[name] = {
                     "guest_path": guest_paths[name],
                     "keys": sum(1 for op in hive_ops if op.is_key),

@@ -121,9 +121,9 @@ class ImageTask(luigi.Task):
     def progress(self, percent: float | None = None, message: str | None = None) -> None:
         try:
             if percent is not None:
-                self.set_progress_percentage(round(percent, 1))
+                self.set_progress_percentage(round(percent, 1))  # type: ignore[misc]
             if message is not None:
-                self.set_status_message(message)
+                self.set_status_message(message)  # type: ignore[misc]
         except Exception:  # progress is best effort (no scheduler attached in unit tests)
             pass
 

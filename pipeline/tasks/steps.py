@@ -57,7 +57,7 @@ class GhostConvert(ImageTask):
             self.progress(0, "running Ghost")
             res = ghost_exe.convert(g, img.source, img.image_dir, image_id=img.id,
                                     progress=lambda p: self.progress(p))
-            result = res.to_dict()
+            result: dict[str, Any] = res.to_dict()
             disk = img.image_dir / "ghost.vmdk"
             outputs = {Path(o["path"]).name: o["path"] for o in result.get("outputs", [])}
             result.update({"disk": str(disk), "disk_format": "vmdk"})
@@ -76,8 +76,8 @@ class GhostConvert(ImageTask):
             if total:
                 self.progress(100.0 * done / total)
 
-        res = extract(img.source, disk, password=password, progress=on_progress)
-        result = res.to_dict()
+        native = extract(img.source, disk, password=password, progress=on_progress)
+        result = native.to_dict()
         result.update({"backend": "native", "disk": str(disk), "disk_format": "raw"})
         return {"result": result, "outputs": {"disk": str(disk)}, "bytes_read": src_size}
 
@@ -145,7 +145,8 @@ class RegistryMerge(ImageTask):
         fp = super().fingerprint()
         img = self.image
         fp["registry"] = [
-            {"builtin": r, "data": _builtin_data_hash()} if r in BUILTIN_REGISTRY else receipts.content_hash(r)
+            {"builtin": r, "data": _builtin_data_hash()} if r in BUILTIN_REGISTRY
+            else receipts.content_hash(r)
             for r in img.registry
         ]
         return fp
@@ -189,7 +190,8 @@ class Convert(ImageTask):
             disk, dfmt = inspect_task.disk()
             src, fmt = disk, dfmt or facts.get("result", {}).get("format", "raw")
         read = facts.get("result", {}).get("actual_size") or 0
-        result = convert_disk(self.image, src, fmt, progress=lambda p: self.progress(p, f"converting {p:.0f}%"))
+        result = convert_disk(self.image, src, fmt,
+                              progress=lambda p: self.progress(p, f"converting {p:.0f}%"))
         return {"result": result, "outputs": {"disk": result["output"]}, "bytes_read": read}
 
 
@@ -277,8 +279,9 @@ class Define(ImageTask):
             if shot.exists():
                 outputs["screenshot"] = str(shot)
         elif img.start:
-            result["started"] = virt.boot_check(img.libvirt_uri, img.domain_name, 1, img.image_dir / "boot.png",
-                                                keep_running=True, image_id=img.id)
+            result["started"] = virt.boot_check(img.libvirt_uri, img.domain_name, 1,
+                                                img.image_dir / "boot.png", keep_running=True,
+                                                image_id=img.id)
         return {"result": result, "outputs": outputs}
 
 

@@ -45,7 +45,8 @@ class Guestfish:
         self.timeout = timeout
         self.env = force_tcg_env(force_tcg)
         self.pid: int | None = None
-        self._errlog = tempfile.NamedTemporaryFile(prefix="gho2kvm-guestfish-", suffix=".log", delete=False)
+        self._errlog = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the session
+            prefix="gho2kvm-guestfish-", suffix=".log", delete=False)
         self.launch_seconds = 0.0
 
     def __enter__(self) -> Guestfish:

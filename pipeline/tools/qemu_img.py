@@ -58,7 +58,8 @@ def check(path: Path, fmt: str, *, image_id: str | None, step: str) -> dict[str,
                      f"{' | '.join(msg[-2:]) if msg else 'no details'}", image_id=image_id, step=step)
 
 
-def create_overlay(overlay: Path, backing: Path, backing_fmt: str, *, image_id: str | None, step: str) -> None:
+def create_overlay(overlay: Path, backing: Path, backing_fmt: str, *, image_id: str | None,
+                   step: str) -> None:
     run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", str(backing.absolute()),
          str(overlay)], step=step, image_id=image_id, timeout=120)
 
