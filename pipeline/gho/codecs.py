@@ -24,7 +24,16 @@ _MUL = 0xFFFF9E5F
 
 
 class CodecError(ValueError):
-    """A block does not decode; the caller adds file name and offset."""
+    """A block does not decode; the caller adds file name and offset (see :meth:`at`)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+    def at(self, name: str, offset: int, context: str = "") -> str:
+        ctx = f" ({context})" if context else ""
+        return f"{name}: {self.what} at offset {offset}{ctx}: {self.reason}"
 
 
 def fast_hash(x: int, y: int, z: int) -> int:
@@ -55,10 +64,10 @@ _SEGS: list[tuple[int, ...]] = [_segments(w) for w in range(1 << 16)]
 def fast_decode(payload: bytes, limit: int = HARD_LIMIT) -> bytes:
     """Decode one Fast-compressed block payload (4-byte prefix + token stream)."""
     if len(payload) < 4:
-        raise CodecError(f"Fast block of {len(payload)} bytes is shorter than its 4-byte prefix")
+        raise CodecError("corrupt Fast block", f"{len(payload)} bytes, shorter than its 4-byte prefix")
     if payload[0] == 1:
         if len(payload) - 4 > limit:
-            raise CodecError(f"stored Fast block of {len(payload) - 4} bytes exceeds {limit}")
+            raise CodecError("oversized block", f"stored block of {len(payload) - 4} bytes exceeds {limit}")
         return bytes(payload[4:])
     s = payload
     n = len(s)
@@ -106,7 +115,7 @@ def fast_decode(payload: bytes, limit: int = HARD_LIMIT) -> bytes:
             table[slot] = start
             run_start = start + ln
         if len(out) > limit:
-            raise CodecError(f"Fast block decodes to more than {limit} bytes")
+            raise CodecError("corrupt Fast block", f"decodes to more than {limit} bytes")
     return bytes(out)
 
 
@@ -122,11 +131,11 @@ class BlockDecoder:
         comp = self.compression
         if comp == COMP_NONE:
             if len(payload) > limit:
-                raise CodecError(f"uncompressed block of {len(payload)} bytes exceeds {limit}")
+                raise CodecError("oversized block", f"{len(payload)} bytes exceed {limit}")
             return payload
         if payload[:4] == STORED_ESCAPE:
             if len(payload) - 4 > limit:
-                raise CodecError(f"stored block of {len(payload) - 4} bytes exceeds {limit}")
+                raise CodecError("oversized block", f"stored block of {len(payload) - 4} bytes exceeds {limit}")
             return payload[4:]
         if comp == COMP_FAST:
             if len(payload) <= 4096:
@@ -148,11 +157,11 @@ def zlib_decode(payload: bytes, limit: int = HARD_LIMIT) -> bytes:
     try:
         out = d.decompress(payload, limit + 1)
     except zlib.error as e:
-        raise CodecError(f"corrupt zlib block ({e})") from None
+        raise CodecError("corrupt zlib block", str(e)) from None
     if len(out) > limit:
-        raise CodecError(f"zlib block decodes to more than {limit} bytes")
+        raise CodecError("corrupt zlib block", f"decodes to more than {limit} bytes")
     if not d.eof:
-        raise CodecError("corrupt zlib block (stream ends before its final block)")
+        raise CodecError("corrupt zlib block", "stream ends before its final block")
     if d.unused_data:
-        raise CodecError(f"corrupt zlib block ({len(d.unused_data)} bytes after the end of the stream)")
+        raise CodecError("corrupt zlib block", f"{len(d.unused_data)} bytes after the end of the stream")
     return out

@@ -57,15 +57,30 @@ def seed_from_password(password: str) -> int:
     return (crc ^ (crc >> 16)) & 0xFFFF
 
 
+_KEY_HI = bytes(t >> 8 for t in KEY_TABLE)
+_KEY_LO = bytes(t & 0xFF for t in KEY_TABLE)
+
+
 def decrypt(data: bytes | bytearray | memoryview, seed: int) -> bytes:
-    """Decrypt one cipher unit; the state starts at ``seed`` and is fed with the ciphertext (§9.2)."""
-    k = KEY_TABLE
-    out = bytearray(len(data))
-    st = seed
-    for idx, c in enumerate(data):
-        out[idx] = c ^ (st & 0xFF)
-        st = ((st & 0xFF) << 8) ^ k[(st >> 8) ^ c]
-    return bytes(out)
+    """Decrypt one cipher unit; the state starts at ``seed`` and is fed with the ciphertext (§9.2).
+
+    state' = ((state & 0xFF) << 8) ^ K[(state >> 8) ^ c], split into its high and low bytes; the
+    keystream (the low bytes) is collected and XOR-ed with the data in one big-integer operation.
+    """
+    n = len(data)
+    if n == 0:
+        return b""
+    kh, kl = _KEY_HI, _KEY_LO
+    ks = bytearray(n)
+    hi, lo = seed >> 8, seed & 0xFF
+    i = 0
+    for c in bytes(data):
+        ks[i] = lo
+        x = hi ^ c
+        hi = lo ^ kh[x]
+        lo = kl[x]
+        i += 1
+    return (int.from_bytes(data, "little") ^ int.from_bytes(ks, "little")).to_bytes(n, "little")
 
 
 def verifier_ok(header: bytes, seed: int) -> bool:

@@ -519,8 +519,7 @@ class FatSection:
                 try:
                     data = self.decoder.decode(body, BLOCK_SIZE)
                 except CodecError as e:
-                    raise GhoError(f"{self.walker.name}: {e} in the data record at offset {rec.offset} "
-                                   f"({cur.path})") from None
+                    raise GhoError(e.at(self.walker.name, rec.offset, f"data record of {cur.path}")) from None
                 if cur.decoded + len(data) > cur.size:
                     raise GhoError(f"{self.where}: {cur.path} decodes to more than its {cur.size} bytes "
                                    f"(data record at offset {rec.offset})")

@@ -86,6 +86,7 @@ class Image:
             raise GhoError(f"{self.name}: wrong password (the header verifier does not decrypt to "
                            "'BinaryResearch')")
         self.seed = seed
+        self.walker.seed = seed
 
     @property
     def layout(self) -> Layout:

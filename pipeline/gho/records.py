@@ -103,6 +103,8 @@ class Walker:
         self.stream = stream
         self.header = header
         self.name = stream.name
+        #: cipher seed once the password is known (needed to read unframed encrypted sector data)
+        self.seed: int | None = None
 
     # -- primitives -------------------------------------------------------------------------
     def part_header_at(self, pos: int) -> int | None:
@@ -153,8 +155,8 @@ class Walker:
             if best is not None:
                 return pos + best
             pos += _SCAN_CHUNK
-        if self.stream.size < FIRST_SCAN_LIMIT and self.stream.size < 4096:
-            raise self.stream.truncated(self.stream.size, "a partition header")
+        if self.stream.size < FIRST_SCAN_LIMIT:
+            raise self.stream.truncated(self.stream.size, "the descriptor area (no partition header found)")
         raise GhoError(f"{self.name}: no partition header found in the first "
                        f"{min(self.stream.size, FIRST_SCAN_LIMIT)} bytes; image truncated or not a Ghost image")
 
@@ -245,7 +247,9 @@ class Walker:
             sec.end = pos
         if not layout.sections:
             raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
-        if found and pos != limit:
+        if not found:
+            raise self.stream.truncated(self.stream.size, "the trailer (the file does not end with an end record)")
+        if pos != limit:
             raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
                            f"header or the trailer at offset {limit}")
         if found:

@@ -35,6 +35,8 @@ def detect_fs(boot: bytes) -> tuple[str | None, int | None, str | None]:
 def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
     """Length of unframed uncompressed sector data starting at ``pos`` (§8.4)."""
     boot = walker.stream.read_upto(pos, 512)
+    if walker.seed is not None:
+        boot = decrypt(boot, walker.seed)  # a prefix of the first cipher unit
     _fs, size, _label = detect_fs(boot)
     cands = []
     if size:
@@ -68,7 +70,7 @@ class SectorSection:
         try:
             return self.decoder.decode(payload, HARD_LIMIT)
         except CodecError as e:
-            raise GhoError(f"{self.name}: {e} at offset {off - 2}") from None
+            raise GhoError(e.at(self.name, off - 2, f"partition {self.section.index + 1}")) from None
 
     def _raw_chunk(self, start: int, rel: int, n: int) -> bytes:
         data = self.walker.stream.read(start + rel, n, "uncompressed sector data")
@@ -135,7 +137,7 @@ def decode_track0(walker: Walker, layout: Layout, decoder: BlockDecoder, seed: i
         try:
             parts.append(decoder.decode(payload, HARD_LIMIT))
         except CodecError as e:
-            raise GhoError(f"{walker.name}: {e} in the track-0 record at offset {rec.offset}") from None
+            raise GhoError(e.at(walker.name, rec.offset, "track-0 record")) from None
     data = b"".join(parts)
     if data and data[510:512] != b"\x55\xaa":
         raise GhoError(f"{walker.name}: track-0 data does not start with an MBR (no 55 AA signature)")

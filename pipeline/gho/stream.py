@@ -92,4 +92,4 @@ class SpanStream:
             return GhoError(f"{self.name}: missing span {missing}{found}: "
                             f"stream ends at offset {offset} while reading {what}")
         hint = "" if nspans else f"; if the image was split, span {missing} is missing"
-        return GhoError(f"{self.name}: truncated at offset {offset}: expected more {what}{hint}")
+        return GhoError(f"{self.name}: truncated at offset {offset} while reading {what}{hint}")

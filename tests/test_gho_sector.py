@@ -1,0 +1,236 @@
+"""Sector-mode images, spans and error handling, with images made by the test writer."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import gho_writer as gw
+import pytest
+from gho_checks import FIXTURES
+
+from pipeline.gho import GhoError, extract, read_info
+
+P1 = (0x01, 2048, 2048)  # FAT12 volume, 1 MiB
+P2 = (0x83, 4096, 301)  # odd size: the last block of its chain is short
+
+
+def _fat12_volume(tmp: Path) -> bytes:
+    vol = tmp / "p1.img"
+    subprocess.run(["mkfs.fat", "-C", "-n", "SECTOR", "-i", "12345678", str(vol), "1024"], check=True,
+                   capture_output=True)
+    (tmp / "hello.txt").write_bytes(b"hello from a sector image\r\n" * 40)
+    subprocess.run(["mcopy", "-i", str(vol), str(tmp / "hello.txt"), "::HELLO.TXT"], check=True)
+    return vol.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    tmp = tmp_path_factory.mktemp("sector-src")
+    rnd = random.Random(7)
+    d = bytearray(4397 * 512)
+    d[0:512] = gw.mbr([P1, P2])
+    d[512:1024] = bytes(rnd.randrange(256) for _ in range(512))  # something in track 0 after the MBR
+    d[2048 * 512:4096 * 512] = _fat12_volume(tmp)
+    p2 = bytearray(rnd.randrange(256) for _ in range(301 * 512))
+    p2[40000:90000] = bytes(50000)
+    p2[100000:101000] = b"ABCD" * 250
+    d[4096 * 512:] = p2
+    return bytes(d)
+
+
+CASES = [
+    ("none", None, False), ("fast", None, False), ("high", None, False),
+    ("none", None, True), ("none", "secret", True), ("none", "secret", False),
+    ("high", "secret", False), ("fast", "Secret9", False),
+]
+
+
+@pytest.mark.parametrize(("comp", "pw", "raw_none"), CASES,
+                         ids=[f"{c}-{'pw' if p else 'nopw'}-{'raw' if r else 'framed'}" for c, p, r in CASES])
+def test_sector_image_round_trip(tmp_path: Path, disk: bytes, comp: str, pw: str | None, raw_none: bool) -> None:
+    img = tmp_path / "SECTOR.GHO"
+    gw.write_sector_disk(img, disk, [P1, P2], comp, password=pw, raw_none=raw_none)
+    info = read_info(img, password=pw)
+    assert info.image_type == "sector" and info.compression == comp and info.password == (pw is not None)
+    assert info.track0_bytes == 2048 * 512
+    assert [(m["type"], m["start_lba"], m["sectors"]) for m in info.mbr_partitions] == [P1, P2]
+    assert [(p.kind, p.fs, p.size) for p in info.partitions] == [("sector", "FAT12", 1 << 20),
+                                                                  ("sector", None, 301 * 512)]
+    assert info.partitions[0].label == "SECTOR"
+    seen: list[tuple[int, int]] = []
+    out = tmp_path / "disk.raw"
+    res = extract(img, out, password=pw, progress=lambda a, b: seen.append((a, b)))
+    assert out.read_bytes() == disk
+    assert res.disk_size == len(disk)
+    assert [(p.start_lba, p.sectors, p.partition_type) for p in res.partitions] == [
+        (2048, 2048, 0x01), (4096, 301, 0x83)]
+    assert seen and seen[-1][0] == seen[-1][1] == img.stat().st_size
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+
+
+def test_sector_output_is_sparse(tmp_path: Path) -> None:
+    d = bytearray(64 << 20)
+    d[0:512] = gw.mbr([(0x83, 2048, (64 << 20) // 512 - 2048)])
+    d[(5 << 20):(5 << 20) + 4] = b"DATA"
+    img = tmp_path / "BIG.GHO"
+    gw.write_sector_disk(img, bytes(d), [(0x83, 2048, (64 << 20) // 512 - 2048)], "high")
+    out = tmp_path / "big.raw"
+    extract(img, out)
+    assert out.stat().st_size == 64 << 20
+    assert out.stat().st_blocks * 512 <= 1 << 20
+    with open(out, "rb") as f:
+        f.seek(5 << 20)
+        assert f.read(4) == b"DATA"
+
+
+def test_partition_only_image_gets_a_synthetic_mbr(tmp_path: Path, disk: bytes) -> None:
+    img = tmp_path / "PART.GHO"
+    w = gw.ImageWriter(img, "fast")
+    w.sector_partition(gw.blocks_of(disk[2048 * 512:4096 * 512]))
+    w.close()
+    out = tmp_path / "p.raw"
+    res = extract(img, out)
+    assert [(p.start_lba, p.sectors, p.partition_type, p.fs) for p in res.partitions] == [(63, 2048, 0x01, "FAT12")]
+    data = out.read_bytes()
+    assert data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x01
+    assert data[63 * 512:(63 + 2048) * 512] == disk[2048 * 512:4096 * 512]
+
+
+# -- spans ---------------------------------------------------------------------------------------
+@pytest.fixture()
+def spanned(tmp_path: Path, disk: bytes) -> list[Path]:
+    img = tmp_path / "SECTOR.GHO"
+    gw.write_sector_disk(img, disk, [P1, P2], "high")
+    return gw.split_spans(img, 20000)
+
+
+def test_spanned_image_reads_across_files(tmp_path: Path, disk: bytes, spanned: list[Path]) -> None:
+    assert len(spanned) >= 4
+    info = read_info(spanned[0])
+    assert info.spans == [p.name for p in spanned[1:]]
+    out = tmp_path / "disk.raw"
+    extract(spanned[0], out)
+    assert out.read_bytes() == disk
+    # picking a continuation file resolves back to the first file
+    assert read_info(spanned[2]).path == str(spanned[0])
+
+
+def test_missing_middle_span(tmp_path: Path, spanned: list[Path]) -> None:
+    spanned[2].unlink()
+    with pytest.raises(GhoError) as ei:
+        extract(spanned[0], tmp_path / "x.raw")
+    assert str(ei.value).startswith("SECTOR.GHO: missing span SECTO002.GHS (found SECTO003.GHS after the gap)")
+    assert not (tmp_path / "x.raw").exists()
+
+
+def test_missing_last_span(tmp_path: Path, spanned: list[Path]) -> None:
+    last = spanned[-1]
+    last.unlink()
+    with pytest.raises(GhoError, match=rf"^SECTOR.GHO: missing span {last.name}: stream ends at offset \d+"):
+        read_info(spanned[0])
+
+
+def test_foreign_span_file_is_not_spliced(tmp_path: Path, spanned: list[Path]) -> None:
+    data = bytearray(spanned[1].read_bytes())
+    data[4] ^= 0xFF  # another image's id
+    spanned[1].write_bytes(bytes(data))
+    with pytest.raises(GhoError, match="missing span SECTO001.GHS"):
+        read_info(spanned[0])
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".raw") or ".tmp-" in p.name)
+
+
+def test_bad_magic(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gho"
+    bad.write_bytes(b"MZ" + bytes(1000))
+    with pytest.raises(GhoError) as ei:
+        extract(bad, tmp_path / "o.raw")
+    assert str(ei.value) == "bad.gho: not a Ghost image: bad magic 4d5a at offset 0, expected feef"
+    assert _leftovers(tmp_path) == []
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    bad = tmp_path / "empty.gho"
+    bad.write_bytes(b"")
+    with pytest.raises(GhoError, match="empty.gho: not a Ghost image: file is 0 bytes, expected a 512-byte header"):
+        read_info(bad)
+
+
+@pytest.mark.parametrize("cut", [300, 5000, 0x2400 + 5, 0x268E + 1000, 0x4A713 - 3, 313387 - 10])
+def test_truncated_fixture(tmp_path: Path, cut: int) -> None:
+    img = tmp_path / "cut.gho"
+    img.write_bytes((FIXTURES / "11_high.gho").read_bytes()[:cut])
+    with pytest.raises(GhoError) as ei:
+        extract(img, tmp_path / "o.raw")
+    msg = str(ei.value)
+    assert msg.startswith("cut.gho: ") and "\n" not in msg
+    if cut < 512:
+        assert "expected a 512-byte header" in msg
+    else:
+        assert f"truncated at offset {cut} while reading" in msg
+    assert _leftovers(tmp_path) == []
+
+
+def test_truncated_sector_image(tmp_path: Path, disk: bytes) -> None:
+    img = tmp_path / "T.GHO"
+    gw.write_sector_disk(img, disk, [P1, P2], "fast")
+    size = img.stat().st_size
+    os.truncate(img, size - 5000)
+    with pytest.raises(GhoError, match=rf"^T.GHO: truncated at offset {size - 5000} while reading the block at"):
+        extract(img, tmp_path / "o.raw")
+    assert _leftovers(tmp_path) == []
+
+
+def test_corrupt_zlib_block(tmp_path: Path) -> None:
+    data = bytearray((FIXTURES / "11_high.gho").read_bytes())
+    rec = 0x7586  # IO.SYS's second data record (§14.3)
+    data[rec + 10 + 100: rec + 10 + 140] = bytes(40)
+    img = tmp_path / "z.gho"
+    img.write_bytes(bytes(data))
+    with pytest.raises(GhoError) as ei:
+        extract(img, tmp_path / "o.raw")
+    assert str(ei.value).startswith(f"z.gho: corrupt zlib block at offset {rec} (data record of /IO.SYS): ")
+    assert _leftovers(tmp_path) == []  # the temporary output was removed
+
+
+def test_corrupt_sector_block_removes_temp_output(tmp_path: Path, disk: bytes) -> None:
+    img = tmp_path / "C.GHO"
+    gw.write_sector_disk(img, disk, [P1, P2], "high")
+    data = bytearray(img.read_bytes())
+    pos = len(data) - 2500  # inside the last partition's chain
+    data[pos:pos + 200] = bytes(range(200))
+    img.write_bytes(bytes(data))
+    out = tmp_path / "o.raw"
+    out.write_bytes(b"previous")
+    with pytest.raises(GhoError, match=r"^C.GHO: corrupt zlib block at offset \d+ \(partition 2\)"):
+        extract(img, out)
+    assert out.read_bytes() == b"previous"  # atomic: the old output is untouched
+    assert _leftovers(tmp_path) == ["o.raw"]
+
+
+def test_ntfs_section_refused(tmp_path: Path) -> None:
+    img = tmp_path / "NTFS.GHO"
+    w = gw.ImageWriter(img, "high", image_type=0)
+    w.raw(gw.with_subtype(w.header, 0x04))
+    w.raw(b"GHPR" + bytes(600))
+    w.close()
+    assert read_info(img).partitions[0].kind == "ntfs"
+    with pytest.raises(GhoError) as ei:
+        extract(img, tmp_path / "o.raw")
+    assert "NTFS file-aware GHO not supported yet" in str(ei.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_unknown_compression(tmp_path: Path) -> None:
+    head = bytearray(gw.file_header("high", 1))
+    head[3] = 0x01
+    img = tmp_path / "old.gho"
+    img.write_bytes(bytes(head) + bytes(2048))
+    with pytest.raises(GhoError, match="old.gho: unsupported compression byte 0x01 at offset 3"):
+        read_info(img)
