@@ -144,8 +144,8 @@ def end_of_run(checksum: int = 0) -> bytes:
 class ImageWriter:
     """Streams an image to ``path``; blocks with identical content are encoded once."""
 
-    def __init__(self, path: Path, compression: str, *, image_id: int = 0x5EC70001, password: str | None = None,
-                 image_type: int = 1, descriptor: int = 0x800) -> None:
+    def __init__(self, path: Path, compression: str, *, image_id: int = 0x5EC70001,
+                 password: str | None = None, image_type: int = 1, descriptor: int = 0x800) -> None:
         self.f = open(path, "wb")  # noqa: SIM115
         self.compression = compression
         self.password = password
@@ -314,9 +314,11 @@ class FatSource:
 
 
 def write_fat_image(path: Path, volumes: list[tuple[bytes, int]], compression: str, *,
-                    password: str | None = None, image_id: int = 0x5EC70002, descriptor: int = 0x2000) -> None:
+                    password: str | None = None, image_id: int = 0x5EC70002,
+                    descriptor: int = 0x2000) -> None:
     """A file-aware image of ``volumes`` = [(volume bytes, hidden sectors)], one subtype-3 section each."""
-    w = ImageWriter(path, compression, password=password, image_type=0, image_id=image_id, descriptor=descriptor)
+    w = ImageWriter(path, compression, password=password, image_type=0, image_id=image_id,
+                    descriptor=descriptor)
     seed = w.seed
 
     def body(b: bytes) -> bytes:

@@ -36,7 +36,7 @@ def _volume(tmp: Path, name: str, mkfs: list[str], kib: int, label: str) -> Path
         "Docs/zeros.dat": bytes(70_000),
         "Docs/empty.txt": b"",
         "Docs/Sub Dir With A Long Name/Mixed Case.Txt": b"deep\r\n",
-        "Docs/Sub Dir With A Long Name/\u00e9t\u00e9.txt": "unicode name".encode(),
+        "Docs/Sub Dir With A Long Name/\u00e9t\u00e9.txt": b"unicode name",
     }
     for k in range(40):  # enough slots to need several directory clusters
         files[f"Docs/many/file number {k:02d} with a long name.txt"] = f"{k}\r\n".encode()

@@ -50,7 +50,8 @@ CASES = [
 
 @pytest.mark.parametrize(("comp", "pw", "raw_none"), CASES,
                          ids=[f"{c}-{'pw' if p else 'nopw'}-{'raw' if r else 'framed'}" for c, p, r in CASES])
-def test_sector_image_round_trip(tmp_path: Path, disk: bytes, comp: str, pw: str | None, raw_none: bool) -> None:
+def test_sector_image_round_trip(tmp_path: Path, disk: bytes, comp: str, pw: str | None,
+                                 raw_none: bool) -> None:
     img = tmp_path / "SECTOR.GHO"
     gw.write_sector_disk(img, disk, [P1, P2], comp, password=pw, raw_none=raw_none)
     info = read_info(img, password=pw)
@@ -93,7 +94,8 @@ def test_partition_only_image_gets_a_synthetic_mbr(tmp_path: Path, disk: bytes) 
     w.close()
     out = tmp_path / "p.raw"
     res = extract(img, out)
-    assert [(p.start_lba, p.sectors, p.partition_type, p.fs) for p in res.partitions] == [(63, 2048, 0x01, "FAT12")]
+    got = [(p.start_lba, p.sectors, p.partition_type, p.fs) for p in res.partitions]
+    assert got == [(63, 2048, 0x01, "FAT12")]
     data = out.read_bytes()
     assert data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x01
     assert data[63 * 512:(63 + 2048) * 512] == disk[2048 * 512:4096 * 512]
@@ -122,7 +124,8 @@ def test_missing_middle_span(tmp_path: Path, spanned: list[Path]) -> None:
     spanned[2].unlink()
     with pytest.raises(GhoError) as ei:
         extract(spanned[0], tmp_path / "x.raw")
-    assert str(ei.value).startswith("SECTOR.GHO: missing span SECTO002.GHS (found SECTO003.GHS after the gap)")
+    assert str(ei.value).startswith(
+        "SECTOR.GHO: missing span SECTO002.GHS (found SECTO003.GHS after the gap)")
     assert not (tmp_path / "x.raw").exists()
 
 
@@ -158,7 +161,8 @@ def test_bad_magic(tmp_path: Path) -> None:
 def test_empty_file(tmp_path: Path) -> None:
     bad = tmp_path / "empty.gho"
     bad.write_bytes(b"")
-    with pytest.raises(GhoError, match="empty.gho: not a Ghost image: file is 0 bytes, expected a 512-byte header"):
+    msg = "empty.gho: not a Ghost image: file is 0 bytes, expected a 512-byte header"
+    with pytest.raises(GhoError, match=msg):
         read_info(bad)
 
 
@@ -182,7 +186,8 @@ def test_truncated_sector_image(tmp_path: Path, disk: bytes) -> None:
     gw.write_sector_disk(img, disk, [P1, P2], "fast")
     size = img.stat().st_size
     os.truncate(img, size - 5000)
-    with pytest.raises(GhoError, match=rf"^T.GHO: truncated at offset {size - 5000} while reading the block at"):
+    msg = rf"^T.GHO: truncated at offset {size - 5000} while reading the block at"
+    with pytest.raises(GhoError, match=msg):
         extract(img, tmp_path / "o.raw")
     assert _leftovers(tmp_path) == []
 

@@ -135,7 +135,8 @@ class BlockDecoder:
             return payload
         if payload[:4] == STORED_ESCAPE:
             if len(payload) - 4 > limit:
-                raise CodecError("oversized block", f"stored block of {len(payload) - 4} bytes exceeds {limit}")
+                raise CodecError("oversized block",
+                                 f"stored block of {len(payload) - 4} bytes exceeds {limit}")
             return payload[4:]
         if comp == COMP_FAST:
             if len(payload) <= 4096:

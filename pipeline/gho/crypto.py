@@ -73,13 +73,11 @@ def decrypt(data: bytes | bytearray | memoryview, seed: int) -> bytes:
     kh, kl = _KEY_HI, _KEY_LO
     ks = bytearray(n)
     hi, lo = seed >> 8, seed & 0xFF
-    i = 0
-    for c in bytes(data):
+    for i, c in enumerate(bytes(data)):
         ks[i] = lo
         x = hi ^ c
         hi = lo ^ kh[x]
         lo = kl[x]
-        i += 1
     return (int.from_bytes(data, "little") ^ int.from_bytes(ks, "little")).to_bytes(n, "little")
 
 

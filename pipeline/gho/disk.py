@@ -75,7 +75,8 @@ def table_sectors(places: list[Placement], disk_id: int, mbr: bytes | None = Non
         slot = 0
         for p in places:
             if not p.logical:
-                m[446 + 16 * slot: 462 + 16 * slot] = _entry(0x80 if slot == 0 else 0, p.ptype, p.start, p.sectors)
+                status = 0x80 if slot == 0 else 0
+                m[446 + 16 * slot: 462 + 16 * slot] = _entry(status, p.ptype, p.start, p.sectors)
                 slot += 1
         if logical and ext_start is not None and slot < 4:
             end = logical[-1].start + logical[-1].sectors

@@ -58,12 +58,13 @@ def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placemen
     if entries:
         prim = sorted((e for e in entries if e.ptype and e.ptype not in (0x05, 0x0F, 0x85) and e.sectors),
                       key=lambda e: e.start)
-        places = [Placement(e.start, max(e.sectors, sizes[k]), e.ptype) for k, e in enumerate(prim[:len(vols)])]
+        places = [Placement(e.start, max(e.sectors, sizes[k]), e.ptype)
+                  for k, e in enumerate(prim[:len(vols)])]
         extra = vols[len(places):]
         if extra:
             prev_end = places[-1].start + places[-1].sectors if places else 63
-            more = plan_synthetic([(0, prev_end, 0)] + [(v.hidden_sectors or 0, sizes[v.index], types[v.index])
-                                                        for v in extra])[1:]
+            spec = [(v.hidden_sectors or 0, sizes[v.index], types[v.index]) for v in extra]
+            more = plan_synthetic([(0, prev_end, 0), *spec])[1:]
             places += more
         return places, track0[:512]
     vols_spec = [(v.hidden_sectors or 0, sizes[k], types[k]) for k, v in enumerate(vols)]
@@ -148,7 +149,8 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                     os.close(dfd)
             step(total)
             return ExtractResult(
-                source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR, bytes_written=w.written,
+                source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
+                bytes_written=w.written,
                 generation=generation(layout.descriptor_size), compression=img.header.compression_name,
                 partitions=parts, files=files, warnings=warnings,
             )

@@ -183,11 +183,12 @@ class Node:
 
     def to_dict(self) -> dict[str, Any]:
         s = self.slot
+        date, time = struct.unpack_from("<H", s, 24)[0], struct.unpack_from("<H", s, 22)[0]
         return {
             "path": self.path, "type": "dir" if self.is_dir else "file", "size": self.size,
-            "attributes": s[11], "mtime": fat_datetime(struct.unpack_from("<H", s, 24)[0], struct.unpack_from("<H", s, 22)[0]),
-            "date": struct.unpack_from("<H", s, 24)[0], "time": struct.unpack_from("<H", s, 22)[0],
-            "entry_offset": self.entry_offset, "original_cluster": self.orig_cluster, "first_cluster": self.first_cluster,
+            "attributes": s[11], "mtime": fat_datetime(date, time), "date": date, "time": time,
+            "entry_offset": self.entry_offset, "original_cluster": self.orig_cluster,
+            "first_cluster": self.first_cluster,
             "checksum": None if self.checksum is None else f"{self.checksum:08X}",
             "checksum_verified": self.checksum_verified, "data_records": self.records,
         }
@@ -248,7 +249,8 @@ class FatSection:
 
     # -- helpers ----------------------------------------------------------------------------
     def body(self, rec: Record) -> bytes:
-        data = self.walker.stream.read(rec.body_offset, rec.length, f"the body of the record at offset {rec.offset}")
+        what = f"the body of the record at offset {rec.offset}"
+        data = self.walker.stream.read(rec.body_offset, rec.length, what)
         return decrypt(data, self.seed) if self.seed is not None else data
 
     # -- pass 1 -----------------------------------------------------------------------------
@@ -265,12 +267,14 @@ class FatSection:
                     assert self.root is not None
                     stack = [self.root]
                 elif body != self.boot:
-                    self.warnings.append(f"closing boot-sector record at offset {rec.offset} differs from the first")
+                    self.warnings.append(f"closing boot-sector record at offset {rec.offset} "
+                                         "differs from the first")
             elif rec.kind == K_RESERVED:
                 self.reserved = self.body(rec)
             elif rec.kind == K_DIRENT:
                 if self.root is None:
-                    raise GhoError(f"{self.where}: directory entry at offset {rec.offset} before the boot record")
+                    raise GhoError(f"{self.where}: directory entry at offset {rec.offset} "
+                                   "before the boot record")
                 if rec.length < 32:
                     raise GhoError(f"{self.where}: directory-entry record at offset {rec.offset} has "
                                    f"{rec.length} bytes, expected 56")
@@ -298,7 +302,8 @@ class FatSection:
         crc = struct.unpack_from("<I", body, 32)[0] if len(body) >= 36 else None
         want = ZERO_SLOT_CRC if e == bytes(32) else crc32_msb(e)
         if crc is not None and crc != want:
-            self.warnings.append(f"directory entry at offset {rec.offset}: CRC {crc:08X}, expected {want:08X}")
+            self.warnings.append(f"directory entry at offset {rec.offset}: CRC {crc:08X}, "
+                                 f"expected {want:08X}")
         cur = stack[-1]
         if e[0] == 0:
             if len(stack) > 1:
@@ -327,12 +332,14 @@ class FatSection:
             orig |= struct.unpack_from("<H", e, 20)[0] << 16
         is_dir = bool(attr & 0x10)
         path = (cur.path.rstrip("/") + "/" + name)
-        node = Node(e, name, path, is_dir, cur, rec.offset, orig, 0 if is_dir else struct.unpack_from("<I", e, 28)[0])
+        size = 0 if is_dir else struct.unpack_from("<I", e, 28)[0]
+        node = Node(e, name, path, is_dir, cur, rec.offset, orig, size)
         cur.items.append((e, node))
         self.nodes.append(node)
         if is_dir:
             if len(stack) >= MAX_DEPTH:
-                raise GhoError(f"{self.where}: directories nested deeper than {MAX_DEPTH} at offset {rec.offset}")
+                raise GhoError(f"{self.where}: directories nested deeper than {MAX_DEPTH} "
+                               f"at offset {rec.offset}")
             stack.append(node)
         else:
             self._by_offset[rec.offset] = node
@@ -419,7 +426,8 @@ class FatSection:
     def _write_fats(self, out: SparseWriter, base: int) -> None:
         g = self.geometry
         assert g is not None
-        fat_off = [base + (g.reserved_sectors + k * g.fat_sectors) * g.bytes_per_sector for k in range(g.num_fats)]
+        fat_off = [base + (g.reserved_sectors + k * g.fat_sectors) * g.bytes_per_sector
+                   for k in range(g.num_fats)]
         if g.fat_type == 12:
             fat = bytearray((g.clusters + 2) * 3 // 2 + 2)
 
@@ -478,7 +486,8 @@ class FatSection:
                     parts.append(slot)
             data = b"".join(parts)
             if d is self.root and g.fat_type != 32:
-                out.write_at(base + (g.reserved_sectors + g.num_fats * g.fat_sectors) * g.bytes_per_sector, data)
+                root_sector = g.reserved_sectors + g.num_fats * g.fat_sectors
+                out.write_at(base + root_sector * g.bytes_per_sector, data)
             else:
                 self._write_extents(out, base, d.extents, 0, data)
 
@@ -540,7 +549,8 @@ class FatSection:
                 cur = None
         for n in self.nodes:
             if not n.is_dir and n.decoded != n.size:
-                raise GhoError(f"{self.where}: {n.path} has {n.decoded} bytes of data, its entry says {n.size}")
+                raise GhoError(f"{self.where}: {n.path} has {n.decoded} bytes of data, "
+                               f"its entry says {n.size}")
 
     def _finish(self, node: Node, rec: Record) -> None:
         if node.decoded != node.size:

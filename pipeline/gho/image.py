@@ -9,7 +9,14 @@ from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import seed_from_password, verifier_ok
 from pipeline.gho.errors import GhoError
 from pipeline.gho.fat import FatSection
-from pipeline.gho.header import HEADER_SIZE, SUBTYPE_EXT, SUBTYPE_FAT, SUBTYPE_NTFS, FileHeader, parse_file_header
+from pipeline.gho.header import (
+    HEADER_SIZE,
+    SUBTYPE_EXT,
+    SUBTYPE_FAT,
+    SUBTYPE_NTFS,
+    FileHeader,
+    parse_file_header,
+)
 from pipeline.gho.records import Layout, Walker
 from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
 from pipeline.gho.spans import find_spans, resolve_first
@@ -129,9 +136,7 @@ class Image:
                 if not (self.locked and sec.raw):
                     boot = ss.boot_sector()
                     v.fs, _fs_size, v.label = detect_fs(boot)
-                    if v.fs and v.fs.startswith("FAT"):
-                        v.hidden_sectors = int.from_bytes(boot[28:32], "little")
-                    elif v.fs == "NTFS":
+                    if v.fs and v.fs.startswith("FAT") or v.fs == "NTFS":
                         v.hidden_sectors = int.from_bytes(boot[28:32], "little")
                     v.size = ss.size()
             out.append(v)

@@ -71,8 +71,8 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
         files: list[dict[str, Any]] = []
         for v in img.volumes():
             sec = layout.sections[v.index]
-            p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors, v.size,
-                              notes=list(v.notes))
+            p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors,
+                              v.size, notes=list(v.notes))
             if sec.kind == "fat":
                 p.records = sec.records
             if isinstance(v.reader, FatSection):
@@ -84,7 +84,8 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
                 assert g is not None
                 p.geometry = {
                     "bytes_per_sector": g.bytes_per_sector, "sectors_per_cluster": g.sectors_per_cluster,
-                    "reserved_sectors": g.reserved_sectors, "num_fats": g.num_fats, "fat_sectors": g.fat_sectors,
+                    "reserved_sectors": g.reserved_sectors, "num_fats": g.num_fats,
+                    "fat_sectors": g.fat_sectors,
                     "root_entries": g.root_entries, "root_cluster": g.root_cluster,
                     "total_sectors": g.total_sectors, "clusters": g.clusters,
                 }
@@ -107,6 +108,7 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
             compression=h.compression_name, compression_code=h.compression, image_type=itype,
             image_type_code=h.image_type, password=h.password, image_id=h.image_id, description=h.description,
             spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size,
-            first_structure=layout.first_structure, trailer_offset=layout.trailer_start, track0_bytes=len(track0),
+            first_structure=layout.first_structure, trailer_offset=layout.trailer_start,
+            track0_bytes=len(track0),
             mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
         )

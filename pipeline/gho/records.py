@@ -158,7 +158,8 @@ class Walker:
         if self.stream.size < FIRST_SCAN_LIMIT:
             raise self.stream.truncated(self.stream.size, "the descriptor area (no partition header found)")
         raise GhoError(f"{self.name}: no partition header found in the first "
-                       f"{min(self.stream.size, FIRST_SCAN_LIMIT)} bytes; image truncated or not a Ghost image")
+                       f"{min(self.stream.size, FIRST_SCAN_LIMIT)} bytes; "
+                       "image truncated or not a Ghost image")
 
     # -- record walk (FAT sections) ----------------------------------------------------------
     def iter_records(self, pos: int, limit: int, what: str = "record") -> Iterator[Record]:
@@ -218,7 +219,8 @@ class Walker:
                 lenbuf = self.stream.read(rec.body_offset, 2, "a track-0 block")
                 stored = lenbuf[0] | (lenbuf[1] << 8)
                 if stored < 3:
-                    raise GhoError(f"{self.name}: corrupt track-0 record at offset {pos}: block length {stored}")
+                    raise GhoError(f"{self.name}: corrupt track-0 record at offset {pos}: "
+                                   f"block length {stored}")
                 layout.track0.append(Record(pos, rec.kind, rec.flags, rec.aux, stored))
                 pos = rec.body_offset + stored
             elif rec.kind == K_END_RUN:
@@ -248,7 +250,8 @@ class Walker:
         if not layout.sections:
             raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
         if not found:
-            raise self.stream.truncated(self.stream.size, "the trailer (the file does not end with an end record)")
+            raise self.stream.truncated(self.stream.size,
+                                        "the trailer (the file does not end with an end record)")
         if pos != limit:
             raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
                            f"header or the trailer at offset {limit}")

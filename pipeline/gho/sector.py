@@ -50,7 +50,8 @@ def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
         rec = walker.record_at(pos + n)
         if rec is not None and rec.kind == K_END_RUN:
             return n
-    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data starting at offset {pos}")
+    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data "
+                   f"starting at offset {pos}")
 
 
 class SectorSection:
@@ -83,7 +84,8 @@ class SectorSection:
         if sec.first_block is None:
             return b""
         if sec.raw:
-            return self._raw_chunk(sec.first_block[0], 0, min(512, sec.last_block[1] if sec.last_block else 0))
+            total = sec.last_block[1] if sec.last_block else 0
+            return self._raw_chunk(sec.first_block[0], 0, min(512, total))
         return self._decode(*sec.first_block)[:512]
 
     def size(self) -> int:
@@ -95,8 +97,8 @@ class SectorSection:
         first = len(self._decode(*sec.first_block))
         last = len(self._decode(*sec.last_block)) if sec.blocks > 1 else first
         if first % 512 or first > HARD_LIMIT:
-            raise GhoError(f"{self.name}: first block of the partition at offset {sec.header_offset} decodes to "
-                           f"{first} bytes, expected a multiple of 512")
+            raise GhoError(f"{self.name}: first block of the partition at offset {sec.header_offset} "
+                           f"decodes to {first} bytes, expected a multiple of 512")
         return (sec.blocks - 1) * first + last
 
     def write(self, out: SparseWriter, base: int, progress: Callable[[int], None] | None = None) -> int:
