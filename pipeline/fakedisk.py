@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -199,9 +200,12 @@ def build(out: Path, spec: DiskSpec, *, force_tcg: bool = False, raw_cache: Path
                 argv = ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={spec.output}"]
             # VMDK descriptors name their extents after the output file, so convert in place and
             # only then write the stamp (the stamp is what marks the disk complete).
-            atomic.remove_stale_temps(out.parent)
+            # only this disk's own extent files (NAME-flat.vmdk, NAME-s001.vmdk, NAME-f001.vmdk); other
+            # disks and other processes' temp files in the same folder are left alone
+            extent_re = re.compile(re.escape(out.stem) + r"-(flat|[sf]\d{3})\.vmdk")
             for extra in out.parent.glob(out.stem + "-*.vmdk"):
-                extra.unlink()
+                if extent_re.fullmatch(extra.name):
+                    extra.unlink()
             stamp.unlink(missing_ok=True)
             run([*argv, str(raw), str(out)], step=STEP, timeout=600)
         finally:
