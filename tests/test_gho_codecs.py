@@ -1,0 +1,157 @@
+"""Codecs and cipher: spec test vectors, differential tests against the spec's pseudo-code."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import gho_writer as gw
+import pytest
+
+from pipeline.gho import native
+from pipeline.gho.codecs import BlockDecoder, CodecError, fast_decode, fast_hash, zlib_decode
+from pipeline.gho.crypto import KEY_TABLE, crc32_msb, decrypt, seed_from_password
+
+
+def spec_fast_decode(payload: bytes) -> bytes:
+    """FORMAT.md §7.4 pseudo-code, literally (the oracle)."""
+    if payload[0] == 1:
+        return payload[4:]
+    s = payload[4:]
+    i, out, table, lit, bits, nbits = 0, bytearray(), [None] * 4096, 0, 0, 0
+    while i < len(s):
+        if nbits == 0:
+            if len(s) - i < 2:
+                break
+            bits, nbits, i = s[i] | s[i + 1] << 8, 16, i + 2
+            continue
+        is_match, bits, nbits = bits & 1, bits >> 1, nbits - 1
+        if not is_match:
+            out.append(s[i])
+            i += 1
+            lit += 1
+            if lit == 3:
+                p = len(out) - 3
+                table[fast_hash(out[p], out[p + 1], out[p + 2])] = p
+                lit = 2
+        else:
+            if len(s) - i < 2:
+                break
+            b0, b1 = s[i], s[i + 1]
+            i += 2
+            slot, n = ((b0 & 0xF0) << 4) | b1, 3 + (b0 & 0x0F)
+            src, start = table[slot], len(out)
+            for j in range(n):
+                out.append(b"123456789012345678"[j] if src is None else out[src + j])
+            if lit > 0:
+                p = start - lit
+                table[fast_hash(out[p], out[p + 1], out[p + 2])] = p
+                if lit == 2:
+                    table[fast_hash(out[p + 1], out[p + 2], out[p + 3])] = p + 1
+                lit = 0
+            table[slot] = start
+    return bytes(out)
+
+
+def _native_or_skip():  # type: ignore[no-untyped-def]
+    f = native.fast_decoder()
+    if f is None:
+        pytest.skip("no C compiler: native Fast decoder unavailable")
+    return f
+
+
+def test_hash_vectors() -> None:
+    args = [(0, 0, 0), (1, 0, 0), (1, 2, 3), (0x61, 0x62, 0x63), (0x20, 0x20, 0x20)]
+    assert [fast_hash(*t) for t in args] == [0x000, 0x5F0, 0x05F, 0xABD, 0x69E]
+
+
+@pytest.mark.parametrize("impl", ["python", "native"])
+def test_fast_vectors(impl: str) -> None:
+    dec = fast_decode if impl == "python" else (lambda p, lim=65536: _native_or_skip()(p, lim))
+    assert dec(bytes.fromhex("000000001800616263a3bdf2ff")) == b"abcabcabc12345"
+    assert BlockDecoder(2).decode(bytes.fromhex("0100000068656c6c6f")) == b"hello"
+
+
+def _random_payloads(count: int) -> list[bytes]:
+    rnd = random.Random(1234)
+    out = []
+    for k in range(count):
+        n = rnd.randint(0, 400)
+        alpha = [bytes(range(256)), b"\x00\x01", b"ab\xff"][k % 3]
+        out.append(b"\0\0\0\0" + bytes(rnd.choice(alpha) for _ in range(n)))
+    return out
+
+
+def test_python_fast_decoder_matches_spec_pseudocode() -> None:
+    for p in _random_payloads(600):
+        assert fast_decode(p) == spec_fast_decode(p)
+
+
+def test_native_fast_decoder_matches_spec_pseudocode() -> None:
+    f = _native_or_skip()
+    for p in _random_payloads(600):
+        assert f(p, 65536) == spec_fast_decode(p)
+
+
+def test_fast_round_trip_with_writer_encoder() -> None:
+    rnd = random.Random(5)
+    pieces = [b"the quick brown fox ", bytes(50)]
+    data = b"".join(rnd.choice([*pieces, bytes([rnd.randrange(256)])]) for _ in range(3000))
+    for k in range(0, len(data), 32768):
+        block = data[k:k + 32768]
+        p = gw.fast_encode(block)
+        assert p[0] == 0 and len(p) < len(block) // 2
+        assert fast_decode(p) == block == BlockDecoder(2).decode(p)
+
+
+def test_fast_overflow_rejected() -> None:
+    bomb = b"\0\0\0\0" + (b"\xff\xff" + b"\x0f\x00" * 16) * 300  # 16 matches of 18 bytes per word
+    with pytest.raises(CodecError, match="decodes to more than 32768 bytes"):
+        fast_decode(bomb, 32768)
+    with pytest.raises(CodecError, match="decodes to more than 32768 bytes"):
+        BlockDecoder(2).decode(bomb, 32768)
+
+
+def test_native_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GHO2KVM_GHO_NATIVE", "0")
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.fast_decoder() is None
+    assert BlockDecoder(2)._native is None
+    assert BlockDecoder(2).decode(bytes.fromhex("000000001800616263a3bdf2ff")) == b"abcabcabc12345"
+
+
+def test_zlib_blocks() -> None:
+    data = bytes(range(256)) * 128
+    good = zlib.compress(data)
+    assert zlib_decode(good) == data == BlockDecoder(3).decode(good)
+    assert BlockDecoder(3).decode(b"\x01\x00\x00\x00raw") == b"raw"  # stored escape
+    with pytest.raises(CodecError) as ei:
+        zlib_decode(good[:-30])
+    assert ei.value.what == "corrupt zlib block"
+    with pytest.raises(CodecError, match="bytes after the end of the stream"):
+        zlib_decode(good + b"xx")
+    with pytest.raises(CodecError, match="decodes to more than 1000 bytes"):
+        zlib_decode(good, 1000)
+
+
+def test_cipher_tables_and_seed() -> None:
+    assert KEY_TABLE[:8] == [0xD2E7, 0xC2C6, 0xF2A5, 0xE284, 0x9263, 0x8242, 0xB221, 0xA200]
+    assert KEY_TABLE[255] == 0xCC17
+    assert seed_from_password("password") == 0x9BE1 == gw.password_seed("password")
+    assert seed_from_password("x" * 11) == seed_from_password("X" * 11 + "ignored")
+
+
+def test_crc32_msb_matches_bitwise_definition() -> None:
+    rnd = random.Random(9)
+    for n in (0, 1, 5, 31, 32, 1000):
+        d = bytes(rnd.randrange(256) for _ in range(n))
+        assert crc32_msb(d) == gw._crc32_msb_bytes(d)
+    assert crc32_msb(b"THIS IS A TEST\r\n") == 0x4D176E6E
+
+
+def test_decrypt_inverts_encrypt() -> None:
+    rnd = random.Random(3)
+    d = bytes(rnd.randrange(256) for _ in range(5000))
+    for seed in (0, 0x9BE1, 0xFFFF):
+        enc = gw.encrypt(d, seed)
+        assert enc != d and decrypt(enc, seed) == d
