@@ -1,13 +1,13 @@
 """Block codecs (FORMAT.md §7): none, Fast (Ghost's LZ77 variant) and High (zlib).
 
 Fast-LZ path: a native decoder (:mod:`pipeline.gho.native`, the same algorithm in C, built with the
-system compiler on first use, ~50x faster) when available; otherwise pure Python, table-driven.
-Per control word the 16 token bits are looked up as a precomputed tuple of literal-run lengths, so literal runs are copied with one slice; hash
-registrations of literal positions are batched right before the next match's lookup (the only
-place the table is read, so the result is identical to registering them one by one); the
-three-byte hash is one index into a 65536-entry table keyed by ``x<<8 ^ y<<4 ^ z``. Blocks whose
-payload was seen recently (zero-filled or repeated space is common in disk images) are served
-from a small cache keyed by the payload itself.
+system compiler on first use, ~50x faster) when available; otherwise pure Python, table-driven. Per
+control word the 16 token bits are looked up as a precomputed tuple of literal-run lengths, so
+literal runs are copied with one slice; hash registrations of literal positions are batched right
+before the next match's lookup (the only place the table is read, so the result is identical to
+registering them one by one); the three-byte hash is one index into a 65536-entry table keyed by
+``x<<8 ^ y<<4 ^ z``. Blocks whose payload was seen recently (zero-filled or repeated space is common
+in disk images) are served from a small cache keyed by the payload itself.
 """
 
 from __future__ import annotations
