@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tools.run import pid_alive
+
 LIBVIRTD = "/usr/sbin/libvirtd"
 VIRTLOGD = "/usr/sbin/virtlogd"
 SYSTEM_URI = "qemu:///system"
@@ -44,22 +46,9 @@ def _answers(uri: str) -> bool:
             conn.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _pidfile_alive(path: Path) -> bool:
     try:
-        return _alive(int(path.read_text().strip()))
+        return pid_alive(int(path.read_text().strip()))
     except (OSError, ValueError):
         return False
 

@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import fsync_path
 from pipeline.config import GhostConfig
 from pipeline.errors import InputError, ToolError
 from pipeline.gho.spans import find_spans
-from pipeline.tools.run import REDACTED, redact, run
+from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
 STEP = "ghost-convert"
 FINAL_STEM = "ghost"
@@ -186,14 +187,6 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
 _ACTIVE: set[str] = set()  # temp dirs of conversions running in this process
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_temps(out_dir: Path) -> list[Path]:
@@ -211,7 +204,7 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
         if not entry.name.startswith(TMP_PREFIX) or str(entry) in _ACTIVE:
             continue
         pid_text = entry.name[len(TMP_PREFIX):].split(".")[0].split("-")[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and pid_alive(int(pid_text)):
             continue
         _remove(entry)
         removed.append(entry)
@@ -274,17 +267,6 @@ def _normalize_descriptor(desc: Path) -> list[str]:
     return names
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +396,7 @@ def convert(
             os.replace(tmp_dir / name, final)
             st = final.stat()
             outputs.append({"path": str(final), "size": st.st_size})
-        _fsync_dir(out_dir)
+        fsync_path(out_dir)
         for p in out_dir.iterdir():  # extents of an earlier flat/split run that this one replaced
             if _OLD_EXTENT_RE.match(p.name) and p.name not in extents:
                 _remove(p)

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from pipeline import log
 from pipeline.errors import ToolError
-from pipeline.tools.run import run
+from pipeline.tools.run import pid_alive, run
 
 GUESTFISH = "guestfish"
 #: appliance launches in this process (for receipts and the benchmark)
@@ -113,9 +113,7 @@ class Guestfish:
                     image_id=self.image_id, timeout=60, check=False)
             # make sure the appliance is gone even if 'exit' did not reach it
             for _ in range(50):
-                try:
-                    os.kill(self.pid, 0)
-                except ProcessLookupError:
+                if not pid_alive(self.pid):
                     break
                 time.sleep(0.1)
             else:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.errors import ToolError
 
@@ -152,6 +153,20 @@ def run(
             image_id=image_id, step=step,
         )
     return result
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie (any owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
