@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gho_writer as gw
 import pytest
-from gho_checks import FIXTURES
+from gho_checks import FIXTURES, mbr_partitions
 
 from pipeline.gho import GhoError, extract, read_info
 
@@ -239,3 +239,27 @@ def test_unknown_compression(tmp_path: Path) -> None:
     img.write_bytes(bytes(head) + bytes(2048))
     with pytest.raises(GhoError, match="old.gho: unsupported compression byte 0x01 at offset 3"):
         read_info(img)
+
+
+def test_logical_partition_in_extended_gets_an_ebr(tmp_path: Path, disk: bytes) -> None:
+    vol = tmp_path / "logical.img"
+    subprocess.run(["mkfs.fat", "-C", "-n", "LOGICAL", "-h", "63", str(vol), "512"], check=True,
+                   capture_output=True)
+    logical = vol.read_bytes()
+    n = len(logical) // 512
+    track0 = bytearray(disk[:2048 * 512])
+    track0[0:512] = gw.mbr([P1, (0x0F, 4096, 63 + n)])
+    img = tmp_path / "EXT.GHO"
+    w = gw.ImageWriter(img, "high")
+    w.track0(bytes(track0))
+    w.sector_partition(gw.blocks_of(disk[2048 * 512:4096 * 512]))
+    w.sector_partition(gw.blocks_of(logical))
+    w.close()
+    out = tmp_path / "ext.raw"
+    res = extract(img, out)
+    assert [(p.start_lba, p.logical, p.fs) for p in res.partitions] == [(2048, False, "FAT12"),
+                                                                         (4096 + 63, True, "FAT12")]
+    assert mbr_partitions(out) == [(0x01, 2048, 2048), (0x01, 4096 + 63, n)]
+    data = out.read_bytes()
+    assert data[:512] == track0[:512]  # the original MBR is kept
+    assert data[(4096 + 63) * 512:] == logical

@@ -39,25 +39,40 @@ class Placement:
     ebr: int | None = None  # LBA of the EBR before a logical partition
 
 
-def plan_synthetic(volumes: list[tuple[int, int, int]]) -> list[Placement]:
-    """Place (hidden sectors, sectors, type) volumes as §10.10: one primary, the rest logical."""
+def plan_logicals(first_ebr: int, volumes: list[tuple[int, int, int]]) -> list[Placement]:
+    """Place (hidden sectors, sectors, type) volumes as logical partitions from ``first_ebr`` on.
+
+    A hidden-sectors value past the previous partition's end (with room for an EBR) is taken as an
+    absolute LBA; a smaller one is relative to the partition's EBR (the DOS convention, §10.10).
+    """
     out: list[Placement] = []
-    for k, (hidden, sectors, ptype) in enumerate(volumes):
-        if k == 0:
-            out.append(Placement(hidden if hidden > 0 else 63, sectors, ptype))
-            continue
-        first, prev = out[0], out[-1]
-        prev_end = prev.start + prev.sectors
-        if first.start <= hidden < first.start + first.sectors or hidden < 63:
-            ebr = prev_end
-            start = prev_end + max(hidden, 1)
-        else:
+    prev_end = first_ebr
+    for hidden, sectors, ptype in volumes:
+        if hidden > prev_end:
             start = hidden
             ebr = start - 63 if start - 63 >= prev_end else prev_end
-            if start <= ebr:
-                ebr, start = prev_end, prev_end + 63
+        else:
+            ebr = prev_end
+            start = prev_end + (hidden if hidden > 0 else 63)
         out.append(Placement(start, sectors, ptype, logical=True, ebr=ebr))
+        prev_end = start + sectors
     return out
+
+
+def plan_synthetic(volumes: list[tuple[int, int, int]]) -> list[Placement]:
+    """Place (hidden sectors, sectors, type) volumes as §10.10: one primary, the rest logical."""
+    if not volumes:
+        return []
+    hidden, sectors, ptype = volumes[0]
+    first = Placement(hidden if hidden > 0 else 63, sectors, ptype)
+    return [first, *plan_logicals(first.start + first.sectors, volumes[1:])]
+
+
+def extended_start(mbr: bytes) -> int | None:
+    for e in parse_mbr(mbr) or []:
+        if e.ptype in EXTENDED_TYPES:
+            return e.start
+    return None
 
 
 def _entry(status: int, ptype: int, start: int, count: int) -> bytes:
@@ -69,6 +84,10 @@ def table_sectors(places: list[Placement], disk_id: int, mbr: bytes | None = Non
     out: list[tuple[int, bytes]] = []
     logical = [p for p in places if p.logical]
     ext_start = logical[0].ebr if logical else None
+    if mbr is not None and logical:
+        ext_start = extended_start(mbr)
+        if ext_start is None:
+            raise ValueError("logical partitions without an extended partition in the MBR")
     if mbr is None:
         m = bytearray(512)
         struct.pack_into("<I", m, 440, disk_id & 0xFFFFFFFF)

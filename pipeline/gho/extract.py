@@ -9,7 +9,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.gho.disk import SECTOR, Placement, fs_partition_type, parse_mbr, plan_synthetic, table_sectors
+from pipeline.gho.disk import (
+    EXTENDED_TYPES,
+    SECTOR,
+    Placement,
+    extended_start,
+    fs_partition_type,
+    parse_mbr,
+    plan_logicals,
+    plan_synthetic,
+    table_sectors,
+)
 from pipeline.gho.errors import GhoError
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import EXT_UNSUPPORTED, NTFS_UNSUPPORTED, Image, Volume, generation
@@ -56,16 +66,18 @@ def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placemen
     sizes = [-(-(v.size or 0) // SECTOR) for v in vols]
     entries = parse_mbr(track0[:512]) if track0 else None
     if entries:
-        prim = sorted((e for e in entries if e.ptype and e.ptype not in (0x05, 0x0F, 0x85) and e.sectors),
+        prim = sorted((e for e in entries if e.ptype and e.ptype not in EXTENDED_TYPES and e.sectors),
                       key=lambda e: e.start)
         places = [Placement(e.start, max(e.sectors, sizes[k]), e.ptype)
                   for k, e in enumerate(prim[:len(vols)])]
         extra = vols[len(places):]
         if extra:
-            prev_end = places[-1].start + places[-1].sectors if places else 63
-            spec = [(v.hidden_sectors or 0, sizes[v.index], types[v.index]) for v in extra]
-            more = plan_synthetic([(0, prev_end, 0), *spec])[1:]
-            places += more
+            ext = extended_start(track0[:512])
+            if ext is None:
+                raise GhoError(f"{img.name}: {len(vols)} partition sections but the MBR in track 0 lists "
+                               f"{len(prim)} partitions and no extended partition")
+            places += plan_logicals(ext, [(v.hidden_sectors or 0, sizes[v.index], types[v.index])
+                                          for v in extra])
         return places, track0[:512]
     vols_spec = [(v.hidden_sectors or 0, sizes[k], types[k]) for k, v in enumerate(vols)]
     return plan_synthetic(vols_spec), None
