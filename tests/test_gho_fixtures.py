@@ -230,3 +230,16 @@ def test_copy_elsewhere_works(tmp_path: Path) -> None:
     dst = tmp_path / "copy.gho"
     shutil.copy(NONE, dst)
     assert read_info(dst).partitions[0].label == "BOOT"
+
+
+def test_fixture_split_into_spans_extracts_the_same(tmp_path: Path, disks: dict) -> None:
+    import gho_writer as gw
+
+    img = tmp_path / "11comp.GHO"
+    shutil.copy(HIGH, img)
+    parts = gw.split_spans(img, 30000)
+    assert [p.name for p in parts[:3]] == ["11comp.GHO", "11com001.GHS", "11com002.GHS"]
+    info = read_info(img)
+    assert info.spans == [p.name for p in parts[1:]] and info.trailer_offset == 0x4A713
+    res = extract(img, tmp_path / "d.raw")
+    assert res.files == disks[HIGH][1].files

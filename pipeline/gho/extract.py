@@ -107,6 +107,14 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                 v.reader.allocate()
         track0 = img.track0()
         places, mbr = _place(img, vols, track0)
+        spans = sorted((p.start, p.start + p.sectors) for p in places)
+        for (s1, e1), (s2, _e2) in zip(spans, spans[1:], strict=False):
+            if s2 < e1:
+                raise GhoError(f"{img.name}: partitions overlap (LBA {s1}-{e1 - 1} and {s2}); "
+                               "cannot place them on one disk")
+        if spans and track0 and spans[0][0] * SECTOR < len(track0):
+            raise GhoError(f"{img.name}: track 0 ({len(track0)} bytes) overlaps the first partition "
+                           f"at LBA {spans[0][0]}")
         disk_sectors = max([p.start + p.sectors for p in places] + [-(-len(track0) // SECTOR)])
         tables = table_sectors(places, img.header.image_id, mbr)
         if not out.parent.is_dir():

@@ -53,8 +53,11 @@ class Image:
             raise GhoError(f"{p}: no such file")
         if not p.is_file():
             raise GhoError(f"{p}: not a regular file")
-        with open(p, "rb") as f:
-            head = f.read(HEADER_SIZE)
+        try:
+            with open(p, "rb") as f:
+                head = f.read(HEADER_SIZE)
+        except OSError as e:
+            raise GhoError(f"{p.name}: cannot read: {e.strerror}") from None
         if len(head) >= 3 and head[0:2] == b"\xfe\xef" and head[2] == 0x09:
             first = resolve_first(p)
             if first is None:
