@@ -1,10 +1,18 @@
-"""``gho2kvm plan``: which steps would run for every image, and why. Reads receipts and stats only."""
+"""``gho2kvm plan``: which steps would run for every image, and why. Touches nothing.
+
+Reads the config, the receipts (small JSON files) and ``stat`` of inputs and outputs — never a disk
+image's content, never libvirt — exactly what ``complete()`` reads, so the plan is what
+``gho2kvm migrate`` will do (unless something changes in between).
+"""
 
 from __future__ import annotations
 
 from pipeline import receipts
 from pipeline.config import Config
 from pipeline.tasks import chain
+
+UP_TO_DATE = "up to date"
+EARLIER = "an earlier step runs"
 
 
 def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]]:
@@ -15,15 +23,21 @@ def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]
             continue
         upstream_runs = False
         for t in chain(str(cfg.path.absolute()), img.id):
+            receipt = t.receipt()
             try:
-                own = receipts.why_stale(t.receipt(), t.fingerprint())
-            except Exception as e:  # e.g. upstream output unknown yet
-                own = f"cannot tell yet ({type(e).__name__}: {e})"
+                own = receipts.why_stale(receipt, t.fingerprint())
+            except Exception as e:  # e.g. the disk ghost-convert will produce is unknown yet
+                own = EARLIER if upstream_runs else f"cannot tell yet ({type(e).__name__}: {e})"
+            if own is not None and own != EARLIER:
+                err = receipts.read(t.error_path)
+                if err is not None and (receipt is None or str(err.get("finished") or "")
+                                        >= str(receipt.get("finished") or "")):
+                    own += f"; last attempt failed: {err.get('error')}"
             if own is None and upstream_runs:
-                own = "an earlier step runs"
+                own = EARLIER
             if own is not None:
                 upstream_runs = True
-            rows.append((img.id, t.step, own or "up to date"))
+            rows.append((img.id, t.step, own or UP_TO_DATE))
     return rows
 
 
@@ -33,8 +47,9 @@ def plan_text(cfg: Config, only: str | None = None) -> str:
     w1 = max([len(r[1]) for r in rows] + [4])
     lines = [f"{'image'.ljust(w0)}  {'step'.ljust(w1)}  action"]
     for image_id, step, why in rows:
-        action = "skip (up to date)" if why == "up to date" else f"RUN: {why}"
+        action = "skip (up to date)" if why == UP_TO_DATE else f"RUN: {why}"
         lines.append(f"{image_id.ljust(w0)}  {step.ljust(w1)}  {action}")
-    todo = sum(1 for r in rows if r[2] != "up to date")
-    lines.append(f"{todo} step(s) to run, {len(rows) - todo} up to date")
+    todo = sum(1 for r in rows if r[2] != UP_TO_DATE)
+    images = len({r[0] for r in rows if r[2] != UP_TO_DATE})
+    lines.append(f"{todo} step(s) to run in {images} image(s), {len(rows) - todo} up to date")
     return "\n".join(lines)

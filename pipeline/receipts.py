@@ -63,7 +63,7 @@ def why_stale(receipt: dict[str, Any] | None, fingerprint: dict[str, Any]) -> st
         return "receipt has no fingerprint"
     for key in sorted(set(old) | set(fingerprint)):
         if old.get(key) != fingerprint.get(key):
-            return f"input changed: {key}"
+            return f"input changed: {describe_change(key, old.get(key), fingerprint.get(key))}"
     for out in receipt.get("outputs", {}).values():
         if not isinstance(out, dict) or "path" not in out:
             continue
@@ -75,6 +75,40 @@ def why_stale(receipt: dict[str, Any] | None, fingerprint: dict[str, Any]) -> st
         if "mtime_ns" in out and now.get("mtime_ns") != out["mtime_ns"]:
             return f"output changed: {out['path']}"
     return None
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_change(key: str, old: Any, new: Any) -> str:
+    """One phrase naming what differs between two fingerprint values, e.g.
+    ``domain.memory_mib 512 → 1024`` or ``disk /src/xp.vmdk modified (mtime)``."""
+    if key == "upstream_run_id":
+        return "the previous step ran again (upstream_run_id)"
+    if isinstance(old, dict) and isinstance(new, dict) and ("path" in old or "path" in new):
+        path = new.get("path") or old.get("path")
+        if old.get("path") != new.get("path"):
+            return f"{key} path {old.get('path')} → {new.get('path')}"
+        if new.get("missing"):
+            return f"{key} {path} is missing"
+        if old.get("missing"):
+            return f"{key} {path} appeared"
+        what = [w for w, k in (("content", "sha256"), ("size", "size"), ("mtime", "mtime_ns"))
+                if old.get(k) != new.get(k)]
+        return f"{key} {path} modified ({', '.join(what) or 'stamp'})"
+    if isinstance(old, dict) and isinstance(new, dict):
+        for sub in sorted(set(old) | set(new), key=str):
+            if old.get(sub) != new.get(sub):
+                return describe_change(f"{key}.{sub}", old.get(sub), new.get(sub))
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return f"{key}: {len(old)} → {len(new)} entries"
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            if a != b:
+                return describe_change(f"{key}[{i}]", a, b)
+    return f"{key} {_short(old)} → {_short(new)}"
 
 
 def output_stamp(path: Path) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""``gho2kvm report``: ``<workdir>/report.md`` and a self-contained ``report.html`` from receipts."""
+"""``gho2kvm report``: ``<workdir>/report.md`` and a self-contained ``report.html`` from receipts.
+
+Per image: its status, and per step the status (done / failed / stale / not run), start and end,
+duration, bytes read and written, outputs, warnings and the error of a failed attempt. Reads
+receipts and error records only (plus ``stat`` for staleness); the HTML has no external resources.
+"""
 
 from __future__ import annotations
 
 import html
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,18 @@ from pipeline.tasks import chain
 
 COLUMNS = ("image", "step", "status", "started", "finished", "seconds", "bytes read", "bytes written",
            "outputs", "warnings / error")
+IMAGE_COLUMNS = ("image", "status", "last step", "steps done", "seconds", "error")
+
+
+def human_bytes(n: Any) -> str:
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
 
 
 def rows(cfg: Config) -> list[dict[str, Any]]:
@@ -24,7 +42,8 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                 stale = t.stale_reason()
             except Exception as e:
                 stale = str(e)
-            failed = err is not None and (r is None or err.get("finished", "") >= r.get("finished", ""))
+            failed = err is not None and (r is None or str(err.get("finished") or "")
+                                          >= str(r.get("finished") or ""))
             if failed:
                 status = "failed"
             elif r is not None and stale is None:
@@ -34,17 +53,43 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
             else:
                 status = "not run"
             src = err if failed and err else (r or {})
-            notes = [str(err.get("error"))] if failed and err else list((r or {}).get("warnings", []))
+            notes = [f"error: {err.get('error')}"] if failed and err else []
+            notes += [f"warning: {w}" for w in (r or {}).get("warnings", [])] if not failed else []
+            if status == "stale" and stale:
+                notes.append(f"stale: {stale}")
+            ok = r if r is not None and not failed else {}
             out.append({
                 "image": img.id, "step": t.step, "status": status,
-                "started": src.get("started", ""), "finished": src.get("finished", ""),
+                "started": src.get("started") or "", "finished": src.get("finished") or "",
                 "seconds": src.get("duration_s", ""),
-                "bytes read": (r or {}).get("bytes_read", "") if not failed else "",
-                "bytes written": (r or {}).get("bytes_written", "") if not failed else "",
-                "outputs": ", ".join(o["path"] for o in (r or {}).get("outputs", {}).values()) if not failed
-                else "",
+                "bytes read": human_bytes(ok.get("bytes_read")),
+                "bytes written": human_bytes(ok.get("bytes_written")),
+                "outputs": ", ".join(o["path"] for o in ok.get("outputs", {}).values()
+                                     if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
             })
+    return out
+
+
+def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for r in step_rows:
+        by_image.setdefault(r["image"], []).append(r)
+    out = []
+    for image, steps in by_image.items():
+        done = [s for s in steps if s["status"] == "done"]
+        failed = next((s for s in steps if s["status"] == "failed"), None)
+        last = "-"
+        for s in steps:
+            if s["status"] != "done":
+                break
+            last = s["step"]
+        status = "failed" if failed else "done" if len(done) == len(steps) else "not finished"
+        seconds = sum(float(s["seconds"]) for s in steps if isinstance(s["seconds"], int | float))
+        out.append({"image": image, "status": status, "last step": last,
+                    "steps done": f"{len(done)}/{len(steps)}", "seconds": round(seconds, 1),
+                    "error": f"{failed['step']}: {failed['warnings / error'].removeprefix('error: ')}"
+                    if failed else ""})
     return out
 
 
@@ -52,26 +97,42 @@ def _md_cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _md_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> list[str]:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_md_cell(r[c]) for c in columns) + " |" for r in data])
+
+
+def _html_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> str:
+    parts = ["<table><tr>", "".join(f"<th>{html.escape(c)}</th>" for c in columns), "</tr>"]
+    for r in data:
+        cls = str(r["status"]).replace(" ", "-")
+        parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in columns)
+                     + "</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
 def write_report(cfg: Config) -> tuple[Path, Path]:
     data = rows(cfg)
+    images = image_rows(data)
     workdir = cfg.images[0].workdir
-    md = [f"# gho2kvm report — {cfg.path}", "", "| " + " | ".join(COLUMNS) + " |",
-          "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_md_cell(r[c]) for c in COLUMNS) + " |" for r in data]
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    counts = {s: sum(1 for i in images if i["status"] == s) for s in ("done", "failed", "not finished")}
+    totals = ", ".join(f"{n} {s}" for s, n in counts.items())
+    md = [f"# gho2kvm report — {cfg.path}", "", f"Generated {generated}; {len(images)} image(s): {totals}.",
+          "", "## Images", "", *_md_table(IMAGE_COLUMNS, images), "", "## Steps", "",
+          *_md_table(COLUMNS, data)]
     md_path = workdir / "report.md"
     atomic.write_text(md_path, "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;font-size:13px}.failed{background:#fdd}.done{background:#dfd}"
-             ".stale,.not-run{background:#ffd}")
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>gho2kvm report</title>",
-             f"<style>{style}</style></head><body><h1>gho2kvm report</h1>",
-             f"<p>{html.escape(str(cfg.path))}</p><table><tr>",
-             "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS), "</tr>"]
-    for r in data:
-        cls = r["status"].replace(" ", "-")
-        parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in COLUMNS)
-                     + "</tr>")
-    parts.append("</table></body></html>")
+    style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
+             "th{background:#eee}.failed{background:#fdd}.done{background:#dfd}"
+             ".stale,.not-run,.not-finished{background:#ffd}")
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>gho2kvm report</title>"
+            f"<style>{style}</style></head><body><h1>gho2kvm report</h1>"
+            f"<p>{html.escape(str(cfg.path))}<br>Generated {html.escape(generated)}; {len(images)} image(s): "
+            f"{html.escape(totals)}.</p><h2>Images</h2>{_html_table(IMAGE_COLUMNS, images)}"
+            f"<h2>Steps</h2>{_html_table(COLUMNS, data)}</body></html>")
     html_path = workdir / "report.html"
-    atomic.write_text(html_path, "".join(parts) + "\n")
+    atomic.write_text(html_path, page + "\n")
     return md_path, html_path

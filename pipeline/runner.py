@@ -1,20 +1,39 @@
-"""Run the pipeline with luigi and turn luigi's result into an exit code and a summary table."""
+"""Run the pipeline with luigi; turn the result into an exit code and a summary table.
+
+- exit 0 when every selected image is done, 1 when any failed or was not reached (config and usage
+  errors exit 2 from :mod:`pipeline.cli` before anything runs);
+- the summary names, per image, the last step reached, the status, the seconds spent in this run,
+  the steps this run executed and the error (``<step>: <message>``);
+- failures luigi sees outside ``ImageTask.run`` (a worker process killed, a dependency found
+  incomplete at run time) are recorded in ``<step>.error.json`` too, so summary, plan and report
+  show them;
+- with a central scheduler (luigid) workers stay alive while other workers run tasks they wait for
+  (``keep_alive``), and tasks luigid disabled after a failure in an earlier run are re-enabled:
+  re-running ``gho2kvm migrate`` is the retry (``retry_count = 0`` in ``luigi.cfg`` keeps a
+  deterministic failure from being retried *within* a run).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
-from dataclasses import dataclass
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import luigi
 
-from pipeline import log, receipts
+from pipeline import atomic, log, progress, receipts
 from pipeline.config import Config
+from pipeline.errors import InputError
 from pipeline.tasks import MigrateAll, chain
-from pipeline.tasks.base import ImageTask
+from pipeline.tasks.base import ImageTask, error_line, now_iso
 
 
 @dataclass
@@ -22,8 +41,9 @@ class ImageStatus:
     image_id: str
     last_step: str  # last complete step ("-" when none)
     status: str  # done | failed | pending
-    duration_s: float
-    error: str
+    duration_s: float  # seconds spent on this image in this run (steps run + a failed attempt)
+    error: str  # "<step>: <message>" when failed
+    ran: list[str] = field(default_factory=list)  # steps executed by this run
 
 
 def run_log_path(cfg: Config) -> Path:
@@ -34,51 +54,165 @@ def run_log_path(cfg: Config) -> Path:
 def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, scheduler: str | None = None,
             scheduler_url: str | None = None) -> int:
     if image:
-        cfg.image(image)  # unknown id → InputError before anything runs
+        cfg.image(image)  # unknown id → InputError (exit 2) before anything runs
     scheduler = scheduler or cfg.settings.scheduler
     kwargs: dict[str, Any] = {"workers": workers, "detailed_summary": True}
+    url = None
     if scheduler == "central":
-        url = scheduler_url or cfg.settings.scheduler_url
+        url = (scheduler_url or cfg.settings.scheduler_url).rstrip("/")
         kwargs["scheduler_url"] = url
         kwargs["local_scheduler"] = False
+        _central_worker_config()
     else:
         kwargs["local_scheduler"] = True
     log_file = run_log_path(cfg)
     log.configure(log_file=log_file)
-    log.get().info("migration started", config=str(cfg.path), images=len(cfg.images), only=image,
-                   workers=workers, scheduler=scheduler, log_file=str(log_file))
+    logger = log.get()
+    if url is not None:
+        reenabled = reenable_disabled(url, cfg, image)
+        if reenabled:
+            logger.info("re-enabled tasks luigid disabled after an earlier failure", tasks=reenabled)
+    logger.info("migration started", config=str(cfg.path), images=len(cfg.images), only=image,
+                workers=workers, scheduler=scheduler, log_file=str(log_file))
     task = MigrateAll(config_path=str(cfg.path.absolute()), only=image or "")
-    result = luigi.build([task], **kwargs)
-    statuses = summarize(cfg, image)
+    before = run_ids(cfg, image)
+    t0 = time.monotonic()
+    with progress.Display():
+        result = luigi.build([task], **kwargs)
+    statuses = summarize(cfg, image, before=before)
     print_summary(statuses)
     ok = result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY") and all(s.status == "done" for s in statuses)
     if result.status.name == "SCHEDULING_FAILED":
-        print(f"scheduling failed (is luigid reachable at {kwargs.get('scheduler_url')}?)", file=sys.stderr)
+        print(f"scheduling failed (is luigid reachable at {url}?)", file=sys.stderr)
+    logger.info("migration finished", ok=ok, seconds=round(time.monotonic() - t0, 2),
+                steps_run=sum(len(s.ran) for s in statuses),
+                failed=[s.image_id for s in statuses if s.status == "failed"],
+                pending=[s.image_id for s in statuses if s.status == "pending"], luigi=result.status.name)
     return 0 if ok else 1
 
 
-def summarize(cfg: Config, only: str | None = None) -> list[ImageStatus]:
+# ---------------------------------------------------------------------------------------------- luigid
+
+
+def _central_worker_config() -> None:
+    conf = luigi.configuration.get_config()
+    # a worker sharing luigid waits for the tasks another worker is running instead of exiting with
+    # them "pending"; it leaves once nothing it asked for can still run
+    conf.set("worker", "keep_alive", "true")
+    if not conf.has_option("worker", "wait_jitter"):
+        conf.set("worker", "wait_jitter", "1.0")
+
+
+def _api(url: str, method: str, data: dict[str, Any], timeout: float = 10) -> Any:
+    body = urllib.parse.urlencode({"data": json.dumps(data)}).encode()
+    with urllib.request.urlopen(f"{url}/api/{method}", data=body, timeout=timeout) as resp:  # noqa: S310
+        return json.loads(resp.read().decode()).get("response")
+
+
+def reenable_disabled(url: str, cfg: Config, only: str | None = None) -> list[str]:
+    """Re-enable this config's tasks that luigid disabled after a failure (for ``disable_persist``
+    seconds, a day by default): a new ``gho2kvm migrate`` is the user's retry. Fails fast with an
+    :class:`InputError` when luigid does not answer."""
+    try:
+        listed = _api(url, "task_list", {"status": "DISABLED", "upstream_status": "", "search": ""})
+    except OSError as e:
+        raise InputError(f"luigid not reachable at {url} ({getattr(e, 'reason', e)}); start it with "
+                         f"`make luigid` or run with --scheduler local") from None
+    ours = {t.task_id for img in cfg.images if not only or img.id == only
+            for t in chain(str(cfg.path.absolute()), img.id)}
+    done = []
+    for task_id in listed or {}:
+        if task_id in ours:
+            _api(url, "re_enable_task", {"task_id": task_id})
+            done.append(task_id)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def _record_failure(task: ImageTask, message: str, *, always: bool) -> None:
+    try:
+        old = receipts.read(task.error_path)
+        if not always and old is not None and old.get("error") == message:
+            return  # ImageTask.run recorded it already, with its timing
+        atomic.write_json(task.error_path, {"step": task.step, "image_id": str(task.image_id),
+                                            "error": message, "started": None, "finished": now_iso(),
+                                            "duration_s": 0.0})
+    except Exception:  # recording is best effort; luigi's own result still fails the run
+        pass
+
+
+@ImageTask.event_handler(luigi.Event.FAILURE)
+def _on_failure(task: ImageTask, exception: BaseException) -> None:
+    _record_failure(task, error_line(exception), always=False)
+
+
+@ImageTask.event_handler(luigi.Event.PROCESS_FAILURE)
+def _on_process_failure(task: ImageTask, error_msg: str) -> None:
+    code = error_msg.rsplit(" ", 1)[-1]
+    detail = f"exit code {code}"
+    try:
+        if int(code) < 0:
+            detail += f", {signal.Signals(-int(code)).name}"
+    except ValueError:
+        pass
+    _record_failure(task, f"worker process died unexpectedly ({detail}) before recording a result",
+                    always=True)
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def run_ids(cfg: Config, only: str | None = None) -> dict[tuple[str, str], str | None]:
+    """(image id, step) → run_id of the current receipt (None when absent)."""
+    out: dict[tuple[str, str], str | None] = {}
+    path = str(cfg.path.absolute())
+    for img in cfg.images:
+        if only and img.id != only:
+            continue
+        for t in chain(path, img.id):
+            out[(img.id, t.step)] = (t.receipt() or {}).get("run_id")
+    return out
+
+
+def _failure(t: ImageTask, r: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The step's error record if it is newer than its receipt."""
+    err = receipts.read(t.error_path)
+    if err is None:
+        return None
+    if r is not None and str(err.get("finished") or "") < str(r.get("finished") or ""):
+        return None
+    return err
+
+
+def summarize(cfg: Config, only: str | None = None,
+              before: dict[tuple[str, str], str | None] | None = None) -> list[ImageStatus]:
     out = []
     path = str(cfg.path.absolute())
     for img in cfg.images:
         if only and img.id != only:
             continue
         steps = chain(path, img.id)
-        last, status, error, duration = "-", "pending", "", 0.0
+        last, status, error, duration, ran = "-", "pending", "", 0.0, []
         for t in steps:
             r = t.receipt()
-            if _safe_stale(t) is None and r is not None:
+            if r is not None and before is not None and r.get("run_id") != before.get((img.id, t.step)):
+                ran.append(t.step)
+                duration += float(r.get("duration_s") or 0)
+        for t in steps:
+            r = t.receipt()
+            if r is not None and _safe_stale(t) is None:
                 last = t.step
-                duration += float(r.get("duration_s", 0))
                 continue
-            err = receipts.read(t.error_path)
-            if err is not None and (r is None or err.get("finished", "") >= r.get("finished", "")):
-                status, error = "failed", str(err.get("error", ""))
-                duration += float(err.get("duration_s", 0))
+            err = _failure(t, r)
+            if err is not None:
+                status, error = "failed", f"{t.step}: {err.get('error', '')}"
+                duration += float(err.get("duration_s") or 0)
             break
         else:
             status = "done"
-        out.append(ImageStatus(img.id, last, status, round(duration, 1), error))
+        out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran))
     return out
 
 
@@ -91,8 +225,14 @@ def _safe_stale(t: ImageTask) -> str | None:
 
 def print_summary(statuses: list[ImageStatus], file: Any = None) -> None:
     file = file or sys.stdout
-    rows = [("image", "last step", "status", "seconds", "error")]
-    rows += [(s.image_id, s.last_step, s.status, f"{s.duration_s:.1f}", s.error) for s in statuses]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [("image", "last step", "status", "seconds", "ran", "error")]
+    rows += [(s.image_id, s.last_step, s.status, f"{s.duration_s:.1f}", ",".join(s.ran) or "-", s.error)
+             for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4], file=file)
+        print(("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]).rstrip(),
+              file=file)
+    failed = sum(1 for s in statuses if s.status == "failed")
+    pending = sum(1 for s in statuses if s.status == "pending")
+    print(f"{len(statuses)} image(s): {len(statuses) - failed - pending} done, {failed} failed, "
+          f"{pending} not finished", file=file)

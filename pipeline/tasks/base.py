@@ -10,16 +10,19 @@ Luigi traps designed around:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import luigi
 
-from pipeline import __version__, atomic, log, receipts
+from pipeline import __version__, atomic, log, progress, receipts
 from pipeline.config import Config, ImageConfig, load_config
 from pipeline.errors import Gho2KvmError
 
@@ -126,54 +129,88 @@ class ImageTask(luigi.Task):
                 self.set_status_message(message)  # type: ignore[misc]
         except Exception:  # progress is best effort (no scheduler attached in unit tests)
             pass
+        progress.report(str(self.image_id), self.step, "progress", percent, message)
+
+    def fingerprint_after(self, fingerprint: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+        """The fingerprint the receipt stores: the one taken before the work, plus inputs known only
+        after it (a VMDK's extent files), so that the receipt is written once, complete."""
+        return fingerprint
 
     def run(self) -> None:
         image = self.image
         image.image_dir.mkdir(parents=True, exist_ok=True)
+        # One step of one image runs in one process at a time, also with several `gho2kvm migrate`
+        # processes or luigid handing a task out again after a worker's stale completeness check:
+        # wait for the step's lock, re-check, and skip the work if another worker just finished it.
+        with _step_lock(image.image_dir / f".{self.step}.lock"), log.bind(image_id=image.id, task=self.step):
+            if self.complete():
+                log.get().info("step already done by another worker")
+                return
+            self._run_locked(image)
+
+    def _run_locked(self, image: ImageConfig) -> None:
         started = now_iso()
         t0 = time.monotonic()
-        with log.bind(image_id=image.id, task=self.step):
-            logger = log.get()
-            logger.info("step started")
-            fingerprint = self.fingerprint()
-            try:
-                out = self.execute()
-                _inject_failure(self.step, "after")
-            except BaseException as e:
-                duration = round(time.monotonic() - t0, 2)
-                msg = e.one_line() if isinstance(e, Gho2KvmError) else f"{type(e).__name__}: {e}"
-                atomic.write_json(self.error_path, {"step": self.step, "image_id": image.id, "error": msg,
-                                                    "started": started, "finished": now_iso(),
-                                                    "duration_s": duration})
-                logger.error("step failed", duration_s=duration, error=msg)
-                raise
-            outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.get("outputs", {}).items()}
+        logger = log.get()
+        logger.info("step started")
+        progress.report(image.id, self.step, "start")
+        fingerprint = self.fingerprint()
+        try:
+            out = self.execute()
+            _inject_failure(self.step, "after")
+        except BaseException as e:
             duration = round(time.monotonic() - t0, 2)
-            receipt = {
-                "step": self.step,
-                "image_id": image.id,
-                "run_id": receipts.new_run_id(),
-                "started": started,
-                "finished": now_iso(),
-                "duration_s": duration,
-                "fingerprint": fingerprint,
-                "outputs": outputs,
-                "bytes_read": out.get("bytes_read", 0),
-                "bytes_written": out.get("bytes_written", sum(o["allocated"] for o in outputs.values())),
-                "warnings": out.get("result", {}).get("warnings", []) if isinstance(out.get("result"), dict)
-                else [],
-                "result": out.get("result", {}),
-            }
-            receipts.write(self.receipt_path, receipt)
-            self.error_path.unlink(missing_ok=True)
-            # the canonical line: one per task
-            logger.info("step done", duration_s=duration, bytes_read=receipt["bytes_read"],
-                        bytes_written=receipt["bytes_written"], warnings=len(receipt["warnings"]))
+            msg = error_line(e)
+            atomic.write_json(self.error_path, {"step": self.step, "image_id": image.id, "error": msg,
+                                                "started": started, "finished": now_iso(),
+                                                "duration_s": duration})
+            logger.error("step failed", duration_s=duration, error=msg)
+            progress.report(image.id, self.step, "failed", message=msg)
+            raise
+        fingerprint = self.fingerprint_after(fingerprint, out)
+        outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.get("outputs", {}).items()}
+        duration = round(time.monotonic() - t0, 2)
+        receipt = {
+            "step": self.step,
+            "image_id": image.id,
+            "run_id": receipts.new_run_id(),
+            "started": started,
+            "finished": now_iso(),
+            "duration_s": duration,
+            "fingerprint": fingerprint,
+            "outputs": outputs,
+            "bytes_read": out.get("bytes_read", 0),
+            "bytes_written": out.get("bytes_written", sum(o["allocated"] for o in outputs.values())),
+            "warnings": out.get("result", {}).get("warnings", []) if isinstance(out.get("result"), dict)
+            else [],
+            "result": out.get("result", {}),
+        }
+        receipts.write(self.receipt_path, receipt)
+        self.error_path.unlink(missing_ok=True)
+        # the canonical line: one per task
+        logger.info("step done", duration_s=duration, bytes_read=receipt["bytes_read"],
+                    bytes_written=receipt["bytes_written"], warnings=len(receipt["warnings"]))
+        progress.report(image.id, self.step, "done")
 
     def on_failure(self, exception: BaseException) -> str:
         if isinstance(exception, Gho2KvmError):
             return exception.one_line()
         return f"[image {self.image_id}, step {self.step}] {type(exception).__name__}: {exception}"
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line error a failed step records in ``<step>.error.json``."""
+    return e.one_line() if isinstance(e, Gho2KvmError) else f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def _step_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _inject_failure(step: str, when: str) -> None:

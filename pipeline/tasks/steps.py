@@ -109,10 +109,13 @@ class Inspect(ImageTask):
         fp = super().fingerprint()
         disk, _ = self.disk()
         fp["disk"] = receipts.file_stamp(disk)
-        old = (self.receipt() or {}).get("result", {})
-        fp["extents"] = [receipts.file_stamp(e["path"]) for e in old.get("extents", [])
-                         if e.get("path") != str(disk)]
+        fp["extents"] = _extent_stamps((self.receipt() or {}).get("result", {}), disk)
         return fp
+
+    def fingerprint_after(self, fingerprint: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+        # a VMDK's extent files are inputs too, known only once inspected: the receipt covers them
+        disk, _ = self.disk()
+        return {**fingerprint, "extents": _extent_stamps(out.get("result", {}), disk)}
 
     def execute(self) -> dict[str, Any]:
         from pipeline.inspect import inspect
@@ -120,16 +123,12 @@ class Inspect(ImageTask):
         disk, fmt = self.disk()
         self.progress(5, "inspecting (one appliance launch)")
         facts = inspect(disk, self.image.id, force_tcg=self.force_tcg, fmt=fmt)
-        # recompute now that the extents are known, so the receipt covers them
         return {"result": facts, "outputs": {}}
 
-    def run(self) -> None:
-        super().run()
-        # extents are part of the fingerprint, known only after the first run: re-stamp them
-        r = self.receipt()
-        if r is not None:
-            r["fingerprint"] = self.fingerprint()
-            receipts.write(self.receipt_path, r)
+
+def _extent_stamps(facts: dict[str, Any], disk: Path) -> list[dict[str, Any]]:
+    return [receipts.file_stamp(e["path"]) for e in facts.get("extents", []) or []
+            if isinstance(e, dict) and e.get("path") and e.get("path") != str(disk)]
 
 
 class RegistryMerge(ImageTask):
