@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+from collections.abc import Callable
 
 VERIFIER_PLAIN = b"BinaryResearch\x00"
 VERIFIER_OFF, VERIFIER_LEN = 0x0C, 15
@@ -61,7 +62,22 @@ _KEY_HI = bytes(t >> 8 for t in KEY_TABLE)
 _KEY_LO = bytes(t & 0xFF for t in KEY_TABLE)
 
 
+_native: list[Callable[[bytes, int], bytes] | None] = []
+
+
 def decrypt(data: bytes | bytearray | memoryview, seed: int) -> bytes:
+    """Decrypt one cipher unit (native helper when available, else :func:`decrypt_py`)."""
+    if not _native:
+        from pipeline.gho.native import decryptor
+
+        _native.append(decryptor(KEY_TABLE))
+    fn = _native[0]
+    if fn is not None and len(data) >= 64:
+        return fn(bytes(data), seed)
+    return decrypt_py(data, seed)
+
+
+def decrypt_py(data: bytes | bytearray | memoryview, seed: int) -> bytes:
     """Decrypt one cipher unit; the state starts at ``seed`` and is fed with the ciphertext (§9.2).
 
     state' = ((state & 0xFF) << 8) ^ K[(state >> 8) ^ c], split into its high and low bytes; the

@@ -1,10 +1,11 @@
-"""Optional native Fast-LZ decoder: a small C function built once with the system C compiler.
+"""Optional native helpers (Fast-LZ decoder, cipher): small C functions built once with ``cc``.
 
 Why: the Fast codec (§7.4) is a byte-oriented LZ77 whose match table depends on every output byte,
 so a Python decoder pays interpreter cost per token (a few MB/s on real data). When a C compiler is
 available the same algorithm is compiled (``cc -O2 -shared``) into the user's cache folder on first
 use and called through :mod:`ctypes`; otherwise, or with ``GHO2KVM_GHO_NATIVE=0``, the pure-Python
 decoder in :mod:`pipeline.gho.codecs` is used. Both give identical output (tested differentially).
+The keystream cipher (§9.2) is byte-serial for the same reason and uses the same library.
 """
 
 from __future__ import annotations
@@ -74,10 +75,21 @@ long gho_fast_decode(const unsigned char *s, size_t n, unsigned char *out, size_
     }
     return (long)o;
 }
+
+/* Ghost keystream cipher (FORMAT.md 9.2): one unit, state fed with the ciphertext. */
+void gho_decrypt(const unsigned char *in, size_t n, unsigned seed, const uint16_t *k, unsigned char *out) {
+    unsigned st = seed & 0xFFFFu;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        unsigned c = in[i];
+        out[i] = (unsigned char)(c ^ (st & 0xFFu));
+        st = (((st & 0xFFu) << 8) ^ k[(st >> 8) ^ c]) & 0xFFFFu;
+    }
+}
 """
 
 _lock = threading.Lock()
-_loaded: dict[str, Callable[[bytes, int], bytes | None] | None] = {}
+_loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 def _cache_dir() -> Path:
@@ -98,32 +110,58 @@ def _build(lib: Path) -> None:
         os.replace(out, lib)
 
 
-def fast_decoder() -> Callable[[bytes, int], bytes | None] | None:
-    """The native decoder ``f(payload, limit) -> bytes | None`` (None = overflow), or None if unavailable."""
+def _library() -> ctypes.CDLL | None:
     if os.environ.get("GHO2KVM_GHO_NATIVE", "1") == "0":
         return None
     with _lock:
-        if "fast" in _loaded:
-            return _loaded["fast"]
-        fn = None
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        dll = None
         with contextlib.suppress(OSError, Gho2KvmError, AttributeError):
             tag = hashlib.sha256(C_SOURCE.encode()).hexdigest()[:16]
-            lib = _cache_dir() / f"gho_fastlz_{tag}.so"
+            lib = _cache_dir() / f"gho_native_{tag}.so"
             if not lib.exists():
                 _build(lib)
             dll = ctypes.CDLL(str(lib))
-            cfn = dll.gho_fast_decode
-            cfn.restype = ctypes.c_long
-            cfn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
-            local = threading.local()
+            dll.gho_fast_decode.restype = ctypes.c_long
+            dll.gho_fast_decode.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p,
+                                             ctypes.c_size_t]
+            dll.gho_decrypt.restype = None
+            dll.gho_decrypt.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_void_p,
+                                        ctypes.c_void_p]
+        _loaded["lib"] = dll
+        return dll
 
-            def decode(payload: bytes, limit: int) -> bytes | None:
-                buf = getattr(local, "buf", None)
-                if buf is None or len(buf) < limit + 32:
-                    buf = local.buf = ctypes.create_string_buffer(limit + 32)
-                n = cfn(payload, len(payload), buf, limit)
-                return None if n < 0 else ctypes.string_at(buf, n)
 
-            fn = decode
-        _loaded["fast"] = fn
-        return fn
+def fast_decoder() -> Callable[[bytes, int], bytes | None] | None:
+    """The native decoder ``f(payload, limit) -> bytes | None`` (None = overflow), or None if unavailable."""
+    dll = _library()
+    if dll is None:
+        return None
+    cfn = dll.gho_fast_decode
+    local = threading.local()
+
+    def decode(payload: bytes, limit: int) -> bytes | None:
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < limit + 32:
+            buf = local.buf = ctypes.create_string_buffer(limit + 32)
+        n = cfn(payload, len(payload), buf, limit)
+        return None if n < 0 else ctypes.string_at(buf, n)
+
+    return decode
+
+
+def decryptor(key_table: list[int]) -> Callable[[bytes, int], bytes] | None:
+    """The native ``f(data, seed) -> plaintext`` for one cipher unit, or None if unavailable."""
+    dll = _library()
+    if dll is None:
+        return None
+    cfn = dll.gho_decrypt
+    keys = (ctypes.c_uint16 * 256)(*key_table)
+
+    def decrypt(data: bytes, seed: int) -> bytes:
+        out = ctypes.create_string_buffer(len(data))
+        cfn(data, len(data), seed, keys, out)
+        return out.raw
+
+    return decrypt
