@@ -243,3 +243,20 @@ def test_fixture_split_into_spans_extracts_the_same(tmp_path: Path, disks: dict)
     assert info.spans == [p.name for p in parts[1:]] and info.trailer_offset == 0x4A713
     res = extract(img, tmp_path / "d.raw")
     assert res.files == disks[HIGH][1].files
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_trailer_catalogues_agree_with_the_records(path: Path) -> None:
+    from pipeline.gho.catalogue import parse_catalogue
+
+    info = read_info(path)  # the trailer is not encrypted: no password needed
+    assert [p.catalogue_files for p in info.partitions] == [5, 1, 1] and info.warnings == []
+    with Image(path) as img:
+        cats = img.layout.catalogues
+        assert len(cats) == 3
+        entries = [e for c in cats for e in parse_catalogue(img.stream.read(c.body_offset, c.length))]
+    assert [e.name for e in entries] == ["IO.SYS", "MSDOS.SYS", "COMMAND.COM", "EDIT.COM"] + ["TEST.TXT"] * 3
+    assert [e.size for e in entries] == [f[3] for f in FILES]
+    assert (entries[0].date, entries[0].time, entries[0].attributes) == (0x457D, 0x144F, 0x07)
+    if path in CATALOGUE:
+        assert [e.offset for e in entries] == CATALOGUE[path]

@@ -322,6 +322,14 @@ class FatSection:
             cur.items.append((e, None))
             return []
         if e[0:11] in (DOT, DOTDOT):
+            g = self.geometry
+            assert g is not None
+            clus = struct.unpack_from("<H", e, 26)[0]
+            if g.fat_type == 32:
+                clus |= struct.unpack_from("<H", e, 20)[0] << 16
+            if e[0:11] == DOT and cur is not self.root and clus != cur.orig_cluster:
+                self.warnings.append(f"'.' entry at offset {rec.offset} names cluster {clus}, "
+                                     f"its directory {cur.path} starts at {cur.orig_cluster}")
             cur.items.append((e, None))
             return []
         name = _lfn_name(lfn, e[0:11]) or short_name(e)

@@ -71,6 +71,7 @@ class Image:
         self.walker = Walker(self.stream, self.header)
         self.seed: int | None = None
         self._layout: Layout | None = None
+        self.volumes_cache: list[Volume] = []
 
     def close(self) -> None:
         self.stream.close()

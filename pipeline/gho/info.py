@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.gho.catalogue import parse_catalogue, slot_short_name
 from pipeline.gho.disk import parse_mbr
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import Image, generation
@@ -26,6 +27,7 @@ class PartitionInfo:
     file_bytes: int | None = None
     records: int | None = None
     record_kinds: dict[str, int] | None = None
+    catalogue_files: int | None = None
     geometry: dict[str, int] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -69,7 +71,8 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
         parts = []
         warnings: list[str] = []
         files: list[dict[str, Any]] = []
-        for v in img.volumes():
+        img.volumes_cache = img.volumes()
+        for v in img.volumes_cache:
             sec = layout.sections[v.index]
             p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors,
                               v.size, notes=list(v.notes))
@@ -96,6 +99,7 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
                         files.append(d)
                 warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
             parts.append(p)
+        _check_catalogues(img, parts, warnings)
         track0 = img.track0() if layout.track0 else b""
         mbr = [
             {"type": e.ptype, "start_lba": e.start, "sectors": e.sectors, "active": int(e.status == 0x80)}
@@ -112,3 +116,29 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
             track0_bytes=len(track0),
             mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
         )
+
+
+def _check_catalogues(img: Image, parts: list[PartitionInfo], warnings: list[str]) -> None:
+    """Compare the trailer catalogues (one per FAT partition, in order) with the walked tree; advisory."""
+    fat = [(p, v) for p, v in zip(parts, img.volumes_cache, strict=True) if p.kind == "fat"]
+    cats = img.layout.catalogues
+    if not cats:
+        return
+    if len(cats) != len(fat):
+        warnings.append(f"trailer has {len(cats)} catalogues for {len(fat)} FAT partitions")
+        return
+    for rec, (p, v) in zip(cats, fat, strict=True):
+        try:
+            entries = parse_catalogue(img.stream.read(rec.body_offset, rec.length, "a catalogue"))
+        except ValueError as err:
+            warnings.append(f"partition {p.index}: {err}")
+            continue
+        p.catalogue_files = len(entries)
+        if not isinstance(v.reader, FatSection):
+            continue
+        by_off = {n.entry_offset: n for n in v.reader.nodes}
+        for e in entries:
+            n = by_off.get(e.offset)
+            if n is None or n.size != e.size or slot_short_name(n.slot) != e.name:
+                warnings.append(f"partition {p.index}: catalogue entry {e.name} ({e.size} bytes at offset "
+                                f"{e.offset}) does not match the directory records")
