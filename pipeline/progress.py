@@ -263,6 +263,7 @@ def _isatty(stream: IO[str]) -> bool:
 
 def _width(stream: IO[str]) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        cols = os.get_terminal_size(stream.fileno()).columns
     except (OSError, ValueError, AttributeError):
-        return shutil.get_terminal_size().columns
+        cols = 0
+    return cols if cols > 0 else shutil.get_terminal_size((100, 24)).columns

@@ -81,7 +81,9 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, schedule
         result = luigi.build([task], **kwargs)
     statuses = summarize(cfg, image, before=before)
     print_summary(statuses)
-    ok = result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY") and all(s.status == "done" for s in statuses)
+    # the receipts are the truth: a worker sharing luigid reports tasks another worker finished as
+    # "not run" (NOT_RUN), and a task that failed once but succeeded on a retry is done
+    ok = all(s.status == "done" for s in statuses)
     if result.status.name == "SCHEDULING_FAILED":
         print(f"scheduling failed (is luigid reachable at {url}?)", file=sys.stderr)
     logger.info("migration finished", ok=ok, seconds=round(time.monotonic() - t0, 2),
