@@ -38,4 +38,4 @@ def convert_disk(image: ImageConfig, src: Path, src_fmt: str, *,
             qemu_img.compare(src, src_fmt, tmp, image.format, image_id=image.id, step=STEP)
             timings["verify_seconds"] = round(time.monotonic() - t0, 2)
     return {"input": str(src), "input_format": src_fmt, "output": str(final), "format": image.format,
-            "verified": image.verify, **timings}
+            "verified": image.verify, "qemu_img_version": qemu_img.version(), **timings}

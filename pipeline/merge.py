@@ -109,6 +109,7 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
                     "verified": True,
                 }
             appliance_seconds = round(g.launch_seconds, 1)
+            libguestfs_version = _libguestfs_version(g)
     return {
         "skipped": False,
         "overlay": str(overlay),
@@ -120,4 +121,15 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         "warnings": warnings,
         "appliance_launches": 1,
         "appliance_seconds": appliance_seconds,
+        "qemu_img_version": qemu_img.version(),
+        "libguestfs_version": libguestfs_version,
     }
+
+
+def _libguestfs_version(g: Guestfish) -> str | None:
+    """``1.48.6`` from the running appliance's ``version`` (no extra launch); None if unreadable."""
+    try:
+        fields = dict(ln.split(":", 1) for ln in g.lines("version") if ":" in ln)
+        return ".".join(fields[k].strip() for k in ("major", "minor", "release"))
+    except (ToolError, KeyError):
+        return None
