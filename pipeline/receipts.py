@@ -61,9 +61,11 @@ def why_stale(receipt: dict[str, Any] | None, fingerprint: dict[str, Any]) -> st
     old = receipt.get("fingerprint")
     if not isinstance(old, dict):
         return "receipt has no fingerprint"
-    for key in sorted(set(old) | set(fingerprint)):
-        if old.get(key) != fingerprint.get(key):
-            return f"input changed: {describe_change(key, old.get(key), fingerprint.get(key))}"
+    changed = [describe_change(key, old.get(key), fingerprint.get(key))
+               for key in sorted(set(old) | set(fingerprint)) if old.get(key) != fingerprint.get(key)]
+    if changed:
+        more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+        return "input changed: " + "; ".join(changed[:3]) + more
     for out in receipt.get("outputs", {}).values():
         if not isinstance(out, dict) or "path" not in out:
             continue
