@@ -63,8 +63,11 @@ luigid: setup
 	  sleep 0.2; done; echo "luigid did not start; see $(LUIGID_DIR)/luigid.log" >&2; exit 1
 
 luigid-stop:
-	@if [ -f $(LUIGID_DIR)/luigid.pid ]; then kill $$(cat $(LUIGID_DIR)/luigid.pid) 2>/dev/null || true; \
-	  rm -f $(LUIGID_DIR)/luigid.pid; echo "luigid stopped"; else echo "luigid not running"; fi
+	@if [ -f $(LUIGID_DIR)/luigid.pid ]; then pid=$$(cat $(LUIGID_DIR)/luigid.pid); \
+	  kill $$pid 2>/dev/null || true; \
+	  for i in $$(seq 50); do kill -0 $$pid 2>/dev/null || break; sleep 0.2; done; \
+	  rm -f $(LUIGID_DIR)/luigid.pid; echo "luigid stopped (state in $(LUIGID_DIR)/state.pickle)"; \
+	else echo "luigid not running"; fi
 
 clean:
 	rm -rf var/work var/images var/bench var/luigid .pytest_cache .mypy_cache .ruff_cache
