@@ -55,13 +55,25 @@ WIN7_UEFI = DiskSpec(product="Windows 7 Professional", version="6.1", build="760
 
 
 def pe_file(arch: str) -> Path:
+    """A real PE executable for ``arch``: distlib's Windows launchers, shipped in PyPI's pip.
+
+    (Debian's own pip wheel strips them; ``make setup`` upgrades the venv's pip from PyPI.)
+    """
     import pip
 
     name = "t32.exe" if arch == "i386" else "t64.exe"
-    path = Path(pip.__file__).parent / "_vendor" / "distlib" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no PE file shipped by pip at {path}")
-    return path
+    candidates = [Path(pip.__file__).parent / "_vendor" / "distlib" / name]
+    try:
+        import distlib  # type: ignore[import-not-found]
+
+        candidates.append(Path(distlib.__file__).parent / name)
+    except ImportError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no PE file {name} found (looked in {', '.join(map(str, candidates))}); "
+                            f"upgrade pip from PyPI: .venv/bin/pip install --upgrade pip")
 
 
 def _reg(lines: list[str]) -> str:
