@@ -64,7 +64,7 @@ def pe_file(arch: str) -> Path:
     name = "t32.exe" if arch == "i386" else "t64.exe"
     candidates = [Path(pip.__file__).parent / "_vendor" / "distlib" / name]
     try:
-        import distlib  # type: ignore[import-not-found]
+        import distlib
 
         candidates.append(Path(distlib.__file__).parent / name)
     except ImportError:
