@@ -7,12 +7,15 @@ Made once under ``var/bench/`` (reused while its stamp matches): the fake XP dis
 inspects as Windows and registry-merge runs), converted to a monolithicSparse VMDK. Then, in ONE
 run (``var/bench/run/``, wiped first):
 
-1. bare ``qemu-img convert`` of the VMDK to the target format (warm-up + timed), the full migration
-   through the CLI, then ``pipeline.convert.convert_disk`` called directly with ``verify`` off, and
-   bare again. Ratio = our time ÷ mean bare time. "step" is the convert receipt's ``duration_s``
-   (the whole Luigi step: convert + verify + receipt), "qemu-img" its ``convert_seconds``.
+1. time: the full migration through the CLI (its convert receipt gives one in-pipeline figure:
+   ``duration_s`` of the whole step with verify, and ``convert_seconds`` of its qemu-img run), then
+   ``--repeat`` rounds of: bare ``qemu-img convert`` of the VMDK to the same format, and our
+   ``pipeline.convert.convert_disk`` (the function the step runs) on the run's overlay with verify
+   off and on. Page cache of the source/overlay dropped before each. Ratios use medians; the main
+   one divides by bare + fsync of the output, since our step fsyncs before its atomic rename.
 2. bytes written by the migration: allocated size of every file it left in the workdir and the
-   output dir (overlay, final disk, receipts, domain XML, logs) ÷ allocated size of the source.
+   output dir (overlay, final disk, receipts, domain XML, logs) ÷ allocated size of the source; and
+   the kernel's count (rusage) of bytes written by the CLI process tree.
 3. libguestfs appliance launches per image and their time, from the ``appliance launched`` log lines.
 """
 
@@ -21,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-mib", type=int, default=1024)
     p.add_argument("--format", default="raw", choices=("raw", "qcow2"))
     p.add_argument("--keep", action="store_true", help="keep var/bench/run afterwards")
+    p.add_argument("--repeat", type=int, default=3, help="timed samples of bare and of convert_disk()")
     a = p.parse_args(argv)
     force_tcg = os.environ.get("GHO2KVM_FORCE_TCG") == "1"
 
@@ -118,34 +124,33 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_out = run_dir / f"bare.{a.format}"
     bare_cmd = ["qemu-img", "convert", "-p", "-f", "vmdk", "-O", a.format, str(src), str(bare_out)]
-    bare_times: list[float] = []  # qemu-img convert alone
-    bare_synced: list[float] = []  # + fsync of the output, as our step does before its rename
+    samples: dict[str, list[float]] = {"bare": [], "bare+fsync": [], "ours": [], "ours+verify": []}
 
     def bare() -> None:
         bare_out.unlink(missing_ok=True)
         drop_file(src)
         t0 = time.monotonic()
         sh(bare_cmd, stdout=subprocess.DEVNULL)
-        bare_times.append(time.monotonic() - t0)
-        drop_file(bare_out)
-        bare_synced.append(time.monotonic() - t0)
+        samples["bare"].append(time.monotonic() - t0)
+        drop_file(bare_out)  # fsync, as our step does before its rename
+        samples["bare+fsync"].append(time.monotonic() - t0)
         bare_out.unlink()
 
     bare()  # warm-up (qemu-img binary, metadata), not counted
-    bare_times.clear()
-    bare_synced.clear()
-    bare()
+    for v in samples.values():
+        v.clear()
 
     migrate_cmd = [sys.executable, "-m", "pipeline", "migrate", "--config", str(config)]
-    env = dict(os.environ)
     drop_file(src)
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     t0 = time.monotonic()
-    proc = subprocess.run(migrate_cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    proc = subprocess.run(migrate_cmd, capture_output=True, text=True, cwd=str(REPO))
     migrate_wall = time.monotonic() - t0
+    kernel_written = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - ru0) * 512
     if proc.returncode != 0:
         print(proc.stdout, proc.stderr[-3000:], sep="\n", file=sys.stderr)
         return 1
-    written = tree_allocated(work, images)  # before the extra direct run below writes more
+    written = tree_allocated(work, images)  # before the direct runs below write more
 
     def receipt(step: str) -> dict[str, Any]:
         return json.loads((work / IMAGE_ID / f"{step}.json").read_text())
@@ -153,17 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     conv, merge, insp = receipt("convert"), receipt("registry-merge"), receipt("inspect")
     overlay = Path(merge["result"]["overlay"])
 
-    # our convert function alone, without verify, into another folder
-    image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct", verify=False)
-    drop_file(src)
-    t0 = time.monotonic()
-    convert_disk(image, overlay, "qcow2")
-    direct_noverify = time.monotonic() - t0
-    shutil.rmtree(run_dir / "direct")
+    # our convert function alone (the code the step runs), interleaved with bare qemu-img
+    base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
 
-    bare()
-    bare_mean = sum(bare_times) / len(bare_times)
-    synced_mean = sum(bare_synced) / len(bare_synced)
+    def ours(verify: bool) -> None:
+        drop_file(src)
+        drop_file(overlay)
+        t0 = time.monotonic()
+        convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
+        samples["ours+verify" if verify else "ours"].append(time.monotonic() - t0)
+        shutil.rmtree(run_dir / "direct")
+
+    for _ in range(a.repeat):
+        bare()
+        ours(False)
+        ours(True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
 
     launches = []
     for line in proc.stderr.splitlines():
@@ -187,23 +197,31 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2**20
     qv = conv["result"].get("qemu_img_version")
     vsize = insp["result"]["virtual_size"] / 2**30
-    bare_runs = ", ".join(f"{t:.2f}" for t in bare_times)
-    launch_list = ", ".join(f"{t} {s:.1f} s" for t, s in launches)
+
+    def runs(k: str) -> str:
+        return "median of " + ", ".join(f"{t:.2f}" for t in samples[k])
+
+    bare_s, synced_s = med["bare"], med["bare+fsync"]
     rows = [  # (measure, figure, how)
         ("source", f"{src_alloc / mib:.0f} MiB allocated",
          f"{src.name}, virtual {vsize:.2f} GiB, qemu-img {qv}"),
-        ("bare qemu-img convert", f"{bare_mean:.2f} s",
-         f"runs {bare_runs}; + fsync of output {synced_mean:.2f} s"),
-        ("convert step with verify", f"{step_s:.2f} s = {step_s / bare_mean:.2f}x",
-         f"receipt duration_s: qemu-img convert {qi_s:.2f} s + compare {vf_s:.2f} s + fsync/receipt"),
-        ("  its qemu-img convert", f"{qi_s:.2f} s = {qi_s / bare_mean:.2f}x",
-         "receipt result.convert_seconds"),
-        ("convert_disk() no verify", f"{direct_noverify:.2f} s = {direct_noverify / bare_mean:.2f}x",
-         f"direct call, wall incl. fsync + rename; vs bare+fsync {direct_noverify / synced_mean:.2f}x"),
+        ("bare qemu-img convert", f"{bare_s:.2f} s", runs("bare")),
+        ("  + fsync of its output", f"{synced_s:.2f} s", runs("bare+fsync")),
+        ("convert_disk() no verify", f"{med['ours']:.2f} s = {med['ours'] / synced_s:.2f}x",
+         f"÷ bare+fsync ({med['ours'] / bare_s:.2f}x ÷ bare); {runs('ours')}"),
+        ("convert_disk() verify", f"{med['ours+verify']:.2f} s = {med['ours+verify'] / synced_s:.2f}x",
+         f"÷ bare+fsync ({med['ours+verify'] / bare_s:.2f}x ÷ bare); {runs('ours+verify')}"),
+        ("in the run: convert step", f"{step_s:.2f} s = {step_s / synced_s:.2f}x",
+         f"receipt duration_s (verify on): qemu-img convert {qi_s:.2f} s ({qi_s / bare_s:.2f}x bare)"
+         f" + compare {vf_s:.2f} s + fsync, receipt"),
         ("bytes written / source", f"{total_written / src_alloc:.3f}",
          f"{total_written / mib:.1f} MiB = final {final_alloc / mib:.1f} + overlay {overlay_alloc / mib:.2f}"
-         f" + other {other / mib:.2f} (receipts, xml, logs)"),
-        ("appliance launches", f"{len(launches)} / {sum(s for _, s in launches):.1f} s", launch_list),
+         f" + other {other / mib:.2f} (receipts, xml, logs), allocated"),
+        ("  kernel-counted / source", f"{kernel_written / src_alloc:.3f}",
+         f"{kernel_written / mib:.1f} MiB: rusage ru_oublock of the CLI and the tools it waited for"
+         " (guestfish --listen daemons not included)"),
+        ("appliance launches", f"{len(launches)} / {sum(s for _, s in launches):.1f} s",
+         ", ".join(f"{t} {s:.1f} s" for t, s in launches)),
         ("whole migration", f"{migrate_wall:.1f} s",
          f"inspect {insp['duration_s']:.1f} s, registry-merge {merge['duration_s']:.1f} s, "
          f"convert {step_s:.1f} s"),
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ncommands:")
     print("  bare:    " + shlex.join(bare_cmd))
     print("  ours:    GHO2KVM_FORCE_TCG=1 " + shlex.join(migrate_cmd))
-    print(f"  direct:  pipeline.convert.convert_disk(image(verify=False), {overlay}, 'qcow2')")
+    print(f"  direct:  pipeline.convert.convert_disk(image(verify=False|True), {overlay}, 'qcow2')")
     if not a.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
