@@ -381,6 +381,7 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
         images_raw = []
 
     base = path.parent
+    reg_checked: dict[Path, str | None] = {}
     seen: dict[str, int] = {}
     images: list[ImageConfig] = []
     for idx, raw in enumerate(images_raw):
@@ -422,6 +423,10 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
             rp = Path(os.path.normpath((base / r).absolute())) if not os.path.isabs(r) else Path(r)
             if not rp.is_file():
                 col.add(raw.lines.get("registry", raw.line), label, "registry", f"file not found: {rp}")
+            else:
+                problem = _reg_problem(rp, reg_checked)
+                if problem:
+                    col.add(raw.lines.get("registry", raw.line), label, "registry", problem)
         if len(col.errors) != before or src_path is None:
             continue
         if "registry" in values:
@@ -446,6 +451,22 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
     if col.errors:
         raise ConfigError(col.errors)
     return Config(path=path, images=tuple(images), settings=Settings(**settings))
+
+
+def _reg_problem(path: Path, cache: dict[Path, str | None]) -> str | None:
+    """Parse a user ``.reg`` file once per load: a malformed one is a config error (file:line)."""
+    if path not in cache:
+        from pipeline.registry.plan import plan
+        from pipeline.registry.regfile import RegSyntaxError, parse_file
+
+        try:
+            plan(parse_file(path), 1)  # syntax, and keys outside HKLM\SYSTEM / HKLM\SOFTWARE
+            cache[path] = None
+        except RegSyntaxError as e:
+            cache[path] = e.message
+        except OSError as e:
+            cache[path] = f"cannot read {path}: {e.strerror}"
+    return cache[path]
 
 
 def _sub(raw: _Map, drop: tuple[str, ...]) -> _Map:

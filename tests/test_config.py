@@ -338,3 +338,20 @@ def test_settings(cfgdir: Path) -> None:
     path.write_text(path.read_text().replace("central", "remote"))
     err = one_error(path)
     assert err == f"{path}:3: field 'settings.scheduler': expected one of local, central, got 'remote'"
+
+
+def test_malformed_or_foreign_reg_file_is_a_config_error(tmp_path: Path) -> None:
+    """.reg files are parsed when the config is loaded: file:line inside the config error line."""
+    src = tmp_path / "disk.raw"
+    src.write_bytes(b"\0" * 512)
+    (tmp_path / "bad.reg").write_text('Windows Registry Editor Version 5.00\n\n[HKLM\\SYSTEM\\X]\n"v"=dword:xyz\n')
+    (tmp_path / "user.reg").write_text('Windows Registry Editor Version 5.00\n\n[HKEY_CURRENT_USER\\X]\n"v"="1"\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("images:\n  - id: a\n    source: disk.raw\n    registry: [mergeide, bad.reg]\n"
+                   "  - id: b\n    source: disk.raw\n    registry: [user.reg]\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(cfg)
+    errors = ei.value.errors
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"{cfg}:4: image 'a': field 'registry': ") and "bad.reg:4:" in errors[0]
+    assert errors[1].startswith(f"{cfg}:7: image 'b': field 'registry': ") and "user.reg:3:" in errors[1]

@@ -5,7 +5,7 @@ Appliance launches cost 25-60 s each under TCG, so everything runs once per modu
 
 * ``xp``: the XP disk as a monolithicFlat VMDK with 256 MiB of random data in unpartitioned space
   (so that convert takes long enough to be killed), ``format: raw``, ``registry: [mergeide,
-  extra.reg]``. Run 1: ``extra.reg`` malformed → fails after inspect. Run 2: file fixed, SIGKILL
+  extra.reg]``. Run 1: ``extra.reg`` malformed → config error, nothing runs. Run 2: file fixed, SIGKILL
   while qemu-img convert runs. Run 3: ``GHO2KVM_INJECT_FAILURE=convert:kill`` (killed after the work,
   before the receipt). Run 4: finishes.
 * ``win7``: Windows 7, current control set 2, as a streamOptimized VMDK, ``format: qcow2``, with
@@ -375,14 +375,15 @@ def test_xp_raw_output_is_sparse_raw(runs: Runs) -> None:
 
 
 def test_malformed_reg_fails_before_overlay(runs: Runs) -> None:
+    """A malformed .reg is a config error: one line naming config, image, field, .reg file and line;
+    nothing runs (not even inspect's appliance), nothing is written."""
     bad = runs.bad
-    assert bad is not None and bad.returncode != 0
+    assert bad is not None and bad.returncode == 2
     where = f"extra.reg:{BAD_LINE}"
-    assert where in bad.stdout, bad.stdout  # the summary table names file and line
-    failed = [e for e in log_events(bad) if e.get("event") == "step failed"]
-    assert failed and failed[0]["task"] == "registry-merge" and where in failed[0]["error"]
-    assert "overlay.qcow2" not in runs.bad_files and "registry-merge.json" not in runs.bad_files
-    assert "registry-merge.error.json" in runs.bad_files
+    lines = [ln for ln in bad.stderr.splitlines() if where in ln]
+    assert lines and "image 'xp'" in lines[0] and "field 'registry'" in lines[0], bad.stderr
+    assert not [e for e in log_events(bad) if e.get("event") == "step started"]
+    assert runs.bad_files == []
     assert runs.bad_leftovers == []
     assert runs.bad_images == []  # no final disk either
 

@@ -72,6 +72,7 @@ class Guestfish:
         self.pid = int(line.split("GUESTFISH_PID=")[1].split(";")[0])
         start = time.monotonic()
         try:
+            self._wait_for_server()
             self("run")
         except BaseException:
             self.close()
@@ -81,6 +82,17 @@ class Guestfish:
         log.get().info("appliance launched", seconds=round(self.launch_seconds, 1),
                        drives=[str(d[0]) for d in self.drives])
         return self
+
+    def _wait_for_server(self, seconds: float = 30) -> None:
+        """``--listen`` prints the PID before its socket exists ("a small but unavoidable race" in
+        libguestfs' own words): poll with a command that needs no appliance until it answers."""
+        deadline = time.monotonic() + seconds
+        while True:
+            r = run([GUESTFISH, f"--remote={self.pid}", "--", "get-verbose"], step=self.step,
+                    image_id=self.image_id, timeout=30, env=self.env, check=False)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
     def __call__(self, *args: str, timeout: float | None = None) -> str:
         assert self.pid is not None
