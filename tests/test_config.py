@@ -344,8 +344,9 @@ def test_malformed_or_foreign_reg_file_is_a_config_error(tmp_path: Path) -> None
     """.reg files are parsed when the config is loaded: file:line inside the config error line."""
     src = tmp_path / "disk.raw"
     src.write_bytes(b"\0" * 512)
-    (tmp_path / "bad.reg").write_text('Windows Registry Editor Version 5.00\n\n[HKLM\\SYSTEM\\X]\n"v"=dword:xyz\n')
-    (tmp_path / "user.reg").write_text('Windows Registry Editor Version 5.00\n\n[HKEY_CURRENT_USER\\X]\n"v"="1"\n')
+    head = "Windows Registry Editor Version 5.00\n\n"
+    (tmp_path / "bad.reg").write_text(head + '[HKLM\\SYSTEM\\X]\n"v"=dword:xyz\n')
+    (tmp_path / "user.reg").write_text(head + '[HKEY_CURRENT_USER\\X]\n"v"="1"\n')
     cfg = tmp_path / "c.yaml"
     cfg.write_text("images:\n  - id: a\n    source: disk.raw\n    registry: [mergeide, bad.reg]\n"
                    "  - id: b\n    source: disk.raw\n    registry: [user.reg]\n")
