@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +35,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from fx_pipeline import path_shim  # noqa: E402
 
 from pipeline import fakedisk  # noqa: E402
 
@@ -57,16 +59,6 @@ def write_config(n: int, source: Path) -> Path:
     return path
 
 
-def shim(folder: Path, calls: Path) -> dict[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    for tool in TOOLS:
-        real = shutil.which(tool)
-        if real is None:
-            continue
-        script = folder / tool
-        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\nexec "{real}" "$@"\n')
-        script.chmod(0o755)
-    return {"PATH": f"{folder}:{os.environ['PATH']}"}
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -120,7 +112,7 @@ def main() -> int:
 
     startup = interpreter_startup()
     calls = BENCH / "tool-calls.log"
-    path_env = shim(BENCH / "shim", calls)
+    path_env = path_shim(BENCH / "shim", calls, TOOLS)
     failures: list[str] = []
     walls, inside = [], []
     for i in range(args.runs):

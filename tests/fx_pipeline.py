@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,17 @@ def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
     return out
+
+def path_shim(folder: Path, calls: Path, tools: tuple[str, ...] = ("qemu-img", "guestfish", "virsh",
+                                                                    "hivexregedit", "qemu-system-x86_64")
+              ) -> dict[str, str]:
+    """A PATH directory whose tools log their argv to ``calls`` and run the real tool."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for tool in tools:
+        real = shutil.which(tool)
+        if real is None:
+            continue
+        script = folder / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\nexec "{real}" "$@"\n')
+        script.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}

@@ -17,7 +17,6 @@ import json
 import os
 import pty
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 from fx_disks import private_copy
-from fx_pipeline import REPO, log_events, make_config, run_cli
+from fx_pipeline import REPO, log_events, make_config, path_shim, run_cli
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 
@@ -95,19 +94,6 @@ def temp_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
 
-def path_shim(folder: Path, calls: Path, tools: tuple[str, ...] = ("qemu-img", "guestfish", "virsh",
-                                                                    "hivexregedit", "qemu-system-x86_64")
-              ) -> dict[str, str]:
-    """A PATH directory whose tools log their argv to ``calls`` and run the real tool."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for tool in tools:
-        real = shutil.which(tool)
-        if real is None:
-            continue
-        script = folder / tool
-        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{calls}"\nexec "{real}" "$@"\n')
-        script.chmod(0o755)
-    return {"PATH": f"{folder}:{os.environ['PATH']}"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
