@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline.gho.disk import (
     EXTENDED_TYPES,
     SECTOR,
@@ -83,10 +83,6 @@ def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placemen
     return plan_synthetic(vols_spec), None
 
 
-def _tmp_name(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{os.getpid()}"
-
-
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
             progress: Progress | None = None) -> ExtractResult:
     """Rebuild the disk held by the image at ``path`` as a sparse raw file ``out_path``."""
@@ -125,58 +121,42 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
             if progress:
                 progress(min(done, total), total)
 
-        tmp = _tmp_name(out)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        ok = False
-        try:
-            w = SparseWriter(fd)
-            if track0:
-                w.write_at(0, track0)
-            for lba, data in tables:
-                w.write_at(lba * SECTOR, data)
-            parts = []
-            files: list[dict[str, Any]] = []
-            warnings: list[str] = []
-            for v, p in zip(vols, places, strict=True):
-                reader = v.reader
-                assert reader is not None
-                part = ExtractedPartition(v.index + 1, v.kind, v.fs, v.label, p.start, p.sectors, p.ptype,
-                                          p.logical)
-                if isinstance(reader, FatSection):
-                    reader.write(w, p.start * SECTOR, step)
-                    for n in reader.nodes:
-                        d = n.to_dict()
-                        d["partition"] = v.index + 1
-                        files.append(d)
-                    fl = reader.files()
-                    part.files, part.file_bytes = len(fl), sum(n.size for n in fl)
-                    part.directories = sum(1 for n in reader.nodes if n.is_dir)
-                    warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
-                elif isinstance(reader, SectorSection):
-                    reader.write(w, p.start * SECTOR, step)
-                parts.append(part)
-            os.ftruncate(fd, disk_sectors * SECTOR)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, out)
-            ok = True
-            with contextlib.suppress(OSError):
-                dfd = os.open(out.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            step(total)
-            return ExtractResult(
-                source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
-                bytes_written=w.written,
-                generation=generation(layout.descriptor_size), compression=img.header.compression_name,
-                partitions=parts, files=files, warnings=warnings,
-            )
-        finally:
-            if fd >= 0:
+        parts = []
+        files: list[dict[str, Any]] = []
+        warnings: list[str] = []
+        with atomic.temporary_path(out) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                w = SparseWriter(fd)
+                if track0:
+                    w.write_at(0, track0)
+                for lba, data in tables:
+                    w.write_at(lba * SECTOR, data)
+                for v, p in zip(vols, places, strict=True):
+                    reader = v.reader
+                    assert reader is not None
+                    part = ExtractedPartition(v.index + 1, v.kind, v.fs, v.label, p.start, p.sectors,
+                                              p.ptype, p.logical)
+                    if isinstance(reader, FatSection):
+                        reader.write(w, p.start * SECTOR, step)
+                        for n in reader.nodes:
+                            d = n.to_dict()
+                            d["partition"] = v.index + 1
+                            files.append(d)
+                        fl = reader.files()
+                        part.files, part.file_bytes = len(fl), sum(n.size for n in fl)
+                        part.directories = sum(1 for n in reader.nodes if n.is_dir)
+                        warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
+                    elif isinstance(reader, SectorSection):
+                        reader.write(w, p.start * SECTOR, step)
+                    parts.append(part)
+                os.ftruncate(fd, disk_sectors * SECTOR)
+            finally:
                 os.close(fd)
-            if not ok:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        step(total)
+        return ExtractResult(
+            source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
+            bytes_written=w.written,
+            generation=generation(layout.descriptor_size), compression=img.header.compression_name,
+            partitions=parts, files=files, warnings=warnings,
+        )
