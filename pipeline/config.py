@@ -50,6 +50,20 @@ class GhostConfig:
     password_env: str | None = None
     timeout_s: int = 14400
 
+    def password(self, image_id: str, step: str = "ghost-convert") -> str | None:
+        """The image password from the environment variable named by ``password_env`` (None if none)."""
+        if not self.password_env:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise InputError(f"ghost.password_env names environment variable {self.password_env}, which "
+                             f"is not set; export {self.password_env} with the image password",
+                             image_id=image_id, step=step)
+        if not value:
+            raise InputError(f"environment variable {self.password_env} (ghost.password_env) is empty",
+                             image_id=image_id, step=step)
+        return value
+
 
 @dataclass(frozen=True)
 class ImageConfig:

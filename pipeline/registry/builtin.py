@@ -8,6 +8,8 @@ stopping with STOP 0x7B. Windows Vista/7 (NT 6.x) additionally get Microsoft KB9
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from importlib import resources
 
 from pipeline.errors import InputError
@@ -42,6 +44,17 @@ def data_files(name: str, os_major: int | None, os_minor: int | None = None) -> 
             f"unknown built-in registry change set {name!r}; known: {', '.join(builtin_names())}"
         ) from None
     return list(variants[variant_for(os_major, os_minor)])
+
+
+@functools.cache
+def data_hash() -> str:
+    """sha256 over every built-in data file (part of registry-merge's input fingerprint)."""
+    h = hashlib.sha256()
+    pkg = resources.files("pipeline.registry").joinpath("data")
+    for entry in sorted(pkg.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".reg"):
+            h.update(entry.name.encode() + b"\0" + entry.read_bytes())
+    return h.hexdigest()
 
 
 def builtin_ops(name: str, os_major: int | None, os_minor: int | None) -> list[Op]:

@@ -193,9 +193,10 @@ class ImageTask(luigi.Task):
         progress.report(image.id, self.step, "done")
 
     def on_failure(self, exception: BaseException) -> str:
+        line = error_line(exception)
         if isinstance(exception, Gho2KvmError):
-            return exception.one_line()
-        return f"[image {self.image_id}, step {self.step}] {type(exception).__name__}: {exception}"
+            return line
+        return f"[image {self.image_id}, step {self.step}] {line}"
 
 
 def error_line(e: BaseException) -> str:

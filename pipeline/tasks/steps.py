@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -16,16 +15,8 @@ import luigi
 from pipeline import receipts
 from pipeline.config import BUILTIN_REGISTRY
 from pipeline.errors import InputError, TransientError
+from pipeline.registry import builtin
 from pipeline.tasks.base import ImageTask, get_config
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "registry" / "data"
-
-
-def _builtin_data_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted(DATA_DIR.glob("*.reg")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 class GhostConvert(ImageTask):
@@ -64,12 +55,7 @@ class GhostConvert(ImageTask):
             return {"result": result, "outputs": outputs, "bytes_read": src_size}
         from pipeline.gho import extract
 
-        password = None
-        if g.password_env:
-            password = os.environ.get(g.password_env)
-            if not password:
-                raise InputError(f"{img.source}: image password expected in environment variable "
-                                 f"{g.password_env}, which is not set", image_id=img.id, step=self.step)
+        password = g.password(img.id, self.step)
         disk = img.image_dir / "ghost.raw"
 
         def on_progress(done: int, total: int) -> None:
@@ -144,7 +130,7 @@ class RegistryMerge(ImageTask):
         fp = super().fingerprint()
         img = self.image
         fp["registry"] = [
-            {"builtin": r, "data": _builtin_data_hash()} if r in BUILTIN_REGISTRY
+            {"builtin": r, "data": builtin.data_hash()} if r in BUILTIN_REGISTRY
             else receipts.content_hash(r)
             for r in img.registry
         ]

@@ -273,18 +273,6 @@ def _normalize_descriptor(desc: Path) -> list[str]:
 # convert
 
 
-def _password(cfg: GhostConfig, image_id: str) -> str | None:
-    if not cfg.password_env:
-        return None
-    value = os.environ.get(cfg.password_env)
-    if value is None:
-        raise InputError(f"ghost.password_env names environment variable {cfg.password_env}, which is "
-                         f"not set; export {cfg.password_env} with the image password",
-                         image_id=image_id, step=STEP)
-    if not value:
-        raise InputError(f"environment variable {cfg.password_env} (ghost.password_env) is empty",
-                         image_id=image_id, step=STEP)
-    return value
 
 
 def convert(
@@ -303,7 +291,7 @@ def convert(
     """
     src = Path(src)
     out_dir = Path(out_dir)
-    password = _password(cfg, image_id)
+    password = cfg.password(image_id, STEP)
     secrets = [password] if password else []
     if not src.is_file():
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
