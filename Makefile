@@ -14,7 +14,7 @@ LUIGID_DIR := var/luigid
 DEMO_DISK := var/demo/xp-demo.vmdk
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv migrate demo-disk test lint bench luigid luigid-stop clean plan report
+.PHONY: setup system venv migrate demo-disk test test-fast lint bench luigid luigid-stop clean plan report
 
 setup: system venv
 
@@ -45,6 +45,10 @@ report: setup
 
 test: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+# the inner loop: no libguestfs appliance, no libvirtd (tests/conftest.py marks those "slow")
+test-fast: setup
+	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline tests bench
