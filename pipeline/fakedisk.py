@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import atomic
+from pipeline.env import force_tcg_from_env
 from pipeline.inspect import ESP_GUID
 from pipeline.registry import hive
 from pipeline.tools.guestfs import Guestfish
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="i386", choices=("i386", "x86_64"))
     p.add_argument("--output", default=None, help="raw | qcow2 | " + " | ".join(VMDK_SUBFORMATS) +
                    " (default from the file name)")
-    p.add_argument("--force-tcg", action="store_true", default=os.environ.get("GHO2KVM_FORCE_TCG") == "1")
+    p.add_argument("--force-tcg", action="store_true", default=force_tcg_from_env())
     a = p.parse_args(argv)
     output = a.output or {".vmdk": "monolithicSparse", ".qcow2": "qcow2"}.get(a.out.suffix, "raw")
     spec = DiskSpec(product=a.product, version=a.version, build=a.build, control_set=a.control_set,

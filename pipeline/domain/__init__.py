@@ -7,13 +7,14 @@ from pipeline.domain.facts import (
     build_domain,
     default_mac,
     default_uuid,
-    force_tcg_from_env,
     host_caps,
 )
 from pipeline.domain.model import Domain
 from pipeline.domain.render import render
+from pipeline.env import force_tcg_from_env
 
 __all__ = [
+    "force_tcg_from_env",
     "ArchCaps",
     "Domain",
     "DomainSpec",
@@ -21,7 +22,6 @@ __all__ = [
     "build_domain",
     "default_mac",
     "default_uuid",
-    "force_tcg_from_env",
     "host_caps",
     "render",
 ]

@@ -33,13 +33,13 @@ from pipeline.domain.model import (
     Timer,
     Video,
 )
+from pipeline.env import force_tcg_from_env
 from pipeline.errors import InputError
 
 #: uuid5 namespace for domain UUIDs derived from the image id. Never change it: existing domains
 #: are recognised by their UUID.
 DOMAIN_UUID_NAMESPACE = uuid_mod.UUID("6b0c2f4e-7a51-5c8e-9d3f-1e2a4b6c8d0f")
 
-FORCE_TCG_ENV = "GHO2KVM_FORCE_TCG"
 
 DISK_DEV_PREFIX = {"ide": "hd", "sata": "sd", "virtio": "vd"}
 DISK_FORMATS = ("raw", "qcow2")
@@ -91,10 +91,6 @@ class HostCaps:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def force_tcg_from_env() -> bool:
-    return os.environ.get(FORCE_TCG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _pick_machine(arch_el: ET.Element) -> str:

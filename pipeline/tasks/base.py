@@ -24,6 +24,7 @@ import luigi
 
 from pipeline import __version__, atomic, log, progress, receipts
 from pipeline.config import Config, ImageConfig, load_config
+from pipeline.env import force_tcg_from_env
 from pipeline.errors import Gho2KvmError
 
 _config_cache: dict[tuple[str, int], Config] = {}
@@ -61,7 +62,7 @@ class ImageTask(luigi.Task):
 
     @property
     def force_tcg(self) -> bool:
-        return self.config.settings.force_tcg
+        return self.config.settings.force_tcg or force_tcg_from_env()
 
     @property
     def receipt_path(self) -> Path:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -196,7 +195,7 @@ class XmlRender(ImageTask):
         fp = super().fingerprint()
         img = self.image
         fp["domain"] = {f: getattr(img, f) for f in DOMAIN_FIELDS}
-        fp["force_tcg"] = os.environ.get("GHO2KVM_FORCE_TCG") == "1"
+        fp["force_tcg"] = self.force_tcg
         return fp
 
     def execute(self) -> dict[str, Any]:
@@ -207,7 +206,7 @@ class XmlRender(ImageTask):
 
         img = self.image
         facts = (self.upstream().upstream().upstream().receipt() or {}).get("result", {})
-        host = virt.host_caps_for_uri(img.libvirt_uri, image_id=img.id)
+        host = virt.host_caps_for_uri(img.libvirt_uri, prefer_kvm=not self.force_tcg, image_id=img.id)
         spec = DomainSpec(
             name=img.domain_name, image_id=img.id, disk_path=str(img.final_disk.absolute()),
             title=img.title, description=img.description, uuid=img.uuid, mac=img.mac,

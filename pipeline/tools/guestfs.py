@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline import log
+from pipeline.env import force_tcg_from_env
 from pipeline.errors import ToolError
 from pipeline.tools.run import pid_alive, run
 
@@ -29,7 +30,7 @@ launch_count = 0
 
 
 def force_tcg_env(force_tcg: bool) -> dict[str, str]:
-    if force_tcg or os.environ.get("GHO2KVM_FORCE_TCG") == "1":
+    if force_tcg or force_tcg_from_env():
         return {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
     return {}
 
