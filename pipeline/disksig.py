@@ -115,19 +115,22 @@ def rebuilt_natively(image: ImageConfig) -> bool:
 def reconcile(g: Guestfish, image: ImageConfig, facts: dict[str, Any], *, step: str) -> dict[str, Any]:
     """In registry-merge's session (overlay attached read-write): fix or warn; return the receipt part.
 
-    ``{"action": "none"|"fixed"|"warning", "mbr", "registry", "verified", "warning"}``.
+    ``{"action": "none"|"fixed"|"warning", "mbr", "registry", "verified", "warnings": [...]}``.
     """
     ds = facts.get("disk_signature") or {}
     out: dict[str, Any] = {"action": "none", "mbr": ds.get("mbr"), "registry": ds.get("registry"),
-                           "verified": None, "warning": None}
+                           "verified": None, "warnings": []}
+    if ds.get("registry") and ds.get("registry_partition") is None:
+        out["warnings"].append(f"{ds.get('note')}: Windows may give C: another letter")
     if ds.get("matches") is not False or not ds.get("registry"):
         return out
     want = int(ds["registry"], 16)
     if not rebuilt_natively(image):
         out["action"] = "warning"
-        out["warning"] = (f"disk signature {ds['mbr']} differs from {ds['registry']} that the guest's "
-                          f"MountedDevices expects for C:; Windows may give C: another letter or not find "
-                          f"its boot disk (the source is left as it is)")
+        out["warnings"].append(
+            f"disk signature {ds['mbr']} differs from {ds['registry']} that the guest's MountedDevices "
+            f"expects for C:; Windows may give C: another letter or not find its boot disk (the disk is "
+            f"left as it is)")
         log.get().warning("disk signature mismatch", mbr=ds["mbr"], registry=ds["registry"])
         return out
     dev = (g.lines("list-devices") or ["/dev/sda"])[0]

@@ -75,8 +75,7 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         say("launching appliance")
         with Guestfish([(tmp, "qcow2", False)], image_id=image.id, step=STEP, force_tcg=force_tcg) as g:
             signature = disksig.reconcile(g, image, facts, step=STEP)
-            if signature["warning"]:
-                warnings.append(signature["warning"])
+            warnings += signature["warnings"]
             root = facts.get("root") or g.lines("inspect-os")[0]
             g("mount", root, "/")
             config_dir = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/config")

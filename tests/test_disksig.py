@@ -75,6 +75,7 @@ def test_native_rebuild_gets_the_expected_signature_in_the_overlay(phony: dict[s
     res = registry_merge(image, phony["facts"], phony["raw"], "raw", force_tcg=True)
     sig = res["disk_signature"]
     assert sig["action"] == "fixed" and sig["verified"] is True and sig["registry"] == "0x0badc0de"
+    assert sig["warnings"] == [] and res["warnings"] == []
     assert sig["mbr"] == phony["facts"]["disk_signature"]["mbr"]
     first = _first_sector(Path(res["overlay"]), "qcow2", tmp)
     src = phony["raw"].read_bytes()[:512]
@@ -101,7 +102,8 @@ def test_other_sources_mismatch_is_only_a_warning(phony: dict[str, Any], source:
     g: Any = _NoAppliance()
     sig = disksig.reconcile(g, image, phony["facts"], step="registry-merge")
     assert sig["action"] == "warning" and sig["verified"] is None
-    assert "0x0badc0de" in sig["warning"] and "MountedDevices" in sig["warning"]
+    [w] = sig["warnings"]
+    assert "0x0badc0de" in w and "MountedDevices" in w and sig["mbr"] in w
     assert sig["mbr"] == phony["facts"]["disk_signature"]["mbr"]
 
 
@@ -110,4 +112,14 @@ def test_matching_or_unknown_signature_needs_nothing(phony: dict[str, Any]) -> N
     g: Any = _NoAppliance()
     for ds in ({**phony["facts"]["disk_signature"], "matches": True}, {"mbr": "0x1", "registry": None}, None):
         facts = {**phony["facts"], "disk_signature": ds}
-        assert disksig.reconcile(g, image, facts, step="registry-merge")["action"] == "none"
+        got = disksig.reconcile(g, image, facts, step="registry-merge")
+        assert got["action"] == "none" and got["warnings"] == []
+
+
+def test_offset_without_a_partition_is_warned(phony: dict[str, Any]) -> None:
+    image = _image(phony["tmp"] / "off", "xp.vmdk", "off")
+    ds = {**phony["facts"]["disk_signature"], "matches": True, "registry_partition": None,
+          "note": "\\DosDevices\\C: names byte offset 512, where no partition starts"}
+    g: Any = _NoAppliance()
+    got = disksig.reconcile(g, image, {**phony["facts"], "disk_signature": ds}, step="registry-merge")
+    assert got["action"] == "none" and "offset 512" in got["warnings"][0]
