@@ -44,9 +44,19 @@ class DiskSpec:
     arch: str = "i386"  # i386 | x86_64
     drivers: bool = True
     output: str = "raw"  # raw | qcow2 | one of VMDK_SUBFORMATS
+    #: MBR disks: MountedDevices \DosDevices\C: names this disk signature (and the partition's offset)
+    mounted_c_signature: int | None = None
+
+    def stamp(self) -> dict[str, object]:
+        """What identifies a built disk (fields added later are left out at their default, so that
+        disks built before them stay valid)."""
+        d = asdict(self)
+        if d["mounted_c_signature"] is None:
+            del d["mounted_c_signature"]
+        return d
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.stamp(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 XP = DiskSpec()
@@ -132,6 +142,13 @@ def software_reg(spec: DiskSpec) -> str:
     ])
 
 
+def mounted_devices_reg(signature: int, offset: int) -> str:
+    """``MountedDevices`` with ``\\DosDevices\\C:`` = disk signature + partition byte offset (12 bytes)."""
+    data = signature.to_bytes(4, "little") + offset.to_bytes(8, "little")
+    return _reg([r"[HKEY_LOCAL_MACHINE\SYSTEM\MountedDevices]",
+                 '"\\\\DosDevices\\\\C:"=hex:' + ",".join(f"{b:02x}" for b in data)])
+
+
 def build_raw(raw: Path, spec: DiskSpec, *, force_tcg: bool) -> None:
     """Build the raw disk at ``raw`` (overwritten) in one appliance launch."""
     with tempfile.TemporaryDirectory(prefix="gho2kvm-fakedisk-") as td:
@@ -165,6 +182,10 @@ def build_raw(raw: Path, spec: DiskSpec, *, force_tcg: bool) -> None:
                 g("part-disk", "/dev/sda", "mbr")
                 g("part-set-bootable", "/dev/sda", "1", "true")
                 data = "/dev/sda1"
+                if spec.windows and spec.mounted_c_signature is not None:
+                    start = int(re.findall(r"part_start:\s*(\d+)", g("part-list", "/dev/sda"))[0])
+                    hive.apply_reg(tmp / "SYSTEM", mounted_devices_reg(spec.mounted_c_signature, start),
+                                   r"HKEY_LOCAL_MACHINE\SYSTEM", step=STEP)
             g("mkfs", "ntfs", data)
             g("mount", data, "/")
             if spec.windows:
@@ -191,7 +212,7 @@ def build(out: Path, spec: DiskSpec, *, force_tcg: bool = False, raw_cache: Path
     """
     out = Path(out)
     stamp = out.with_name(out.name + ".spec.json")
-    if out.exists() and atomic.read_json(stamp) == asdict(spec):
+    if out.exists() and atomic.read_json(stamp) == spec.stamp():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out.parent, out.name)
@@ -223,7 +244,7 @@ def build(out: Path, spec: DiskSpec, *, force_tcg: bool = False, raw_cache: Path
         finally:
             if tmpdir is not None:
                 tmpdir.cleanup()
-    atomic.write_json(stamp, asdict(spec))
+    atomic.write_json(stamp, spec.stamp())
     return out
 
 

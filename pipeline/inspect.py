@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pipeline import disksig
 from pipeline.errors import InputError, ToolError
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
@@ -199,6 +200,8 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
             except ToolError:
                 drivers[name] = False
         facts["drivers_present"] = drivers
+        facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
+                                                        step=STEP)
     return facts
 
 

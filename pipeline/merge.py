@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, log
+from pipeline import atomic, disksig, log
 from pipeline.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.errors import InputError, ToolError
 from pipeline.registry import builtin, hive, regfile
@@ -74,6 +74,8 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         qemu_img.create_overlay(tmp, source, source_fmt, image_id=image.id, step=STEP)
         say("launching appliance")
         with Guestfish([(tmp, "qcow2", False)], image_id=image.id, step=STEP, force_tcg=force_tcg) as g:
+            signature = disksig.reconcile(g, image, facts, step=STEP)
+            warnings += signature["warnings"]
             root = facts.get("root") or g.lines("inspect-os")[0]
             g("mount", root, "/")
             config_dir = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/config")
@@ -118,6 +120,7 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         "current_control_set": ccs,
         "registry_variant": builtin.variant_for(facts.get("major_version"), facts.get("minor_version")),
         "hives": hives_done,
+        "disk_signature": signature,
         "warnings": warnings,
         "appliance_launches": 1,
         "appliance_seconds": appliance_seconds,

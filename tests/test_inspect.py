@@ -94,6 +94,9 @@ def test_xp_guest_facts(xp_facts: dict[str, Any], xp_raw: Path) -> None:
     assert f["firmware"] == "bios"
     assert f["hostname"].upper() == "XPDEMO"
     assert f["drivers_present"] == ALL_DRIVERS
+    sig = f["disk_signature"]  # this disk has no MountedDevices: nothing to compare
+    assert sig["mbr"].startswith("0x") and sig["registry"] is None and sig["matches"] is None
+    assert "MountedDevices" in sig["note"]
     assert f["qemu_img_version"][0].isdigit()
     assert f["appliance_seconds"] > 0
     assert f["_launches"] == 1, "one appliance launch per inspection"
