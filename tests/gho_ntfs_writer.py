@@ -73,7 +73,10 @@ class NtfsSource:
         self.boot = bytes(b)
 
     def close(self) -> None:
-        self.v.close()
+        try:
+            self.v.close()
+        except BufferError:  # a generator still holds a view; the map goes with it
+            pass
         self.f.close()
 
     def clusters(self, lcn: int, count: int) -> memoryview:
@@ -142,7 +145,7 @@ class NtfsSource:
         return None
 
 
-def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, int]]) -> Iterator[bytes]:
+def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, int, int]]) -> Iterator[bytes]:
     """The packet stream of §11.4 as units: every packet, record copy and data piece on its own."""
     nchk = 0
     for n in range(src.nrec):
@@ -174,7 +177,7 @@ def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, in
                 yield id_packet(0x8040, 0)
                 for count, lcn in a["runs"]:
                     if lcn is not None:
-                        omitted.append((lcn, count))
+                        omitted.append((n, lcn, count))
                 if opts.chk != "none":
                     nchk += 1
                     yield chk_packet(nchk)
@@ -191,16 +194,18 @@ def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, in
                     if opts.chk == "pieces":
                         nchk += 1
                         yield chk_packet(nchk)
+                data.release()
         if opts.chk != "none":
             nchk += 1
             yield chk_packet(nchk)
 
 
-def write_ntfs_section(w: ImageWriter, volume: Path, opts: NtfsOptions | None = None) -> list[tuple[int, int]]:
-    """Append one subtype-4 section; returns the (LCN, count) runs whose data was omitted."""
+def write_ntfs_section(w: ImageWriter, volume: Path,
+                       opts: NtfsOptions | None = None) -> list[tuple[int, int, int]]:
+    """Append one subtype-4 section; returns the (record, LCN, count) runs whose data was omitted."""
     opts = opts or NtfsOptions()
     src = NtfsSource(volume)
-    omitted: list[tuple[int, int]] = []
+    omitted: list[tuple[int, int, int]] = []
     try:
         w.raw(with_subtype(w.header, 0x04))
         filler = bytes(((k * 13 + 5) & 0xFF) | 0x80 for k in range(0x600))
@@ -264,7 +269,7 @@ class Part:
 
 
 def write_ntfs_image(path: Path, parts: list[Part], compression: str, *, password: str | None = None,
-                     image_id: int = 0x5EC70004) -> list[list[tuple[int, int]]]:
+                     image_id: int = 0x5EC70004) -> list[list[tuple[int, int, int]]]:
     """A file-aware image (type 0) of NTFS and FAT volumes in disk order; omitted runs per partition."""
     w = ImageWriter(path, compression, password=password, image_type=0, image_id=image_id, descriptor=0x2000)
     out = []
@@ -276,3 +281,39 @@ def write_ntfs_image(path: Path, parts: list[Part], compression: str, *, passwor
             out.append([])
     w.close()
     return out
+
+
+# -- test volumes: mkntfs, filled through an ntfs-3g FUSE mount ------------------------------------
+def _run(*argv: str) -> None:
+    import subprocess
+
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+
+class mounted:  # noqa: N801 - a context manager used like a function
+    """``with mounted(volume, mountpoint, ro=False):`` an ntfs-3g FUSE mount."""
+
+    def __init__(self, volume: Path, mnt: Path, ro: bool = False) -> None:
+        self.volume, self.mnt, self.ro = volume, mnt, ro
+
+    def __enter__(self) -> Path:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        opts = "ro" if self.ro else "compression,streams_interface=windows"
+        _run("ntfs-3g", "-o", opts, str(self.volume), str(self.mnt))
+        return self.mnt
+
+    def __exit__(self, *exc: object) -> None:
+        _run("fusermount", "-u", str(self.mnt))
+
+
+def make_volume(path: Path, mib: int, *, cluster: int = 4096, hidden: int = 63, label: str = "GHOSTNTFS",
+                fill: Callable[[Path], None] | None = None) -> Path:
+    """A fresh NTFS volume of ``mib`` MiB (mkntfs), optionally filled by ``fill(mountpoint)``."""
+    with open(path, "wb") as f:
+        f.truncate(mib << 20)
+    _run("mkntfs", "-q", "-F", "-f", "-c", str(cluster), "-s", "512", "-p", str(hidden), "-H", "255",
+         "-S", "63", "-L", label, str(path))
+    if fill is not None:
+        with mounted(path, path.with_name(path.name + ".mnt")) as m:
+            fill(m)
+    return path

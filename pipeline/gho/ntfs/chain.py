@@ -193,8 +193,11 @@ def decode_payload(payload: bytes, decoder: BlockDecoder, seed: int | None, ctx:
 
 
 # -- locating the parts (§11.2) --------------------------------------------------------------------
-def _chain_end(walker: Walker, pos: int, limit: int) -> int | None:
-    """End of a framed chain from ``pos`` (§11.3 stop rules), or None when it is not a chain."""
+def _chain_end(walker: Walker, pos: int, limit: int, where: str | None = None) -> int | None:
+    """End of a framed chain from ``pos`` (§11.3 stop rules), or None when it is not a chain.
+
+    With ``where``, a block that runs past the end of the stream is a truncated chain (an error).
+    """
     stream = walker.stream
     n = 0
     while True:
@@ -207,6 +210,9 @@ def _chain_end(walker: Walker, pos: int, limit: int) -> int | None:
                                                                                   K_END_IMAGE):
             return pos if n else None
         stored = head[0] | (head[1] << 8)
+        if where is not None and stored >= 4 and pos + stored > limit >= stream.size:
+            raise GhoError(f"{where}: truncated chain: the block at offset {pos} ({stored} bytes) runs past "
+                           f"the end of the stream at offset {stream.size}")
         if stored < 4 or pos + stored > limit:
             return pos if n else None
         pos += stored
@@ -297,7 +303,7 @@ def _finish(walker: Walker, where: str, area: int, c: int, framed: bool, rule: s
         raise GhoError(f"{where}: boot sector in the metadata area: {e}") from None
     end = limit
     if framed:
-        e = _chain_end(walker, c, limit)
+        e = _chain_end(walker, c, limit, where)
         if e is None:
             raise GhoError(f"{where}: NTFS section, layout not understood: no block chain at offset {c}")
         end = e

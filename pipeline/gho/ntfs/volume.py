@@ -152,13 +152,14 @@ class NtfsSection:
         while True:
             head = chain.peek(ID_LEN)
             if len(head) < ID_LEN:
-                if head and self.layout.framed:
-                    raise chain.fail(f"{len(head)} bytes after the last packet, expected an ID packet")
+                if head:
+                    raise chain.fail(f"bad packet: {len(head)} bytes after the last packet, expected an ID "
+                                     "packet or the end of the chain")
                 break
             pid = parse_id(head)
             if pid is None:
-                if not self.layout.framed:
-                    break  # the end of an unframed chain: what follows is not a packet
+                if not self.layout.framed and self.walker.part_header_at(chain.offset()) is not None:
+                    break  # the end of an unframed chain: the next partition header
                 raise chain.fail("bad packet: expected an ID packet (0E id 00000000 value 0F)")
             rid, n = pid
             if rid not in REC_IDS:
@@ -271,6 +272,11 @@ class NtfsSection:
                 idx += 1
                 continue
             c = self._read_len(chain, f"run {idx} of {label}")
+            if heuristic and out is None and runs is None:  # counting only: the $MFT is not at hand
+                sm.runs_heuristic += 1
+                chain.skip(c * k, "run data")
+                idx += 1
+                continue
             if run is None or run.lcn is None or run.count != c:
                 if heuristic:
                     raise chain.fail(f"unplaced run: run {idx} ({c} clusters) of {label} matches no run of "
