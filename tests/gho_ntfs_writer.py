@@ -8,6 +8,7 @@ The NTFS parsing here is deliberately separate from the reader's.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from collections.abc import Callable, Iterator
@@ -42,8 +43,10 @@ def default_omit(record: int, atype: int, aname: str, fname: str | None) -> bool
 @dataclass
 class NtfsOptions:
     framed: bool = True  # compression none: [u16 len] framing, or a raw packet stream
-    cipher: str = "a"  # with a password: "a" = one unit per block payload, "b" = 32 KiB units (raw), "c" = clear
-    chk: str = "groups"  # "none" | "groups" (after every group and 0x8040) | "pieces" (also after data pieces)
+    #: with a password: "a" = one cipher unit per block payload, "b" = 32 KiB units (raw), "c" = clear
+    cipher: str = "a"
+    #: "none" | "groups" (after every group and 0x8040) | "pieces" (also after every data piece)
+    chk: str = "groups"
     free: str = "skip"  # free FILE records: "skip" | "8008"
     cut: list[int] | None = None  # None: one packet or piece per block; else cut the stream by these sizes
     stored_every: int = 0  # every n-th block as a stored block (01 00 00 00 + data)
@@ -73,10 +76,8 @@ class NtfsSource:
         self.boot = bytes(b)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BufferError):  # a generator still holds a view; the map goes with it
             self.v.close()
-        except BufferError:  # a generator still holds a view; the map goes with it
-            pass
         self.f.close()
 
     def clusters(self, lcn: int, count: int) -> memoryview:

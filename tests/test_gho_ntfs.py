@@ -255,7 +255,8 @@ def test_two_partitions_second_logical(order: str, vols: dict[str, Path], manife
         second, second_key = vols["ntfs_after_fat"], "ntfs_after_fat"
     omitted = write_ntfs_image(gho, parts, "high", password=PW)
     info = read_info(gho, password=PW)
-    assert [p.fs for p in info.partitions] == (["NTFS", "NTFS"] if order == "ntfs-ntfs" else ["FAT32", "NTFS"])
+    want = ["NTFS", "NTFS"] if order == "ntfs-ntfs" else ["FAT32", "NTFS"]
+    assert [p.fs for p in info.partitions] == want
     res = extract(gho, tmp_path / "d.raw", password=PW)
     p1, p2 = res.partitions
     assert p2.logical and p2.partition_type == 0x07

@@ -149,7 +149,8 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                     elif isinstance(reader, NtfsSection):
                         sm = reader.write(w, p.start * SECTOR, step)
                         part.label = sm.label
-                        part.files, part.directories, part.file_bytes = sm.files, sm.directories, sm.file_bytes
+                        part.files, part.directories = sm.files, sm.directories
+                        part.file_bytes = sm.file_bytes
                         part.runs_placed = {"deterministic": sm.runs_deterministic,
                                             "heuristic": sm.runs_heuristic}
                         if sm.runs_heuristic:

@@ -9,7 +9,6 @@ from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import seed_from_password, verifier_ok
 from pipeline.gho.errors import GhoError
 from pipeline.gho.fat import FatSection
-from pipeline.gho.ntfs import NtfsSection, section_reader
 from pipeline.gho.header import (
     HEADER_SIZE,
     SUBTYPE_EXT,
@@ -18,6 +17,7 @@ from pipeline.gho.header import (
     FileHeader,
     parse_file_header,
 )
+from pipeline.gho.ntfs import NtfsSection, section_reader
 from pipeline.gho.records import Layout, Walker
 from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
 from pipeline.gho.spans import find_spans, resolve_first

@@ -303,9 +303,9 @@ def _finish(walker: Walker, where: str, area: int, c: int, framed: bool, rule: s
         raise GhoError(f"{where}: boot sector in the metadata area: {e}") from None
     end = limit
     if framed:
-        e = _chain_end(walker, c, limit, where)
-        if e is None:
+        stop = _chain_end(walker, c, limit, where)
+        if stop is None:
             raise GhoError(f"{where}: NTFS section, layout not understood: no block chain at offset {c}")
-        end = e
+        end = stop
     return NtfsLayout(boots[0], geo, c, framed, rule, end, locked)
 

@@ -402,8 +402,8 @@ class NtfsSection:
         self.warnings = list(sm.warnings)
         boot = bytearray(self.layout.boot)
         if sm.boot_stored is None:
-            self.warnings.append("no data stored at LCN 0: sector 0 is the metadata-area copy and the rest of "
-                                 "$Boot is zero (the volume mounts but may not boot)")
+            self.warnings.append("no data stored at LCN 0: sector 0 is the metadata-area copy and the rest "
+                                 "of $Boot is zero (the volume mounts but may not boot)")
             out.write_at(base, bytes(boot))
         else:
             stored = os.pread(fd, geo.bytes_per_sector, base)
@@ -486,9 +486,12 @@ class NtfsSection:
                             _set_bits(bm, s - lo, e - s)
             if w0 + wlen == nbytes and n_clusters % 8:
                 bm[-1] |= (0xFF << (n_clusters % 8)) & 0xFF
-            chunk = bytes(bm)
-            self._fill_attr(fd, base, attr, lambda rel, n, w0=w0, chunk=chunk: chunk[rel - w0:rel - w0 + n],
-                            w0, w0 + wlen)
+            chunk, first = bytes(bm), w0
+
+            def window(rel: int, n: int, chunk: bytes = chunk, first: int = first) -> bytes:
+                return chunk[rel - first:rel - first + n]
+
+            self._fill_attr(fd, base, attr, window, w0, w0 + wlen)
             w0 += wlen
 
     # -- public helpers for info/extract --------------------------------------------------------
