@@ -377,3 +377,32 @@ def test_info_lists_ntfs_partition(vols: dict[str, Path], tmp_path: Path,
     p = info.partitions[0]
     assert p.files is not None and p.files >= 8 and p.directories is not None and p.directories >= 5
     assert p.file_bytes is not None and p.file_bytes > 300_000 + (1 << 20)
+
+
+# -- end to end: the phony XP disk as an NTFS file-aware image through the whole pipeline ------------------
+@pytest.mark.guestfs
+def test_xp_ntfs_image_through_the_pipeline(xp_raw: Path, tmp_path: Path) -> None:
+    from fx_pipeline import make_config, receipt, run_cli
+
+    ((_ptype, start, count),) = mbr_partitions(xp_raw)
+    vol = carve(xp_raw, start * 512, count * 512, tmp_path / "xp-ntfs.img")
+    assert vol.read_bytes()[3:11] == b"NTFS    "
+    src = tmp_path / "src" / "WINXP.GHO"
+    src.parent.mkdir()
+    write_ntfs_image(src, [Part("ntfs", vol)], "high")
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    cfg = make_config(tmp_path, [{"id": "xp-ntfs", "source": src}], defaults={"ghost": {"backend": "native"}})
+    proc = run_cli("migrate", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gc = receipt(tmp_path, "xp-ntfs", "ghost-convert")["result"]
+    assert gc["backend"] == "native"
+    (part,) = gc["partitions"]
+    assert (part["fs"], part["start_lba"], part["partition_type"]) == ("NTFS", start, 0x07)
+    assert part["runs_placed"]["heuristic"] == 0
+    facts = receipt(tmp_path, "xp-ntfs", "inspect")["result"]
+    assert facts["os"] == "windows" and facts["product_name"] == "Microsoft Windows XP"
+    assert facts["current_control_set"] == "ControlSet001"
+    assert receipt(tmp_path, "xp-ntfs", "registry-merge")["result"]
+    assert receipt(tmp_path, "xp-ntfs", "define")["result"]["action"] in ("created", "updated", "unchanged")
+    assert (tmp_path / "images" / "xp-ntfs.raw").is_file()
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
