@@ -54,6 +54,7 @@ class NtfsOptions:
     corrupt_copies: set[int] = field(default_factory=set)  # copies written with a broken update sequence
     fixed_form: bool = False  # record copies with the update sequence applied
     unknown_after: int | None = None  # announce the record after this one with id 0x8080
+    repeat: dict[int, int] = field(default_factory=dict)  # announce record n again, its data all this byte
 
 
 class NtfsSource:
@@ -149,7 +150,8 @@ class NtfsSource:
 def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, int, int]]) -> Iterator[bytes]:
     """The packet stream of §11.4 as units: every packet, record copy and data piece on its own."""
     nchk = 0
-    for n in range(src.nrec):
+    for i, n in enumerate([*range(src.nrec), *opts.repeat]):
+        again = i >= src.nrec  # the second announcement of a record (§11.10 case 10)
         raw = src.record(n)
         if len(raw) < src.rs or raw[:4] != b"FILE":
             continue
@@ -189,7 +191,8 @@ def packet_units(src: NtfsSource, opts: NtfsOptions, omitted: list[tuple[int, in
                 if lcn is None:
                     continue
                 yield len_packet(count)
-                data = src.clusters(lcn, count)
+                data = memoryview(bytes([opts.repeat[n]]) * count * src.k) if again else \
+                    src.clusters(lcn, count)
                 for p in range(0, len(data), PIECE):
                     yield bytes(data[p:p + PIECE])
                     if opts.chk == "pieces":

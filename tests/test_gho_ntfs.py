@@ -227,8 +227,14 @@ def test_spanned_image_cut_inside_packets(vols: dict[str, Path], manifests: dict
     spans = split_spans(gho, 1_000_003)
     assert len(spans) > 3
     res = extract(gho, tmp_path / "d.raw")
-    assert res.partitions[0].files > 150 // 150
+    assert res.partitions[0].files > 1
     _check_volume(tmp_path / "d.raw", 63, vols["rich"], manifests["rich"], omitted, tmp_path)
+    spans[2].rename(tmp_path / "elsewhere.GHS")
+    with pytest.raises(GhoError) as ei:
+        extract(gho, tmp_path / "d2.raw")
+    assert "SPANNED.GHO: partition 1 (NTFS), offset" in str(ei.value)
+    assert f"missing span {spans[2].name}" in str(ei.value) and "truncated chain" in str(ei.value)
+    assert not (tmp_path / "d2.raw").exists()
 
 
 def test_64k_clusters(vols: dict[str, Path], manifests: dict, tmp_path: Path) -> None:
@@ -406,3 +412,77 @@ def test_xp_ntfs_image_through_the_pipeline(xp_raw: Path, tmp_path: Path) -> Non
     assert receipt(tmp_path, "xp-ntfs", "define")["result"]["action"] in ("created", "updated", "unchanged")
     assert (tmp_path / "images" / "xp-ntfs.raw").is_file()
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+
+
+def test_record_announced_twice_later_copy_wins(vols: dict[str, Path], tmp_path: Path) -> None:
+    """§11.6.1 step 4: of two extents with the same start, the later one in the stream is kept."""
+    src = NtfsSource(vols["rich"])
+    try:
+        big = next(n for n in range(16, src.nrec) if src.file_name(src.fixup(src.record(n))) == "big.bin")
+    finally:
+        src.close()
+    gho = tmp_path / "TWICE.GHO"
+    write_ntfs_image(gho, [Part("ntfs", vols["rich"], NtfsOptions(repeat={big: 0x5A}))], "high")
+    res = extract(gho, tmp_path / "d.raw")
+    assert any(f"MFT record {big} announced again" in w for w in res.warnings)
+    assert any("overlap earlier ones; the later copy was kept" in w for w in res.warnings)
+    part = carve(tmp_path / "d.raw", 63 * 512, vols["rich"].stat().st_size, tmp_path / "p.img")
+    with mounted(part, tmp_path / "m", ro=True) as m:
+        assert (m / "big.bin").read_bytes() == b"\x5a" * 300_000
+
+
+@pytest.mark.parametrize("hidden", [2048, 0])
+def test_partition_start_and_hidden_sectors(hidden: int, tmp_path: Path) -> None:
+    """§11.7.1: the volume sits at its hidden-sectors LBA; a value of 0 is placed at 63 and patched."""
+    vol = make_volume(tmp_path / "h.img", 16, hidden=hidden, fill=_fill_small)
+    manifest = _manifest(vol, tmp_path / "src")
+    gho = tmp_path / "H.GHO"
+    omitted = write_ntfs_image(gho, [Part("ntfs", vol)], "high")[0]
+    res = extract(gho, tmp_path / "d.raw")
+    start = hidden or 63
+    assert res.partitions[0].start_lba == start
+    assert [(t, s) for t, s, _n in mbr_partitions(tmp_path / "d.raw")] == [(0x07, start)]
+    part = carve(tmp_path / "d.raw", start * 512, vol.stat().st_size, tmp_path / "p.img").read_bytes()
+    size = len(part)
+    for sector in (part[:512], part[size - 512:]):  # boot sector and its backup
+        assert struct.unpack_from("<I", sector, 0x1C)[0] == start
+    if hidden:
+        _check_volume(tmp_path / "d.raw", start, vol, manifest, omitted, tmp_path)
+    else:
+        assert any("hidden sectors 0 set to the partition start 63" in w for w in res.warnings)
+        r = subprocess.run(["ntfsfix", "-n", str(tmp_path / "p.img")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert _manifest(tmp_path / "p.img", tmp_path / "m") == manifest
+
+
+def test_ntfs_then_sector_section(vols: dict[str, Path], manifests: dict, tmp_path: Path) -> None:
+    """§11.8: the NTFS chain ends right before the next partition header (here a sector section)."""
+    from gho_ntfs_writer import write_ntfs_section
+    from gho_writer import ImageWriter, blocks_of
+
+    fat = tmp_path / "fat16.img"
+    subprocess.run(["mkfs.fat", "-C", "-F", "16", "-n", "SECTORS", "-h", "82046", str(fat), str(16 * 1024)],
+                   check=True, capture_output=True)
+    gho = tmp_path / "MIXED.GHO"
+    w = ImageWriter(gho, "high", image_type=0, image_id=0x5EC70009, descriptor=0x2000)
+    omitted = write_ntfs_section(w, vols["rich"])
+    w.sector_partition(blocks_of(fat.read_bytes()))
+    w.close()
+    info = read_info(gho)
+    assert [(p.kind, p.fs) for p in info.partitions] == [("ntfs", "NTFS"), ("sector", "FAT16")]
+    res = extract(gho, tmp_path / "d.raw")
+    assert res.partitions[1].start_lba == 82046 and res.partitions[1].logical
+    assert carve(tmp_path / "d.raw", 82046 * 512, fat.stat().st_size, tmp_path / "f.img").read_bytes() == \
+        fat.read_bytes()
+    _check_volume(tmp_path / "d.raw", 63, vols["rich"], manifests["rich"], omitted, tmp_path)
+
+
+def test_info_without_password(vols: dict[str, Path], tmp_path: Path) -> None:
+    gho = tmp_path / "PW.GHO"
+    write_ntfs_image(gho, [Part("ntfs", vols["rich"], NtfsOptions(cipher="a"))], "high", password=PW)
+    (p,) = read_info(gho).partitions
+    assert (p.kind, p.fs, p.files) == ("ntfs", "NTFS", None)
+    assert any("encrypted" in n for n in p.notes)
+    with pytest.raises(GhoError, match="PW.GHO: image is password-protected"):
+        extract(gho, tmp_path / "d.raw")
+    assert read_info(gho, password=PW).partitions[0].files

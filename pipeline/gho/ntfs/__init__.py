@@ -15,15 +15,10 @@ def scan_section(walker: Walker, sec: Section, limit: int) -> int:
     locked = walker.header.password and walker.seed is None
     decoder = BlockDecoder(walker.header.compression)
     lay = locate(walker, sec, limit, decoder, walker.seed, locked)
-    if lay.framed:
-        sec.ntfs = lay
-        return lay.end
-    if locked:
-        lay.locked = True
-        sec.ntfs = lay
-        return limit  # unframed and enciphered: its end is known only after decryption
-    NtfsSection(walker, sec, lay, decoder, walker.seed).walk()  # sets lay.end (the grammar's end)
     sec.ntfs = lay
+    if lay.framed:
+        return lay.end
+    NtfsSection(walker, sec, lay, decoder, walker.seed).walk()  # sets lay.end (the grammar's end)
     return lay.end
 
 

@@ -80,20 +80,32 @@ class Chain:
         return GhoError(f"{self.where} (NTFS), offset {off} (packet stream byte {self.pos}): {rule}")
 
     # -- block decoding ------------------------------------------------------------------------
+    def _read(self, off: int, n: int) -> bytes:
+        """Exactly ``n`` stream bytes; a short read is a truncated chain (missing span named)."""
+        data = self.stream.read_upto(off, n)
+        if len(data) != n:
+            e = self.stream.truncated(off + len(data), "the NTFS packet stream")
+            raise self.fail(f"truncated chain: {str(e).split(': ', 1)[-1]}", off)
+        return data
+
+    def _short(self, what: str, n: int) -> GhoError:
+        if self.lay.end >= self.stream.size:  # the stream itself ends: name a missing span
+            e = self.stream.truncated(self.stream.size, what)
+            return self.fail(f"truncated chain: {str(e).split(': ', 1)[-1]}")
+        return self.fail(f"chain ends inside {what} ({n} bytes expected, truncated chain)")
+
     def _decode_block(self, off: int) -> tuple[bytes, int]:
         """(decoded bytes, stream offset after the block) of the framed block at ``off``."""
-        head = self.stream.read_upto(off, 2)
-        if len(head) < 2:
-            raise self.stream.truncated(off + len(head), f"the NTFS block at offset {off}")
+        head = self._read(off, 2)
         stored = head[0] | (head[1] << 8)
         if stored < 4:
             raise self.fail(f"block length {stored}, expected at least 4 (truncated chain)", off)
-        payload = self.stream.read(off + 2, stored - 2, f"the NTFS block at offset {off}")
+        payload = self._read(off + 2, stored - 2)
         return decode_payload(payload, self.decoder, self.seed if self.lay.cipher == "a" else None,
                               self, off), off + stored
 
     def _raw(self, off: int, n: int) -> bytes:
-        data = self.stream.read(off, n, "the NTFS packet stream")
+        data = self._read(off, n)
         if self.lay.cipher != "b" or self.seed is None:
             return data
         out = bytearray()
@@ -139,7 +151,7 @@ class Chain:
     def read(self, n: int, what: str) -> bytes:
         if not self.lay.framed:
             if self._next + n > self.lay.end:
-                raise self.fail(f"chain ends inside {what} ({n} bytes expected, truncated chain)")
+                raise self._short(what, n)
             data = self._raw(self._next, n)
             self._next += n
             self.pos += n
@@ -157,7 +169,7 @@ class Chain:
     def skip(self, n: int, what: str) -> None:
         if not self.lay.framed:
             if self._next + n > self.lay.end:
-                raise self.fail(f"chain ends inside {what} ({n} bytes expected, truncated chain)")
+                raise self._short(what, n)
             self._next += n
             self.pos += n
             return
@@ -272,20 +284,22 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
                 c = pos + j + 10
                 rule: str | None | bool = _first_block_ok(walker, c, decoder, seed)
                 framed = rule is not False
+                enciphered = False
                 if comp0 and (framed and walker.stream.read_upto(c, 2) != b"\x12\x00"):
                     rule, framed = False, False
                 if rule is False and comp0:
                     rule = _raw_start_ok(walker, c, seed)
                 if rule is False and locked and not comp0:
                     rule = None if _chain_end(walker, c, limit) is not None else False
-                    framed = True
+                    framed, enciphered = True, True
                 if rule is not False:
                     assert rule is None or isinstance(rule, str)
-                    return _finish(walker, where, area, c, framed, rule, limit, locked)
+                    return _finish(walker, where, area, c, framed, rule, limit, enciphered)
             j = chunk.find(b"\x0a", j + 1)
         pos += _SCAN
+    hint = " (the image is password-protected: give the password)" if locked else ""
     raise GhoError(f"{where}: NTFS section, layout not understood: no block chain start (a checksum packet "
-                   f"followed by an ID packet) within {scan_end - area} bytes of offset {area}")
+                   f"followed by an ID packet) within {scan_end - area} bytes of offset {area}{hint}")
 
 
 def _finish(walker: Walker, where: str, area: int, c: int, framed: bool, rule: str | None, limit: int,
