@@ -297,12 +297,12 @@ def _run(*argv: str) -> None:
 class mounted:  # noqa: N801 - a context manager used like a function
     """``with mounted(volume, mountpoint, ro=False):`` an ntfs-3g FUSE mount."""
 
-    def __init__(self, volume: Path, mnt: Path, ro: bool = False) -> None:
-        self.volume, self.mnt, self.ro = volume, mnt, ro
+    def __init__(self, volume: Path, mnt: Path, ro: bool = False, plain: bool = False) -> None:
+        self.volume, self.mnt, self.ro, self.plain = volume, mnt, ro, plain
 
     def __enter__(self) -> Path:
         self.mnt.mkdir(parents=True, exist_ok=True)
-        opts = "ro" if self.ro else "compression,streams_interface=windows"
+        opts = "ro" if self.ro else "rw" if self.plain else "compression,streams_interface=windows"
         _run("ntfs-3g", "-o", opts, str(self.volume), str(self.mnt))
         return self.mnt
 
@@ -311,12 +311,17 @@ class mounted:  # noqa: N801 - a context manager used like a function
 
 
 def make_volume(path: Path, mib: int, *, cluster: int = 4096, hidden: int = 63, label: str = "GHOSTNTFS",
-                fill: Callable[[Path], None] | None = None) -> Path:
-    """A fresh NTFS volume of ``mib`` MiB (mkntfs), optionally filled by ``fill(mountpoint)``."""
+                fill: Callable[[Path], None] | None = None,
+                plain_fill: Callable[[Path], None] | None = None) -> Path:
+    """A fresh NTFS volume of ``mib`` MiB (mkntfs), filled by ``plain_fill(mountpoint)`` through a mount
+    without compression support (its allocator fragments files written backwards), then ``fill``."""
     with open(path, "wb") as f:
         f.truncate(mib << 20)
     _run("mkntfs", "-q", "-F", "-f", "-c", str(cluster), "-s", "512", "-p", str(hidden), "-H", "255",
          "-S", "63", "-L", label, str(path))
+    if plain_fill is not None:
+        with mounted(path, path.with_name(path.name + ".mnt"), plain=True) as m:
+            plain_fill(m)
     if fill is not None:
         with mounted(path, path.with_name(path.name + ".mnt")) as m:
             fill(m)

@@ -33,11 +33,6 @@ def _fill_rich(m: Path) -> None:
     (m / "small.txt").write_bytes(b"resident data\n")
     (m / "empty.bin").write_bytes(b"")
     (m / "big.bin").write_bytes(rnd.randbytes(300_000))
-    for i in range(8):
-        (m / f"hole{i}.bin").write_bytes(rnd.randbytes(3 * 4096))
-    for i in range(0, 8, 2):
-        (m / f"hole{i}.bin").unlink()
-    (m / "frag.bin").write_bytes(rnd.randbytes(4 * 3 * 4096 + 777))  # fills the holes: fragmented
     for i in range(150):  # a full base record: $ATTRIBUTE_LIST and extension records
         os.link(m / "small.txt", m / f"a_rather_long_hard_link_name_number_{i:03d}.txt")
     with open(m / "sparse.bin", "wb") as f:
@@ -55,6 +50,18 @@ def _fill_rich(m: Path) -> None:
     for i in range(60):  # enough entries for an $INDEX_ALLOCATION
         (m / "Docs" / f"document number {i:02d}.txt").write_text(f"doc {i}\n")
     os.utime(m / "big.bin", (1_000_000_000, 1_100_000_000))
+
+
+def _fill_fragmented(m: Path) -> None:
+    rnd = random.Random(5)
+    with open(m / "frag.bin", "wb") as frag:  # written backwards between other files: 8 fragments
+        frag.truncate(8 * 3 * 4096)
+        for i in reversed(range(8)):
+            frag.seek(i * 3 * 4096)
+            frag.write(rnd.randbytes(3 * 4096))
+            frag.flush()
+            os.fsync(frag.fileno())
+            (m / f"between{i}.bin").write_bytes(rnd.randbytes(2 * 4096))
 
 
 def _fill_small(m: Path) -> None:
@@ -98,7 +105,7 @@ def _features(vol: Path) -> set[str]:
                     got.add("index allocation")
                 if a["nonres"] and a["type"] == 0x80:
                     runs = a["runs"]
-                    if sum(1 for _, lcn in runs if lcn is not None) > 1 and n >= 16:
+                    if sum(1 for _, lcn in runs if lcn is not None) > 1 and src.file_name(rec) == "frag.bin":
                         got.add("fragmented")
                     if any(lcn is None for _, lcn in runs) and n >= 16:
                         got.add("sparse")
@@ -121,7 +128,7 @@ def _features(vol: Path) -> set[str]:
 def vols(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ntfsvols")
     out = {
-        "rich": make_volume(d / "rich.img", 40, fill=_fill_rich, label="RICH"),
+        "rich": make_volume(d / "rich.img", 40, fill=_fill_rich, plain_fill=_fill_fragmented, label="RICH"),
         "k64": make_volume(d / "k64.img", 64, cluster=65536, fill=_fill_small, label="BIG64K"),
         "second": make_volume(d / "second.img", 16, hidden=81983 + 63, fill=_fill_small, label="LOGICAL"),
     }
