@@ -202,6 +202,7 @@ CASES = {
     "cut-stored-chk-pieces": ("high", NtfsOptions(cut=[1, 3, 60000, 777, 32768], stored_every=3,
                                                   chk="pieces"), None),
     "no-chk-free-8008-fixed-form": ("none", NtfsOptions(chk="none", free="8008", fixed_form=True), None),
+    "none-raw-chk-pieces": ("none", NtfsOptions(framed=False, chk="pieces"), None),
     "password-a-high": ("high", NtfsOptions(cipher="a"), PW),
     "password-c-high": ("high", NtfsOptions(cipher="c"), PW),
     "password-a-fast": ("fast", NtfsOptions(cipher="a"), PW),

@@ -305,7 +305,12 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
 def _finish(walker: Walker, where: str, area: int, c: int, framed: bool, rule: str | None, limit: int,
             locked: bool) -> NtfsLayout:
     meta = walker.stream.read(area, c - area, "the NTFS metadata area")
-    boots = [meta[k:k + 512] for k in range(0, len(meta) - 511) if is_boot_sector(meta, k)]
+    boots = []
+    k = meta.find(b"NTFS    ", 3)
+    while k != -1 and k - 3 + 512 <= len(meta):
+        if is_boot_sector(meta, k - 3):
+            boots.append(meta[k - 3:k - 3 + 512])
+        k = meta.find(b"NTFS    ", k + 1)
     if not boots:
         raise GhoError(f"{where}: NTFS section, layout not understood: no NTFS boot sector in the metadata "
                        f"area (offsets {area}-{c})")

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.gho.codecs import BlockDecoder
-from pipeline.gho.errors import GhoError
 from pipeline.gho.ntfs.chain import (
     CHK_LEN,
     ID_DATA,
@@ -136,9 +135,6 @@ class NtfsSection:
     def hidden_sectors(self) -> int:
         return self.geometry.hidden_sectors
 
-    def fail(self, chain: Chain, rule: str) -> GhoError:
-        return chain.fail(rule)
-
     # -- the walk -----------------------------------------------------------------------------------
     def walk(self, out: SparseWriter | None = None, base: int = 0,
              progress: Callable[[int], None] | None = None) -> Summary:
@@ -147,7 +143,6 @@ class NtfsSection:
         chain = Chain(self.walker, self.layout, self.decoder, self.seed, self.where)
         self._chk_pieces = None
         written = Intervals()
-        k = self.geometry.cluster_size
         last_record = -1
         while True:
             head = chain.peek(ID_LEN)
@@ -187,7 +182,6 @@ class NtfsSection:
             raise chain.fail("no MFT record in the packet stream")
         if sm.overlaps:
             sm.warnings.append(f"{sm.overlaps} stored runs overlap earlier ones; the later copy was kept")
-        del k
         self.summary = sm
         return sm
 
@@ -211,6 +205,10 @@ class NtfsSection:
             fr = None
             sm.warnings.append(f"MFT record {n}: the stored copy is unusable ({e}); its runs are placed "
                                "from the $MFT (heuristic)")
+        if fr is not None and len(raw) >= 0x30 and struct.unpack_from("<H", raw, 4)[0] >= 0x30:
+            own = struct.unpack_from("<I", raw, 0x2C)[0]
+            if own != n:
+                sm.warnings.append(f"the copy announced as MFT record {n} says it is record {own}")
         if fr is not None:
             self._count(sm, fr)
             expected: list[Attribute] | None = fr.nonresident()
@@ -274,7 +272,7 @@ class NtfsSection:
             c = self._read_len(chain, f"run {idx} of {label}")
             if heuristic and out is None and runs is None:  # counting only: the $MFT is not at hand
                 sm.runs_heuristic += 1
-                chain.skip(c * k, "run data")
+                self._data(chain, sm, -1, c * k, None, base)  # -1: not LCN 0
                 idx += 1
                 continue
             if run is None or run.lcn is None or run.count != c:
@@ -312,14 +310,14 @@ class NtfsSection:
                     out.write_at(base + disk + rel, data)
             rel += piece
             sm.stored_bytes += piece
-            if rel < length or self._chk_pieces:
-                self._piece_chk(chain, rel < length)
+            if rel < length:
+                self._piece_chk(chain)
+            else:
+                self._skip_chk(chain)  # after the run's data a packet follows: a CHK is unambiguous
 
-    def _piece_chk(self, chain: Chain, inside: bool) -> None:
-        """Optional CHK after a data piece; the mode is decided once per image (§11.4)."""
+    def _piece_chk(self, chain: Chain) -> None:
+        """Optional CHK between two data pieces; the mode is decided once per image (§11.4)."""
         if self._chk_pieces is None:
-            if not inside:
-                return
             self._chk_pieces = is_chk(chain.peek(CHK_LEN))
         if self._chk_pieces and is_chk(chain.peek(CHK_LEN)):
             chain.read(CHK_LEN, "a checksum packet")
