@@ -15,7 +15,7 @@ from pathlib import Path
 MAGIC = b"\xfe\xef"
 REC_MAGIC = 0x012F18D8
 BLOCK = 32768
-COMP = {"none": 0, "fast": 2, "high": 3}
+COMP = {"none": 0, "fast": 2, "high": 3, "high0a": 0x0A}
 
 
 # -- cipher (§9) ---------------------------------------------------------------------------------
@@ -319,41 +319,46 @@ def write_fat_image(path: Path, volumes: list[tuple[bytes, int]], compression: s
     """A file-aware image of ``volumes`` = [(volume bytes, hidden sectors)], one subtype-3 section each."""
     w = ImageWriter(path, compression, password=password, image_type=0, image_id=image_id,
                     descriptor=descriptor)
+    for vol, _hidden in volumes:
+        write_fat_section(w, vol)
+    w.close()
+
+
+def write_fat_section(w: ImageWriter, vol: bytes) -> None:
+    """One subtype-3 section of the FAT volume ``vol`` (§10)."""
     seed = w.seed
 
     def body(b: bytes) -> bytes:
         return encrypt(b, seed) if seed is not None else b
 
-    for vol, _hidden in volumes:
-        src = FatSource(vol)
-        w.raw(with_subtype(w.header, 0x03))
-        w.raw(record(0x17, body(vol[:512])))
+    src = FatSource(vol)
+    w.raw(with_subtype(w.header, 0x03))
+    w.raw(record(0x17, body(vol[:512])))
 
-        def walk(first: int | None, src: FatSource = src) -> None:
-            for s in src.dir_slots(first):
-                crc = 0x12EED357 if s == bytes(32) else _crc32_msb_bytes(s)
-                w.raw(record(0x04, body(s + struct.pack("<I", crc) + bytes(20))))
-                if s[0] in (0, 0xE5) or s[11] & 0x3F == 0x0F or s[11] & 0x08 or s[0:2] in (b". ", b".."):
-                    continue
-                clus = struct.unpack_from("<H", s, 26)[0] | (struct.unpack_from("<H", s, 20)[0] << 16 if
-                                                             src.bits == 32 else 0)
-                if s[11] & 0x10:
-                    walk(clus)
-                    continue
-                size = struct.unpack_from("<I", s, 28)[0]
-                data = src.chain_bytes(clus)[:size] if size else b""
-                chunks = [data[k:k + BLOCK] for k in range(0, len(data), BLOCK)]
-                for k, c in enumerate(chunks):
-                    w.raw(record(0x02, body(w.payload(c)), flags=1 if k == len(chunks) - 1 else 0))
-                if chunks:
-                    c = _crc32_msb_bytes(data)
-                    w.raw(record(0x03, body(struct.pack("<II", c, c) + bytes(12))))
+    def walk(first: int | None, src: FatSource = src) -> None:
+        for s in src.dir_slots(first):
+            crc = 0x12EED357 if s == bytes(32) else _crc32_msb_bytes(s)
+            w.raw(record(0x04, body(s + struct.pack("<I", crc) + bytes(20))))
+            if s[0] in (0, 0xE5) or s[11] & 0x3F == 0x0F or s[11] & 0x08 or s[0:2] in (b". ", b".."):
+                continue
+            clus = struct.unpack_from("<H", s, 26)[0] | (struct.unpack_from("<H", s, 20)[0] << 16 if
+                                                         src.bits == 32 else 0)
+            if s[11] & 0x10:
+                walk(clus)
+                continue
+            size = struct.unpack_from("<I", s, 28)[0]
+            data = src.chain_bytes(clus)[:size] if size else b""
+            chunks = [data[k:k + BLOCK] for k in range(0, len(data), BLOCK)]
+            for k, c in enumerate(chunks):
+                w.raw(record(0x02, body(w.payload(c)), flags=1 if k == len(chunks) - 1 else 0))
+            if chunks:
+                c = _crc32_msb_bytes(data)
+                w.raw(record(0x03, body(struct.pack("<II", c, c) + bytes(12))))
 
-        walk(src.root_clus if src.bits == 32 else None)
-        if src.bits == 32:
-            w.raw(record(0x18, body(vol[:16384])))
-        w.raw(record(0x17, body(vol[:512])))
-    w.close()
+    walk(src.root_clus if src.bits == 32 else None)
+    if src.bits == 32:
+        w.raw(record(0x18, body(vol[:16384])))
+    w.raw(record(0x17, body(vol[:512])))
 
 
 def truncate(path: Path, size: int) -> None:

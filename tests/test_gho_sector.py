@@ -226,16 +226,17 @@ def test_corrupt_sector_block_removes_temp_output(tmp_path: Path, disk: bytes) -
     assert _leftovers(tmp_path) == ["o.raw"]
 
 
-def test_ntfs_section_refused(tmp_path: Path) -> None:
+def test_ntfs_section_without_a_chain_refused(tmp_path: Path) -> None:
     img = tmp_path / "NTFS.GHO"
     w = gw.ImageWriter(img, "high", image_type=0)
     w.raw(gw.with_subtype(w.header, 0x04))
     w.raw(b"GHPR" + bytes(600))
     w.close()
-    assert read_info(img).partitions[0].kind == "ntfs"
-    with pytest.raises(GhoError) as ei:
-        extract(img, tmp_path / "o.raw")
-    assert "NTFS file-aware GHO not supported yet" in str(ei.value)
+    for call in (lambda: read_info(img), lambda: extract(img, tmp_path / "o.raw")):
+        with pytest.raises(GhoError) as ei:
+            call()
+        assert "NTFS.GHO: partition 1 (NTFS, header at offset 2560): NTFS section, layout not understood" \
+            in str(ei.value)
     assert _leftovers(tmp_path) == []
 
 

@@ -79,6 +79,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for p in info.partitions:
         extra = f", {p.files} files, {_size(p.file_bytes)}" if p.files is not None else ""
         label = f" '{p.label}'" if p.label else ""
+        if p.kind == "ntfs" and p.geometry:
+            extra = f", {p.geometry['cluster_size']}-byte clusters{extra}"
         print(f"  partition {p.index}: {p.kind} {p.fs or '?'}{label}, size {_size(p.size)}, "
               f"hidden sectors {p.hidden_sectors if p.hidden_sectors is not None else '?'}{extra}"
               + (f" ({'; '.join(p.notes)})" if p.notes else ""))

@@ -24,7 +24,8 @@ from pipeline.gho.disk import (
 )
 from pipeline.gho.errors import GhoError
 from pipeline.gho.fat import FatSection
-from pipeline.gho.image import EXT_UNSUPPORTED, NTFS_UNSUPPORTED, Image, Volume, generation
+from pipeline.gho.image import EXT_UNSUPPORTED, Image, Volume, generation
+from pipeline.gho.ntfs import NtfsSection
 from pipeline.gho.sector import SectorSection
 from pipeline.gho.sparse import SparseWriter
 
@@ -44,6 +45,7 @@ class ExtractedPartition:
     files: int = 0
     directories: int = 0
     file_bytes: int = 0
+    runs_placed: dict[str, int] | None = None  # NTFS: runs placed by the walk / from the $MFT
 
 
 @dataclass
@@ -115,9 +117,6 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
         img.unlock(password)
         layout = img.layout
         for sec in layout.sections:
-            if sec.kind == "ntfs":
-                raise GhoError(f"{img.name}: partition {sec.index + 1} (offset {sec.header_offset}): "
-                               f"{NTFS_UNSUPPORTED}")
             if sec.kind == "ext":
                 raise GhoError(f"{img.name}: partition {sec.index + 1} (offset {sec.header_offset}): "
                                f"{EXT_UNSUPPORTED}")
@@ -171,6 +170,18 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                         fl = reader.files()
                         part.files, part.file_bytes = len(fl), sum(n.size for n in fl)
                         part.directories = sum(1 for n in reader.nodes if n.is_dir)
+                        warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
+                    elif isinstance(reader, NtfsSection):
+                        sm = reader.write(w, p.start * SECTOR, step)
+                        part.label = sm.label
+                        part.files, part.directories = sm.files, sm.directories
+                        part.file_bytes = sm.file_bytes
+                        part.runs_placed = {"deterministic": sm.runs_deterministic,
+                                            "heuristic": sm.runs_heuristic}
+                        if sm.runs_heuristic:
+                            warnings.append(f"partition {v.index + 1}: {sm.runs_heuristic} of "
+                                            f"{sm.runs_heuristic + sm.runs_deterministic} runs placed from "
+                                            "the $MFT by cluster count (heuristic), not by the stream")
                         warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
                     elif isinstance(reader, SectorSection):
                         reader.write(w, p.start * SECTOR, step)

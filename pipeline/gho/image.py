@@ -17,12 +17,12 @@ from pipeline.gho.header import (
     FileHeader,
     parse_file_header,
 )
+from pipeline.gho.ntfs import NtfsSection, section_reader
 from pipeline.gho.records import Layout, Walker
 from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
 from pipeline.gho.spans import find_spans, resolve_first
 from pipeline.gho.stream import SpanStream
 
-NTFS_UNSUPPORTED = "NTFS file-aware GHO not supported yet"
 EXT_UNSUPPORTED = "ext2/ext3 file-aware GHO not supported yet"
 
 
@@ -36,7 +36,7 @@ class Volume:
     index: int
     kind: str
     offset: int
-    reader: FatSection | SectorSection | None
+    reader: FatSection | SectorSection | NtfsSection | None
     fs: str | None = None
     label: str | None = None
     hidden_sectors: int | None = None
@@ -131,9 +131,16 @@ class Image:
                     assert g is not None
                     v.reader, v.fs, v.label = fs, g.fs_name, fs.label
                     v.hidden_sectors, v.size = g.hidden_sectors, g.size
-            elif sec.subtype in (SUBTYPE_NTFS, SUBTYPE_EXT):
-                v.fs = "NTFS" if sec.subtype == SUBTYPE_NTFS else "ext2/3"
-                v.notes.append(NTFS_UNSUPPORTED if sec.subtype == SUBTYPE_NTFS else EXT_UNSUPPORTED)
+            elif sec.subtype == SUBTYPE_NTFS:
+                v.fs = "NTFS"
+                if sec.ntfs.locked:
+                    v.notes.append("encrypted: give the password to list its contents")
+                else:
+                    nt = section_reader(self.walker, sec, self.decoder(), self.seed)
+                    v.reader, v.hidden_sectors, v.size = nt, nt.hidden_sectors, nt.size
+            elif sec.subtype == SUBTYPE_EXT:
+                v.fs = "ext2/3"
+                v.notes.append(EXT_UNSUPPORTED)
             else:
                 ss = SectorSection(self.walker, sec, self.decoder(), self.seed)
                 v.reader = ss

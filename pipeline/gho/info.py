@@ -10,6 +10,7 @@ from pipeline.gho.catalogue import parse_catalogue, slot_short_name
 from pipeline.gho.disk import parse_mbr
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import Image, generation
+from pipeline.gho.ntfs import NtfsSection
 
 
 @dataclass
@@ -29,6 +30,7 @@ class PartitionInfo:
     record_kinds: dict[str, int] | None = None
     catalogue_files: int | None = None
     geometry: dict[str, int] | None = None
+    runs_placed: dict[str, int] | None = None  # NTFS: runs placed by the walk / from the $MFT
     notes: list[str] = field(default_factory=list)
 
 
@@ -98,6 +100,8 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
                         d["partition"] = v.index + 1
                         files.append(d)
                 warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
+            elif isinstance(v.reader, NtfsSection):
+                _ntfs_info(v.reader, p, warnings)
             parts.append(p)
         _check_catalogues(img, parts, warnings)
         track0 = img.track0() if layout.track0 else b""
@@ -116,6 +120,22 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
             track0_bytes=len(track0),
             mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
         )
+
+
+def _ntfs_info(reader: NtfsSection, p: PartitionInfo, warnings: list[str]) -> None:
+    """Walk an NTFS section's packet stream (no output) for its counts (§11.4)."""
+    sm = reader.walk()
+    p.label, p.files, p.directories, p.file_bytes = sm.label, sm.files, sm.directories, sm.file_bytes
+    p.records = sm.records
+    p.geometry = reader.facts()
+    p.runs_placed = {"deterministic": sm.runs_deterministic, "heuristic": sm.runs_heuristic}
+    p.notes.append(f"{sm.runs_deterministic} runs placed by the stream walk, {sm.runs_heuristic} from the "
+                   f"$MFT (heuristic), {sm.sparse_runs} sparse")
+    p.notes += [f"{name} (MFT record {n}): data not stored, reads as zeros"
+                for n, name in sorted(sm.skipped_names.items())]
+    if sm.runs_heuristic:
+        warnings.append(f"partition {p.index}: {sm.runs_heuristic} runs are placed by the heuristic")
+    warnings += [f"partition {p.index}: {m}" for m in sm.warnings]
 
 
 def _check_catalogues(img: Image, parts: list[PartitionInfo], warnings: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.gho.errors import GhoError
 from pipeline.gho.header import (
@@ -76,6 +77,7 @@ class Section:
     blocks: int = 0
     raw: bool = False  # uncompressed sector data without [u16] framing (§8.4)
     records: int = 0
+    ntfs: Any = None  # NTFS sections: where their parts are (pipeline.gho.ntfs.NtfsLayout)
 
     @property
     def kind(self) -> str:
@@ -240,7 +242,11 @@ class Walker:
                 pos = self.stop
             elif subtype == SUBTYPE_SECTOR:
                 pos = self._scan_chain(sec, pos, limit)
-            elif subtype in (SUBTYPE_NTFS, SUBTYPE_EXT):
+            elif subtype == SUBTYPE_NTFS:
+                from pipeline.gho.ntfs import scan_section  # local: the NTFS reader builds on this module
+
+                pos = scan_section(self, sec, limit)
+            elif subtype == SUBTYPE_EXT:
                 sec.end = limit
                 return layout  # cannot be walked; extract() refuses it with a clear message
             else:
