@@ -21,7 +21,7 @@ from types import TracebackType
 
 from pipeline import log
 from pipeline.errors import ToolError
-from pipeline.tools.run import pid_alive, run
+from pipeline.tools.run import pid_alive, run, unwatch_daemon, watch_daemon
 
 GUESTFISH = "guestfish"
 #: appliance launches in this process (for receipts and the benchmark)
@@ -70,6 +70,7 @@ class Guestfish:
             raise ToolError(f"guestfish failed to start: {self._stderr_tail()}", tool=GUESTFISH, argv=argv,
                             returncode=rc, image_id=self.image_id, step=self.step)
         self.pid = int(line.split("GUESTFISH_PID=")[1].split(";")[0])
+        watch_daemon(self.pid)  # the --listen server dies with us, SIGKILL included
         start = time.monotonic()
         try:
             self._wait_for_server()
@@ -131,6 +132,7 @@ class Guestfish:
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
+            unwatch_daemon(self.pid)
             self.pid = None
         self._errlog.close()
         with contextlib.suppress(OSError):
