@@ -29,7 +29,7 @@ _KINDS = (
 def escape(text: object, limit: int = 120) -> str:
     """``text`` (any object: str() of it) with control and line-break characters escaped, at most
     ``limit`` characters (then ``…(+N chars)``). Cheap on huge strings: only the head is looked at."""
-    s = text if isinstance(text, str) else str(text)
+    s = text if isinstance(text, str) else _str(text)
     extra = len(s) - limit
     s = s[:limit]
     out = []
@@ -43,14 +43,25 @@ def escape(text: object, limit: int = 120) -> str:
     return "".join(out) + (f"…(+{extra} chars)" if extra > 0 else "")
 
 
+def _str(value: object) -> str:
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return str(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message, bounded: never builds the repr of a huge structure."""
     if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
         return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and value.bit_length() > 256:
+        return _str(value)
     try:
         r = repr(value) if not isinstance(value, (list, dict)) else _small_repr(value, limit)
-    except RecursionError:
-        r = f"a nested {type(value).__name__}"
+    except (RecursionError, ValueError):
+        r = f"a {type(value).__name__}"
     return escape(r, limit)
 
 

@@ -144,7 +144,7 @@ def _finish(proc: subprocess.Popen, *, argv: list[str], shown: list[str], tool: 
             t.join(5)
         said = _tool_message("".join(err_chunks), "", empty="")
         raise ToolError(
-            f"{tool} timed out after {timeout:.0f} s" + (f"; its last output: {said}" if said else
+            f"{tool} timed out after {timeout:g} s" + (f"; its last output: {said}" if said else
                                                          " without any output"),
             tool=tool, argv=shown, returncode=None, stderr="".join(err_chunks),
             image_id=image_id, step=step,
