@@ -55,13 +55,9 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
             st = os.lstat(p)
             rel = str(p.relative_to(folder))
             if os.path.isfile(p) and not os.path.islink(p):
-                h = hashlib.sha256()
-                with open(p, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-                        if fh.tell() > 64 << 20:
-                            break  # big sparse files: their head and size are enough
-                out[rel] = (h.hexdigest(), st.st_size)
+                with open(p, "rb") as fh:  # big files: head, size and mtime are enough
+                    digest = hashlib.sha256(fh.read(1 << 20)).hexdigest()
+                out[rel] = (f"{digest} {st.st_mtime_ns}", st.st_size)
             else:
                 out[rel] = (f"mode {st.st_mode:o}", 0)
     return out

@@ -39,7 +39,7 @@ from pipeline.atomic import fsync_path
 from pipeline.config import GhostConfig
 from pipeline.errors import InputError, ToolError
 from pipeline.gho.spans import find_spans
-from pipeline.safeio import read_capped
+from pipeline.safeio import read_capped, regular_file
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
 STEP = "ghost-convert"
@@ -286,8 +286,9 @@ def convert(
     out_dir = Path(out_dir)
     password = cfg.password(image_id, STEP)
     secrets = [password] if password else []
-    if not src.is_file():
+    if not src.exists():
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
+    regular_file(src, "Ghost image", image_id=image_id, step=STEP)  # never a FIFO or device
     source = _stat_entry(src)
     spans = [_stat_entry(p) for p in find_spans(src)]
     # Check the configuration and paths before touching the disk (temp names never add commas).
