@@ -103,6 +103,8 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
         "backing_file": None,
         "check": check,
     })
+    if fmt == "vmdk":
+        _require_extents(source, facts, image_id, after_tools=True)
     return facts
 
 
@@ -110,22 +112,37 @@ def qcow2_safety(path: Path, image_id: str | None) -> None:
     """A qcow2 naming a backing or external data file is refused from its header, before qemu-img
     would open that other file (which might be a FIFO, a device or outside the folder)."""
     name = escape(path, 300)
-    hdr = vmdk.head(path, 104)
+    hdr = vmdk.head(path, 65536)
     if hdr[:4] != b"QFI\xfb":
         return  # not qcow2 after all: qemu-img info -f qcow2 says so
     if len(hdr) < 72:
         raise InputError(f"{name}: qcow2 header truncated ({len(hdr)} bytes)", image_id=image_id, step=STEP)
-    version, backing_off = struct.unpack_from(">IQ", hdr, 4)
+    version, backing_off, backing_len = struct.unpack_from(">IQI", hdr, 4)
     if backing_off:
-        raise InputError(f"{name}: image has a backing file (qcow2 header field backing_file_offset is "
-                         f"{backing_off}); refused (commit it into a standalone image first)",
-                         image_id=image_id, step=STEP)
-    if version >= 3 and len(hdr) >= 80 and struct.unpack_from(">Q", hdr, 72)[0] & 4:
-        raise InputError(f"{name}: qcow2 has an external data file (incompatible feature bit 2); refused",
-                         image_id=image_id, step=STEP)
+        backing = hdr[backing_off:backing_off + min(backing_len, 1023)].decode("utf-8", "replace")
+        raise InputError(f"{name}: image has a backing file {escape(backing, 300)!r}; refused (commit it "
+                         "into a standalone image first)", image_id=image_id, step=STEP)
+    if version < 3 or len(hdr) < 104:
+        return
+    incompatible = struct.unpack_from(">Q", hdr, 72)[0]
+    if not incompatible & 4:  # bit 2: external data file
+        return
+    data = "?"
+    pos = struct.unpack_from(">I", hdr, 100)[0]
+    while pos + 8 <= len(hdr):
+        ext_type, ext_len = struct.unpack_from(">II", hdr, pos)
+        if ext_type == 0:
+            break
+        if ext_type == 0x44415441:  # "DATA": the data file name
+            data = hdr[pos + 8:pos + 8 + ext_len].decode("utf-8", "replace")
+            break
+        pos += 8 + (ext_len + 7) // 8 * 8
+    raise InputError(f"{name}: qcow2 has an external data file {escape(data, 300)!r}; refused",
+                     image_id=image_id, step=STEP)
 
 
-def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None) -> None:
+def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None, *,
+                     after_tools: bool = False) -> None:
     """Every extent is an existing regular file (stat only: a FIFO or device is never opened) and a
     flat extent is as long as the descriptor says (a truncated flat extent reads as zeros)."""
     for ext in facts["extents"]:
@@ -133,6 +150,8 @@ def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None) 
         try:
             kind = file_kind(os.stat(p).st_mode)
         except OSError:
+            if not after_tools:
+                continue  # qemu-img names what it misses in its own words
             raise InputError(f"{escape(source, 300)}: VMDK extent {escape(ext['file'], 200)!r} is missing",
                              image_id=image_id, step=STEP) from None
         if kind is not None:

@@ -127,8 +127,8 @@ def parse_descriptor(path: Path, *, image_id: str | None = None, step: str | Non
     text, embedded = read_descriptor(path, image_id=image_id, step=step)
     low = text.lower()
     if "parentfilenamehint" in low:
-        raise InputError(f"{name}: VMDK has a parent (parentFileNameHint, a delta disk); merge it into a "
-                         "standalone disk first", **where)
+        raise InputError(f"{name}: VMDK has a parent (delta disk); merge it into a standalone disk first "
+                         "(field parentFileNameHint)", **where)
     values: dict[str, str | None] = {}
     for key, rx in _KEY_RE.items():
         count = low.count(key.lower())
@@ -141,8 +141,8 @@ def parse_descriptor(path: Path, *, image_id: str | None = None, step: str | Non
         values[key] = m.group(1) if m else None
     parent = values["parentCID"]
     if parent is not None and parent.lower() != NO_PARENT_CID:
-        raise InputError(f"{name}: VMDK field parentCID is {escape(parent, 20)} (a delta disk); merge it "
-                         "into a standalone disk first", **where)
+        raise InputError(f"{name}: VMDK has a parent (delta disk); merge it into a standalone disk first "
+                         f"(field parentCID is {escape(parent, 20)})", **where)
     extents: list[Extent] = []
     for line in text.splitlines():
         em = _EXTENT_RE.match(line)

@@ -236,7 +236,7 @@ def test_parent_hint_anywhere_is_refused(tmp_path: Path, ddb: str) -> None:
 def test_parent_cid_is_refused(tmp_path: Path) -> None:
     disk = flat(tmp_path)
     disk.write_text(disk.read_text().replace("parentCID=ffffffff", "parentCID=0badcafe"))
-    refused(disk, "parentCID is 0badcafe")
+    refused(disk, "parentCID is 0badcafe", "delta disk")
 
 
 def test_20000_extents_are_refused_before_qemu_img(tmp_path: Path) -> None:
