@@ -131,7 +131,7 @@ class Config:
         for img in self.images:
             if img.id == image_id:
                 return img
-        raise InputError(f"{self.path}: no image with id '{image_id}' (have: "
+        raise InputError(f"{self.path}: no image with id '{escape(image_id, 64)}' (have: "
                          f"{', '.join(i.id for i in self.images) or 'none'})")
 
 

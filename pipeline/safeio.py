@@ -13,9 +13,10 @@ import os
 import stat
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, as_text, escape
 
 MiB = 1 << 20
+__all__ = ["MiB", "escape", "file_kind", "is_regular", "read_capped", "regular_file", "shown"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -26,38 +27,12 @@ _KINDS = (
 )
 
 
-def escape(text: object, limit: int = 120) -> str:
-    """``text`` (any object: str() of it) with control and line-break characters escaped, at most
-    ``limit`` characters (then ``…(+N chars)``). Cheap on huge strings: only the head is looked at."""
-    s = text if isinstance(text, str) else _str(text)
-    extra = len(s) - limit
-    s = s[:limit]
-    out = []
-    for ch in s:
-        o = ord(ch)
-        if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0 or ch in "\u2028\u2029":
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{o:02x}" if o < 0x100 else
-                                                                      f"\\u{o:04x}"))
-        else:
-            out.append(ch)
-    return "".join(out) + (f"…(+{extra} chars)" if extra > 0 else "")
-
-
-def _str(value: object) -> str:
-    if isinstance(value, int) and value.bit_length() > 256:
-        return f"an integer of {value.bit_length()} bits"
-    try:
-        return str(value)
-    except (ValueError, RecursionError):
-        return f"a {type(value).__name__}"
-
-
 def shown(value: object, limit: int = 80) -> str:
     """``repr(value)`` for a message, bounded: never builds the repr of a huge structure."""
     if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
         return f"a {type(value).__name__} of {len(value)} items"
     if isinstance(value, int) and value.bit_length() > 256:
-        return _str(value)
+        return as_text(value)
     try:
         r = repr(value) if not isinstance(value, (list, dict)) else _small_repr(value, limit)
     except (RecursionError, ValueError):
