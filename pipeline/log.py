@@ -41,6 +41,16 @@ def _drop_exc_info(logger: Any, name: str, event_dict: MutableMapping[str, Any])
     return event_dict
 
 
+def _not_luigi_echo(record: logging.LogRecord) -> bool:
+    """luigi's "... failed Task(...)" record for one of our typed errors repeats our own "step failed"
+    line: the console skips it (the JSON log file keeps it, with its traceback)."""
+    if record.name.startswith("luigi") and record.exc_info and record.exc_info[1] is not None:
+        from pipeline.errors import Gho2KvmError
+
+        return not isinstance(record.exc_info[1], Gho2KvmError)
+    return True
+
+
 def configure(*, json: bool | None = None, level: str | None = None, log_file: Path | None = None) -> None:
     """Configure structlog and stdlib logging (idempotent; a later call may add a log file)."""
     global _configured, _file_handler, _console
@@ -66,6 +76,7 @@ def configure(*, json: bool | None = None, level: str | None = None, log_file: P
                 processors=[_drop_exc_info, structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                             _renderer(json)])
         )
+        handler.addFilter(_not_luigi_echo)
         _console = handler
         root = logging.getLogger()
         root.handlers[:] = [handler]
