@@ -292,3 +292,24 @@ def test_tools_die_with_gho2kvm(tmp_path: Path, sig: signal.Signals) -> None:
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child), f"the tool survived {sig.name} of gho2kvm"
+
+
+def test_a_daemon_left_by_a_tool_dies_with_gho2kvm_killed(tmp_path: Path) -> None:
+    """guestfish --listen detaches its server (no PR_SET_PDEATHSIG reaches it): the watchdog does."""
+    pidfile = tmp_path / "daemon.pid"
+    code = ("import subprocess, time\nfrom pipeline.tools.run import watch_daemon\n"
+            "out = subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'], capture_output=True, "
+            "text=True).stdout\n"
+            f"watch_daemon(int(out))\nopen('{pidfile}', 'w').write(out)\ntime.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=str(REPO), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon = int(pidfile.read_text())
+    assert _alive(daemon)
+    parent.kill()
+    parent.wait(20)
+    deadline = time.monotonic() + 10
+    while _alive(daemon) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(daemon), "the daemon survived SIGKILL of gho2kvm"
