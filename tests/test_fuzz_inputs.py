@@ -1,7 +1,7 @@
 """Hostile configs, .reg files and VMDK sources: a seeded fuzz run over every class plus one test per
 class. No appliance is launched; `gho2kvm inspect` is run only on sources refused before it.
 
-``GHO2KVM_FUZZ_CASES`` sets the cases per class (default 20: 220 cases; ``make fuzz`` runs more).
+``GHO2KVM_FUZZ_CASES`` sets the cases per class (default 25: 275 cases; ``make fuzz`` runs more).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pipeline.inspect import disk_facts
 from pipeline.registry.regfile import parse_file
 from pipeline.tools.run import run
 
-CASES = int(os.environ.get("GHO2KVM_FUZZ_CASES", "20"))
+CASES = int(os.environ.get("GHO2KVM_FUZZ_CASES", "25"))
 SEED = int(os.environ.get("GHO2KVM_FUZZ_SEED", "11"))
 MAX_RSS_MIB = 300
 
