@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.errors import InputError, as_text, escape
 
 MiB = 1 << 20
-__all__ = ["MiB", "escape", "file_kind", "is_regular", "read_capped", "regular_file", "shown"]
+__all__ = ["MiB", "escape", "file_kind", "read_capped", "regular_file", "shown"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -120,10 +120,3 @@ def read_capped(path: str | os.PathLike[str], cap: int, what: str = "file", **wh
     if total > cap:
         raise InputError(f"{name}: {what} is too large (more than {cap} bytes); refused", **where)
     return b"".join(chunks)
-
-
-def is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False

@@ -71,10 +71,6 @@ def head(path: Path, n: int = 4) -> bytes:
         os.close(fd)
 
 
-def is_sparse(path: Path) -> bool:
-    return head(path) == SPARSE_MAGIC
-
-
 def is_text_descriptor(path: Path) -> bool:
     return head(path) not in (SPARSE_MAGIC, COWD_MAGIC)
 
