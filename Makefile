@@ -14,7 +14,7 @@ LUIGID_DIR := var/luigid
 DEMO_DISK := var/demo/xp-demo.vmdk
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv migrate demo-disk test test-fast lint bench luigid luigid-stop clean plan report
+.PHONY: setup system venv migrate demo-disk test test-fast lint bench luigid luigid-stop clean plan report fuzz
 
 setup: system venv
 
@@ -49,6 +49,12 @@ test: setup
 # the inner loop: no libguestfs appliance, no libvirtd (tests/conftest.py marks those "slow")
 test-fast: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the long fuzz run: thousands of cases (tests/test_fuzz_*.py read GHO2KVM_FUZZ_CASES)
+FUZZ_CASES ?= 300
+fuzz: setup
+	GHO2KVM_FORCE_TCG=1 GHO2KVM_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/pytest -q tests/test_fuzz_inputs.py \
+	  $(wildcard tests/test_fuzz_gho.py)
 
 lint: setup
 	$(BIN)/ruff check pipeline tests bench

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from pipeline import __version__, log
+from pipeline import __version__, log, receipts
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import Gho2KvmError
+from pipeline.safeio import escape
+from pipeline.tools.run import Terminated, install_signal_handlers
 
 
 def _load(args: argparse.Namespace):
@@ -33,16 +36,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import luigi
 
+    from pipeline.runner import run_log_path
     from pipeline.tasks import Inspect
 
     cfg = _load(args)
-    cfg.image(args.image)
+    img = cfg.image(args.image)
+    # stderr carries the one error line; the events (and any traceback) go to the JSON log file
+    log.configure(log_file=run_log_path(cfg).with_name(f"inspect-{img.id}-{os.getpid()}.jsonl"))
+    log.console_off()
+    log.luigi_defers_to_us()
     task = Inspect(config_path=str(cfg.path.absolute()), image_id=args.image)
     res = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True)
     r = task.receipt()
     if not task.complete() or r is None:
-        err = (json.loads(task.error_path.read_text()) if task.error_path.exists() else {}).get("error")
-        print(err or f"inspect failed ({res.status.name})", file=sys.stderr)
+        err = (receipts.read(task.error_path) or {}).get("error")
+        print(escape(err, 2000) if err else f"inspect failed ({res.status.name})", file=sys.stderr)
         return 1
     print(json.dumps(r["result"], indent=2))
     return 0
@@ -106,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log.configure()
+    install_signal_handlers()
     try:
         return int(args.func(args))
     except ConfigError as e:
@@ -118,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{e}; re-run the same command to resume", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

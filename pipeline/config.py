@@ -19,8 +19,13 @@ from typing import Any
 import yaml
 
 from pipeline.errors import InputError
+from pipeline.safeio import MiB, escape, file_kind, read_capped, shown
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
+MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
+MAX_YAML_DEPTH = 64  # nesting of mappings/sequences
+MAX_YAML_ALIASES = 1000  # alias (*name) uses
+MAX_YAML_NODES = 200_000  # nodes once aliases are expanded (the "billion laughs" bound)
 SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx")
 BUILTIN_REGISTRY = ("mergeide",)
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}\Z")
@@ -126,7 +131,7 @@ class Config:
         for img in self.images:
             if img.id == image_id:
                 return img
-        raise InputError(f"{self.path}: no image with id '{image_id}' (have: "
+        raise InputError(f"{self.path}: no image with id '{escape(image_id, 64)}' (have: "
                          f"{', '.join(i.id for i in self.images) or 'none'})")
 
 
@@ -140,15 +145,87 @@ class _Map(dict):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader with bounds: nesting depth, alias uses and the size the aliases expand to are
+    capped while composing, before any Python object is built (or repr()'d in a message)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _limit(self.peek_event(), f"more than {MAX_YAML_ALIASES} aliases")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _limit(self.peek_event(), f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _limit(event: Any, what: str) -> yaml.YAMLError:
+    return yaml.composer.ComposerError(None, None, f"refused: {what}", event.start_mark)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes of the document with every alias expanded (memoised, so linear in the
+    composed size); refuse more than MAX_YAML_NODES and recursive aliases."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            if id(node) in sizes:
+                continue
+            if id(node) in visiting:
+                raise yaml.composer.ComposerError(None, None, "refused: an alias refers to itself",
+                                                  node.start_mark)
+            visiting.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children)
+            continue
+        visiting.discard(id(node))
+        total = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if total > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"refused: aliases expand to more than {MAX_YAML_NODES} values", node.start_mark)
+        sizes[id(node)] = total
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
     m = _Map()
     m.lines = {}
     m.line = node.start_mark.line + 1
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "a sequence" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, found {kind}", key_node.start_mark)
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, found {type(key).__name__}",
+                key_node.start_mark) from None
         m[key] = loader.construct_object(value_node, deep=True)
         m.lines[str(key)] = key_node.start_mark.line + 1
     return m
@@ -169,7 +246,7 @@ _SETTINGS_KEYS = {f.name for f in fields(Settings)}
 def _choice(*options: str):
     def check(v: Any) -> str:
         if not isinstance(v, str) or v not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+            raise ValueError(f"expected one of {', '.join(options)}, got {shown(v)}")
         return v
 
     return check
@@ -178,7 +255,7 @@ def _choice(*options: str):
 def _int_range(lo: int, hi: int):
     def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"expected an integer, got {v!r}")
+            raise ValueError(f"expected an integer, got {shown(v)}")
         if not lo <= v <= hi:
             raise ValueError(f"expected {lo}..{hi}, got {v}")
         return v
@@ -195,26 +272,26 @@ def _opt(check):
 
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
+        raise ValueError(f"expected true or false, got {shown(v)}")
     return v
 
 
 def _str(v: Any) -> str:
     if not isinstance(v, str) or not v:
-        raise ValueError(f"expected a non-empty string, got {v!r}")
+        raise ValueError(f"expected a non-empty string, got {shown(v)}")
     return v
 
 
 def _text(v: Any) -> str:
     if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
+        raise ValueError(f"expected a string, got {shown(v)}")
     return v
 
 
 def _regex(rx: re.Pattern, what: str):
     def check(v: Any) -> str:
         if not isinstance(v, str) or not rx.match(v.lower()):
-            raise ValueError(f"expected {what}, got {v!r}")
+            raise ValueError(f"expected {what}, got {shown(v)}")
         return v.lower()
 
     return check
@@ -223,23 +300,23 @@ def _regex(rx: re.Pattern, what: str):
 def _network(v: Any) -> str:
     if isinstance(v, str) and (v == "user" or re.match(r"^(network|bridge):[A-Za-z0-9._-]+\Z", v)):
         return v
-    raise ValueError(f"expected user, network:NAME or bridge:NAME, got {v!r}")
+    raise ValueError(f"expected user, network:NAME or bridge:NAME, got {shown(v)}")
 
 
 def _libvirt_uri(v: Any) -> str:
     if isinstance(v, str) and re.match(r"^[a-z][a-z0-9+]*://", v):
         return v
-    raise ValueError(f"expected a libvirt URI such as qemu:///system, got {v!r}")
+    raise ValueError(f"expected a libvirt URI such as qemu:///system, got {shown(v)}")
 
 
 def _registry(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         raise ValueError(f"expected a list of built-in names ({', '.join(BUILTIN_REGISTRY)}) "
-                         f"or .reg file paths, got {v!r}")
+                         f"or .reg file paths, got {shown(v)}")
     for x in v:
         if x not in BUILTIN_REGISTRY and not x.lower().endswith(".reg"):
             raise ValueError(f"expected a built-in name ({', '.join(BUILTIN_REGISTRY)}) or a path "
-                             f"ending in .reg, got {x!r}")
+                             f"ending in .reg, got {shown(x)}")
     return tuple(v)
 
 
@@ -248,13 +325,13 @@ def _command(v: Any) -> tuple[str, ...]:
         return (v,)
     if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
         return tuple(v)
-    raise ValueError(f"expected an argv list such as [wine64, /opt/ghost/ghost64.exe], got {v!r}")
+    raise ValueError(f"expected an argv list such as [wine64, /opt/ghost/ghost64.exe], got {shown(v)}")
 
 
 def _env_name(v: Any) -> str:
     if isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", v):
         return v
-    raise ValueError(f"expected an environment variable name, got {v!r}")
+    raise ValueError(f"expected an environment variable name, got {shown(v)}")
 
 
 IMAGE_RULES: dict[str, Any] = {
@@ -302,13 +379,14 @@ class _Collector:
         self.errors: list[str] = []
 
     def add(self, line: int | None, image: str | None, fieldname: str | None, msg: str) -> None:
-        loc = f"{self.path}:{line}" if line else str(self.path)
+        loc = f"{escape(self.path, 300)}:{line}" if line else escape(self.path, 300)
         parts = [loc]
         if image is not None:
-            parts.append(f"image '{image}'")
+            parts.append(f"image '{escape(image, 64)}'")
         if fieldname:
-            parts.append(f"field '{fieldname}'")
-        self.errors.append(": ".join(parts) + f": {msg}")
+            parts.append(f"field '{escape(fieldname, 64)}'")
+        # one line, bounded: whatever the values quoted in msg hold
+        self.errors.append(": ".join(parts) + f": {escape(msg, 400)}")
 
 
 def _unknown_key_msg(key: str, allowed: set[str]) -> str:
@@ -328,6 +406,9 @@ def _check_section(
         if key not in allowed:
             col.add(line, image, name, _unknown_key_msg(key, allowed))
             continue
+        if _has_nul(value):
+            col.add(line, image, name, "contains a NUL character")
+            continue
         rule = rules.get(key)
         if rule is None:
             out[key] = value
@@ -342,28 +423,49 @@ def _check_section(
 def _ghost(col: _Collector, raw: Any, line: int | None, image: str | None,
            prefix: str = "") -> dict[str, Any] | None:
     if not isinstance(raw, _Map):
-        col.add(line, image, f"{prefix}ghost", f"expected a mapping, got {raw!r}")
+        col.add(line, image, f"{prefix}ghost", f"expected a mapping, got {shown(raw)}")
         return None
     return _check_section(col, raw, GHOST_RULES, _GHOST_KEYS, image, prefix=f"{prefix}ghost.")
+
+
+def _load_yaml(path: Path, col: _Collector) -> Any:
+    """The YAML document of ``path``: a regular file of at most MAX_CONFIG_BYTES, UTF-8, bounded
+    (depth, aliases, expansion); any problem is a ConfigError line, never a traceback."""
+    try:
+        raw = read_capped(path, MAX_CONFIG_BYTES, "config")
+    except InputError as e:
+        raise ConfigError([e.message]) from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col.add(line, None, None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the "
+                                  "config as UTF-8")
+        raise ConfigError(col.errors) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        col.add(mark.line + 1 if mark else None, None, None,
+                f"not valid YAML: {getattr(e, 'problem', None) or e}")
+    except RecursionError:
+        col.add(None, None, None, f"not valid YAML: nested deeper than {MAX_YAML_DEPTH} levels")
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
+        # e.g. an integer of more than 4300 digits, a date like 2001-13-45, an odd tag
+        col.add(None, None, None, f"not valid YAML: {type(e).__name__}: {e}")
+    raise ConfigError(col.errors)
 
 
 def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> Config:
     """Load and validate a config file; raise :class:`ConfigError` listing every problem."""
     path = Path(path)
     col = _Collector(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read config: {e.strerror}"]) from None
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        col.add(line, None, None, f"not valid YAML: {getattr(e, 'problem', e)}")
-        raise ConfigError(col.errors) from None
+    doc = _load_yaml(path, col)
     if not isinstance(doc, _Map):
-        raise ConfigError([f"{path}: expected a mapping with 'images' (and optional 'defaults')"])
+        raise ConfigError([f"{escape(path, 300)}: expected a mapping with 'images' "
+                           "(and optional 'defaults')"])
     for key in doc:
         if key not in ("defaults", "images", "settings"):
             col.add(doc.lines.get(str(key)), None, str(key),
@@ -400,14 +502,17 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
     images: list[ImageConfig] = []
     for idx, raw in enumerate(images_raw):
         if not isinstance(raw, _Map):
-            col.add(None, f"#{idx + 1}", None, f"expected a mapping with id and source, got {raw!r}")
+            col.add(None, f"#{idx + 1}", None, f"expected a mapping with id and source, got {shown(raw)}")
             continue
         image_id = raw.get("id")
-        label = str(image_id) if image_id is not None else f"#{idx + 1}"
+        label = escape(image_id, 64) if isinstance(image_id, (str, int)) else f"#{idx + 1}"
         before = len(col.errors)
-        if not isinstance(image_id, str) or not ID_RE.match(image_id):
+        if isinstance(image_id, str) and image_id and image_id.strip(".") == "":
             col.add(raw.lines.get("id", raw.line), label, "id",
-                    f"expected 1-64 characters of [A-Za-z0-9._-], got {image_id!r}")
+                    f"{shown(image_id)} is not a usable id (it names a folder, not an image)")
+        elif not isinstance(image_id, str) or not ID_RE.match(image_id):
+            col.add(raw.lines.get("id", raw.line), label, "id",
+                    f"expected 1-64 characters of [A-Za-z0-9._-], got {shown(image_id)}")
         elif image_id in seen:
             col.add(raw.lines.get("id"), label, "id", f"duplicate id (first used on line {seen[image_id]})")
         else:
@@ -420,23 +525,23 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
             ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})
         source = raw.get("source")
         src_path: Path | None = None
-        if not isinstance(source, str) or not source:
+        if not isinstance(source, str) or not source or "\x00" in source:
             col.add(raw.lines.get("source", raw.line), label, "source", "expected a path to the source image")
         else:
             src_path = (base / source) if not os.path.isabs(source) else Path(source)
             src_path = Path(os.path.normpath(src_path.absolute()))
             if not src_path.name.lower().endswith(SOURCE_SUFFIXES):
                 col.add(raw.lines.get("source"), label, "source",
-                        f"expected one of {' '.join(SOURCE_SUFFIXES)}, got {src_path.name!r}")
-            elif check_sources and not src_path.is_file():
-                col.add(raw.lines.get("source"), label, "source", f"file not found: {src_path}")
+                        f"expected one of {' '.join(SOURCE_SUFFIXES)}, got {shown(src_path.name)}")
+            elif check_sources and (problem := _not_regular(src_path)):
+                col.add(raw.lines.get("source"), label, "source", problem)
         regs = values.get("registry", ())
         for r in regs:
             if r in BUILTIN_REGISTRY:
                 continue
             rp = Path(os.path.normpath((base / r).absolute())) if not os.path.isabs(r) else Path(r)
-            if not rp.is_file():
-                col.add(raw.lines.get("registry", raw.line), label, "registry", f"file not found: {rp}")
+            if problem := _not_regular(rp):
+                col.add(raw.lines.get("registry", raw.line), label, "registry", problem)
             else:
                 problem = _reg_problem(rp, reg_checked)
                 if problem:
@@ -467,6 +572,23 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
     return Config(path=path, images=tuple(images), settings=Settings(**settings))
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(isinstance(v, str) and "\x00" in v for v in value)
+    return False
+
+
+def _not_regular(path: Path) -> str | None:
+    """None for an existing regular file (stat only: a FIFO or device is never opened)."""
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return f"file not found: {path}"
+    return None if kind is None else f"{path} is {kind}, expected a regular file"
+
+
 def _reg_problem(path: Path, cache: dict[Path, str | None]) -> str | None:
     """Parse a user ``.reg`` file once per load: a malformed one is a config error (file:line)."""
     if path not in cache:
@@ -477,6 +599,8 @@ def _reg_problem(path: Path, cache: dict[Path, str | None]) -> str | None:
             plan(parse_file(path), 1)  # syntax, and keys outside HKLM\SYSTEM / HKLM\SOFTWARE
             cache[path] = None
         except RegSyntaxError as e:
+            cache[path] = e.message
+        except InputError as e:  # not a regular file, too large, unreadable
             cache[path] = e.message
         except OSError as e:
             cache[path] = f"cannot read {path}: {e.strerror}"

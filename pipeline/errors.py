@@ -3,6 +3,33 @@
 from __future__ import annotations
 
 
+def escape(text: object, limit: int = 120) -> str:
+    """``text`` (any object: str() of it) with control and line-break characters escaped, at most
+    ``limit`` characters (then ``…(+N chars)``). Cheap on huge strings: only the head is looked at."""
+    s = text if isinstance(text, str) else as_text(text)
+    extra = len(s) - limit
+    s = s[:limit]
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0 or ch in "\u2028\u2029":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{o:02x}" if o < 0x100 else
+                                                                      f"\\u{o:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out) + (f"…(+{extra} chars)" if extra > 0 else "")
+
+
+def as_text(value: object) -> str:
+    """str(value), also for what str() refuses (huge integers, deep structures)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        return str(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+
+
 class Gho2KvmError(Exception):
     """Base class: a failure the user should see as one clear line."""
 
@@ -22,7 +49,8 @@ class Gho2KvmError(Exception):
         if self.step:
             where.append(f"step {self.step}")
         prefix = f"[{', '.join(where)}] " if where else ""
-        return prefix + " ".join(self.message.split())
+        # one line whatever the message quotes (file names, ids, tool output): control characters escaped
+        return escape(prefix + " ".join(self.message.split()), 4000)
 
 
 class InputError(Gho2KvmError):

@@ -9,13 +9,13 @@ the guest facts, read-only.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Any
 
-from pipeline import disksig
+from pipeline import disksig, vmdk
 from pipeline.errors import InputError, ToolError
+from pipeline.safeio import escape, file_kind, regular_file
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
 
@@ -28,10 +28,6 @@ SAFE_VMDK_TYPES = {
 }
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 REQUIRED_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
-_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]*)"(?:\s+\d+)?\s*$', re.I)
-# qemu's own extent parser (sscanf) is looser than _EXTENT_RE (e.g. "RW +8 FLAT ..." or
-# 'RW 8 VMFSSPARSE"x"' are extents to qemu): every line that may be an extent must match strictly.
-_EXTENT_LIKE_RE = re.compile(r"^\s*(RW|RDONLY|NOACCESS)", re.I)
 _QEMU_MAX_EXTENT_NAME = 511  # qemu truncates longer names, which would open a different file
 
 
@@ -42,69 +38,30 @@ def format_of(path: Path) -> str:
     return fmt
 
 
-def read_vmdk_descriptor(path: Path, image_id: str | None) -> str:
-    """Return the text descriptor of a VMDK (embedded in a sparse file or a separate text file)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
-            if head[:4] == b"KDMV":
-                desc_off, desc_size = struct.unpack_from("<QQ", head, 28)
-                if desc_off == 0 or desc_size == 0:
-                    # streamOptimized/monolithicSparse always embed one; without it qemu can't read either
-                    raise InputError(f"{path}: VMDK sparse header has no embedded descriptor",
-                                     image_id=image_id, step=STEP)
-                fh.seek(desc_off * 512)
-                raw = fh.read(min(desc_size * 512, 1 << 20))
-            else:
-                fh.seek(0)
-                raw = fh.read(1 << 20)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror}", image_id=image_id, step=STEP) from None
-    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-    if "createType" not in text:
-        raise InputError(f"{path}: not a VMDK (no descriptor with createType found)", image_id=image_id,
-                         step=STEP)
-    return text
-
-
 def vmdk_safety(path: Path, image_id: str | None) -> dict[str, Any]:
-    """Check a VMDK descriptor: known create type, every extent inside the source's folder."""
-    text = read_vmdk_descriptor(path, image_id)
-    m = re.search(r'^\s*createType\s*=\s*"?([^"\s]+)"?', text, re.M)
-    create_type = m.group(1) if m else "?"
-    if create_type not in SAFE_VMDK_TYPES:
-        raise InputError(f"{path}: VMDK createType {create_type!r} refused; expected one of "
+    """Check a VMDK descriptor before any tool opens it: known create type, no parent, every extent
+    a regular file inside the source's folder (stat only) and as long as the descriptor says."""
+    desc = vmdk.parse_descriptor(path, image_id=image_id, step=STEP)
+    name = escape(path, 300)
+    if desc.create_type not in SAFE_VMDK_TYPES:
+        raise InputError(f"{name}: VMDK createType {escape(desc.create_type, 40)!r} refused; expected one of "
                          f"{', '.join(sorted(SAFE_VMDK_TYPES))}", image_id=image_id, step=STEP)
-    if re.search(r"^\s*parentFileNameHint\s*=", text, re.M):
-        raise InputError(f"{path}: VMDK has a parent (delta disk); merge it into a standalone disk first",
-                         image_id=image_id, step=STEP)
     folder = path.parent.resolve()
-    # a sparse VMDK with an embedded descriptor is its own (only) extent: qemu ignores the file name
-    # written in the descriptor, which still names the file as it was called when created
-    embedded = _is_sparse_vmdk(path)
     extents = []
-    for line in text.splitlines():
-        em = _EXTENT_RE.match(line)
-        if not em:
-            if _EXTENT_LIKE_RE.match(line):
-                raise InputError(f"{path}: VMDK extent line {line.strip()[:200]!r} not understood; refused",
-                                 image_id=image_id, step=STEP)
-            continue
-        access, sectors, kind, name = em.groups()
-        target = _inside(folder, name) if len(name.encode()) <= _QEMU_MAX_EXTENT_NAME else None
+    for ext in desc.extents:
+        target = _inside(folder, ext.file) if len(ext.file.encode()) <= _QEMU_MAX_EXTENT_NAME else None
         if target is None:
-            raise InputError(f"{path}: VMDK extent {name!r} lies outside the image's folder {folder}; "
-                             "refused", image_id=image_id, step=STEP)
-        extents.append({"access": access, "sectors": int(sectors), "type": kind, "file": name,
-                        "path": str(path.resolve() if embedded else target)})
+            raise InputError(f"{name}: VMDK extent {escape(ext.file, 200)!r} lies outside the image's folder "
+                             f"{folder}; refused", image_id=image_id, step=STEP)
+        # a sparse VMDK with an embedded descriptor is its own (only) extent: qemu ignores the file name
+        # written in the descriptor, which still names the file as it was called when created
+        extents.append({"access": ext.access, "sectors": ext.sectors, "type": ext.type, "file": ext.file,
+                        "path": str(path.resolve() if desc.embedded else target)})
     if not extents:
-        raise InputError(f"{path}: VMDK descriptor lists no extents", image_id=image_id, step=STEP)
-    return {"create_type": create_type, "extents": extents}
-
-
-def _is_sparse_vmdk(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"KDMV"
+        raise InputError(f"{name}: VMDK descriptor lists no extents", image_id=image_id, step=STEP)
+    facts = {"create_type": desc.create_type, "extents": extents}
+    _require_extents(path, facts, image_id)
+    return facts
 
 
 def _inside(folder: Path, name: str) -> Path | None:
@@ -117,11 +74,15 @@ def _inside(folder: Path, name: str) -> Path | None:
 
 
 def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> dict[str, Any]:
-    """qemu-img facts plus the safety checks; never writes anything."""
+    """qemu-img facts plus the safety checks; never writes anything. Nothing but a regular file is
+    handed to qemu-img, and a VMDK's descriptor or a qcow2's header is checked by us first."""
     fmt = fmt or format_of(source)
     facts: dict[str, Any] = {"format": fmt}
+    regular_file(source, "source image", image_id=image_id, step=STEP)
     if fmt == "vmdk":
         facts.update(vmdk_safety(source, image_id))
+    elif fmt == "qcow2":
+        qcow2_safety(source, image_id)
     info = qemu_img.info(source, image_id=image_id, step=STEP, fmt=fmt)
     backing = info.get("backing-filename") or info.get("full-backing-filename")
     data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
@@ -143,17 +104,59 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
         "check": check,
     })
     if fmt == "vmdk":
-        _require_extents(source, facts, image_id)
+        _require_extents(source, facts, image_id, after_tools=True)
     return facts
 
 
-def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None) -> None:
-    """Flat extents must be as long as the descriptor says (a truncated flat extent reads as zeros)."""
+def qcow2_safety(path: Path, image_id: str | None) -> None:
+    """A qcow2 naming a backing or external data file is refused from its header, before qemu-img
+    would open that other file (which might be a FIFO, a device or outside the folder)."""
+    name = escape(path, 300)
+    hdr = vmdk.head(path, 65536)
+    if hdr[:4] != b"QFI\xfb":
+        return  # not qcow2 after all: qemu-img info -f qcow2 says so
+    if len(hdr) < 72:
+        raise InputError(f"{name}: qcow2 header truncated ({len(hdr)} bytes)", image_id=image_id, step=STEP)
+    version, backing_off, backing_len = struct.unpack_from(">IQI", hdr, 4)
+    if backing_off:
+        backing = hdr[backing_off:backing_off + min(backing_len, 1023)].decode("utf-8", "replace")
+        raise InputError(f"{name}: image has a backing file {escape(backing, 300)!r}; refused (commit it "
+                         "into a standalone image first)", image_id=image_id, step=STEP)
+    if version < 3 or len(hdr) < 104:
+        return
+    incompatible = struct.unpack_from(">Q", hdr, 72)[0]
+    if not incompatible & 4:  # bit 2: external data file
+        return
+    data = "?"
+    pos = struct.unpack_from(">I", hdr, 100)[0]
+    while pos + 8 <= len(hdr):
+        ext_type, ext_len = struct.unpack_from(">II", hdr, pos)
+        if ext_type == 0:
+            break
+        if ext_type == 0x44415441:  # "DATA": the data file name
+            data = hdr[pos + 8:pos + 8 + ext_len].decode("utf-8", "replace")
+            break
+        pos += 8 + (ext_len + 7) // 8 * 8
+    raise InputError(f"{name}: qcow2 has an external data file {escape(data, 300)!r}; refused",
+                     image_id=image_id, step=STEP)
+
+
+def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None, *,
+                     after_tools: bool = False) -> None:
+    """Every extent is an existing regular file (stat only: a FIFO or device is never opened) and a
+    flat extent is as long as the descriptor says (a truncated flat extent reads as zeros)."""
     for ext in facts["extents"]:
         p = Path(ext["path"])
-        if not p.is_file():
-            raise InputError(f"{source}: VMDK extent {ext['file']!r} is missing", image_id=image_id,
-                             step=STEP)
+        try:
+            kind = file_kind(os.stat(p).st_mode)
+        except OSError:
+            if not after_tools:
+                continue  # qemu-img names what it misses in its own words
+            raise InputError(f"{escape(source, 300)}: VMDK extent {escape(ext['file'], 200)!r} is missing",
+                             image_id=image_id, step=STEP) from None
+        if kind is not None:
+            raise InputError(f"{escape(source, 300)}: VMDK extent {escape(ext['file'], 200)!r} is {kind}, "
+                             "expected a regular file; refused", image_id=image_id, step=STEP)
         if ext["type"].upper() in ("FLAT", "VMFS") and p.stat().st_size < ext["sectors"] * 512:
             raise InputError(f"{source}: VMDK extent {ext['file']!r} is truncated: {p.stat().st_size} bytes, "
                              f"descriptor says {ext['sectors'] * 512}", image_id=image_id, step=STEP)

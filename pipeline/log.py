@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import structlog
 
 _configured = False
 _file_handler: logging.Handler | None = None
+_console: logging.Handler | None = None
 
 _shared: list[Any] = [
     structlog.contextvars.merge_contextvars,
@@ -32,9 +34,26 @@ def _renderer(json: bool) -> Any:
     return structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
 
 
+def _drop_exc_info(logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The console never shows a traceback (the JSON log file keeps it): one line per event."""
+    event_dict.pop("exc_info", None)
+    event_dict.pop("exception", None)
+    return event_dict
+
+
+def _not_luigi_echo(record: logging.LogRecord) -> bool:
+    """luigi's "... failed Task(...)" record for one of our typed errors repeats our own "step failed"
+    line: the console skips it (the JSON log file keeps it, with its traceback)."""
+    if record.name.startswith("luigi") and record.exc_info and record.exc_info[1] is not None:
+        from pipeline.errors import Gho2KvmError
+
+        return not isinstance(record.exc_info[1], Gho2KvmError)
+    return True
+
+
 def configure(*, json: bool | None = None, level: str | None = None, log_file: Path | None = None) -> None:
     """Configure structlog and stdlib logging (idempotent; a later call may add a log file)."""
-    global _configured, _file_handler
+    global _configured, _file_handler, _console
     if json is None:
         json = os.environ.get("GHO2KVM_LOG_JSON") == "1" or not sys.stderr.isatty()
     level = level or os.environ.get("GHO2KVM_LOG_LEVEL", "INFO")
@@ -52,8 +71,13 @@ def configure(*, json: bool | None = None, level: str | None = None, log_file: P
         )
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            structlog.stdlib.ProcessorFormatter(foreign_pre_chain=_shared, processor=_renderer(json))
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=_shared,
+                processors=[_drop_exc_info, structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                            _renderer(json)])
         )
+        handler.addFilter(_not_luigi_echo)
+        _console = handler
         root = logging.getLogger()
         root.handlers[:] = [handler]
         root.setLevel(level)
@@ -79,6 +103,21 @@ def configure(*, json: bool | None = None, level: str | None = None, log_file: P
         )
         root.addHandler(fh)
         _file_handler = fh
+
+
+def console_off() -> None:
+    """No log lines on stderr from here on (a command whose stderr is its one error line; the
+    events go to the JSON log file only)."""
+    if _console is not None:
+        _console.setLevel(logging.CRITICAL + 1)
+
+
+def luigi_defers_to_us() -> None:
+    """Keep ``luigi.build`` from installing its own stderr handlers (its DEBUG chatter and
+    tracebacks); luigi's records go through ours."""
+    import luigi.configuration
+
+    luigi.configuration.get_config().set("core", "no_configure_logging", "true")
 
 
 def get(name: str = "gho2kvm") -> Any:

@@ -67,6 +67,7 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, schedule
         kwargs["local_scheduler"] = True
     log_file = run_log_path(cfg)
     log.configure(log_file=log_file)
+    log.luigi_defers_to_us()
     logger = log.get()
     if url is not None:
         reenabled = reenable_disabled(url, cfg, image)

@@ -19,9 +19,11 @@ from enum import IntEnum
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.safeio import MiB, read_capped
 
 HEADER_V5 = "Windows Registry Editor Version 5.00"
 HEADER_V4 = "REGEDIT4"
+MAX_REG_BYTES = 16 * MiB  # a .reg file larger than this is refused before it is read
 
 
 class RegType(IntEnum):
@@ -170,22 +172,29 @@ _DWORD = re.compile(r"dword:([0-9A-Fa-f]{1,8})", re.ASCII | re.IGNORECASE)
 
 
 def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Split into (first physical line number, joined line); handles ``\\`` continuations."""
+    """Split into (first physical line number, joined line); handles ``\\`` continuations.
+
+    Linear in the file size: the pieces of a continued line are collected and joined once."""
     out: list[tuple[int, str]] = []
     physical = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     i = 0
-    while i < len(physical):
+    n = len(physical)
+    while i < n:
         start = i + 1
         line = physical[i].rstrip()
         i += 1
-        if not line.lstrip().startswith(";"):
-            while line.endswith("\\") and not line.lstrip().startswith("["):
-                line = line[:-1]
-                if i >= len(physical):
-                    break
-                line += physical[i].strip()
+        head = line.lstrip()
+        if not head.startswith(";") and not head.startswith("[") and line.endswith("\\"):
+            parts = [line[:-1]]
+            while i < n:
+                piece = physical[i].strip()
                 i += 1
-                line = line.rstrip()
+                if piece.endswith("\\"):
+                    parts.append(piece[:-1])
+                    continue
+                parts.append(piece)
+                break
+            line = "".join(parts).rstrip()
         out.append((start, line))
     return out
 
@@ -369,12 +378,10 @@ def parse_bytes(raw: bytes, source: str = "<bytes>") -> list[Op]:
 
 
 def parse_file(path: str | Path) -> list[Op]:
-    """Parse a ``.reg`` file from disk; errors name the file and line."""
+    """Parse a ``.reg`` file from disk; errors name the file and line. Only a regular file of at
+    most MAX_REG_BYTES is read (stat first: a FIFO or device is never opened)."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise InputError(f"{p}: cannot read .reg file: {e.strerror}") from None
+    raw = read_capped(p, MAX_REG_BYTES, ".reg file")
     return parse_bytes(raw, str(p))
 
 

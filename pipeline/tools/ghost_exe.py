@@ -34,10 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import vmdk
 from pipeline.atomic import fsync_path
 from pipeline.config import GhostConfig
 from pipeline.errors import InputError, ToolError
 from pipeline.gho.spans import find_spans
+from pipeline.safeio import read_capped, regular_file
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
 STEP = "ghost-convert"
@@ -52,12 +54,9 @@ ADAPTERS = ("ide", "lsilogic", "buslogic")
 _ERRNO_RE = re.compile(r"Error\s+Number\s*:?\s*\(?\s*(\d+)\s*\)?", re.I)
 _MESSAGE_RE = re.compile(r"^\s*Message\s*:\s*(.*\S)\s*$", re.I)
 _PROGRESS_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
-_EXTENT_RE = re.compile(rb'^(\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+")([^"]+)(".*)$')
 _OLD_EXTENT_RE = re.compile(rf"^{FINAL_STEM}-s\d{{3,}}\.vmdk$", re.I)
 _PWD_RE = re.compile(r"(-pwd=)(?!\*\*\*(?:\s|$))\S+", re.I)
 _TYPE_WORDS = {"sparse": ("sparse",), "flat": ("flat", "vmfs")}
-_SPARSE_MAGIC = b"KDMV"
-_COWD_MAGIC = b"COWD"
 
 
 @dataclass
@@ -224,12 +223,6 @@ def _stat_entry(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
 
 
-def _is_text_descriptor(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(4)
-    return head not in (_SPARSE_MAGIC, _COWD_MAGIC)
-
-
 def _normalize_descriptor(desc: Path) -> list[str]:
     """Make every extent line of a text descriptor name a bare file in the same directory.
 
@@ -237,23 +230,23 @@ def _normalize_descriptor(desc: Path) -> list[str]:
     path, it is reduced to the file name (matched case-insensitively), rewritten atomically.
     Returns the extent file names; raises ValueError naming a missing extent.
     """
-    if not _is_text_descriptor(desc):
+    if not vmdk.is_text_descriptor(desc):
         return []
-    data = desc.read_bytes()
+    data = read_capped(desc, vmdk.MAX_DESCRIPTOR_BYTES, "VMDK descriptor")
     present = {p.name.lower(): p.name for p in desc.parent.iterdir() if p.is_file()}
     names: list[str] = []
     changed = False
     out_lines = []
     for line in data.split(b"\n"):
-        m = _EXTENT_RE.match(line)
+        m = vmdk.split_extent_line(line)
         if m:
-            ref = m.group(2).decode("utf-8", "replace")
+            ref = m[1].decode("utf-8", "replace")
             base = re.split(r"[\\/]", ref)[-1]
             actual = present.get(base.lower())
             if actual is None:
                 raise ValueError(f"descriptor {desc.name} names extent {ref!r}, which Ghost did not write")
             if actual != ref:
-                line = m.group(1) + actual.encode() + m.group(3)
+                line = m[0] + actual.encode() + m[2]
                 changed = True
             names.append(actual)
         out_lines.append(line)
@@ -293,8 +286,9 @@ def convert(
     out_dir = Path(out_dir)
     password = cfg.password(image_id, STEP)
     secrets = [password] if password else []
-    if not src.is_file():
+    if not src.exists():
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
+    regular_file(src, "Ghost image", image_id=image_id, step=STEP)  # never a FIFO or device
     source = _stat_entry(src)
     spans = [_stat_entry(p) for p in find_spans(src)]
     # Check the configuration and paths before touching the disk (temp names never add commas).

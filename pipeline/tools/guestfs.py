@@ -22,7 +22,7 @@ from types import TracebackType
 from pipeline import log
 from pipeline.env import force_tcg_from_env
 from pipeline.errors import ToolError
-from pipeline.tools.run import pid_alive, run
+from pipeline.tools.run import pid_alive, run, unwatch_daemon, watch_daemon
 
 GUESTFISH = "guestfish"
 #: appliance launches in this process (for receipts and the benchmark)
@@ -71,6 +71,7 @@ class Guestfish:
             raise ToolError(f"guestfish failed to start: {self._stderr_tail()}", tool=GUESTFISH, argv=argv,
                             returncode=rc, image_id=self.image_id, step=self.step)
         self.pid = int(line.split("GUESTFISH_PID=")[1].split(";")[0])
+        watch_daemon(self.pid)  # the --listen server dies with us, SIGKILL included
         start = time.monotonic()
         try:
             self._wait_for_server()
@@ -132,6 +133,7 @@ class Guestfish:
             else:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
+            unwatch_daemon(self.pid)
             self.pid = None
         self._errlog.close()
         with contextlib.suppress(OSError):

@@ -34,7 +34,8 @@ def info(path: Path, *, image_id: str | None, step: str, fmt: str | None = None,
     try:
         out = run(argv, step=step, image_id=image_id, timeout=120).stdout
     except ToolError as e:
-        raise InputError(f"{path}: qemu-img cannot read the image: {e.message.split(': ', 1)[-1]}",
+        said = e.message if e.returncode is None else e.message.split(": ", 1)[-1]  # keep "timed out"
+        raise InputError(f"{path}: qemu-img cannot read the image: {said}",
                          image_id=image_id, step=step) from None
     return json.loads(out)
 

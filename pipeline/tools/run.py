@@ -7,6 +7,7 @@ argv list (never a shell), a timeout, captured stdout/stderr, secrets redacted, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -40,11 +41,11 @@ def redact(argv: Sequence[str], secrets: Sequence[str]) -> list[str]:
     return out
 
 
-def _tool_message(stderr: str, stdout: str) -> str:
+def _tool_message(stderr: str, stdout: str, empty: str = "(no output)") -> str:
     text = stderr.strip() or stdout.strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
-        return "(no output)"
+        return empty
     # The last lines usually carry the actual error; keep it to one line.
     return " | ".join(lines[-3:])[:800]
 
@@ -82,13 +83,25 @@ def run(
             stderr=subprocess.PIPE,
             env=full_env,
             cwd=cwd,
-            start_new_session=True,
+            start_new_session=True,  # its own process group: a timeout kills the tool's children too
+            preexec_fn=_die_with_parent,
         )
     except FileNotFoundError as e:
         raise ToolError(
             f"{tool}: not found ({e.strerror}); is it installed?",
             tool=tool, argv=shown, returncode=None, image_id=image_id, step=step,
         ) from None
+    _children.add(proc.pid)
+    try:
+        return _finish(proc, argv=argv, shown=shown, tool=tool, step=step, image_id=image_id, timeout=timeout,
+                       input=input, secrets=secrets, check=check, on_stdout=on_stdout, start=start)
+    finally:
+        _children.discard(proc.pid)
+
+
+def _finish(proc: subprocess.Popen, *, argv: list[str], shown: list[str], tool: str, step: str,
+            image_id: str | None, timeout: float | None, input: str | bytes | None, secrets: Sequence[str],
+            check: bool, on_stdout: Callable[[str], None] | None, start: float) -> Result:
     out_chunks: list[str] = []
     err_chunks: list[str] = []
 
@@ -129,8 +142,10 @@ def run(
         _kill_group(proc)
         for t in threads:
             t.join(5)
+        said = _tool_message("".join(err_chunks), "", empty="")
         raise ToolError(
-            f"{tool} timed out after {timeout:.0f}s: {_tool_message(''.join(err_chunks), '')}",
+            f"{tool} timed out after {timeout:g} s" + (f"; its last output: {said}" if said else
+                                                         " without any output"),
             tool=tool, argv=shown, returncode=None, stderr="".join(err_chunks),
             image_id=image_id, step=step,
         ) from None
@@ -167,6 +182,112 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+# children die with us
+
+#: process groups of the tools running now (each tool leads its own session)
+_children: set[int] = set()
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return fn
+
+
+_prctl = _load_prctl()  # resolved once here: the forked child only makes the call
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when gho2kvm dies, even by SIGKILL (Linux)."""
+    parent = os.getppid()
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # gho2kvm died between fork and prctl
+        os._exit(1)
+
+
+#: daemons a tool left running for us (guestfish --listen): pid -> watchdog
+_daemons: dict[int, subprocess.Popen] = {}
+
+# Polls twice a second; when gho2kvm is gone (its parent changed) it SIGKILLs the daemon. It exits
+# as soon as the daemon does. A daemon has been re-parented away from us, so PR_SET_PDEATHSIG of
+# the tool that started it does not reach it.
+_WATCHDOG = """
+import os, signal, sys, time
+owner, pid = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    time.sleep(0.5)
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    if os.getppid() != owner:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        break
+"""
+
+
+def watch_daemon(pid: int) -> None:
+    """Make the daemon ``pid`` (started by one of our tools) die with gho2kvm, SIGKILL included."""
+    import sys
+
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                                start_new_session=True, close_fds=True)
+    _daemons[pid] = watchdog
+
+
+def unwatch_daemon(pid: int) -> None:
+    watchdog = _daemons.pop(pid, None)
+    if watchdog is not None:
+        with contextlib.suppress(ProcessLookupError):
+            watchdog.kill()
+        watchdog.wait()
+
+
+def kill_children() -> None:
+    """SIGKILL every tool started by :func:`run` that is still running (with its process group) and
+    every daemon registered with :func:`watch_daemon`."""
+    for pid in list(_children):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    for pid in list(_daemons):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error of ours
+    """Raised in the main thread on SIGTERM/SIGHUP so that cleanup (temps, children) runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (SIGINT): ``finally`` blocks remove temps, and the
+    running tools are killed at once (they would die with us anyway, through PR_SET_PDEATHSIG)."""
+
+    def handler(signum: int, frame: object) -> None:
+        kill_children()
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, handler)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
