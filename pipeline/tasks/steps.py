@@ -238,8 +238,8 @@ class Define(ImageTask):
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         img = self.image
-        fp.update({"libvirt_uri": img.libvirt_uri, "autostart": img.autostart, "boot_check": img.boot_check,
-                   "start": img.start})
+        fp.update({"libvirt_uri": img.libvirt_uri, "autostart": img.autostart,
+                   "boot_check": img.boot_check.to_dict(), "start": img.start})
         return fp
 
     def execute(self) -> dict[str, Any]:
@@ -259,14 +259,13 @@ class Define(ImageTask):
         outputs: dict[str, str] = {}
         if img.boot_check:
             shot = img.image_dir / "boot.png"
-            result["boot_check"] = virt.boot_check(img.libvirt_uri, img.domain_name, img.boot_check, shot,
-                                                   keep_running=img.start, image_id=img.id)
+            result["boot_check"] = virt.boot_check(img.libvirt_uri, img.domain_name, img.boot_check.seconds,
+                                                   shot, keep_running=img.start,
+                                                   expect=img.boot_check.expect, image_id=img.id)
             if shot.exists():
                 outputs["screenshot"] = str(shot)
         elif img.start:
-            result["started"] = virt.boot_check(img.libvirt_uri, img.domain_name, 1,
-                                                img.image_dir / "boot.png", keep_running=True,
-                                                image_id=img.id)
+            result["started"] = virt.start_domain(img.libvirt_uri, img.domain_name, image_id=img.id)
         return {"result": result, "outputs": outputs}
 
 
