@@ -234,7 +234,8 @@ def image_key(img: Image.Image) -> str:
 def classify_image(img: Image.Image) -> Observation:
     """Verdict of a graphics-mode screen from its screenshot."""
     rgb = img.convert("RGB").resize((160, 120), Image.Resampling.NEAREST)
-    px = list(rgb.getdata())
+    raw = rgb.tobytes()
+    px = [(raw[i], raw[i + 1], raw[i + 2]) for i in range(0, len(raw), 3)]
     total = len(px)
     dark = sum(1 for p in px if _is_dark(*p)) / total
     blue = sum(1 for p in px if _is_stop_blue(*p)) / total
