@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from gho_checks import FIXTURES, carve, fsck, mbr_partitions, mcopy
 
 from pipeline.errors import InputError
 from pipeline.gho import GhoError, extract, read_info
+from pipeline.gho.bootchain import MBR_BIN
 from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import crc32_msb, decrypt, seed_from_password
 from pipeline.gho.fat import FatSection
@@ -260,3 +262,63 @@ def test_trailer_catalogues_agree_with_the_records(path: Path) -> None:
     assert (entries[0].date, entries[0].time, entries[0].attributes) == (0x457D, 0x144F, 0x07)
     if path in CATALOGUE:
         assert [e.offset for e in entries] == CATALOGUE[path]
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_rebuilt_disk_has_a_bootable_chain(path: Path, disks: dict) -> None:
+    """Issue 10: standard MBR code, exactly one active partition, hidden sectors = starts, CHS sane."""
+    raw, result = disks[path]
+    with open(raw, "rb") as f:
+        mbr = f.read(512)
+        boots = []
+        for part in result.partitions:
+            f.seek(part.start_lba * 512)
+            boots.append(f.read(512))
+    assert any(mbr[:440]) and mbr[:440] == MBR_BIN.read_bytes()[:440]
+    assert [mbr[446 + 16 * k] for k in range(4)] == [0x80, 0, 0, 0]  # partition 1 (IO.SYS) only
+    assert [int.from_bytes(b[28:32], "little") for b in boots] == [p.start_lba for p in result.partitions]
+    assert mbr[447:450] == b"\x01\x01\x00"  # CHS of LBA 63 in 255/63 geometry: c0 h1 s1
+    assert result.boot_chain == {"mbr_code": "syslinux mbr.bin", "active_partition": 1,
+                                 "hidden_sectors_fixed": [{"partition": 2, "was": 63, "now": 6233283}]}
+    dump = subprocess.run(["sfdisk", "-d", str(raw)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0 and not dump.stderr, dump.stderr
+    assert "start=          63, size=     6233157, type=c, bootable" in dump.stdout
+    assert dump.stdout.count("bootable") == 1
+    check = subprocess.run(["sfdisk", "--verify", str(raw)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "No errors detected" in check.stdout, check.stdout + check.stderr
+
+
+def _with_boot_field(src: Path, dest: Path, hidden: int, offset: int, value: int) -> Path:
+    """Copy of ``src`` whose boot-sector copies (all records) with ``hidden`` get ``value`` at ``offset``."""
+    data = bytearray(src.read_bytes())
+    pos, n = 0, 0
+    while (pos := data.find(b"MSWIN4", pos + 1)) > 0:
+        o = pos - 3
+        if int.from_bytes(data[o + 28:o + 32], "little") == hidden and data[o + 510:o + 512] == b"\x55\xaa":
+            data[o + offset:o + offset + 4] = value.to_bytes(4, "little")
+            n += 1
+    assert n >= 2  # opening + closing boot records (and the reserved area's copies)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize(("hidden", "offset", "value", "part", "field"), [
+    (8289603, 28, 0xFFFFFF00, 3, "end LBA 4303449296"),  # logical partition, absolute hidden sectors
+    (63, 28, 0xFFFFFFF0, 1, "end LBA 4301200436"),  # the primary; every later one would be past it too
+    (8289603, 28, 0xFFFFFFFF, 3, "end LBA"),
+], ids=["logical-hidden", "primary-hidden", "max-hidden"])
+def test_partition_past_the_mbr_limit_refused(tmp_path: Path, hidden: int, offset: int, value: int, part: int,
+                                              field: str) -> None:
+    """Issue 11: a boot sector placing a partition at/past 2^32 sectors is one clear line, no output."""
+    src = _with_boot_field(NONE, tmp_path / "big.gho", hidden, offset, value)
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(GhoError) as ei:
+        extract(src, out_dir / "disk.raw")
+    msg = str(ei.value)
+    assert msg.startswith("big.gho: partition ") and f"partition {part} " in msg and field in msg, msg
+    assert f"hidden sectors {value}" in msg and "below 2^32 = 4294967296 sectors" in msg and "\n" not in msg
+    assert isinstance(ei.value, InputError)
+    assert list(out_dir.iterdir()) == []
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before

@@ -12,15 +12,18 @@ import pytest
 from gho_checks import FIXTURES, mbr_partitions
 
 from pipeline.gho import GhoError, extract, read_info
+from pipeline.gho.bootchain import MBR_BIN
 
 P1 = (0x01, 2048, 2048)  # FAT12 volume, 1 MiB
 P2 = (0x83, 4096, 301)  # odd size: the last block of its chain is short
+IMAGE_CODE = b"\xfa\x33\xc0IMAGE'S OWN MBR CODE" + bytes(400)  # the disk's own MBR code (kept)
 
 
 def _fat12_volume(tmp: Path) -> bytes:
     vol = tmp / "p1.img"
-    subprocess.run(["mkfs.fat", "-C", "-n", "SECTOR", "-i", "12345678", str(vol), "1024"], check=True,
-                   capture_output=True)
+    # hidden sectors = its start: the rebuild leaves a correct boot chain as it is
+    subprocess.run(["mkfs.fat", "-C", "-n", "SECTOR", "-i", "12345678", "-h", str(P1[1]), str(vol), "1024"],
+                   check=True, capture_output=True)
     (tmp / "hello.txt").write_bytes(b"hello from a sector image\r\n" * 40)
     subprocess.run(["mcopy", "-i", str(vol), str(tmp / "hello.txt"), "::HELLO.TXT"], check=True)
     return vol.read_bytes()
@@ -32,6 +35,7 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     rnd = random.Random(7)
     d = bytearray(4397 * 512)
     d[0:512] = gw.mbr([P1, P2])
+    d[0:len(IMAGE_CODE)] = IMAGE_CODE
     d[512:1024] = bytes(rnd.randrange(256) for _ in range(512))  # something in track 0 after the MBR
     d[2048 * 512:4096 * 512] = _fat12_volume(tmp)
     p2 = bytearray(rnd.randrange(256) for _ in range(301 * 512))
@@ -95,10 +99,13 @@ def test_partition_only_image_gets_a_synthetic_mbr(tmp_path: Path, disk: bytes) 
     out = tmp_path / "p.raw"
     res = extract(img, out)
     got = [(p.start_lba, p.sectors, p.partition_type, p.fs) for p in res.partitions]
-    assert got == [(63, 2048, 0x01, "FAT12")]
+    assert got == [(2048, 2048, 0x01, "FAT12")]  # placed at its boot sector's hidden sectors
     data = out.read_bytes()
-    assert data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x01
-    assert data[63 * 512:(63 + 2048) * 512] == disk[2048 * 512:4096 * 512]
+    assert data[510:512] == b"\x55\xaa" and data[446 + 4] == 0x01 and data[446] == 0x80
+    assert data[:440] == MBR_BIN.read_bytes()[:440]  # no MBR in the image: standard code
+    assert data[2048 * 512:4096 * 512] == disk[2048 * 512:4096 * 512]
+    assert res.boot_chain == {"mbr_code": "syslinux mbr.bin", "active_partition": 1,
+                              "hidden_sectors_fixed": []}
 
 
 # -- spans ---------------------------------------------------------------------------------------
@@ -261,5 +268,9 @@ def test_logical_partition_in_extended_gets_an_ebr(tmp_path: Path, disk: bytes) 
                                                                          (4096 + 63, True, "FAT12")]
     assert mbr_partitions(out) == [(0x01, 2048, 2048), (0x01, 4096 + 63, n)]
     data = out.read_bytes()
-    assert data[:512] == track0[:512]  # the original MBR is kept
-    assert data[(4096 + 63) * 512:] == logical
+    assert data[440:512] == track0[440:512]  # the original table is kept (P1 active, as in the image)
+    assert data[:440] == MBR_BIN.read_bytes()[:440]  # its code area was empty: standard MBR code
+    got = data[(4096 + 63) * 512:]
+    assert int.from_bytes(got[28:32], "little") == 4096 + 63  # absolute, as DOS/Windows boot code reads
+    assert got[:28] + got[32:] == logical[:28] + logical[32:]
+    assert res.boot_chain["hidden_sectors_fixed"] == [{"partition": 2, "was": 63, "now": 4096 + 63}]

@@ -107,6 +107,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     files = sum(p.files for p in result.partitions)
     print(f"{result.output}: {_size(result.disk_size)} disk, {len(result.partitions)} partitions, "
           f"{files} files, {_size(result.bytes_written)} written")
+    bc = result.boot_chain
+    fixed = ", ".join(str(f["partition"]) for f in bc.get("hidden_sectors_fixed", [])) or "none"
+    print(f"  boot: MBR code from {bc.get('mbr_code')}, active partition {bc.get('active_partition')}, "
+          f"hidden sectors set to the partition start on: {fixed}")
     for w in result.warnings:
         print(f"  warning: {w}", file=sys.stderr)
     return EXIT_OK

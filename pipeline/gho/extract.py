@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
+from pipeline.gho.bootchain import disk_geometry, finish_boot_chain, mbr_code
 from pipeline.gho.disk import (
     EXTENDED_TYPES,
     SECTOR,
     Placement,
+    TableError,
     extended_start,
     fs_partition_type,
     parse_mbr,
@@ -55,6 +57,7 @@ class ExtractResult:
     partitions: list[ExtractedPartition]
     files: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    boot_chain: dict[str, Any] = field(default_factory=dict)  # bootchain.finish_boot_chain's record
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,27 @@ def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placemen
         return places, track0[:512]
     vols_spec = [(v.hidden_sectors or 0, sizes[k], types[k]) for k, v in enumerate(vols)]
     return plan_synthetic(vols_spec), None
+
+
+def _boot_sector(v: Volume) -> bytes:
+    if isinstance(v.reader, FatSection):
+        return v.reader.boot or b""
+    if isinstance(v.reader, SectorSection):
+        return v.reader.boot_sector()
+    return b""
+
+
+def _tables(img: Image, vols: list[Volume], places: list[Placement], mbr: bytes | None,
+            geometry: tuple[int, int]) -> list[tuple[int, bytes]]:
+    """The MBR/EBR sectors; a partition that does not fit an MBR is refused with one line."""
+    try:
+        return table_sectors(places, img.header.image_id, mbr, geometry)
+    except TableError as e:
+        v = vols[e.partition - 1]
+        raise GhoError(f"{img.name}: partition {e.partition} (offset {v.offset}): {e.field} {e.value} does "
+                       f"not fit an MBR partition entry: expected the partition to start and end below "
+                       f"2^32 = {1 << 32} sectors (2 TiB); its boot sector says hidden sectors "
+                       f"{v.hidden_sectors}, size {-(-(v.size or 0) // SECTOR)} sectors") from None
 
 
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
@@ -112,7 +136,8 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
             raise GhoError(f"{img.name}: track 0 ({len(track0)} bytes) overlaps the first partition "
                            f"at LBA {spans[0][0]}")
         disk_sectors = max([p.start + p.sectors for p in places] + [-(-len(track0) // SECTOR)])
-        tables = table_sectors(places, img.header.image_id, mbr)
+        tables = _tables(img, vols, places, mbr, disk_geometry([_boot_sector(v) for v in vols[:1]]))
+        code = mbr_code(mbr)  # before any output: a missing mbr.bin fails here
         if not out.parent.is_dir():
             raise GhoError(f"{img.name}: output folder {out.parent} does not exist")
         total = img.stream.size
@@ -125,7 +150,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
         files: list[dict[str, Any]] = []
         warnings: list[str] = []
         with atomic.temporary_path(out) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back by finish_boot_chain
             try:
                 w = SparseWriter(fd)
                 if track0:
@@ -151,6 +176,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                         reader.write(w, p.start * SECTOR, step)
                     parts.append(part)
                 os.ftruncate(fd, disk_sectors * SECTOR)
+                chain = finish_boot_chain(fd, places, code)
             finally:
                 os.close(fd)
         step(total)
@@ -158,5 +184,5 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
             source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
             bytes_written=w.written,
             generation=generation(layout.descriptor_size), compression=img.header.compression_name,
-            partitions=parts, files=files, warnings=warnings,
+            partitions=parts, files=files, warnings=warnings, boot_chain=chain,
         )
