@@ -18,6 +18,8 @@ black is blank, anything else with content is a desktop.
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -262,11 +264,12 @@ def classify(text_buf: bytes | None, img: Image.Image | None) -> Observation:
     cols = TEXT_WIDTHS.get(img.width, COLS)
     if text_buf and is_text_geometry(img.width, img.height):
         buf = text_buf[:cols * ROWS * 2]
-        picture = classify_image(img)
-        visible = _visible_cells(buf) > 0
-        if visible == (picture.verdict != "blank"):  # buffer and picture agree
+        lo_hi = img.convert("L").getextrema()
+        lit = int(lo_hi[1]) >= 48  # type: ignore[arg-type]  # any glyph pixel (a prompt is tiny)
+        if lit and _visible_cells(buf) > 0:  # buffer and picture agree: read the buffer
             return classify_text(buf, cols)
-        return Observation(picture.verdict, "text", hint=picture.hint, key=picture.key)
+        if not lit:  # the buffer's text is not what is shown (stale memory of another mode)
+            return Observation("blank", "text", key="t:" + buf.hex())
     return classify_image(img)
 
 
@@ -337,3 +340,43 @@ def failure_message(verdict: dict[str, Any], expect: str = "any") -> str | None:
     if expect != "any" and v != expect:
         return f"boot check: expected {expect}, the guest shows {v}{see}"
     return None
+
+
+def recorded(receipt: dict[str, Any] | None, error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The boot check a define step recorded: from its error record when that is the newer (a
+    failed check), else from its receipt's ``result.boot_check``; None when there was none."""
+    if error is not None and (receipt is None or str(error.get("finished") or "")
+                              >= str(receipt.get("finished") or "")):
+        details = error.get("details")
+        found = details.get("boot_check") if isinstance(details, dict) else None
+        return found if isinstance(found, dict) else None
+    result = (receipt or {}).get("result")
+    found = result.get("boot_check") if isinstance(result, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def short(verdict: dict[str, Any] | None) -> str:
+    """``prompt 24.3s`` / ``bsod 0x0000007B 8.1s`` for tables; ``-`` when there was no check."""
+    if not verdict:
+        return "-"
+    parts = [str(verdict.get("verdict", "?"))]
+    if verdict.get("stop_code"):
+        parts.append(str(verdict["stop_code"]))
+    if verdict.get("seconds_to_verdict") is not None:
+        parts.append(f"{verdict['seconds_to_verdict']}s")
+    return " ".join(parts)
+
+
+def thumbnail_data_uri(path: str | None, width: int = 240) -> str | None:
+    """A small PNG of the screenshot at ``path`` as a ``data:`` URI (self-contained reports)."""
+    if not path:
+        return None
+    try:
+        with Image.open(path) as src:
+            small = src.convert("RGB")
+        small.thumbnail((width, width))
+        out = io.BytesIO()
+        small.save(out, format="PNG", optimize=True)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fx_pipeline import REPO, make_config, run_cli
+
 from pipeline.domain import DomainSpec, build_domain, render
 from pipeline.tools import virt
 from pipeline.tools.run import run
@@ -131,8 +131,9 @@ def _boot(uri: str, disk: Path, case: str, seconds: float) -> dict:
     err = exc.value
     assert err.details is not None
     verdict = err.details["boot_check"]
-    print(f"\nMEASURED {case}: verdict={verdict['verdict']} seconds_to_verdict={verdict['seconds_to_verdict']}"
-          f" stop={verdict['stop_code']} message={verdict['message']!r}")
+    print(f"\nMEASURED {case}: verdict={verdict['verdict']} "
+          f"seconds_to_verdict={verdict['seconds_to_verdict']} stop={verdict['stop_code']} "
+          f"message={verdict['message']!r}")
     assert "\n" not in str(err) and str(err).startswith(f"[image {case}, step define] boot check: ")
     assert Path(verdict["screenshot"]).read_bytes().startswith(b"\x89PNG")
     return {"error": str(err), **verdict}
@@ -186,14 +187,24 @@ def test_ghost_fixtures_boot_to_their_prompt(uri: str, boot_dir: Path) -> None:
             pytest.skip("native rebuilds still carry zeroed MBR boot code (the boot-mbr change is not in)")
         assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
         for img in images:
-            r = json.loads((boot_dir / "work" / img["id"] / "define.json").read_text())["result"]["boot_check"]
-            print(f"\nMEASURED {img['id']}: verdict={r['verdict']} seconds_to_verdict={r['seconds_to_verdict']}"
-                  f" prompt={r['message']!r}")
+            define = json.loads((boot_dir / "work" / img["id"] / "define.json").read_text())
+            r = define["result"]["boot_check"]
+            print(f"\nMEASURED {img['id']}: verdict={r['verdict']} "
+                  f"seconds_to_verdict={r['seconds_to_verdict']} prompt={r['message']!r}")
             assert r["verdict"] == "prompt" and r["mode"] == "text"
             assert r["message"].startswith("C:\\") and r["message"].endswith(">")
             assert r["message"] in r["text"]
             assert r["kept_running"] is False
         assert "prompt" in proc.stdout  # the summary shows the verdict
+        # the check ran the guest on throwaway overlays: the final disks and every receipt stay current
+        def run_ids() -> list[str]:
+            return [json.loads((boot_dir / "work" / i["id"] / "define.json").read_text())["run_id"]
+                    for i in images]
+
+        before = run_ids()
+        again = run_cli("migrate", "--config", str(cfg), timeout=300)
+        assert again.returncode == 0, again.stdout
+        assert run_ids() == before
     finally:
         for img in images:
             virt.undefine(uri, img["id"])

@@ -15,7 +15,7 @@ import io
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from PIL import Image
 from pipeline import atomic, screen
 from pipeline.domain.facts import HostCaps, host_caps
 from pipeline.errors import Gho2KvmError, InputError, TransientError
+from pipeline.tools import qemu_img
 
 
 class BootCheckError(Gho2KvmError):
@@ -321,7 +322,7 @@ def start_domain(uri: str, name: str, *, image_id: str | None = None) -> dict[st
     """Start domain ``name`` and leave it running (``start: true`` without a boot check)."""
     with connect(uri, step="define", image_id=image_id) as conn:
         dom = _startable(conn, uri, name, image_id)
-        _create(dom, uri, name, image_id)
+        _create(dom.create, uri, name, image_id)
         try:
             desc, _ = _describe_state(dom)
             return {"name": name, "uri": uri, "uuid": dom.UUIDString(), "state": desc, "kept_running": True}
@@ -345,9 +346,10 @@ def _startable(conn: libvirt.virConnect, uri: str, name: str, image_id: str | No
     return dom
 
 
-def _create(dom: libvirt.virDomain, uri: str, name: str, image_id: str | None) -> None:
+def _create(start: Callable[[], Any], uri: str, name: str, image_id: str | None) -> Any:
+    """``start()`` (create the domain), its failure as one line."""
     try:
-        dom.create()
+        return start()
     except libvirt.libvirtError as e:
         err = translate(e, uri=uri, doing=f"starting domain '{name}'", step="define", image_id=image_id)
         if isinstance(err, TransientError):
@@ -356,11 +358,43 @@ def _create(dom: libvirt.virDomain, uri: str, name: str, image_id: str | None) -
                              image_id=image_id, step="define") from None
 
 
+def _throwaway_xml(xml: str, scratch: Path, image_id: str | None) -> tuple[str, list[Path]]:
+    """The domain's XML with every file-backed disk replaced by a new qcow2 overlay in ``scratch``
+    (backed by the disk, which the guest then never writes): the boot check leaves the final disk
+    and the receipts that stamp it untouched. Returns (xml, overlays to delete afterwards)."""
+    root = ET.fromstring(xml)
+    overlays: list[Path] = []
+    for i, disk in enumerate(root.findall("./devices/disk")):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or disk.get("type", "file") != "file" or source is None \
+                or not source.get("file"):
+            continue
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        backing = Path(str(source.get("file")))
+        if not backing.is_file():
+            raise BootCheckError(f"boot check: domain '{root.findtext('name')}' failed to start: its disk "
+                                 f"{backing} does not exist", image_id=image_id, step="define")
+        overlay = atomic.temp_name(scratch / f"boot-check-{i}.qcow2")
+        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id, step="define")
+        overlays.append(overlay)
+        overlay.chmod(0o644)
+        source.set("file", str(overlay.absolute()))
+        driver.set("type", "qcow2")
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+    return ET.tostring(root, encoding="unicode"), overlays
+
+
 def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.PathLike[str],
                keep_running: bool = False, *, expect: str = "any", image_id: str | None = None,
                poll: float = 1.0, settle: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Start domain ``name``, watch its screen until the verdict is stable or ``seconds`` ran out.
 
+    The guest runs on throwaway overlays of its disks (:func:`_throwaway_xml`; libvirt starts the
+    persistent domain with that live definition, its stored one unchanged), so a check never
+    changes the final disk; with ``keep_running`` a passed check then starts the domain for real.
     Each look reads the VGA text buffer and a screenshot and hands both to
     :func:`pipeline.screen.classify`; :class:`pipeline.screen.Watch` decides when a verdict is
     stable. The last screenshot goes to ``screenshot_path`` (PNG). The domain is destroyed
@@ -371,12 +405,17 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     """
     step = "define"
     shot = Path(screenshot_path)
+    scratch = shot.parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(scratch, "boot-check-")
     with connect(uri, step=step, image_id=image_id) as conn:
         dom = _startable(conn, uri, name, image_id)
+        overlays: list[Path] = []
         ok = False
-        t0 = time.monotonic()
-        _create(dom, uri, name, image_id)
         try:
+            xml, overlays = _throwaway_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), scratch, image_id)
+            t0 = time.monotonic()
+            dom = _create(lambda: conn.createXML(xml, 0), uri, name, image_id)
             watch = screen.Watch(settle)
             obs: screen.Observation | None = None
             img: Image.Image | None = None
@@ -418,13 +457,16 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
             if failure is not None:
                 raise BootCheckError(failure, image_id=image_id, step=step, details=result)
             ok = True
-            return result
         except libvirt.libvirtError as e:
             raise translate(e, uri=uri, doing=f"boot-checking domain '{name}'", step=step,
                             image_id=image_id) from None
         finally:
-            if not (ok and keep_running):
-                with contextlib.suppress(libvirt.libvirtError):
-                    d = conn.lookupByName(name)
-                    if d.isActive():
-                        d.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                d = conn.lookupByName(name)
+                if d.isActive():
+                    d.destroy()
+            for overlay in overlays:
+                overlay.unlink(missing_ok=True)
+    if ok and keep_running:
+        start_domain(uri, name, image_id=image_id)
+    return result
