@@ -91,7 +91,10 @@ def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         boot = next((s["_boot"] for s in steps if s.get("_boot")), None)
         out.append({"image": image, "status": status, "last step": last,
                     "steps done": f"{len(done)}/{len(steps)}", "seconds": round(seconds, 1),
-                    "boot": screen.short(boot), "_screenshot": (boot or {}).get("screenshot"),
+                    "boot": screen.short(boot) + (f" after {boot['seconds_to_verdict']} s"
+                                                  if boot and boot.get("seconds_to_verdict") is not None
+                                                  else ""),
+                    "_screenshot": (boot or {}).get("screenshot"),
                     "error": f"{failed['step']}: {failed['warnings / error'].removeprefix('error: ')}"
                     if failed else ""})
     return out

@@ -356,15 +356,11 @@ def recorded(receipt: dict[str, Any] | None, error: dict[str, Any] | None) -> di
 
 
 def short(verdict: dict[str, Any] | None) -> str:
-    """``prompt 24.3s`` / ``bsod 0x0000007B 8.1s`` for tables; ``-`` when there was no check."""
+    """One token for tables: ``prompt``, ``bsod:0x0000007B``; ``-`` when there was no check."""
     if not verdict:
         return "-"
-    parts = [str(verdict.get("verdict", "?"))]
-    if verdict.get("stop_code"):
-        parts.append(str(verdict["stop_code"]))
-    if verdict.get("seconds_to_verdict") is not None:
-        parts.append(f"{verdict['seconds_to_verdict']}s")
-    return " ".join(parts)
+    out = str(verdict.get("verdict", "?"))
+    return f"{out}:{verdict['stop_code']}" if verdict.get("stop_code") else out
 
 
 def thumbnail_data_uri(path: str | None, width: int = 240) -> str | None:

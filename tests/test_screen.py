@@ -236,7 +236,7 @@ def test_recorded_prefers_the_newer_record() -> None:
     assert screen.recorded(ok, err)["verdict"] == "bsod"
     assert screen.recorded({**ok, "finished": "2026-01-01T12:00:00"}, err)["verdict"] == "prompt"
     assert screen.recorded(None, {"finished": "x", "error": "other"}) is None
-    assert screen.short(screen.recorded(ok, err)) == "bsod 0x0000007B 8.1s"
+    assert screen.short(screen.recorded(ok, err)) == "bsod:0x0000007B"
     assert screen.short(None) == "-"
 
 
