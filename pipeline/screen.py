@@ -275,9 +275,17 @@ def classify(text_buf: bytes | None, img: Image.Image | None) -> Observation:
 
 # ---------------------------------------------------------------------------------------------- stability
 
-#: seconds one screen must stay the same before its verdict counts; None = only when time runs out
-SETTLE: dict[str, float | None] = {"bsod": 2.0, "no-boot-device": 2.0, "prompt": 6.0, "desktop": 10.0,
-                                   "blank": None, "booting": None}
+#: seconds one screen must stay the same before its verdict counts; None = only when time runs out.
+#: "prompt" is for a screen whose last line is a prompt (``C:\>``, ``login:``, ``$``); other text
+#: (a loader's banner while it reads the disk) must stand still for "text" seconds to count as up.
+SETTLE: dict[str, float | None] = {"bsod": 2.0, "no-boot-device": 2.0, "prompt": 5.0, "text": 20.0,
+                                   "desktop": 10.0, "blank": None, "booting": None}
+PROMPT_LINE = re.compile(r"^(?:[A-Z]:\\[^>]*>.?|.{0,60}[$#] ?|.{0,40}login: ?|Password: ?)$")
+
+
+def is_prompt_line(line: str) -> bool:
+    """A DOS (``C:\\>``), Unix (``$``, ``#``, ``login:``) prompt as the screen's last line."""
+    return bool(PROMPT_LINE.match(line.strip()))
 
 
 class Watch:
@@ -301,7 +309,8 @@ class Watch:
         if self.last is None or self.last.key != obs.key or self.last.verdict != obs.verdict:
             self.since = t
         self.last = obs
-        need = self.settle.get(obs.verdict)
+        kind = "text" if obs.verdict == "prompt" and not is_prompt_line(obs.message) else obs.verdict
+        need = self.settle.get(kind)
         if need is not None and t - self.since >= need:
             return obs
         return None

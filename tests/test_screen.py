@@ -183,19 +183,36 @@ def test_image_key_ignores_noise_but_not_change() -> None:
 # ---------------------------------------------------------------------------------------------- stability
 
 
-def _obs(verdict: str, key: str) -> Observation:
-    return Observation(verdict, "text", key=key)
+def _obs(verdict: str, key: str, message: str = "") -> Observation:
+    return Observation(verdict, "text", message=message, key=key)
 
 
 def test_watch_waits_for_a_stable_screen() -> None:
     w = Watch()
     assert w.add(1, _obs("booting", "bios")) is None
-    assert w.add(2, _obs("prompt", "dos1")) is None
-    assert w.add(5, _obs("prompt", "dos2")) is None  # the screen changed: the clock restarts
-    assert w.add(10, _obs("prompt", "dos2")) is None
-    got = w.add(11, _obs("prompt", "dos2"))
+    assert w.add(2, _obs("prompt", "dos1", "C:\\>")) is None
+    assert w.add(5, _obs("prompt", "dos2", "C:\\>")) is None  # the screen changed: the clock restarts
+    assert w.add(9, _obs("prompt", "dos2", "C:\\>")) is None
+    got = w.add(10, _obs("prompt", "dos2", "C:\\>"))
     assert got is not None and got.verdict == "prompt"
     assert w.first_seen == {"booting": 1, "prompt": 2}
+
+
+def test_text_without_a_prompt_line_must_stand_still_longer() -> None:
+    """A loader's banner while it reads the disk (IO.SYS, before COMMAND.COM) is not yet "up"."""
+    w = Watch()
+    for t in range(1, 21):
+        assert w.add(t, _obs("prompt", "loader", "All Rights Reserved")) is None
+    assert w.add(21, _obs("prompt", "loader", "All Rights Reserved")).verdict == "prompt"
+
+
+@pytest.mark.parametrize(("line", "prompt"), [
+    ("C:\\>", True), ("C:\\DOS>", True), ("A:\\>", True), ("root@debian:~#", True), ("user@h:~$ ", True),
+    ("debian login:", True), ("All Rights Reserved", False), ("Starting MS-DOS...", False),
+    ("1981-1999.", False),
+])
+def test_prompt_lines(line: str, prompt: bool) -> None:
+    assert screen.is_prompt_line(line) is prompt
 
 
 def test_watch_failures_settle_fast_blank_and_firmware_only_at_the_end() -> None:

@@ -382,8 +382,8 @@ def _throwaway_xml(xml: str, scratch: Path, image_id: str | None) -> tuple[str, 
         overlay.chmod(0o644)
         source.set("file", str(overlay.absolute()))
         driver.set("type", "qcow2")
-        for backing in disk.findall("backingStore"):
-            disk.remove(backing)
+        for chain in disk.findall("backingStore"):
+            disk.remove(chain)
     return ET.tostring(root, encoding="unicode"), overlays
 
 
