@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -72,6 +72,8 @@ STOP_CODES: dict[int, tuple[str, str]] = {
     0x000000EA: ("THREAD_STUCK_IN_DEVICE_DRIVER", "a display driver hung"),
     0x000000ED: ("UNMOUNTABLE_BOOT_VOLUME", "the boot volume could not be mounted; check disk_bus and the "
                  "file system"),
+    0x000000EF: ("CRITICAL_PROCESS_DIED", "a critical system process ended; system files or registry "
+                 "damaged"),
     0x000000F4: ("CRITICAL_OBJECT_TERMINATION", "a critical process ended"),
     0x00000101: ("CLOCK_WATCHDOG_TIMEOUT", "a CPU stopped answering; try vcpus: 1"),
     0x00000124: ("WHEA_UNCORRECTABLE_ERROR", "the (emulated) hardware reported a fatal error"),
@@ -185,6 +187,30 @@ def stop_info(text: str) -> tuple[str | None, str | None]:
     return (f"0x{code:08X}" if code is not None else None), name
 
 
+def with_ocr(obs: Observation, text: str | None) -> Observation:
+    """A graphics-mode stop screen completed with what OCR read on it. Names are matched with
+    spaces and underscores ignored (OCR splits words; Windows 8+ writes them with spaces); a
+    ``STOP: 0x...`` token is read with OCR's usual O/0 confusion undone, and when it disagrees
+    with a recognised name the name wins (its glyphs are far easier to read than hex digits)."""
+    if obs.verdict != "bsod" or not text or not text.strip():
+        return obs
+    squeezed = re.sub(r"[\s_]+", "", text.upper())
+    name = next((n for n in _BY_NAME if n.replace("_", "") in squeezed), None)
+    code: str | None = None
+    m = re.search(r"STOP\s*:?\s*([0O][xX×][0-9A-FOo]{1,8})\b", text)
+    if m:
+        digits = m.group(1)[2:].upper().replace("O", "0")
+        code = f"0x{int(digits, 16):08X}"
+    if name is not None and (code is None or int(code, 16) != _BY_NAME[name]):
+        code = f"0x{_BY_NAME[name]:08X}"
+    if code is not None and name is None and int(code, 16) in STOP_CODES:
+        name = STOP_CODES[int(code, 16)][0]
+    if code is None and name is None:
+        return replace(obs, text=text.strip())
+    return replace(obs, text=text.strip(), stop_code=code, stop_name=name, hint=_stop_hint(code, name),
+                   message=next((ln.strip() for ln in text.splitlines() if "STOP" in ln.upper()), ""))
+
+
 def _stop_hint(code: str | None, name: str | None) -> str:
     c = int(code, 16) if code else _BY_NAME.get(name or "")
     if c in STOP_CODES:
@@ -243,8 +269,7 @@ def classify_image(img: Image.Image) -> Observation:
     blue = sum(1 for p in px if _is_stop_blue(*p)) / total
     key = image_key(img)
     if blue >= 0.6:
-        return Observation("bsod", "graphics", hint="see the screenshot (the stop code is not read from "
-                           "pixels)", key=key)
+        return Observation("bsod", "graphics", hint="see the screenshot (stop code not readable)", key=key)
     if dark >= 0.995:
         return Observation("blank", "graphics", key=key)
     return Observation("desktop", "graphics", key=key)

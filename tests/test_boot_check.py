@@ -17,7 +17,7 @@ import pytest
 from fx_pipeline import REPO, make_config, run_cli
 
 from pipeline.domain import DomainSpec, build_domain, render
-from pipeline.tools import virt
+from pipeline.tools import ocr, virt
 from pipeline.tools.run import run
 
 pytestmark = pytest.mark.libvirtd
@@ -73,6 +73,29 @@ halt: """ + _HALT + """
 msg: db "A problem has been detected and Windows has been shut down to prevent", 10
   db "damage to your computer.", 10, 10, "INACCESSIBLE_BOOT_DEVICE", 10, 10
   db "Technical information:", 10, 10
+  db "*** STOP: 0x0000007B (0xF78D2524,0xC0000034,0x00000000,0x00000000)", 0
+""" + _TAIL,
+    # XP's kind of stop screen: VGA graphics mode 12h, blue background, white BIOS text
+    "graphics-stop": """bits 16
+org 0x7C00
+  xor ax, ax
+  mov ds, ax
+  mov ax, 0x0012
+  int 0x10
+  mov ah, 0x0B
+  mov bx, 0x0001
+  int 0x10
+  mov si, msg
+next: lodsb
+  test al, al
+  jz halt
+  mov ah, 0x0E
+  mov bx, 0x000F
+  int 0x10
+  jmp next
+halt: """ + _HALT + """
+msg: db 13, 10, "A problem has been detected and Windows has been shut down to prevent damage", 13, 10
+  db "to your computer.", 13, 10, 13, 10, "INACCESSIBLE_BOOT_DEVICE", 13, 10, 13, 10
   db "*** STOP: 0x0000007B (0xF78D2524,0xC0000034,0x00000000,0x00000000)", 0
 """ + _TAIL,
     # what a DOS-era MBR prints when no partition is active, then it halts
@@ -146,6 +169,17 @@ def test_text_mode_stop_screen(uri: str, boot_dir: Path) -> None:
     assert "guest blue-screened, STOP 0x0000007B (INACCESSIBLE_BOOT_DEVICE): the disk controller's driver " \
         "did not load; check registry and disk_bus" in v["error"]
     assert v["seconds_to_verdict"] < 40  # decided as soon as it is stable, not at the deadline
+
+
+def test_graphics_mode_stop_screen(uri: str, boot_dir: Path) -> None:
+    """A blue 640x480 field is a stop screen; tesseract (installed by the set-up) reads its code."""
+    v = _boot(uri, _sector(boot_dir, "graphics-stop"), "graphics-stop", 60)
+    assert (v["verdict"], v["mode"], v["width"], v["height"]) == ("bsod", "graphics", 640, 480)
+    if not ocr.available():
+        assert v["stop_code"] is None and "guest blue-screened: see the screenshot" in v["error"]
+        pytest.skip("tesseract not installed: the verdict holds, the code is not read")
+    assert (v["stop_code"], v["stop_name"]) == ("0x0000007B", "INACCESSIBLE_BOOT_DEVICE")
+    assert "STOP 0x0000007B (INACCESSIBLE_BOOT_DEVICE): the disk controller's driver" in v["error"]
 
 
 def test_missing_operating_system(uri: str, boot_dir: Path) -> None:

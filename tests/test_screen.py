@@ -264,3 +264,29 @@ def test_thumbnail_data_uri(tmp_path) -> None:
     assert screen.thumbnail_data_uri(str(tmp_path / "missing.png")) is None
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert screen.thumbnail_data_uri(str(tmp_path / "bad.png")) is None
+
+
+@pytest.mark.parametrize(("ocr", "code", "name"), [
+    # what tesseract 5.3 read on the XP-like graphics stop screen of tests/test_boot_check.py
+    ("A problem has been detected and Windows has been shut down to prevent damage\n\n"
+     "INACCESSIBLE_BOOT_DEVICE\n\nmex STOP: OxO000007B (OxF78D2524 , OxCO0O0034 , 0x00000000)",
+     "0x0000007B", "INACCESSIBLE_BOOT_DEVICE"),
+    ("INACCESS IBLE_BOOT_DEVICE\n*** STOP: GxOQGOOG07B", "0x0000007B", "INACCESSIBLE_BOOT_DEVICE"),
+    ("Your PC ran into a problem\nStop code: CRITICAL PROCESS DIED", "0x000000EF", "CRITICAL_PROCESS_DIED"),
+    ("Your PC ran into a problem\nStop code: SOME NEW FAILURE", None, None),  # not in the table
+    ("Stop code: INACCESSIBLE BOOT DEVICE", "0x0000007B", "INACCESSIBLE_BOOT_DEVICE"),
+    ("*** STOP: 0x000000ED (0x81)", "0x000000ED", "UNMOUNTABLE_BOOT_VOLUME"),
+    ("*** STOP: 0x0000001E but NTFS_FILE_SYSTEM", "0x00000024", "NTFS_FILE_SYSTEM"),  # the name wins
+])
+def test_with_ocr(ocr: str, code: str | None, name: str | None) -> None:
+    obs = screen.with_ocr(classify_image(stop_field((0, 0, 170))), ocr)
+    assert (obs.verdict, obs.stop_code, obs.stop_name) == ("bsod", code, name)
+    if code:
+        assert obs.hint == screen.STOP_CODES[int(code, 16)][1]
+
+
+def test_with_ocr_leaves_other_verdicts_and_empty_text_alone() -> None:
+    desk = classify_image(desktop())
+    assert screen.with_ocr(desk, "*** STOP: 0x0000007B") == desk
+    bsod = classify_image(stop_field((0, 0, 170)))
+    assert screen.with_ocr(bsod, None) == bsod and screen.with_ocr(bsod, "  ") == bsod

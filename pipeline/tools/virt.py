@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline import atomic, screen
 from pipeline.domain.facts import HostCaps, host_caps
 from pipeline.errors import Gho2KvmError, InputError, TransientError
-from pipeline.tools import qemu_img
+from pipeline.tools import ocr, qemu_img
 
 
 class BootCheckError(Gho2KvmError):
@@ -397,7 +397,8 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     changes the final disk; with ``keep_running`` a passed check then starts the domain for real.
     Each look reads the VGA text buffer and a screenshot and hands both to
     :func:`pipeline.screen.classify`; :class:`pipeline.screen.Watch` decides when a verdict is
-    stable. The last screenshot goes to ``screenshot_path`` (PNG). The domain is destroyed
+    stable. A graphics-mode stop screen's code is read with tesseract when it is installed.
+    The last screenshot goes to ``screenshot_path`` (PNG). The domain is destroyed
     afterwards unless ``keep_running`` and the check passed. Returns the JSON-able verdict
     (``verdict``, ``stop_code``, ``stop_name``, ``text``, ``screenshot``, ``seconds_to_verdict``,
     ...); a failing verdict (or one other than ``expect``) raises :class:`BootCheckError` with the
@@ -443,6 +444,8 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
                     obs = watch.final()
                     break
                 time.sleep(max(0.0, min(poll, seconds - t)))
+            if obs.verdict == "bsod" and obs.mode == "graphics" and img is not None:
+                obs = screen.with_ocr(obs, ocr.read_text(img, image_id=image_id))
             result: dict[str, Any] = {"name": name, "uri": uri, "uuid": dom.UUIDString(), "seconds": seconds,
                                       "expect": expect, **obs.to_dict(),
                                       "seconds_to_verdict": round(t, 1), "state": desc,
