@@ -247,25 +247,26 @@ class Define(ImageTask):
 
         img = self.image
         xml = (img.image_dir / "domain.xml").read_text(encoding="utf-8")
-        for attempt in range(1, self.attempts + 1):
-            try:
-                res = virt.define(img.libvirt_uri, xml, autostart=img.autostart, image_id=img.id)
-                break
-            except TransientError:
-                if attempt == self.attempts:
-                    raise
-                time.sleep(self.retry_delay_s * attempt)
-        result: dict[str, Any] = res.to_dict()
-        outputs: dict[str, str] = {}
-        if img.boot_check:
-            shot = img.image_dir / "boot.png"
-            result["boot_check"] = virt.boot_check(img.libvirt_uri, img.domain_name, img.boot_check.seconds,
-                                                   shot, keep_running=img.start,
-                                                   expect=img.boot_check.expect, image_id=img.id)
-            if shot.exists():
-                outputs["screenshot"] = str(shot)
-        elif img.start:
-            result["started"] = virt.start_domain(img.libvirt_uri, img.domain_name, image_id=img.id)
+        with virt.hold(img.libvirt_uri, image_id=img.id):
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    res = virt.define(img.libvirt_uri, xml, autostart=img.autostart, image_id=img.id)
+                    break
+                except TransientError:
+                    if attempt == self.attempts:
+                        raise
+                    time.sleep(self.retry_delay_s * attempt)
+            result: dict[str, Any] = res.to_dict()
+            outputs: dict[str, str] = {}
+            if img.boot_check:
+                shot = img.image_dir / "boot.png"
+                result["boot_check"] = virt.boot_check(
+                    img.libvirt_uri, img.domain_name, img.boot_check.seconds, shot, keep_running=img.start,
+                    expect=img.boot_check.expect, image_id=img.id)
+                if shot.exists():
+                    outputs["screenshot"] = str(shot)
+            elif img.start:
+                result["started"] = virt.start_domain(img.libvirt_uri, img.domain_name, image_id=img.id)
         return {"result": result, "outputs": outputs}
 
 

@@ -104,6 +104,17 @@ def connect(uri: str, *, step: str, image_id: str | None = None) -> Iterator[lib
             conn.close()
 
 
+@contextlib.contextmanager
+def hold(uri: str, *, image_id: str | None = None) -> Iterator[None]:
+    """Keep the in-process test driver's state (``test:///...``) alive across several calls: it is
+    freed when the process's last connection to it closes. A no-op for every other URI."""
+    if not uri.startswith("test:"):
+        yield
+        return
+    with connect(uri, step="define", image_id=image_id):
+        yield
+
+
 def _lookup(conn: libvirt.virConnect, *, name: str | None = None,
             uuid: str | None = None) -> libvirt.virDomain | None:
     try:
