@@ -14,7 +14,7 @@ LUIGID_DIR := var/luigid
 DEMO_DISK := var/demo/xp-demo.vmdk
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv migrate demo-disk test lint bench luigid luigid-stop libvirtd libvirtd-stop clean plan report
+.PHONY: setup system venv migrate demo-disk test lint bench luigid luigid-stop clean plan report
 
 setup: system venv
 
@@ -72,6 +72,7 @@ luigid-stop:
 	else echo "luigid not running"; fi
 
 # a system libvirtd (qemu:///system) for configs/boot-demo.yaml on a machine without systemd (root)
+.PHONY: libvirtd libvirtd-stop
 libvirtd: setup
 	$(BIN)/python -m pipeline.tools.libvirtd start
 
