@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 demo-disk: setup
 	$(BIN)/python -m pipeline.fakedisk --force-tcg $(DEMO_DISK)
 
-migrate: setup $(if $(filter configs/demo.yaml,$(CONFIG)),demo-disk)
+migrate: setup $(if $(filter configs/demo.yaml,$(CONFIG)),demo-disk) $(if $(filter configs/boot-demo.yaml,$(CONFIG)),libvirtd)
 	$(BIN)/gho2kvm migrate --config $(CONFIG) $(if $(IMAGE),--image $(IMAGE)) --workers $(WORKERS) \
 	  --scheduler $(SCHEDULER) $(if $(filter central,$(SCHEDULER)),--scheduler-url http://127.0.0.1:$(LUIGID_PORT))
 
@@ -80,6 +80,14 @@ luigid-stop:
 	  for i in $$(seq 50); do kill -0 $$pid 2>/dev/null || break; sleep 0.2; done; \
 	  rm -f $(LUIGID_DIR)/luigid.pid; echo "luigid stopped (state in $(LUIGID_DIR)/state.pickle)"; \
 	else echo "luigid not running"; fi
+
+# a system libvirtd (qemu:///system) for configs/boot-demo.yaml on a machine without systemd (root)
+.PHONY: libvirtd libvirtd-stop
+libvirtd: setup
+	$(BIN)/python -m pipeline.tools.libvirtd start
+
+libvirtd-stop: setup
+	$(BIN)/python -m pipeline.tools.libvirtd stop
 
 clean:
 	rm -rf var/work var/images var/bench var/luigid .pytest_cache .mypy_cache .ruff_cache

@@ -71,6 +71,20 @@ class GhostConfig:
 
 
 @dataclass(frozen=True)
+class BootCheck:
+    """``boot_check: 120`` (= ``{seconds: 120, expect: any}``) or ``{seconds: N, expect: E}``; 0 = off."""
+
+    seconds: int = 0
+    expect: str = "any"  # any (every verdict that is not a failure) | prompt | desktop
+
+    def __bool__(self) -> bool:
+        return self.seconds > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "expect": self.expect}
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     id: str
     source: Path
@@ -91,7 +105,7 @@ class ImageConfig:
     uuid: str | None = None
     mac: str | None = None
     autostart: bool = False
-    boot_check: int = 0
+    boot_check: BootCheck = field(default_factory=BootCheck)
     start: bool = False
     ghost: GhostConfig = field(default_factory=GhostConfig)
 
@@ -297,6 +311,33 @@ def _regex(rx: re.Pattern, what: str):
     return check
 
 
+_BOOT_CHECK_SECONDS = _int_range(0, 3600)
+_BOOT_CHECK_EXPECT = ("any", "prompt", "desktop")
+
+
+def _boot_check(v: Any) -> BootCheck:
+    if not isinstance(v, dict):
+        try:
+            return BootCheck(seconds=_BOOT_CHECK_SECONDS(v))
+        except ValueError as e:
+            raise ValueError(f"{e} (seconds, or a mapping {{seconds: N, expect: any|prompt|desktop}})") \
+                from None
+    lines = getattr(v, "lines", {})
+    where = {k: f" (line {lines[k]})" if k in lines else "" for k in map(str, v)}
+    for key in v:
+        if key not in ("seconds", "expect"):
+            raise ValueError(f"key '{key}'{where[str(key)]}: {_unknown_key_msg(key, {'seconds', 'expect'})}")
+    try:
+        seconds = _BOOT_CHECK_SECONDS(v.get("seconds", 120))
+    except ValueError as e:
+        raise ValueError(f"seconds{where.get('seconds', '')}: {e}") from None
+    expect = v.get("expect", "any")
+    if expect not in _BOOT_CHECK_EXPECT:
+        raise ValueError(f"expect{where.get('expect', '')}: expected one of {', '.join(_BOOT_CHECK_EXPECT)}, "
+                         f"got {expect!r}")
+    return BootCheck(seconds=seconds, expect=expect)
+
+
 def _network(v: Any) -> str:
     if isinstance(v, str) and (v == "user" or re.match(r"^(network|bridge):[A-Za-z0-9._-]+\Z", v)):
         return v
@@ -352,7 +393,7 @@ IMAGE_RULES: dict[str, Any] = {
     "uuid": _regex(UUID_RE, "a UUID like 6f1c0a0e-8d3e-4f53-9a57-2c3b9d0e1f22"),
     "mac": _regex(MAC_RE, "a MAC address 52:54:00:xx:xx:xx"),
     "autostart": _bool,
-    "boot_check": _int_range(0, 3600),
+    "boot_check": _boot_check,
     "start": _bool,
 }
 GHOST_RULES: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """``gho2kvm report``: ``<workdir>/report.md`` and a self-contained ``report.html`` from receipts.
 
-Per image: its status, and per step the status (done / failed / stale / not run), start and end,
+Per image: its status and the boot check's verdict (with its screenshot as an inline thumbnail in
+the HTML), and per step the status (done / failed / stale / not run), start and end,
 duration, bytes read and written, outputs, warnings and the error of a failed attempt. Reads
 receipts and error records only (plus ``stat`` for staleness); the HTML has no external resources.
 """
@@ -12,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, receipts
+from pipeline import atomic, receipts, screen
 from pipeline.config import Config
 from pipeline.tasks import chain
 
 COLUMNS = ("image", "step", "status", "started", "finished", "seconds", "bytes read", "bytes written",
            "outputs", "warnings / error")
-IMAGE_COLUMNS = ("image", "status", "last step", "steps done", "seconds", "error")
+IMAGE_COLUMNS = ("image", "status", "last step", "steps done", "seconds", "boot", "error")
 
 
 def human_bytes(n: Any) -> str:
@@ -67,6 +68,7 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                 "outputs": ", ".join(o["path"] for o in ok.get("outputs", {}).values()
                                      if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
+                "_boot": screen.recorded(r, err) if t.step == "define" else None,
             })
     return out
 
@@ -86,8 +88,13 @@ def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last = s["step"]
         status = "failed" if failed else "done" if len(done) == len(steps) else "not finished"
         seconds = sum(float(s["seconds"]) for s in steps if isinstance(s["seconds"], int | float))
+        boot = next((s["_boot"] for s in steps if s.get("_boot")), None)
         out.append({"image": image, "status": status, "last step": last,
                     "steps done": f"{len(done)}/{len(steps)}", "seconds": round(seconds, 1),
+                    "boot": screen.short(boot) + (f" after {boot['seconds_to_verdict']} s"
+                                                  if boot and boot.get("seconds_to_verdict") is not None
+                                                  else ""),
+                    "_screenshot": (boot or {}).get("screenshot"),
                     "error": f"{failed['step']}: {failed['warnings / error'].removeprefix('error: ')}"
                     if failed else ""})
     return out
@@ -102,12 +109,20 @@ def _md_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> list[str]
             + ["| " + " | ".join(_md_cell(r[c]) for c in columns) + " |" for r in data])
 
 
+def _html_cell(r: dict[str, Any], c: str) -> str:
+    cell = html.escape(str(r[c]))
+    if c == "boot":  # the boot check's last screenshot as an inline thumbnail
+        uri = screen.thumbnail_data_uri(r.get("_screenshot"))
+        if uri:
+            cell += f"<br><img class='shot' alt='screenshot' src='{uri}'>"
+    return f"<td>{cell}</td>"
+
+
 def _html_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> str:
     parts = ["<table><tr>", "".join(f"<th>{html.escape(c)}</th>" for c in columns), "</tr>"]
     for r in data:
         cls = str(r["status"]).replace(" ", "-")
-        parts.append(f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in columns)
-                     + "</tr>")
+        parts.append(f"<tr class='{cls}'>" + "".join(_html_cell(r, c) for c in columns) + "</tr>")
     parts.append("</table>")
     return "".join(parts)
 
@@ -127,7 +142,7 @@ def write_report(cfg: Config) -> tuple[Path, Path]:
     style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
              "th{background:#eee}.failed{background:#fdd}.done{background:#dfd}"
-             ".stale,.not-run,.not-finished{background:#ffd}")
+             ".stale,.not-run,.not-finished{background:#ffd}img.shot{margin-top:4px;border:1px solid #999}")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>gho2kvm report</title>"
             f"<style>{style}</style></head><body><h1>gho2kvm report</h1>"
             f"<p>{html.escape(str(cfg.path))}<br>Generated {html.escape(generated)}; {len(images)} image(s): "

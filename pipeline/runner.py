@@ -3,7 +3,7 @@
 - exit 0 when every selected image is done, 1 when any failed or was not reached (config and usage
   errors exit 2 from :mod:`pipeline.cli` before anything runs);
 - the summary names, per image, the last step reached, the status, the seconds spent in this run,
-  the steps this run executed and the error (``<step>: <message>``);
+  the steps this run executed, the boot check's verdict and the error (``<step>: <message>``);
 - failures luigi sees outside ``ImageTask.run`` (a worker process killed, a dependency found
   incomplete at run time) are recorded in ``<step>.error.json`` too, so summary, plan and report
   show them;
@@ -29,7 +29,7 @@ from typing import Any
 
 import luigi
 
-from pipeline import atomic, log, progress, receipts
+from pipeline import atomic, log, progress, receipts, screen
 from pipeline.config import Config
 from pipeline.errors import InputError
 from pipeline.tasks import MigrateAll, chain
@@ -44,6 +44,7 @@ class ImageStatus:
     duration_s: float  # seconds spent on this image in this run (steps run + a failed attempt)
     error: str  # "<step>: <message>" when failed
     ran: list[str] = field(default_factory=list)  # steps executed by this run
+    boot: str = "-"  # the boot check's verdict (``prompt 24.3s``), "-" without one
 
 
 def run_log_path(cfg: Config) -> Path:
@@ -215,7 +216,9 @@ def summarize(cfg: Config, only: str | None = None,
             break
         else:
             status = "done"
-        out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran))
+        define = steps[-1]
+        boot = screen.short(screen.recorded(define.receipt(), receipts.read(define.error_path)))
+        out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran, boot))
     return out
 
 
@@ -228,12 +231,12 @@ def _safe_stale(t: ImageTask) -> str | None:
 
 def print_summary(statuses: list[ImageStatus], file: Any = None) -> None:
     file = file or sys.stdout
-    rows = [("image", "last step", "status", "seconds", "ran", "error")]
-    rows += [(s.image_id, s.last_step, s.status, f"{s.duration_s:.1f}", ",".join(s.ran) or "-", s.error)
-             for s in statuses]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    rows = [("image", "last step", "status", "seconds", "ran", "boot", "error")]
+    rows += [(s.image_id, s.last_step, s.status, f"{s.duration_s:.1f}", ",".join(s.ran) or "-", s.boot,
+              s.error) for s in statuses]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print(("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]).rstrip(),
+        print(("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]).rstrip(),
               file=file)
     failed = sum(1 for s in statuses if s.status == "failed")
     pending = sum(1 for s in statuses if s.status == "pending")

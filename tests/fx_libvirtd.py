@@ -12,90 +12,31 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipeline.tools.run import pid_alive
-
-LIBVIRTD = "/usr/sbin/libvirtd"
-VIRTLOGD = "/usr/sbin/virtlogd"
-SYSTEM_URI = "qemu:///system"
-VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
-
-
-def _answers(uri: str) -> bool:
-    import libvirt
-
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError:
-        return False
-    try:
-        conn.getVersion()
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-
-
-def _pidfile_alive(path: Path) -> bool:
-    try:
-        return pid_alive(int(path.read_text().strip()))
-    except (OSError, ValueError):
-        return False
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+from pipeline.errors import InputError
+from pipeline.tools import libvirtd
 
 
 @pytest.fixture(scope="session")
 def libvirtd_system() -> Iterator[str]:
     """URI of a running system libvirtd (``qemu:///system``), started for the session if needed."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not libvirtd.answers(libvirtd.SYSTEM_URI):
         pytest.skip("starting libvirtd needs root")
-    if _answers(SYSTEM_URI):
-        yield SYSTEM_URI  # someone else's daemon: use it, do not stop it
-        return
     logdir = Path(tempfile.mkdtemp(prefix="gho2kvm-libvirtd-"))
-    started: list[subprocess.Popen[bytes]] = []
     try:
-        if not _pidfile_alive(VIRTLOGD_PIDFILE):
-            with open(logdir / "virtlogd.log", "wb") as log:
-                started.append(subprocess.Popen([VIRTLOGD], stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True))
-        with open(logdir / "libvirtd.log", "wb") as log:
-            libvirtd = subprocess.Popen([LIBVIRTD, "--pid-file", str(logdir / "libvirtd.pid")], stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        started.append(libvirtd)
-        deadline = time.monotonic() + 60
-        while not _answers(SYSTEM_URI):
-            if libvirtd.poll() is not None:
-                tail = (logdir / "libvirtd.log").read_text(errors="replace")[-800:]
-                pytest.fail(f"libvirtd exited with {libvirtd.returncode}: {tail}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd did not answer on {SYSTEM_URI} within 60s (log in {logdir})")
-            time.sleep(0.2)
-        yield SYSTEM_URI
+        started = libvirtd.ensure(logdir)  # [] when someone else's daemon answers: used, not stopped
+    except InputError as e:
+        pytest.fail(str(e))
+    try:
+        yield libvirtd.SYSTEM_URI
     finally:
         for proc in reversed(started):
-            _stop(proc)
+            libvirtd.stop(proc)
 
 
 @pytest.fixture

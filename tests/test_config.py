@@ -356,3 +356,40 @@ def test_malformed_or_foreign_reg_file_is_a_config_error(tmp_path: Path) -> None
     assert len(errors) == 2, errors
     assert errors[0].startswith(f"{cfg}:4: image 'a': field 'registry': ") and "bad.reg:4:" in errors[0]
     assert errors[1].startswith(f"{cfg}:7: image 'b': field 'registry': ") and "user.reg:3:" in errors[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# boot_check: short form (seconds) or {seconds, expect}
+
+
+@pytest.mark.parametrize(("text", "seconds", "expect"), [
+    ("", 0, "any"),
+    ("boot_check: 0", 0, "any"),
+    ("boot_check: 120", 120, "any"),
+    ("boot_check: {seconds: 90, expect: prompt}", 90, "prompt"),
+    ("boot_check:\n  expect: desktop", 120, "desktop"),
+])
+def test_boot_check_forms(cfgdir: Path, text: str, seconds: int, expect: str) -> None:
+    img = load_config(write(cfgdir, _img(text) if text else _img("memory_mib: 512"))).images[0]
+    assert (img.boot_check.seconds, img.boot_check.expect, bool(img.boot_check)) == \
+        (seconds, expect, seconds > 0)
+
+
+def test_boot_check_in_defaults_is_inherited(cfgdir: Path) -> None:
+    path = write(cfgdir, "defaults:\n  boot_check: {seconds: 60, expect: prompt}\n" + _img("vcpus: 1"))
+    assert load_config(path).images[0].boot_check.to_dict() == {"seconds": 60, "expect": "prompt"}
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ("boot_check: true", ["expected an integer", "{seconds: N, expect: any|prompt|desktop}"]),
+    ("boot_check: 3601", ["expected 0..3600"]),
+    ("boot_check:\n  seconds: -1", ["seconds (line 5)", "expected 0..3600"]),
+    ("boot_check:\n  expect: dos", ["expect (line 5)", "expected one of any, prompt, desktop", "'dos'"]),
+    ("boot_check:\n  secnds: 30", ["key 'secnds' (line 5)", "did you mean 'seconds'"]),
+])
+def test_boot_check_problems_are_one_line(cfgdir: Path, extra: str, words: list[str]) -> None:
+    path = write(cfgdir, _img(extra))
+    err = one_error(path)
+    assert err.startswith(f"{path}:4: image 'xp1': field 'boot_check': "), err
+    for w in words:
+        assert w in err, err

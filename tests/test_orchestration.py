@@ -77,15 +77,15 @@ def launches(proc: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def summary(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]:
-    """The summary table on stdout: image → {last, status, seconds, ran, error}."""
+    """The summary table on stdout: image → {last, status, seconds, ran, boot, error}."""
     lines = proc.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("image ") and "status" in ln)
     out = {}
     for ln in lines[head + 1:]:
         if re.match(r"^\d+ image\(s\):", ln):
             break
-        parts = ln.split(None, 5)
-        out[parts[0]] = dict(zip(("last", "status", "seconds", "ran", "error"), parts[1:] + [""] * 5,
+        parts = ln.split(None, 6)
+        out[parts[0]] = dict(zip(("last", "status", "seconds", "ran", "boot", "error"), parts[1:] + [""] * 6,
                                  strict=False))
     return out
 
@@ -184,6 +184,36 @@ def test_resume_after_cheap_step_failure(env: Env, xp_killed: dict[str, Any], st
     assert not (env.work / "xp" / f"{step}.error.json").exists()
     assert summary(resumed)["xp"]["status"] == "done"
     assert (env.base / "images" / f"xp.{env.defaults['format']}").is_file()
+
+
+def test_failed_boot_check_fails_the_image_and_boots_again(env: Env, xp_killed: dict[str, Any]) -> None:
+    """test:///default's screen is a grey picture: a desktop, so ``expect: prompt`` fails the check.
+    One line, exit 1, the verdict in the summary and define.error.json, no define receipt: the next
+    run boots again; the domain stays defined."""
+    assert xp_killed["resumed"].returncode == 0
+    env.write(boot_check={"seconds": 40, "expect": "prompt"})
+    failed = env.migrate()
+    assert failed.returncode == 1, failed.stdout + failed.stderr[-2000:]
+    row = summary(failed)["xp"]
+    assert (row["last"], row["status"]) == ("xml-render", "failed"), row
+    assert row["boot"] == "desktop" and row["error"].startswith(
+        "define: [image xp, step define] boot check: expected prompt, the guest shows desktop"), row
+    err = json.loads((env.work / "xp" / "define.error.json").read_text())
+    assert err["details"]["boot_check"]["verdict"] == "desktop" and "\n" not in err["error"]
+    assert Path(err["details"]["boot_check"]["screenshot"]).is_file()
+    again = env.migrate()
+    assert again.returncode == 1 and started(again) == ["define"]
+    env.write(boot_check=12)  # short form: expect any; a desktop passes
+    ok = env.migrate()
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    assert started(ok) == ["define"] and summary(ok)["xp"]["boot"] == "desktop"
+    r = json.loads((env.work / "xp" / "define.json").read_text())["result"]["boot_check"]
+    assert (r["verdict"], r["ok"], r["expect"]) == ("desktop", True, "any") and r["seconds_to_verdict"] < 12
+    report = run_cli("report", "--config", str(env.config))
+    assert report.returncode == 0
+    page = (env.work / "report.html").read_text()
+    assert "desktop" in page and "<img class='shot' alt='screenshot' src='data:image/png;base64," in page
+    env.write(boot_check=0)
 
 
 def test_resume_after_inspect_killed(env: Env) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import struct
-import zlib
 
 import libvirt
 import pytest
@@ -113,84 +111,38 @@ def test_undefine(test_conn, host) -> None:
 
 
 def test_boot_check_test_driver(test_conn, host, tmp_path) -> None:
-    virt.define(URI, _xml(host))
-    r = virt.boot_check(URI, "gho-xp", 0.2, tmp_path / "shot.png", image_id="gho-xp")
-    assert (r["state"], r["mime"], r["kept_running"]) == ("running", "image/png", False)
+    """The test driver's screen is a grey picture (1120x832): a graphics screen with content."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1024 * 1024))
+    virt.define(URI, _xml(host, disk_path=str(disk)))
+    fast = {"desktop": 0.3}
+    r = virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot.png", image_id="gho-xp", poll=0.1, settle=fast)
+    assert (r["verdict"], r["mode"], r["ok"], r["kept_running"]) == ("desktop", "graphics", True, False)
+    assert r["seconds_to_verdict"] < 5 and r["screenshot"] == str(tmp_path / "shot.png")
     assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
     assert not test_conn.lookupByName("gho-xp").isActive()
-    r = virt.boot_check(URI, "gho-xp", 0.1, tmp_path / "shot2.png", keep_running=True)
+    r = virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot2.png", keep_running=True, poll=0.1, settle=fast)
     assert r["kept_running"] and test_conn.lookupByName("gho-xp").isActive()
     with pytest.raises(InputError, match="already running"):
         virt.boot_check(URI, "gho-xp", 0.1, tmp_path / "shot3.png")
     test_conn.lookupByName("gho-xp").destroy()
-    # the test driver delivers a (grey) PNG: converted for a .ppm target
-    r = virt.boot_check(URI, "gho-xp", 0.1, tmp_path / "x.ppm")
-    assert (tmp_path / "x.ppm").read_bytes().startswith(b"P6\n%d %d\n255\n" % (r["width"], r["height"]))
+    # a desktop where a prompt was expected fails, and the guest is not left running
+    with pytest.raises(virt.BootCheckError, match="expected prompt, the guest shows desktop") as exc:
+        virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot4.png", keep_running=True, expect="prompt",
+                        poll=0.1, settle=fast)
+    assert exc.value.details["boot_check"]["verdict"] == "desktop"
     assert not test_conn.lookupByName("gho-xp").isActive()
     with pytest.raises(InputError, match="no domain named"):
-        virt.boot_check(URI, "nope", 0.1, tmp_path / "x.ppm")
+        virt.boot_check(URI, "nope", 0.1, tmp_path / "x.png")
+    # the guest ran on throwaway overlays: the disk is untouched, no overlay is left behind
+    assert disk.read_bytes() == bytes(1024 * 1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "shot.png", "shot2.png", "shot4.png"]
 
 
-def test_ppm_to_png() -> None:
-    w, h = 3, 2
-    pixels = bytes(range(w * h * 3))
-    ppm = b"P6\n# comment\n3 2\n255\n" + pixels
-    png, pw, ph = virt.ppm_to_png(ppm)
-    assert (pw, ph) == (w, h) and png.startswith(b"\x89PNG\r\n\x1a\n")
-    ihdr_len = struct.unpack(">I", png[8:12])[0]
-    pos = 8 + 12 + ihdr_len
-    idat_len = struct.unpack(">I", png[pos:pos + 4])[0]
-    assert png[pos + 4:pos + 8] == b"IDAT"
-    raw = zlib.decompress(png[pos + 8:pos + 8 + idat_len])
-    assert raw == b"\x00" + pixels[:9] + b"\x00" + pixels[9:]
-
-
-def test_png_ppm_roundtrip() -> None:
-    w, h = 5, 4
-    pixels = bytes((i * 37) % 256 for i in range(w * h * 3))
-    ppm = b"P6 5 4 255\n" + pixels
-    png, _, _ = virt.ppm_to_png(ppm)
-    assert virt.png_size(png) == (w, h)
-    back, bw, bh = virt.png_to_ppm(png)
-    assert (bw, bh) == (w, h) and back == b"P6\n5 4\n255\n" + pixels
-
-
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-
-
-@pytest.mark.parametrize("channels", [1, 3, 4])
-def test_png_to_ppm_all_filters(channels: int) -> None:
-    """Rows encoded with filters 0-4 (what libpng's adaptive filtering emits) decode exactly."""
-    w, h = 7, 5
-    rows = [bytes((x * 31 + y * 57 + c * 11) % 256 for x in range(w) for c in range(channels))
-            for y in range(h)]
-    stride, bpp = w * channels, channels
-    raw = bytearray()
-    prev = bytes(stride)
-    for y, row in enumerate(rows):
-        ftype = y % 5
-        raw.append(ftype)
-        for i in range(stride):
-            a = row[i - bpp] if i >= bpp else 0
-            b = prev[i]
-            c = prev[i - bpp] if i >= bpp else 0
-            pred = [0, a, b, (a + b) >> 1, _paeth(a, b, c)][ftype]
-            raw.append((row[i] - pred) & 0xFF)
-        prev = row
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    ctype = {1: 0, 3: 2, 4: 6}[channels]
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, ctype, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
-    ppm, _, _ = virt.png_to_ppm(png)
-    want = b"".join(bytes(px for x in range(w) for px in (
-        row[x * channels:x * channels + 3] if channels >= 3 else row[x:x + 1] * 3)) for row in rows)
-    assert ppm == b"P6\n7 5\n255\n" + want
+def test_start_domain(test_conn, host) -> None:
+    virt.define(URI, _xml(host))
+    r = virt.start_domain(URI, "gho-xp")
+    assert r["kept_running"] and test_conn.lookupByName("gho-xp").isActive()
 
 
 def test_canonical_xml_ignores_formatting() -> None:

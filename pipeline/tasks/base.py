@@ -162,9 +162,12 @@ class ImageTask(luigi.Task):
         except BaseException as e:
             duration = round(time.monotonic() - t0, 2)
             msg = error_line(e)
-            atomic.write_json(self.error_path, {"step": self.step, "image_id": image.id, "error": msg,
-                                                "started": started, "finished": now_iso(),
-                                                "duration_s": duration})
+            record = {"step": self.step, "image_id": image.id, "error": msg, "started": started,
+                      "finished": now_iso(), "duration_s": duration}
+            details = getattr(e, "details", None)  # e.g. a failed boot check's verdict
+            if isinstance(details, dict):
+                record["details"] = details
+            atomic.write_json(self.error_path, record)
             logger.error("step failed", duration_s=duration, error=msg)
             progress.report(image.id, self.step, "failed", message=msg)
             raise

@@ -237,8 +237,8 @@ class Define(ImageTask):
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         img = self.image
-        fp.update({"libvirt_uri": img.libvirt_uri, "autostart": img.autostart, "boot_check": img.boot_check,
-                   "start": img.start})
+        fp.update({"libvirt_uri": img.libvirt_uri, "autostart": img.autostart,
+                   "boot_check": img.boot_check.to_dict(), "start": img.start})
         return fp
 
     def execute(self) -> dict[str, Any]:
@@ -246,26 +246,26 @@ class Define(ImageTask):
 
         img = self.image
         xml = (img.image_dir / "domain.xml").read_text(encoding="utf-8")
-        for attempt in range(1, self.attempts + 1):
-            try:
-                res = virt.define(img.libvirt_uri, xml, autostart=img.autostart, image_id=img.id)
-                break
-            except TransientError:
-                if attempt == self.attempts:
-                    raise
-                time.sleep(self.retry_delay_s * attempt)
-        result: dict[str, Any] = res.to_dict()
-        outputs: dict[str, str] = {}
-        if img.boot_check:
-            shot = img.image_dir / "boot.png"
-            result["boot_check"] = virt.boot_check(img.libvirt_uri, img.domain_name, img.boot_check, shot,
-                                                   keep_running=img.start, image_id=img.id)
-            if shot.exists():
-                outputs["screenshot"] = str(shot)
-        elif img.start:
-            result["started"] = virt.boot_check(img.libvirt_uri, img.domain_name, 1,
-                                                img.image_dir / "boot.png", keep_running=True,
-                                                image_id=img.id)
+        with virt.hold(img.libvirt_uri, image_id=img.id):
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    res = virt.define(img.libvirt_uri, xml, autostart=img.autostart, image_id=img.id)
+                    break
+                except TransientError:
+                    if attempt == self.attempts:
+                        raise
+                    time.sleep(self.retry_delay_s * attempt)
+            result: dict[str, Any] = res.to_dict()
+            outputs: dict[str, str] = {}
+            if img.boot_check:
+                shot = img.image_dir / "boot.png"
+                result["boot_check"] = virt.boot_check(
+                    img.libvirt_uri, img.domain_name, img.boot_check.seconds, shot, keep_running=img.start,
+                    expect=img.boot_check.expect, image_id=img.id)
+                if shot.exists():
+                    outputs["screenshot"] = str(shot)
+            elif img.start:
+                result["started"] = virt.start_domain(img.libvirt_uri, img.domain_name, image_id=img.id)
         return {"result": result, "outputs": outputs}
 
 

@@ -1,32 +1,41 @@
 """libvirt operations through libvirt-python: host facts, idempotent define, undefine, boot check.
 
+The boot check only drives libvirt (start, screenshot, VGA text buffer, destroy); what the screen
+means is decided by :mod:`pipeline.screen`.
+
 Every libvirt failure becomes ONE line: an unreachable daemon is a
 :class:`~pipeline.errors.TransientError` (retry later), permission problems and XML libvirt refuses
-are :class:`~pipeline.errors.InputError`, a guest that does not stay up is a :class:`BootCheckError`.
+are :class:`~pipeline.errors.InputError`, a guest that does not boot is a :class:`BootCheckError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-import struct
-import tempfile
 import time
 import xml.etree.ElementTree as ET
-import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import libvirt
+from PIL import Image
 
+from pipeline import atomic, screen
 from pipeline.domain.facts import HostCaps, host_caps
 from pipeline.errors import Gho2KvmError, InputError, TransientError
+from pipeline.tools import ocr, qemu_img
 
 
 class BootCheckError(Gho2KvmError):
-    """The domain did not start, or did not stay running for the boot-check period."""
+    """The domain did not start, or its screen shows a failure (``details``: the verdict)."""
+
+    def __init__(self, message: str, *, image_id: str | None = None, step: str | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        self.details = {"boot_check": details} if details is not None else None
+        super().__init__(message, image_id=image_id, step=step)
 
 
 def _quiet(_ctx: object, _err: object) -> None:
@@ -93,6 +102,17 @@ def connect(uri: str, *, step: str, image_id: str | None = None) -> Iterator[lib
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+
+
+@contextlib.contextmanager
+def hold(uri: str, *, image_id: str | None = None) -> Iterator[None]:
+    """Keep the in-process test driver's state (``test:///...``) alive across several calls: it is
+    freed when the process's last connection to it closes. A no-op for every other URI."""
+    if not uri.startswith("test:"):
+        yield
+        return
+    with connect(uri, step="define", image_id=image_id):
+        yield
 
 
 def _lookup(conn: libvirt.virConnect, *, name: str | None = None,
@@ -266,122 +286,12 @@ def _qemu_log_tail(uri: str, name: str) -> str:
     return (" | qemu log: " + " | ".join(lines[-2:])[:400]) if lines else ""
 
 
-def _read_ppm(data: bytes) -> tuple[int, int, int, bytes]:
-    """(width, height, maxval, pixels) of a binary P6 PPM."""
-    fields: list[bytes] = []
-    pos = 0
-    while len(fields) < 4:
-        while pos < len(data) and data[pos:pos + 1].isspace():
-            pos += 1
-        if data[pos:pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        start = pos
-        while pos < len(data) and not data[pos:pos + 1].isspace():
-            pos += 1
-        fields.append(data[start:pos])
-    if fields[0] != b"P6":
-        raise ValueError(f"not a binary PPM (magic {fields[0]!r})")
-    width, height, maxval = (int(f) for f in fields[1:4])
-    pos += 1  # the single whitespace byte after maxval
-    return width, height, maxval, data[pos:pos + width * height * 3]
-
-
-def ppm_to_png(data: bytes) -> tuple[bytes, int, int]:
-    """Encode a P6 PPM (8-bit) as PNG with only the standard library; returns (png, width, height)."""
-    width, height, maxval, pixels = _read_ppm(data)
-    if maxval != 255:
-        raise ValueError(f"unsupported PPM maxval {maxval}")
-    stride = width * 3
-    raw = b"".join(b"\x00" + pixels[y * stride:(y + 1) * stride] for y in range(height))
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    return png, width, height
-
-
-def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ValueError("not a PNG")
-    pos = 8
-    while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        tag = data[pos + 4:pos + 8]
-        yield tag, data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if tag == b"IEND":
-            return
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    for tag, body in _png_chunks(data):
-        if tag == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-            return width, height
-    raise ValueError("PNG without IHDR")
-
-
-def png_to_ppm(data: bytes) -> tuple[bytes, int, int]:
-    """Decode an 8-bit, non-interlaced gray/RGB/RGBA PNG (what QEMU and libvirt produce) to a P6 PPM."""
-    ihdr = b""
-    idat = []
-    for tag, body in _png_chunks(data):
-        if tag == b"IHDR":
-            ihdr = body
-        elif tag == b"IDAT":
-            idat.append(body)
-    width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
-    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
-    if depth != 8 or channels is None or interlace:
-        raise ValueError(f"unsupported PNG (depth {depth}, colour type {ctype}, interlace {interlace})")
-    raw = zlib.decompress(b"".join(idat))
-    bpp, stride = channels, width * channels
-    prev = bytearray(stride)
-    out = bytearray()
-    pos = 0
-    for _ in range(height):
-        ftype = raw[pos]
-        line = bytearray(raw[pos + 1:pos + 1 + stride])
-        pos += 1 + stride
-        if ftype == 1:
-            for i in range(bpp, stride):
-                line[i] = (line[i] + line[i - bpp]) & 0xFF
-        elif ftype == 2:
-            line = bytearray((a + b) & 0xFF for a, b in zip(line, prev, strict=True))
-        elif ftype == 3:
-            for i in range(stride):
-                left = line[i - bpp] if i >= bpp else 0
-                line[i] = (line[i] + ((left + prev[i]) >> 1)) & 0xFF
-        elif ftype == 4:
-            for i in range(stride):
-                a = line[i - bpp] if i >= bpp else 0
-                b = prev[i]
-                c = prev[i - bpp] if i >= bpp else 0
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                line[i] = (line[i] + pred) & 0xFF
-        elif ftype != 0:
-            raise ValueError(f"bad PNG filter {ftype}")
-        prev = line
-        if channels == 3:
-            out += line
-        else:
-            for x in range(width):
-                px = line[x * channels:(x + 1) * channels]
-                out += bytes(px[:3]) if channels == 4 else bytes([px[0]] * 3)
-    return b"P6\n%d %d\n255\n" % (width, height) + bytes(out), width, height
-
-
-def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path,
-                image_id: str | None) -> dict[str, Any]:
+def _grab(conn: libvirt.virConnect, dom: libvirt.virDomain) -> bytes:
+    """The screenshot as libvirt delivers it (PNG or PPM, depending on QEMU)."""
     stream = conn.newStream(0)
     chunks: list[bytes] = []
     try:
-        mime = dom.screenshot(stream, 0) or ""
+        dom.screenshot(stream, 0)
 
         def sink(_st: libvirt.virStream, buf: bytes, _opaque: object) -> int:
             chunks.append(bytes(buf))
@@ -393,87 +303,184 @@ def _screenshot(conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path,
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
         raise
-    data = b"".join(chunks)
-    want_png = path.suffix.lower() == ".png"
+    return b"".join(chunks)
+
+
+def _decode(data: bytes, name: str, image_id: str | None) -> Image.Image:
     try:
-        if data.startswith(b"\x89PNG"):  # newer QEMU: PNG
-            width, height = png_size(data)
-            out = data if want_png else png_to_ppm(data)[0]
-        else:  # older QEMU: image/x-portable-pixmap
-            width, height, _, _ = _read_ppm(data)
-            out = ppm_to_png(data)[0] if want_png else data
-    except (ValueError, IndexError, struct.error, zlib.error) as e:
-        raise BootCheckError(f"screenshot of {dom.name()} ({mime}, {len(data)} bytes) is unreadable: {e}",
-                             image_id=image_id, step="boot-check") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BootCheckError(f"screenshot of {name} ({len(data)} bytes) is unreadable: {e}",
+                             image_id=image_id, step="define") from None
+    return img
+
+
+def _text_buffer(dom: libvirt.virDomain) -> bytes | None:
+    """The VGA text buffer (physical 0xB8000), None where the driver cannot read guest memory."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return {"screenshot": str(path), "mime": "image/png" if want_png else "image/x-portable-pixmap",
-            "source_mime": mime, "width": width, "height": height, "bytes": len(out)}
+        return bytes(dom.memoryPeek(0xB8000, screen.TEXT_BYTES, libvirt.VIR_MEMORY_PHYSICAL))
+    except libvirt.libvirtError:
+        return None
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    with atomic.temporary_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def start_domain(uri: str, name: str, *, image_id: str | None = None) -> dict[str, Any]:
+    """Start domain ``name`` and leave it running (``start: true`` without a boot check)."""
+    with connect(uri, step="define", image_id=image_id) as conn:
+        dom = _startable(conn, uri, name, image_id)
+        _create(dom.create, uri, name, image_id)
+        try:
+            desc, _ = _describe_state(dom)
+            return {"name": name, "uri": uri, "uuid": dom.UUIDString(), "state": desc, "kept_running": True}
+        except libvirt.libvirtError as e:
+            raise translate(e, uri=uri, doing=f"starting domain '{name}'", step="define",
+                            image_id=image_id) from None
+
+
+def _startable(conn: libvirt.virConnect, uri: str, name: str, image_id: str | None) -> libvirt.virDomain:
+    try:
+        dom = _lookup(conn, name=name)
+        active = dom is not None and dom.isActive()
+    except libvirt.libvirtError as e:
+        raise translate(e, uri=uri, doing=f"looking up domain '{name}'", step="define",
+                        image_id=image_id) from None
+    if dom is None:
+        raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step="define")
+    if active:
+        raise InputError(f"domain '{name}' on {uri} is already running; shut it down before a "
+                         f"boot check", image_id=image_id, step="define")
+    return dom
+
+
+def _create(start: Callable[[], Any], uri: str, name: str, image_id: str | None) -> Any:
+    """``start()`` (create the domain), its failure as one line."""
+    try:
+        return start()
+    except libvirt.libvirtError as e:
+        err = translate(e, uri=uri, doing=f"starting domain '{name}'", step="define", image_id=image_id)
+        if isinstance(err, TransientError):
+            raise err from None
+        raise BootCheckError(f"boot check: domain '{name}' on {uri} failed to start: {_msg(e)}",
+                             image_id=image_id, step="define") from None
+
+
+def _throwaway_xml(xml: str, scratch: Path, image_id: str | None) -> tuple[str, list[Path]]:
+    """The domain's XML with every file-backed disk replaced by a new qcow2 overlay in ``scratch``
+    (backed by the disk, which the guest then never writes): the boot check leaves the final disk
+    and the receipts that stamp it untouched. Returns (xml, overlays to delete afterwards)."""
+    root = ET.fromstring(xml)
+    overlays: list[Path] = []
+    for i, disk in enumerate(root.findall("./devices/disk")):
+        source = disk.find("source")
+        if disk.get("device", "disk") != "disk" or disk.get("type", "file") != "file" or source is None \
+                or not source.get("file"):
+            continue
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", {"name": "qemu"})
+        backing = Path(str(source.get("file")))
+        if not backing.is_file():
+            raise BootCheckError(f"boot check: domain '{root.findtext('name')}' failed to start: its disk "
+                                 f"{backing} does not exist", image_id=image_id, step="define")
+        overlay = atomic.temp_name(scratch / f"boot-check-{i}.qcow2")
+        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id, step="define")
+        overlays.append(overlay)
+        overlay.chmod(0o644)
+        source.set("file", str(overlay.absolute()))
+        driver.set("type", "qcow2")
+        for chain in disk.findall("backingStore"):
+            disk.remove(chain)
+    return ET.tostring(root, encoding="unicode"), overlays
 
 
 def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.PathLike[str],
-               keep_running: bool = False, *, image_id: str | None = None,
-               poll: float = 0.5) -> dict[str, Any]:
-    """Start domain ``name``, check it is still running after ``seconds``, take a screenshot.
+               keep_running: bool = False, *, expect: str = "any", image_id: str | None = None,
+               poll: float = 1.0, settle: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """Start domain ``name``, watch its screen until the verdict is stable or ``seconds`` ran out.
 
-    The screenshot goes to ``screenshot_path`` (``.png`` converted here, anything else written as
-    libvirt delivers it, PPM for QEMU). The domain is destroyed afterwards unless ``keep_running``
-    (also when the check fails). Returns a JSON-able dict for the task's output.
+    The guest runs on throwaway overlays of its disks (:func:`_throwaway_xml`; libvirt starts the
+    persistent domain with that live definition, its stored one unchanged), so a check never
+    changes the final disk; with ``keep_running`` a passed check then starts the domain for real.
+    Each look reads the VGA text buffer and a screenshot and hands both to
+    :func:`pipeline.screen.classify`; :class:`pipeline.screen.Watch` decides when a verdict is
+    stable. A graphics-mode stop screen's code is read with tesseract when it is installed.
+    The last screenshot goes to ``screenshot_path`` (PNG). The domain is destroyed
+    afterwards unless ``keep_running`` and the check passed. Returns the JSON-able verdict
+    (``verdict``, ``stop_code``, ``stop_name``, ``text``, ``screenshot``, ``seconds_to_verdict``,
+    ...); a failing verdict (or one other than ``expect``) raises :class:`BootCheckError` with the
+    same dict as ``details``.
     """
-    step = "boot-check"
+    step = "define"
     shot = Path(screenshot_path)
+    scratch = shot.parent
+    scratch.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(scratch, "boot-check-")
     with connect(uri, step=step, image_id=image_id) as conn:
-        started = False
+        dom = _startable(conn, uri, name, image_id)
+        overlays: list[Path] = []
         ok = False
         try:
-            dom = _lookup(conn, name=name)
-            if dom is None:
-                raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step=step)
-            if dom.isActive():
-                raise InputError(f"domain '{name}' on {uri} is already running; shut it down before a "
-                                 f"boot check", image_id=image_id, step=step)
+            xml, overlays = _throwaway_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), scratch, image_id)
             t0 = time.monotonic()
-            try:
-                dom.create()
-            except libvirt.libvirtError as e:
-                err = translate(e, uri=uri, doing=f"starting domain '{name}'", step=step, image_id=image_id)
-                if isinstance(err, TransientError):
-                    raise err from None
-                raise BootCheckError(f"domain '{name}' on {uri} failed to start: {_msg(e)}",
-                                     image_id=image_id, step=step) from None
-            started = True
-            deadline = t0 + seconds
+            dom = _create(lambda: conn.createXML(xml, 0), uri, name, image_id)
+            watch = screen.Watch(settle)
+            obs: screen.Observation | None = None
+            img: Image.Image | None = None
+            desc = "running"
+            t = 0.0
             while True:
                 desc, alive = _describe_state(dom)
+                t = time.monotonic() - t0
                 if not alive:
-                    raise BootCheckError(
-                        f"domain '{name}' on {uri} did not stay running: {desc} after "
-                        f"{time.monotonic() - t0:.1f}s{_qemu_log_tail(uri, name)}",
-                        image_id=image_id, step=step)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                    obs = screen.Observation("crashed", watch.last.mode if watch.last else "none",
+                                             watch.last.text if watch.last else "",
+                                             message=desc, hint=_qemu_log_tail(uri, name).removeprefix(" | "))
                     break
-                time.sleep(min(poll, remaining))
-            result: dict[str, Any] = {"name": name, "uri": uri, "uuid": dom.UUIDString(),
-                                      "seconds": seconds, "state": desc}
-            result.update(_screenshot(conn, dom, shot, image_id))
-            result["kept_running"] = keep_running
+                buf = _text_buffer(dom)
+                try:
+                    img = _decode(_grab(conn, dom), name, image_id)
+                except libvirt.libvirtError:
+                    if not _describe_state(dom)[1]:
+                        continue  # it stopped meanwhile: reported as crashed above
+                    raise
+                obs = watch.add(t, screen.classify(buf, img))
+                if obs is not None:
+                    break
+                if t >= seconds:
+                    obs = watch.final()
+                    break
+                time.sleep(max(0.0, min(poll, seconds - t)))
+            if obs.verdict == "bsod" and obs.mode == "graphics" and img is not None:
+                obs = screen.with_ocr(obs, ocr.read_text(img, image_id=image_id))
+            result: dict[str, Any] = {"name": name, "uri": uri, "uuid": dom.UUIDString(), "seconds": seconds,
+                                      "expect": expect, **obs.to_dict(),
+                                      "seconds_to_verdict": round(t, 1), "state": desc,
+                                      "first_seen": {k: round(v, 1) for k, v in watch.first_seen.items()},
+                                      "screenshot": None}
+            if img is not None:
+                _save_png(img, shot)
+                result.update({"screenshot": str(shot), "width": img.width, "height": img.height})
+            failure = screen.failure_message(result, expect)
+            result["ok"] = failure is None
+            result["kept_running"] = keep_running and failure is None
+            if failure is not None:
+                raise BootCheckError(failure, image_id=image_id, step=step, details=result)
             ok = True
-            return result
         except libvirt.libvirtError as e:
             raise translate(e, uri=uri, doing=f"boot-checking domain '{name}'", step=step,
                             image_id=image_id) from None
         finally:
-            if started and not (ok and keep_running):
-                with contextlib.suppress(libvirt.libvirtError):
-                    d = conn.lookupByName(name)
-                    if d.isActive():
-                        d.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                d = conn.lookupByName(name)
+                if d.isActive():
+                    d.destroy()
+            for overlay in overlays:
+                overlay.unlink(missing_ok=True)
+    if ok and keep_running:
+        start_domain(uri, name, image_id=image_id)
+    return result
