@@ -67,7 +67,7 @@ def guest_name(facts: Mapping[str, Any]) -> str:
     """A short human name: ``Windows XP``, ``Windows Server 2003``, ``Windows 7``, ``Windows 10``."""
     if facts.get("os") != "windows":
         return f"a non-Windows guest ({facts.get('os_type') or 'unknown'})"
-    major, minor = facts.get("major_version"), facts.get("minor_version") or 0
+    major, minor = int(facts.get("major_version") or 0), int(facts.get("minor_version") or 0)
     product = str(facts.get("product_name") or "")
     m = re.search(r"Windows(?: Server)? (XP|Vista|\d+(?:\.\d)?(?: R2)?)", product)
     if m:

@@ -18,6 +18,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from pipeline.domain.choices import (
+    DEFAULT_DISK_CACHE,
+    DEFAULT_DISK_IO,
+    DISK_CACHE_MODES,
+    DISK_IO_MODES,
+    IO_NATIVE_CACHES,
+)
 from pipeline.domain.model import (
     Clock,
     Controller,
@@ -33,13 +40,6 @@ from pipeline.domain.model import (
     Os,
     Timer,
     Video,
-)
-from pipeline.domain.choices import (
-    DEFAULT_DISK_CACHE,
-    DEFAULT_DISK_IO,
-    DISK_CACHE_MODES,
-    DISK_IO_MODES,
-    IO_NATIVE_CACHES,
 )
 from pipeline.errors import InputError
 

@@ -133,12 +133,12 @@ def plan(ops: Iterable[Op], current_control_set: str | int) -> dict[str, list[Op
     return {h: v for h, v in out.items() if v}
 
 
-def control_set_findings(ops: Iterable[Op], current_control_set: str | int) -> list[tuple[Op, str]]:
-    """``(first op, message)`` for each SYSTEM key outside the live control set: a numbered
-    ``ControlSet00N`` that is not the live one, or an unknown top-level key (a typo, an unexpanded
-    ``%(cset)s``). One finding per file and top-level key."""
+def control_set_findings(ops: Iterable[Op], current_control_set: str | int) -> list[tuple[Op, str, bool]]:
+    """``(first op, message, numbered)`` for each SYSTEM key outside the live control set: a
+    numbered ``ControlSet00N`` that is not the live one (``numbered`` True), or an unknown top-level
+    key (a typo, an unexpanded ``%(cset)s``). One finding per file and top-level key."""
     live = control_set_name(current_control_set)
-    out: list[tuple[Op, str]] = []
+    out: list[tuple[Op, str, bool]] = []
     seen: set[tuple[str, str]] = set()
     for op in ops:
         parts = op.key.split("\\")
@@ -158,7 +158,7 @@ def control_set_findings(ops: Iterable[Op], current_control_set: str | int) -> l
         else:
             continue
         seen.add((op.file, top.lower()))
-        out.append((op, msg))
+        out.append((op, msg, bool(numbered)))
     return out
 
 
