@@ -511,9 +511,11 @@ def _virtio(col: _Collector, raw: Any, line: int | None, image: str | None,
         col.add(line, image, f"{prefix}virtio", f"expected a mapping such as {{drivers: virtio-win.iso}}, "
                 f"got {raw!r}")
         return None
+    before = len(col.errors)
     out = _check_section(col, raw, {"drivers": _str}, _VIRTIO_KEYS, image, prefix=f"{prefix}virtio.")
     if "drivers" not in out:
-        col.add(line, image, f"{prefix}virtio.drivers", "expected the path of a virtio-win ISO or folder")
+        if len(col.errors) == before:
+            col.add(line, image, f"{prefix}virtio.drivers", "expected the path of a virtio-win ISO or folder")
         return None
     out["_line"] = raw.lines.get("drivers", line)
     return out
@@ -533,7 +535,8 @@ def _guest_paths(col: _Collector, values: dict[str, Any], raw: _Map, base: Path,
         p = Path(os.path.normpath((base / virtio["drivers"]).absolute()))
         line = virtio.get("_line") or raw.lines.get("virtio", raw.line)
         if not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".iso")):
-            col.add(line, label, "virtio.drivers", f"expected a virtio-win folder or .iso file, not found: {p}")
+            col.add(line, label, "virtio.drivers", f"expected a virtio-win folder or .iso file, not found: "
+                    f"{p}")
         values["virtio"] = VirtioConfig(drivers=p)
     io, cache = values.get("disk_io", DEFAULT_DISK_IO), values.get("disk_cache", DEFAULT_DISK_CACHE)
     if io == "native" and cache not in IO_NATIVE_CACHES:
