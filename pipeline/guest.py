@@ -207,16 +207,16 @@ def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: Mapping[s
         if ready is not False:
             model = "virtio"
         elif virtio_tree is None:
-            warnings.append(f"{prefix}: nic_model 'virtio': {name} has no netkvm.sys (virtio network driver); "
-                            f"the guest will have no network until it is installed (or use "
+            warnings.append(f"{prefix}: nic_model 'virtio': {name} has no netkvm.sys (virtio network "
+                            f"driver); the guest will have no network until it is installed (or use "
                             f"{default_nic(facts)}, or virtio.drivers)")
         else:
             model = fallback
             warnings.append(_virtio_missing(prefix, "netkvm", name, virtio_tree, tree_note, facts,
                                             f"NIC stays {fallback}"))
     if model == "e1000" and fam == NT5:
-        warnings.append(f"{prefix}: nic_model 'e1000': {name} ships no Intel PRO/1000 driver; the guest has no "
-                        f"network until one is installed (or use rtl8139)")
+        warnings.append(f"{prefix}: nic_model 'e1000': {name} ships no Intel PRO/1000 driver; the guest "
+                        f"has no network until one is installed (or use rtl8139)")
     if model == "rtl8139" and (fam == NT62 or (fam == NT6 and arch_of(facts) == "amd64")):
         warnings.append(f"{prefix}: nic_model 'rtl8139': {name} ({arch_of(facts)}) ships no RTL8139 driver; "
                         f"the guest has no network until one is installed (or use e1000)")

@@ -34,8 +34,8 @@ def list_folder(folder: Path, *, image_id: str | None = None, step: str = "regis
         for f in sorted(files):
             out.append((rel / f).as_posix())
             if len(out) > MAX_TREE_FILES:
-                raise InputError(f"virtio.drivers {folder}: more than {MAX_TREE_FILES} files; point it at the "
-                                 f"virtio-win folder itself", image_id=image_id, step=step)
+                raise InputError(f"virtio.drivers {folder}: more than {MAX_TREE_FILES} files; point it at "
+                                 f"the virtio-win folder itself", image_id=image_id, step=step)
     return out
 
 

@@ -180,7 +180,8 @@ def _img(extra: str, source: str = "disks/xp.vmdk") -> str:
     pytest.param("disk_io: aio", "disk_io", ["expected one of native, threads, io_uring"], id="disk-io-enum"),
     pytest.param("disk_cache: writeback", "disk_io", ["disk_io 'native' needs disk_cache none or directsync",
                                                       "use disk_io threads"], id="io-native-needs-direct"),
-    pytest.param("cdrom: xp.img", "cdrom", ["true (an empty drive) or a path ending in .iso"], id="cdrom-suffix"),
+    pytest.param("cdrom: xp.img", "cdrom", ["true (an empty drive) or a path ending in .iso"],
+                 id="cdrom-suffix"),
     pytest.param("cdrom: missing.iso", "cdrom", ["file not found", "missing.iso"], id="cdrom-missing"),
     pytest.param("registry_remap_controlset: 1", "registry_remap_controlset", ["expected true or false"],
                  id="remap-bool"),
@@ -188,8 +189,8 @@ def _img(extra: str, source: str = "disks/xp.vmdk") -> str:
                  id="virtio-not-mapping"),
     pytest.param("virtio:\n  driver: vw", "virtio.driver", ["unknown key", "did you mean 'drivers'"],
                  id="virtio-typo"),
-    pytest.param("virtio:\n  drivers: missing.iso", "virtio.drivers", ["virtio-win folder or .iso", "not found"],
-                 id="virtio-missing"),
+    pytest.param("virtio:\n  drivers: missing.iso", "virtio.drivers",
+                 ["virtio-win folder or .iso", "not found"], id="virtio-missing"),
 ])
 def test_each_problem_is_one_line_naming_file_line_image_and_field(
         cfgdir: Path, extra: str, field: str, words: list[str]) -> None:

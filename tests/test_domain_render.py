@@ -229,8 +229,8 @@ def test_unknown_arch_on_host() -> None:
 
 
 @pytest.mark.parametrize(("major", "minor", "hyperv"),
-                         [(5, 1, False), (5, 2, False), (6, 0, False), (6, 1, True), (6, 3, True), (10, 0, True),
-                          (None, None, False)])
+                         [(5, 1, False), (5, 2, False), (6, 0, False), (6, 1, True), (6, 3, True),
+                          (10, 0, True), (None, None, False)])
 def test_hyperv_enlightenments_by_version(major: int | None, minor: int | None, hyperv: bool) -> None:
     root = ET.fromstring(_xml(dataclasses.replace(BASE, os_major=major, os_minor=minor)))
     hv = root.find("features/hyperv")

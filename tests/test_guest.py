@@ -36,7 +36,8 @@ W2008R2 = facts(6, 1, "Windows Server 2008 R2 Standard", "x86_64", extra=("msahc
 W81 = facts(6, 3, "Windows 8.1 Pro", "x86_64", extra=("storahci.sys",))
 W10 = facts(10, 0, "Windows 10 Pro", "x86_64", extra=("storahci.sys",))
 W2019 = facts(10, 0, "Windows Server 2019 Standard", "x86_64", extra=("storahci.sys",))
-W7_WITH_VIOSTOR = facts(6, 1, "Windows 7 Professional", "x86_64", extra=("msahci.sys", "viostor.sys", "netkvm.sys"),
+W7_WITH_VIOSTOR = facts(6, 1, "Windows 7 Professional", "x86_64",
+                        extra=("msahci.sys", "viostor.sys", "netkvm.sys"),
                         services={"viostor": 0, "netkvm": 3})
 LINUX = {"os": "unknown", "os_type": "linux"}
 
@@ -64,7 +65,8 @@ def test_family_and_name(f: dict[str, Any], fam: str | None, name: str | None) -
     (W7, "virtio", "image 'g1': disk_bus 'virtio': Windows 7 has no viostor.sys"),
     (W10, "virtio", "image 'g1': disk_bus 'virtio': Windows 10 has no viostor.sys"),
     (W7_NO_AHCI, "sata", "image 'g1': disk_bus 'sata': Windows 7 has no msahci.sys in System32\\drivers"),
-    (facts(10, 0, "Windows 10 Pro", "x86_64"), "sata", "image 'g1': disk_bus 'sata': Windows 10 has no storahci.sys"),
+    (facts(10, 0, "Windows 10 Pro", "x86_64"), "sata",
+     "image 'g1': disk_bus 'sata': Windows 10 has no storahci.sys"),
 ])
 def test_bus_the_guest_cannot_drive_is_refused(f: dict[str, Any], bus: str, expected: str) -> None:
     r = guest.decide("g1", bus, None, f)
@@ -74,8 +76,8 @@ def test_bus_the_guest_cannot_drive_is_refused(f: dict[str, Any], bus: str, expe
     assert "\n" not in str(exc.value) and "g1" in str(exc.value)
 
 
-@pytest.mark.parametrize(("f", "bus"), [(XP, "ide"), (W2003, "ide"), (VISTA, "sata"), (W7, "sata"), (W7, "ide"),
-                                        (W10, "sata"), (W10, "ide"), (W7_WITH_VIOSTOR, "virtio"),
+@pytest.mark.parametrize(("f", "bus"), [(XP, "ide"), (W2003, "ide"), (VISTA, "sata"), (W7, "sata"),
+                                        (W7, "ide"), (W10, "sata"), (W10, "ide"), (W7_WITH_VIOSTOR, "virtio"),
                                         (LINUX, "sata"), (LINUX, "virtio")])
 def test_bus_the_guest_can_drive(f: dict[str, Any], bus: str) -> None:
     r = guest.decide("g1", bus, None, f)
@@ -149,7 +151,8 @@ def test_virtio_registry_data() -> None:
     for dev in ("pci#ven_1af4&dev_1001", "pci#ven_1af4&dev_1042"):
         assert stor[(dev, "Service")] == "viostor"
         assert stor[(dev, "ClassGUID")] == "{4D36E97B-E325-11CE-BFC1-08002BE10318}"
-    assert stor[("viostor", "Start")] == 0 and stor[("viostor", "ImagePath")] == r"system32\DRIVERS\viostor.sys"
+    assert stor[("viostor", "Start")] == 0
+    assert stor[("viostor", "ImagePath")] == r"system32\DRIVERS\viostor.sys"
     net = {(op.key.rsplit("\\", 1)[-1], op.name): op.value for op in builtin.virtio_ops("netkvm")}
     for dev in ("pci#ven_1af4&dev_1000", "pci#ven_1af4&dev_1041"):
         assert net[(dev, "Service")] == "netkvm"
@@ -211,14 +214,16 @@ def test_control_set_findings_and_remap() -> None:
     assert "mergeide.reg:10:" in findings[1][1] and "'%(cset)s'" in findings[1][1]
     assert control_set_findings(ops, 1)[0][1].startswith("mergeide.reg:10:")  # live set: only the template
     keys = [op.key for op in remap_control_sets(ops, 2)]
-    assert keys[0] == r"HKEY_LOCAL_MACHINE\SYSTEM\ControlSet002\Control\CriticalDeviceDatabase\primary_ide_channel"
+    assert keys[0] == (r"HKEY_LOCAL_MACHINE\SYSTEM\ControlSet002\Control\CriticalDeviceDatabase"
+                       r"\primary_ide_channel")
     assert not any("ControlSet001" in k for k in keys)
 
 
 def _image(tmp_path: Path, **kw: Any) -> ImageConfig:
     reg = tmp_path / "mergeide.reg"
     reg.write_bytes(b"\xff\xfe" + MERGEIDE_CS001.encode("utf-16-le"))
-    return ImageConfig(id="w7", source=tmp_path / "w7.raw", registry=("mergeide", str(reg)), workdir=tmp_path, **kw)
+    return ImageConfig(id="w7", source=tmp_path / "w7.raw", registry=("mergeide", str(reg)), workdir=tmp_path,
+                       **kw)
 
 
 def test_user_reg_warnings_and_remap_in_collect_ops(tmp_path: Path) -> None:
@@ -229,7 +234,8 @@ def test_user_reg_warnings_and_remap_in_collect_ops(tmp_path: Path) -> None:
     ops, warnings = collect_ops(_image(tmp_path, registry_remap_controlset=True), W7)
     assert any("ControlSet001 remapped to the live ControlSet002" in w for w in warnings)
     assert not any(op.key.startswith(r"HKEY_LOCAL_MACHINE\SYSTEM\ControlSet001") for op in ops)
-    refusals, plan_w = plan_warnings(_image(tmp_path, disk_bus="sata"), XP | {"current_control_set": "ControlSet002"})
+    xp_cs2 = XP | {"current_control_set": "ControlSet002"}
+    refusals, plan_w = plan_warnings(_image(tmp_path, disk_bus="sata"), xp_cs2)
     assert refusals == ["image 'w7': disk_bus 'sata': Windows XP has no AHCI driver; use ide, or virtio with "
                         "virtio.drivers"]
     assert any("ControlSet001" in w for w in plan_w)

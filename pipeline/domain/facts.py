@@ -351,11 +351,13 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
         loader = Loader(path=arch.uefi_loader)
     virtio = spec.disk_bus == "virtio" or spec.nic_model == "virtio"
     hv = hyperv_for(spec.os_major, spec.os_minor)
-    timers = [Timer("rtc", tickpolicy="catchup"), Timer("pit", tickpolicy="delay"), Timer("hpet", present=False)]
+    timers = [Timer("rtc", tickpolicy="catchup"), Timer("pit", tickpolicy="delay"),
+              Timer("hpet", present=False)]
     if hv:
         timers.append(Timer("hypervclock", present=True))
     disks = [Disk(path=spec.disk_path, format=spec.disk_format, bus=spec.disk_bus,
-                  dev=DISK_DEV_PREFIX[spec.disk_bus] + "a", cache=_attr(spec.disk_cache), io=_attr(spec.disk_io))]
+                  dev=DISK_DEV_PREFIX[spec.disk_bus] + "a", cache=_attr(spec.disk_cache),
+                  io=_attr(spec.disk_io))]
     if spec.cdrom is not None:
         # IDE secondary master: every Windows has the driver, whatever bus the system disk uses
         disks.append(Disk(path=spec.cdrom or None, format="raw", bus="ide", dev="hdc", readonly=True,

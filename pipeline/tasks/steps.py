@@ -135,7 +135,6 @@ class RegistryMerge(ImageTask):
             for r in img.registry
         ]
         fp["registry_remap_controlset"] = img.registry_remap_controlset
-        fp["disk_bus"], fp["nic_model"] = img.disk_bus, img.nic_model  # refusals are decided here
         if img.virtio is not None:
             fp["virtio"] = receipts.file_stamp(img.virtio.drivers)
         return fp
@@ -214,7 +213,7 @@ class XmlRender(ImageTask):
         merge_task = self.upstream().upstream()
         facts = (merge_task.upstream().receipt() or {}).get("result", {})
         merged = (merge_task.receipt() or {}).get("result", {})
-        installed = list(((merged.get("virtio") or {}).get("installed") or {}))
+        installed = list((merged.get("virtio") or {}).get("installed") or {})
         ready = readiness(img, facts, installed=installed)
         ready.raise_refusals(img.id, self.step)
         host = virt.host_caps_for_uri(img.libvirt_uri, image_id=img.id)
@@ -236,7 +235,8 @@ class XmlRender(ImageTask):
         for w in ready.warnings:
             log.get().warning("guest readiness", detail=w)
         return {"result": {"domain_xml": str(path), "name": spec.name, "uri": img.libvirt_uri,
-                           "disk_bus": spec.disk_bus, "nic_model": spec.nic_model, "memory_mib": spec.memory_mib,
+                           "disk_bus": spec.disk_bus, "nic_model": spec.nic_model,
+                           "memory_mib": spec.memory_mib,
                            "warnings": list(ready.warnings)},
                 "outputs": {"domain_xml": str(path)}}
 
