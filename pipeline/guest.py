@@ -36,6 +36,7 @@ IDE_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
 AHCI_DRIVER: dict[str, str | None] = {NT5: None, NT6: "msahci.sys", NT62: "storahci.sys"}
 
 VIRTIO_DRIVERS = {"disk": "viostor", "nic": "netkvm"}
+VIRTIO_FIELD = "virtio.drivers"
 
 #: memory (MiB) when ``memory_mib`` is not set: the vendor's recommended minimum, rounded up
 MEMORY_DEFAULT_MIB = {NT5: 512, NT6: 2048, NT62: 4096, None: 512}
@@ -134,6 +135,12 @@ class Readiness:
     refusals: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
+    @property
+    def virtio_warnings(self) -> tuple[str, ...]:
+        """The warnings about the ``virtio.drivers`` tree (registry-merge's part; the rest belong to
+        xml-render, where the domain is decided)."""
+        return tuple(w for w in self.warnings if f": {VIRTIO_FIELD}: " in w)
+
     def raise_refusals(self, image_id: str, step: str) -> None:
         if self.refusals:
             from pipeline.errors import InputError
@@ -230,4 +237,4 @@ def _virtio_missing(prefix: str, driver: str, name: str, tree: str, tree_note: s
                f"install {driver} in the guest (pnputil) and switch then")
     else:
         why = f"no {driver}{tree_note} in {tree}"
-    return f"{prefix}: virtio.drivers: {why}; {outcome}"
+    return f"{prefix}: {VIRTIO_FIELD}: {why}; {outcome}"

@@ -163,8 +163,7 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
             _virtio_verify(g, installed, image.id)
             appliance_seconds = round(g.launch_seconds, 1)
             libguestfs_version = _libguestfs_version(g)
-    after = readiness(image, facts, installed=list(installed))
-    warnings += [w for w in after.warnings if w not in warnings]
+    warnings += readiness(image, facts, installed=list(installed)).virtio_warnings
     return {
         "skipped": False,
         "overlay": str(overlay),

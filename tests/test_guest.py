@@ -117,6 +117,11 @@ def test_virtio_switch_over_decisions() -> None:
     assert (r.disk_bus, r.nic_model, r.refusals) == ("ide", "rtl8139", ())
     assert any("no viostor (xp/x86) in /srv/virtio-win.iso; disk stays on ide" in w for w in r.warnings)
     assert any("no netkvm (xp/x86)" in w and "NIC stays rtl8139" in w for w in r.warnings)
+    assert r.virtio_warnings == r.warnings
+    # registry-merge reports only the tree's warnings; a NIC model warning is xml-render's
+    r = guest.decide("x", "ide", "e1000", XP, virtio_tree=tree, installed=["viostor"])
+    assert (r.disk_bus, r.nic_model) == ("virtio", "e1000")
+    assert len(r.warnings) == 2 and len(r.virtio_warnings) == 1 and "netkvm" in r.virtio_warnings[0]
     # Windows 10: no offline switch-over (driver store), IDE kept with a warning
     r = guest.decide("x", "ide", "e1000", W10, virtio_tree=tree)
     assert (r.disk_bus, r.nic_model) == ("ide", "e1000")
