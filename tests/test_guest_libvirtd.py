@@ -21,7 +21,8 @@ PREFIX = f"gho2kvm-guest-{os.getpid()}"
 
 
 @pytest.mark.parametrize(("label", "changes"), [
-    ("w7-hyperv-cdrom", {"os_major": 6, "os_minor": 1, "disk_bus": "sata", "nic_model": "e1000", "cdrom": ""}),
+    ("w7-hyperv-cdrom", {"os_major": 6, "os_minor": 1, "disk_bus": "sata", "nic_model": "e1000",
+                         "cdrom": ""}),
     ("w10-virtio-iso", {"os_major": 10, "os_minor": 0, "disk_bus": "virtio", "nic_model": "virtio",
                         "cdrom": "ISO"}),
     ("xp-writeback-threads", {"os_major": 5, "os_minor": 1, "disk_cache": "writeback", "disk_io": "threads"}),
