@@ -60,8 +60,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import plan_text
 
     cfg = _load(args)
-    print(plan_text(cfg, only=args.image or None))
-    return 0
+    text = plan_text(cfg, only=args.image or None)
+    print(text)
+    # a refusal found from the inspect facts: the migration would stop at registry-merge
+    return 1 if any(line.startswith("REFUSED: ") for line in text.splitlines()) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -18,6 +18,13 @@ from typing import Any
 
 import yaml
 
+from pipeline.domain.choices import (
+    DEFAULT_DISK_CACHE,
+    DEFAULT_DISK_IO,
+    DISK_CACHE_MODES,
+    DISK_IO_MODES,
+    IO_NATIVE_CACHES,
+)
 from pipeline.errors import InputError
 from pipeline.safeio import MiB, escape, file_kind, read_capped, shown
 
@@ -84,6 +91,12 @@ class BootCheck:
         return {"seconds": self.seconds, "expect": self.expect}
 
 
+class VirtioConfig:
+    """``virtio: {drivers: PATH}``: a virtio-win ISO or folder (``viostor/<os>/<arch>/viostor.sys``)."""
+
+    drivers: Path
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     id: str
@@ -92,12 +105,17 @@ class ImageConfig:
     output_dir: Path = Path("var/images")
     format: str = "raw"
     libvirt_uri: str = "test:///default"
-    memory_mib: int = 512
+    memory_mib: int | None = None  # None: by Windows version (pipeline.guest.default_memory_mib)
     vcpus: int = 1
     disk_bus: str = "ide"
-    nic_model: str = "rtl8139"
+    nic_model: str | None = None  # None: by Windows version (pipeline.guest.default_nic)
     network: str = "user"
+    disk_cache: str = DEFAULT_DISK_CACHE
+    disk_io: str = DEFAULT_DISK_IO
+    cdrom: bool | Path = False  # True: empty IDE CD-ROM drive; a Path: that ISO in it
+    virtio: VirtioConfig | None = None
     registry: tuple[str, ...] = ("mergeide",)
+    registry_remap_controlset: bool = False
     verify: bool = True
     name: str | None = None
     title: str | None = None
@@ -254,6 +272,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 _IMAGE_KEYS = {f.name for f in fields(ImageConfig)}
 _DEFAULT_KEYS = _IMAGE_KEYS - {"id", "source", "name", "uuid", "mac", "title", "description"}
 _GHOST_KEYS = {f.name for f in fields(GhostConfig)}
+_VIRTIO_KEYS = {f.name for f in fields(VirtioConfig)}
 _SETTINGS_KEYS = {f.name for f in fields(Settings)}
 
 
@@ -361,6 +380,12 @@ def _registry(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _cdrom(v: Any) -> bool | str:
+    if isinstance(v, bool) or (isinstance(v, str) and v.lower().endswith(".iso")):
+        return v
+    raise ValueError(f"expected true (an empty drive) or a path ending in .iso, got {v!r}")
+
+
 def _command(v: Any) -> tuple[str, ...]:
     if isinstance(v, str) and v:
         return (v,)
@@ -385,7 +410,11 @@ IMAGE_RULES: dict[str, Any] = {
     "disk_bus": _choice("ide", "sata", "virtio"),
     "nic_model": _choice("rtl8139", "e1000", "virtio"),
     "network": _network,
+    "disk_cache": _choice(*DISK_CACHE_MODES),
+    "disk_io": _choice(*DISK_IO_MODES),
+    "cdrom": _cdrom,
     "registry": _registry,
+    "registry_remap_controlset": _bool,
     "verify": _bool,
     "name": _regex(re.compile(r"^.{1,200}$", re.S), "a domain name"),
     "title": _text,
@@ -525,7 +554,10 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
     if "defaults" in doc and doc["defaults"] is not None:
         raw = doc["defaults"]
         if isinstance(raw, _Map):
-            defaults = _check_section(col, raw, IMAGE_RULES, _DEFAULT_KEYS, None, "defaults.")
+            defaults = _check_section(col, _sub(raw, ("virtio",)), IMAGE_RULES, _DEFAULT_KEYS, None,
+                                      "defaults.")
+            if "virtio" in raw:
+                defaults["virtio"] = _virtio(col, raw["virtio"], raw.lines.get("virtio"), None, "defaults.")
             if "ghost" in defaults:
                 default_ghost = _ghost(col, defaults.pop("ghost"), raw.lines.get("ghost"), None,
                                        "defaults.") or {}
@@ -559,8 +591,11 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
         else:
             seen[image_id] = raw.lines.get("id", raw.line)
         values = dict(defaults)
-        values.update(_check_section(col, _sub(raw, ("id", "source", "ghost")), IMAGE_RULES, _IMAGE_KEYS,
-                                     label))
+        values.update(_check_section(col, _sub(raw, ("id", "source", "ghost", "virtio")), IMAGE_RULES,
+                                     _IMAGE_KEYS, label))
+        if "virtio" in raw:
+            values["virtio"] = _virtio(col, raw["virtio"], raw.lines.get("virtio"), label)
+        _guest_paths(col, values, raw, base, label)
         ghost_values = dict(default_ghost)
         if "ghost" in raw:
             ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})
@@ -628,6 +663,48 @@ def _not_regular(path: Path) -> str | None:
     except (OSError, ValueError):  # ValueError: a NUL in the path
         return f"file not found: {path}"
     return None if kind is None else f"{path} is {kind}, expected a regular file"
+
+
+def _virtio(col: _Collector, raw: Any, line: int | None, image: str | None,
+            prefix: str = "") -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, _Map):
+        col.add(line, image, f"{prefix}virtio", f"expected a mapping such as {{drivers: virtio-win.iso}}, "
+                f"got {raw!r}")
+        return None
+    before = len(col.errors)
+    out = _check_section(col, raw, {"drivers": _str}, _VIRTIO_KEYS, image, prefix=f"{prefix}virtio.")
+    if "drivers" not in out:
+        if len(col.errors) == before:
+            col.add(line, image, f"{prefix}virtio.drivers", "expected the path of a virtio-win ISO or folder")
+        return None
+    out["_line"] = raw.lines.get("drivers", line)
+    return out
+
+
+def _guest_paths(col: _Collector, values: dict[str, Any], raw: _Map, base: Path, label: str) -> None:
+    """Resolve ``cdrom`` and ``virtio.drivers`` against the config's folder and check they exist;
+    check that ``disk_io`` and ``disk_cache`` go together."""
+    cdrom = values.get("cdrom")
+    if isinstance(cdrom, str):
+        p = Path(os.path.normpath((base / cdrom).absolute()))
+        if not p.is_file():
+            col.add(raw.lines.get("cdrom", raw.line), label, "cdrom", f"file not found: {p}")
+        values["cdrom"] = p
+    virtio = values.get("virtio")
+    if isinstance(virtio, dict):
+        p = Path(os.path.normpath((base / virtio["drivers"]).absolute()))
+        line = virtio.get("_line") or raw.lines.get("virtio", raw.line)
+        if not (p.is_dir() or (p.is_file() and p.suffix.lower() == ".iso")):
+            col.add(line, label, "virtio.drivers", f"expected a virtio-win folder or .iso file, not found: "
+                    f"{p}")
+        values["virtio"] = VirtioConfig(drivers=p)
+    io, cache = values.get("disk_io", DEFAULT_DISK_IO), values.get("disk_cache", DEFAULT_DISK_CACHE)
+    if io == "native" and cache not in IO_NATIVE_CACHES:
+        col.add(raw.lines.get("disk_io", raw.lines.get("disk_cache", raw.line)), label, "disk_io",
+                f"disk_io 'native' needs disk_cache {' or '.join(IO_NATIVE_CACHES)} (qemu's native AIO opens "
+                f"the file with O_DIRECT), got disk_cache {cache!r}; use disk_io threads")
 
 
 def _reg_problem(path: Path, cache: dict[Path, str | None]) -> str | None:

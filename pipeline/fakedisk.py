@@ -62,6 +62,35 @@ class DiskSpec:
 XP = DiskSpec()
 WIN7_UEFI = DiskSpec(product="Windows 7 Professional", version="6.1", build="7601", control_set=2,
                      hostname="WIN7DEMO", partition_table="gpt", uefi=True, size_mib=128, arch="x86_64")
+W2003 = DiskSpec(product="Microsoft Windows Server 2003", version="5.2", build="3790", hostname="SRV2003")
+WIN7 = DiskSpec(product="Windows 7 Professional", version="6.1", build="7601", control_set=2,
+                hostname="WIN7BIOS", arch="x86_64")
+#: Windows 10 keeps CurrentVersion 6.3 and gives the real version in CurrentMajor/MinorVersionNumber
+WIN10 = DiskSpec(product="Windows 10 Pro", version="10.0", build="19045", control_set=1, hostname="WIN10",
+                 arch="x86_64")
+
+
+def _version(spec: DiskSpec) -> tuple[int, int]:
+    major, _, minor = spec.version.partition(".")
+    return int(major), int(minor or 0)
+
+
+def driver_files(spec: DiskSpec) -> tuple[str, ...]:
+    """The boot storage drivers the Windows version of ``spec`` ships in System32\\drivers."""
+    if not spec.drivers:
+        return ()
+    v = _version(spec)
+    ahci = ("storahci.sys",) if v >= (6, 2) else ("msahci.sys",) if v >= (6, 0) else ()
+    return ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys", *ahci)
+
+
+def _storage_services(spec: DiskSpec) -> list[tuple[str, int]]:
+    """Services as a fresh install on an IDE machine leaves them: the AHCI driver off (Start=3)."""
+    v = _version(spec)
+    if v < (6, 0):
+        return []
+    ahci = "storahci" if v >= (6, 2) else "msahci"
+    return [(ahci, 3), ("pciide", 3), ("intelide", 3)]
 
 
 def pe_file(arch: str) -> Path:
@@ -129,14 +158,24 @@ def system_reg(spec: DiskSpec) -> str:
             '"Type"=dword:00000001',
             "",
         ]
+        for svc, start in _storage_services(spec):
+            lines += [rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Services\{svc}]", f'"Start"=dword:{start:08x}',
+                      '"Type"=dword:00000001', ""]
+            if svc == "storahci":
+                lines += [rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Services\{svc}\StartOverride]",
+                          '"0"=dword:00000003', ""]
     return _reg(lines)
 
 
 def software_reg(spec: DiskSpec) -> str:
+    major, minor = _version(spec)
+    numbers = [f'"CurrentMajorVersionNumber"=dword:{major:08x}',
+               f'"CurrentMinorVersionNumber"=dword:{minor:08x}'] if major >= 10 else []
     return _reg([
         r"[HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows NT\CurrentVersion]",
         f'"ProductName"="{spec.product}"',
-        f'"CurrentVersion"="{spec.version}"',
+        f'"CurrentVersion"="{"6.3" if major >= 10 else spec.version}"',
+        *numbers,
         f'"CurrentBuildNumber"="{spec.build}"',
         r'"SystemRoot"="C:\\WINDOWS"',
     ])
@@ -194,9 +233,8 @@ def build_raw(raw: Path, spec: DiskSpec, *, force_tcg: bool) -> None:
                 g("upload", str(pe_file(spec.arch)), "/WINDOWS/system32/cmd.exe")
                 g("upload", str(tmp / "SYSTEM"), "/WINDOWS/system32/config/system")
                 g("upload", str(tmp / "SOFTWARE"), "/WINDOWS/system32/config/software")
-                if spec.drivers:
-                    for drv in ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys"):
-                        g("upload", str(tmp / "driver.sys"), f"/WINDOWS/system32/drivers/{drv}")
+                for drv in driver_files(spec):
+                    g("upload", str(tmp / "driver.sys"), f"/WINDOWS/system32/drivers/{drv}")
             else:
                 g("mkdir-p", "/data")
                 g("write", "/data/readme.txt", "not an operating system\n")
@@ -275,3 +313,22 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def virtio_tree(folder: Path, entries: list[tuple[str, str, str]]) -> Path:
+    """A stand-in virtio-win tree: ``<driver>/<os>/<arch>/<driver>.sys`` (+ ``.inf``) for each
+    ``(driver, os, arch)``; the ``.sys`` files are real PE files (the real drivers are in no Debian
+    package). Returns ``folder``."""
+    for driver, os_dir, arch in entries:
+        d = folder / driver / os_dir / arch
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{driver}.sys").write_bytes(pe_file("x86_64" if arch == "amd64" else "i386").read_bytes())
+        (d / f"{driver}.inf").write_text(f"; stand-in for {driver}.inf ({os_dir}/{arch})\r\n")
+    return folder
+
+
+def iso_of(folder: Path, iso: Path) -> Path:
+    """An ISO 9660 image (Joliet + Rock Ridge, names kept) of ``folder``, like virtio-win's ISO."""
+    run(["genisoimage", "-quiet", "-J", "-R", "-V", "virtio-win", "-o", str(iso), str(folder)], step=STEP,
+        timeout=120)
+    return iso

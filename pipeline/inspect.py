@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import disksig, vmdk
+from pipeline import disksig, guest, vmdk
 from pipeline.errors import InputError, ToolError
+from pipeline.registry import hive
 from pipeline.safeio import escape, file_kind, regular_file
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
@@ -27,7 +29,6 @@ SAFE_VMDK_TYPES = {
     "streamOptimized", "vmfs", "vmfsSparse", "vmfsThin", "seSparse",
 }
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-REQUIRED_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
 _QEMU_MAX_EXTENT_NAME = 511  # qemu truncates longer names, which would open a different file
 
 
@@ -196,7 +197,7 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["current_control_set"] = g("inspect-get-windows-current-control-set", root).strip()
         g("mount-ro", root, "/")
         drivers = {}
-        for name in REQUIRED_DRIVERS:
+        for name in guest.DRIVER_FILES:
             try:
                 path = g("case-sensitive-path", f"{facts['systemroot']}/System32/drivers/{name}").strip()
                 drivers[name] = g("is-file", path).strip() == "true"
@@ -205,7 +206,25 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["drivers_present"] = drivers
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
+        facts["services"] = _services(g, facts, image_id)
     return facts
+
+
+def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, int | None]:
+    """Start value of the storage/virtio services in the live control set (None: service absent),
+    read from a local copy of the SYSTEM hive (same appliance)."""
+    try:
+        path = g("case-sensitive-path", f"{facts['systemroot']}/System32/config/SYSTEM").strip()
+    except ToolError:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="gho2kvm-inspect-") as td:
+        local = Path(td) / "SYSTEM"
+        try:
+            g("download", path, str(local))
+        except ToolError:
+            return {}
+        ccs = facts.get("current_control_set") or "ControlSet001"
+        return hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP)
 
 
 def _firmware(g: Guestfish, dev: str, ptable: str) -> str:

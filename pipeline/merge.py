@@ -11,16 +11,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, disksig, log
+from pipeline import atomic, disksig, guest, log, virtio
 from pipeline.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.errors import InputError, ToolError
 from pipeline.registry import builtin, hive, regfile
-from pipeline.registry.plan import HIVE_PREFIXES, plan
+from pipeline.registry.plan import (
+    HIVE_PREFIXES,
+    control_set_findings,
+    control_set_name,
+    plan,
+    remap_control_sets,
+)
 from pipeline.registry.verify import verify
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
@@ -29,23 +37,54 @@ STEP = "registry-merge"
 OVERLAY = "overlay.qcow2"
 
 
-def collect_ops(image: ImageConfig, facts: dict[str, Any]) -> list[regfile.Op]:
-    """Every change, parsed and validated, in config order."""
+def collect_ops(image: ImageConfig, facts: dict[str, Any]) -> tuple[list[regfile.Op], list[str]]:
+    """Every change, parsed and validated, in config order, and the warnings about user files:
+    keys in a ``ControlSet00N`` that is not the live one (rewritten to the live one with
+    ``registry_remap_controlset``), unknown top-level SYSTEM keys."""
     ops: list[regfile.Op] = []
+    warnings: list[str] = []
+    ccs = facts.get("current_control_set") or "ControlSet001"
     for entry in image.registry:
         if entry in BUILTIN_REGISTRY:
             ops += builtin.builtin_ops(entry, facts.get("major_version"), facts.get("minor_version"))
-        else:
-            try:
-                ops += regfile.parse_file(entry)
-            except regfile.RegSyntaxError as e:
-                e.image_id, e.step = image.id, STEP
-                raise InputError(e.message, image_id=image.id, step=STEP) from None
-    return ops
+            continue
+        try:
+            file_ops = regfile.parse_file(entry)
+        except regfile.RegSyntaxError as e:
+            e.image_id, e.step = image.id, STEP
+            raise InputError(e.message, image_id=image.id, step=STEP) from None
+        for op, msg, numbered in control_set_findings(file_ops, ccs):
+            if numbered and image.registry_remap_controlset:
+                msg = (f"{op.where()}: key [{op.key}]: {op.key.split(chr(92))[2]} remapped to the live "
+                       f"{control_set_name(ccs)} (registry_remap_controlset)")
+            warnings.append(msg)
+        if image.registry_remap_controlset:
+            file_ops = remap_control_sets(file_ops, ccs)
+        ops += file_ops
+    return ops, warnings
+
+
+def readiness(image: ImageConfig, facts: dict[str, Any],
+              installed: list[str] | None = None) -> guest.Readiness:
+    """Bus/NIC decision for this image (refusals and warnings included); see :func:`guest.decide`."""
+    tree = str(image.virtio.drivers) if image.virtio is not None else None
+    return guest.decide(image.id, image.disk_bus, image.nic_model, facts, virtio_tree=tree,
+                        installed=installed)
+
+
+def plan_warnings(image: ImageConfig, facts: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refusals, warnings)`` known from the config and inspect facts alone, before registry-merge
+    runs (``gho2kvm plan``, and the start of registry-merge)."""
+    if facts.get("os") != "windows":
+        return [], []
+    ready = readiness(image, facts)
+    _ops, reg_warnings = collect_ops(image, facts)
+    return list(ready.refusals), [*ready.warnings, *reg_warnings, *driver_warnings(facts)]
 
 
 def driver_warnings(facts: dict[str, Any]) -> list[str]:
-    missing = [n for n, ok in (facts.get("drivers_present") or {}).items() if not ok]
+    present = facts.get("drivers_present") or {}
+    missing = [n for n in builtin.required_drivers() if n in present and not present[n]]
     if not missing:
         return []
     return [f"MergeIDE needs {', '.join(missing)} in System32\\drivers, missing in the guest: "
@@ -60,12 +99,20 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         msg = f"guest OS not recognised as Windows ({facts.get('os_type', 'unknown')}): no registry changes"
         log.get().warning("registry-merge skipped", reason=msg)
         return {"skipped": True, "overlay": None, "warnings": [msg], "hives": {}}
-    ops = collect_ops(image, facts)
+    ready = readiness(image, facts)
+    ready.raise_refusals(image.id, STEP)  # before anything is written
+    ops, reg_warnings = collect_ops(image, facts)
     ccs = facts.get("current_control_set") or "ControlSet001"
-    planned = plan(ops, ccs)
-    warnings = driver_warnings(facts)
-    for w in warnings:
+    plan(ops, ccs)  # refuse bad keys before the overlay exists
+    for w in reg_warnings:
+        log.get().warning("registry file", detail=w)
+    warnings = [*reg_warnings, *driver_warnings(facts)]
+    for w in warnings[len(reg_warnings):]:
         log.get().warning("driver missing", detail=w)
+    tree = image.virtio.drivers if image.virtio is not None and guest.virtio_switch_supported(facts) else None
+    drives: list[tuple[Path, str, bool]] = []
+    if tree is not None and virtio.is_iso(tree):
+        drives.append((tree, "raw", True))
     image.image_dir.mkdir(parents=True, exist_ok=True)
     overlay = image.image_dir / OVERLAY
     atomic.remove_stale_temps(image.image_dir, OVERLAY)
@@ -73,25 +120,30 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
     with atomic.temporary_path(overlay) as tmp, tempfile.TemporaryDirectory(prefix="gho2kvm-hive-") as td:
         qemu_img.create_overlay(tmp, source, source_fmt, image_id=image.id, step=STEP)
         say("launching appliance")
-        with Guestfish([(tmp, "qcow2", False)], image_id=image.id, step=STEP, force_tcg=force_tcg) as g:
+        with Guestfish([(tmp, "qcow2", False), *drives], image_id=image.id, step=STEP,
+                       force_tcg=force_tcg) as g:
             signature = disksig.reconcile(g, image, facts, step=STEP)
             warnings += signature["warnings"]
+            drivers = _virtio_fetch(g, tree, facts, Path(td), image.id) if tree is not None else {}
+            planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d))], ccs)
             root = facts.get("root") or g.lines("inspect-os")[0]
             g("mount", root, "/")
+            installed = _virtio_install(g, drivers, facts) if drivers else {}
             config_dir = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/config")
             config_dir = config_dir.strip()
             guest_paths: dict[str, str] = {}
             for name, hive_ops in planned.items():
                 say(f"merging {name}")
-                guest = g("case-sensitive-path", f"{config_dir}/{name}").strip()
-                if g("is-file", guest).strip() != "true":
-                    raise InputError(f"hive {guest} not found in the guest", image_id=image.id, step=STEP)
+                guest_hive = g("case-sensitive-path", f"{config_dir}/{name}").strip()
+                if g("is-file", guest_hive).strip() != "true":
+                    raise InputError(f"hive {guest_hive} not found in the guest", image_id=image.id,
+                                     step=STEP)
                 local = Path(td) / name
-                g("download", guest, str(local))
+                g("download", guest_hive, str(local))
                 hive.apply_reg(local, regfile.to_reg_text(hive_ops), HIVE_PREFIXES[name],
                                image_id=image.id, step=STEP)
-                g("upload", str(local), guest)
-                guest_paths[name] = guest
+                g("upload", str(local), guest_hive)
+                guest_paths[name] = guest_hive
             # read back from the overlay through a fresh mount
             g("umount-all")
             g("mount-ro", root, "/")
@@ -110,8 +162,10 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
                     "values": sum(1 for op in hive_ops if not op.is_key),
                     "verified": True,
                 }
+            _virtio_verify(g, installed, image.id)
             appliance_seconds = round(g.launch_seconds, 1)
             libguestfs_version = _libguestfs_version(g)
+    warnings += readiness(image, facts, installed=list(installed)).virtio_warnings
     return {
         "skipped": False,
         "overlay": str(overlay),
@@ -121,12 +175,57 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
         "registry_variant": builtin.variant_for(facts.get("major_version"), facts.get("minor_version")),
         "hives": hives_done,
         "disk_signature": signature,
+        "virtio": {"drivers": str(image.virtio.drivers), "installed": installed} if image.virtio else None,
         "warnings": warnings,
         "appliance_launches": 1,
         "appliance_seconds": appliance_seconds,
         "qemu_img_version": qemu_img.version(),
         "libguestfs_version": libguestfs_version,
     }
+
+
+def _virtio_fetch(g: Guestfish, tree: Path, facts: dict[str, Any], td: Path,
+                  image_id: str) -> dict[str, dict[str, str]]:
+    """Find this guest's viostor/netkvm in the tree and copy them to ``td``:
+    ``{driver: {"from": path in the tree, "local": local copy, "sha256": ...}}``."""
+    if virtio.is_iso(tree):
+        iso_dev = g.lines("list-devices")[1]
+        g("mount-ro", iso_dev, "/")
+        try:
+            found = virtio.find_drivers(g.lines("find", "/"), facts)
+            for driver, rel in found.items():
+                g("download", "/" + rel.lstrip("/"), str(td / f"{driver}.sys"))
+        finally:
+            g("umount-all")
+    else:
+        found = virtio.find_drivers(virtio.list_folder(tree, image_id=image_id, step=STEP), facts)
+        for driver, rel in found.items():
+            shutil.copyfile(tree / rel, td / f"{driver}.sys")
+    return {d: {"from": rel, "local": str(td / f"{d}.sys"),
+                "sha256": hashlib.sha256((td / f"{d}.sys").read_bytes()).hexdigest()}
+            for d, rel in found.items()}
+
+
+def _virtio_install(g: Guestfish, drivers: dict[str, dict[str, str]],
+                    facts: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Upload the driver files into ``System32\\drivers`` of the mounted guest."""
+    folder = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/drivers").strip()
+    out = {}
+    for driver, info in drivers.items():
+        dest = f"{folder}/{driver}.sys"
+        g("upload", info["local"], dest)
+        out[driver] = {"from": info["from"], "to": dest, "sha256": info["sha256"]}
+    return out
+
+
+def _virtio_verify(g: Guestfish, installed: dict[str, dict[str, str]], image_id: str) -> None:
+    """Read the copied driver files back from the overlay (fresh mount) and compare checksums."""
+    for driver, info in installed.items():
+        got = g("checksum", "sha256", info["to"]).strip()
+        if got != info["sha256"]:
+            raise ToolError(f"{driver}.sys read back from the overlay differs (sha256 {got}, "
+                            f"expected {info['sha256']})",
+                            tool="guestfish", argv=[], returncode=None, image_id=image_id, step=STEP)
 
 
 def _libguestfs_version(g: Guestfish) -> str | None:

@@ -41,6 +41,27 @@ def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]
     return rows
 
 
+def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
+    """``REFUSED: ...``/``warning: ...`` lines for images whose inspect facts exist: bus/NIC
+    readiness and user ``.reg`` files naming a control set the guest does not boot from."""
+    from pipeline.merge import plan_warnings
+
+    notes: list[str] = []
+    for img in cfg.images:
+        if only and img.id != only:
+            continue
+        inspected = receipts.read(img.image_dir / "inspect.json")
+        facts = (inspected or {}).get("result") or {}
+        if not facts:
+            continue
+        try:
+            refusals, warnings = plan_warnings(img, facts)
+        except Exception as e:  # a .reg file changed into something malformed since the config check
+            refusals, warnings = [f"image '{img.id}': {e}"], []
+        notes += [f"REFUSED: {r}" for r in refusals] + [f"warning: {w}" for w in warnings]
+    return notes
+
+
 def plan_text(cfg: Config, only: str | None = None) -> str:
     rows = plan_rows(cfg, only)
     w0 = max([len(r[0]) for r in rows] + [5])
@@ -52,4 +73,5 @@ def plan_text(cfg: Config, only: str | None = None) -> str:
     todo = sum(1 for r in rows if r[2] != UP_TO_DATE)
     images = len({r[0] for r in rows if r[2] != UP_TO_DATE})
     lines.append(f"{todo} step(s) to run in {images} image(s), {len(rows) - todo} up to date")
+    lines += plan_notes(cfg, only)
     return "\n".join(lines)

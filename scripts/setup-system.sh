@@ -3,7 +3,7 @@
 # As root: apt-get install them. Otherwise: print the exact command and fail.
 set -eu
 
-PKGS="python3 python3-venv python3-dev gcc pkg-config ca-certificates libvirt-dev
+PKGS="genisoimage python3 python3-venv python3-dev gcc pkg-config ca-certificates libvirt-dev
 qemu-utils qemu-system-x86 ovmf libguestfs-tools linux-image-amd64 ntfs-3g libhivex-bin libwin-hivex-perl
 libvirt-daemon-system libvirt-clients libxml2-utils dosfstools mtools syslinux-common nasm
 tesseract-ocr tesseract-ocr-eng"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import fakedisk
-from pipeline.fakedisk import VMDK_SUBFORMATS, WIN7_UEFI, XP, DiskSpec
+from pipeline.fakedisk import VMDK_SUBFORMATS, W2003, WIN7, WIN7_UEFI, WIN10, XP, DiskSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "var" / "testdisks"
@@ -76,6 +76,24 @@ def xp_raw(force_tcg_env: None) -> Path:
 def win7_uefi_raw(force_tcg_env: None) -> Path:
     """Windows 7 x86_64, GPT with an EFI system partition, current control set 2."""
     return _build("win7-uefi.raw", WIN7_UEFI)
+
+
+@pytest.fixture(scope="session")
+def w2003_raw(force_tcg_env: None) -> Path:
+    """Windows Server 2003 (NT 5.2, x86), MBR, ControlSet001."""
+    return _build("w2003.raw", W2003)
+
+
+@pytest.fixture(scope="session")
+def win7_raw(force_tcg_env: None) -> Path:
+    """Windows 7 x86_64, MBR (BIOS), current control set 2, msahci off (Start=3)."""
+    return _build("win7.raw", WIN7)
+
+
+@pytest.fixture(scope="session")
+def win10_raw(force_tcg_env: None) -> Path:
+    """Windows 10 x86_64 (CurrentMajorVersionNumber 10), MBR, storahci off with a StartOverride."""
+    return _build("win10.raw", WIN10)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,17 @@ VARIANTS: dict[str, DomainSpec] = {
                                      uuid="12345678-1234-5678-9abc-def012345678", mac="52:54:00:AA:BB:CC"),
     "unknown_os_network": dataclasses.replace(BASE, name="mystery", image_id="mystery", os_major=None,
                                               os_minor=None, network="network:lab"),
+    "xp_cdrom_empty": dataclasses.replace(BASE, name="xp-cd", image_id="xp-cd", cdrom=""),
+    "w2003_cache_default": dataclasses.replace(BASE, name="srv2003d", image_id="srv2003d", os_major=5,
+                                               os_minor=2, disk_cache="default", disk_io="default"),
+    "vista_writethrough": dataclasses.replace(BASE, name="vista", image_id="vista", os_major=6, os_minor=0,
+                                              disk_cache="writethrough", disk_io="threads", memory_mib=2048),
+    "w10_cdrom_iso_writeback": dataclasses.replace(
+        BASE, name="w10", image_id="w10", os_major=10, os_minor=0, disk_bus="sata", nic_model="e1000",
+        memory_mib=4096, cdrom="/srv/iso/virtio-win.iso", disk_cache="writeback", disk_io="threads"),
+    "w10_virtio_io_uring": dataclasses.replace(BASE, name="w10v", image_id="w10v", os_major=10, os_minor=0,
+                                               disk_bus="virtio", nic_model="virtio", memory_mib=4096,
+                                               disk_io="io_uring"),
 }
 
 
@@ -215,3 +226,48 @@ def test_unknown_arch_on_host() -> None:
     host = dataclasses.replace(HOST, arches=HOST.arches[:1])
     with pytest.raises(InputError, match="no hvm guest for arch i686"):
         _xml(dataclasses.replace(BASE, arch="i686"), host)
+
+
+@pytest.mark.parametrize(("major", "minor", "hyperv"),
+                         [(5, 1, False), (5, 2, False), (6, 0, False), (6, 1, True), (6, 3, True),
+                          (10, 0, True), (None, None, False)])
+def test_hyperv_enlightenments_by_version(major: int | None, minor: int | None, hyperv: bool) -> None:
+    root = ET.fromstring(_xml(dataclasses.replace(BASE, os_major=major, os_minor=minor)))
+    hv = root.find("features/hyperv")
+    timers = [t.get("name") for t in root.findall("clock/timer")]
+    if not hyperv:
+        assert hv is None and "hypervclock" not in timers
+        return
+    assert hv is not None and hv.get("mode") == "custom"
+    assert {c.tag: dict(c.attrib) for c in hv} == {
+        "relaxed": {"state": "on"}, "vapic": {"state": "on"}, "spinlocks": {"state": "on", "retries": "8191"}}
+    assert root.find("clock/timer[@name='hypervclock']").get("present") == "yes"  # type: ignore[union-attr]
+
+
+def test_cdrom_drives() -> None:
+    root = ET.fromstring(_xml(VARIANTS["xp_cdrom_empty"]))
+    cd = root.find("devices/disk[@device='cdrom']")
+    assert cd is not None and cd.find("source") is None and cd.find("readonly") is not None
+    assert cd.find("target").attrib == {"dev": "hdc", "bus": "ide"}  # type: ignore[union-attr]
+    root = ET.fromstring(_xml(VARIANTS["w10_cdrom_iso_writeback"]))
+    cd = root.find("devices/disk[@device='cdrom']")
+    assert cd.find("source").get("file") == "/srv/iso/virtio-win.iso"  # type: ignore[union-attr]
+    assert cd.find("driver").attrib == {"name": "qemu", "type": "raw"}  # type: ignore[union-attr]
+    assert root.find("devices/disk[@device='disk']/target").get("bus") == "sata"  # type: ignore[union-attr]
+    assert ET.fromstring(_xml(BASE)).find("devices/disk[@device='cdrom']") is None
+
+
+@pytest.mark.parametrize(("cache", "io", "attrs"), [
+    ("none", "native", {"cache": "none", "io": "native"}),
+    ("writeback", "threads", {"cache": "writeback", "io": "threads"}),
+    ("default", "default", {}),
+    ("directsync", "native", {"cache": "directsync", "io": "native"}),
+])
+def test_disk_cache_and_io(cache: str, io: str, attrs: dict[str, str]) -> None:
+    drv = _dev(_xml(dataclasses.replace(BASE, disk_cache=cache, disk_io=io)), "devices/disk/driver")
+    assert {k: v for k, v in drv.attrib.items() if k in ("cache", "io")} == attrs
+
+
+def test_io_native_needs_direct_cache() -> None:
+    with pytest.raises(InputError, match="disk_io 'native' needs disk_cache none or directsync"):
+        _xml(dataclasses.replace(BASE, disk_cache="writeback", disk_io="native"))

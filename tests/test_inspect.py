@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from fx_disks import private_copy, vmdk_files
 
+from pipeline import guest
 from pipeline import inspect as insp
 from pipeline.errors import InputError
 from pipeline.fakedisk import VMDK_SUBFORMATS
@@ -25,7 +26,9 @@ from pipeline.tools import guestfs
 
 pytestmark = pytest.mark.guestfs
 
-ALL_DRIVERS = {"atapi.sys": True, "intelide.sys": True, "pciide.sys": True, "pciidex.sys": True}
+IDE = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
+ALL_DRIVERS = {f: f in IDE for f in guest.DRIVER_FILES}  # the IDE drivers, no AHCI or virtio driver
+WIN7_DRIVERS = {**ALL_DRIVERS, "msahci.sys": True}
 
 
 def fingerprint(files: list[Path]) -> dict[str, tuple[str, int, int]]:
@@ -97,6 +100,7 @@ def test_xp_guest_facts(xp_facts: dict[str, Any], xp_raw: Path) -> None:
     sig = f["disk_signature"]  # this disk has no MountedDevices: nothing to compare
     assert sig["mbr"].startswith("0x") and sig["registry"] is None and sig["matches"] is None
     assert "MountedDevices" in sig["note"]
+    assert f["services"]["atapi"] == 3 and f["services"]["msahci"] is None
     assert f["qemu_img_version"][0].isdigit()
     assert f["appliance_seconds"] > 0
     assert f["_launches"] == 1, "one appliance launch per inspection"
@@ -113,7 +117,10 @@ def test_win7_uefi_guest_facts(win7_facts: dict[str, Any]) -> None:
     assert f["firmware"] == "uefi"
     assert f["root"] == "/dev/sda2"  # the ESP is partition 1
     assert f["hostname"].upper() == "WIN7DEMO"
-    assert f["drivers_present"] == ALL_DRIVERS
+    assert f["drivers_present"] == WIN7_DRIVERS
+    # read from the live ControlSet002: msahci installed but off, no virtio drivers
+    assert f["services"] == {"atapi": 3, "intelide": 3, "pciide": 3, "msahci": 3, "storahci": None,
+                             "viostor": None, "netkvm": None}
     assert f["_launches"] == 1
 
 

@@ -18,6 +18,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from pipeline.domain.choices import (
+    DEFAULT_DISK_CACHE,
+    DEFAULT_DISK_IO,
+    DISK_CACHE_MODES,
+    DISK_IO_MODES,
+    IO_NATIVE_CACHES,
+)
 from pipeline.domain.model import (
     Clock,
     Controller,
@@ -25,6 +32,7 @@ from pipeline.domain.model import (
     Domain,
     Features,
     Graphics,
+    HyperV,
     Input,
     Interface,
     Loader,
@@ -216,6 +224,9 @@ class DomainSpec:
     os_minor: int | None = None
     arch: str = "x86_64"
     firmware: str = "bios"  # bios | uefi
+    disk_cache: str = DEFAULT_DISK_CACHE  # DISK_CACHE_MODES; "default": libvirt's (attribute left out)
+    disk_io: str = DEFAULT_DISK_IO  # DISK_IO_MODES
+    cdrom: str | None = None  # None: no CD-ROM; "": an empty IDE drive; else the ISO's absolute path
 
 
 def default_uuid(image_id: str) -> str:
@@ -244,6 +255,11 @@ def video_model(os_major: int | None, os_minor: int | None) -> str:
     return "cirrus"
 
 
+def hyperv_for(os_major: int | None, os_minor: int | None) -> bool:
+    """Hyper-V enlightenments for Windows 7 / 2008 R2 (6.1) and later; none for 5.x, Vista and unknown."""
+    return os_major is not None and (os_major, os_minor or 0) >= (6, 1)
+
+
 def _check(spec: DomainSpec) -> None:
     problems: list[str] = []
     if not spec.name or "/" in spec.name or spec.name != spec.name.strip():
@@ -258,6 +274,15 @@ def _check(spec: DomainSpec) -> None:
         problems.append(f"disk_bus {spec.disk_bus!r} not in {tuple(DISK_DEV_PREFIX)}")
     if spec.nic_model not in NIC_MODELS:
         problems.append(f"nic_model {spec.nic_model!r} not in {NIC_MODELS}")
+    if spec.disk_cache not in DISK_CACHE_MODES:
+        problems.append(f"disk_cache {spec.disk_cache!r} not in {DISK_CACHE_MODES}")
+    if spec.disk_io not in DISK_IO_MODES:
+        problems.append(f"disk_io {spec.disk_io!r} not in {DISK_IO_MODES}")
+    elif spec.disk_io == "native" and spec.disk_cache not in IO_NATIVE_CACHES:
+        problems.append(f"disk_io 'native' needs disk_cache {' or '.join(IO_NATIVE_CACHES)}, "
+                        f"got {spec.disk_cache!r}")
+    if spec.cdrom and not os.path.isabs(spec.cdrom):
+        problems.append(f"cdrom {spec.cdrom!r} must be absolute")
     if spec.firmware not in FIRMWARES:
         problems.append(f"firmware {spec.firmware!r} not in {FIRMWARES}")
     if spec.arch not in ARCHES:
@@ -295,6 +320,11 @@ def normalise(spec: DomainSpec) -> DomainSpec:
     return dataclasses.replace(spec, arch=arch, firmware=firmware)
 
 
+def _attr(mode: str) -> str | None:
+    """``default`` means libvirt's own default: the attribute is left out."""
+    return None if mode == "default" else mode
+
+
 def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
     """The libvirt domain for a converted Windows disk, on this host."""
     spec = normalise(spec)
@@ -316,6 +346,18 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
                              image_id=spec.image_id, step="domain-xml")
         loader = Loader(path=arch.uefi_loader)
     virtio = spec.disk_bus == "virtio" or spec.nic_model == "virtio"
+    hv = hyperv_for(spec.os_major, spec.os_minor)
+    timers = [Timer("rtc", tickpolicy="catchup"), Timer("pit", tickpolicy="delay"),
+              Timer("hpet", present=False)]
+    if hv:
+        timers.append(Timer("hypervclock", present=True))
+    disks = [Disk(path=spec.disk_path, format=spec.disk_format, bus=spec.disk_bus,
+                  dev=DISK_DEV_PREFIX[spec.disk_bus] + "a", cache=_attr(spec.disk_cache),
+                  io=_attr(spec.disk_io))]
+    if spec.cdrom is not None:
+        # IDE secondary master: every Windows has the driver, whatever bus the system disk uses
+        disks.append(Disk(path=spec.cdrom or None, format="raw", bus="ide", dev="hdc", readonly=True,
+                          device="cdrom"))
     return Domain(
         type=arch.domain_type,
         name=spec.name,
@@ -325,15 +367,10 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
         memory_mib=spec.memory_mib,
         vcpus=spec.vcpus,
         os=Os(arch=spec.arch, machine=arch.machine, loader=loader),
-        features=Features(acpi=True, apic=True, pae=True),
-        clock=Clock(offset="localtime", timers=(
-            Timer("rtc", tickpolicy="catchup"),
-            Timer("pit", tickpolicy="delay"),
-            Timer("hpet", present=False),
-        )),
+        features=Features(acpi=True, apic=True, pae=True, hyperv=HyperV() if hv else None),
+        clock=Clock(offset="localtime", timers=tuple(timers)),
         emulator=arch.emulator,
-        disks=(Disk(path=spec.disk_path, format=spec.disk_format, bus=spec.disk_bus,
-                    dev=DISK_DEV_PREFIX[spec.disk_bus] + "a"),),
+        disks=tuple(disks),
         controllers=(Controller("usb", 0, "piix3-uhci"),),
         interfaces=(Interface(type=iface_type, source=iface_source, model=spec.nic_model,
                               mac=(spec.mac or default_mac(spec.image_id)).lower()),),

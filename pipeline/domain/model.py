@@ -54,13 +54,32 @@ class Os:
 
 
 @dataclass(frozen=True)
+class HyperV:
+    """Hyper-V enlightenments (``<hyperv mode='custom'>``) for Windows 7 / 2008 R2 and later."""
+
+    relaxed: bool = True
+    vapic: bool = True
+    spinlock_retries: int | None = 8191  # None: no <spinlocks>
+
+    def build(self, parent: ET.Element) -> None:
+        hv = _sub(parent, "hyperv", mode="custom")
+        if self.relaxed:
+            _sub(hv, "relaxed", state="on")
+        if self.vapic:
+            _sub(hv, "vapic", state="on")
+        if self.spinlock_retries is not None:
+            _sub(hv, "spinlocks", state="on", retries=str(self.spinlock_retries))
+
+
+@dataclass(frozen=True)
 class Features:
     acpi: bool = True
     apic: bool = True
     pae: bool = True
+    hyperv: HyperV | None = None
 
     def build(self, parent: ET.Element) -> None:
-        if not (self.acpi or self.apic or self.pae):
+        if not (self.acpi or self.apic or self.pae or self.hyperv):
             return
         feat = _sub(parent, "features")
         if self.acpi:
@@ -69,6 +88,8 @@ class Features:
             _sub(feat, "apic")
         if self.pae:
             _sub(feat, "pae")
+        if self.hyperv is not None:
+            self.hyperv.build(feat)
 
 
 @dataclass(frozen=True)
@@ -95,17 +116,20 @@ class Clock:
 
 @dataclass(frozen=True)
 class Disk:
-    path: str
+    path: str | None  # None: an empty (CD-ROM) drive
     format: str  # raw | qcow2
     bus: str  # ide | sata | virtio
     dev: str  # hda | sda | vda
     cache: str | None = None
+    io: str | None = None
     readonly: bool = False
+    device: str = "disk"  # disk | cdrom
 
     def build(self, parent: ET.Element) -> None:
-        disk = _sub(parent, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type=self.format, cache=self.cache)
-        _sub(disk, "source", file=self.path)
+        disk = _sub(parent, "disk", type="file", device=self.device)
+        if self.path is not None:
+            _sub(disk, "driver", name="qemu", type=self.format, cache=self.cache, io=self.io)
+            _sub(disk, "source", file=self.path)
         _sub(disk, "target", dev=self.dev, bus=self.bus)
         if self.readonly:
             _sub(disk, "readonly")

@@ -1,9 +1,18 @@
 """Built-in registry change sets shipped as ``.reg`` files in ``pipeline/registry/data``.
 
-``mergeide``: the classic MergeIDE changes (CriticalDeviceDatabase entries for IDE controllers and
-boot-start IDE services) so Windows finds its disk on QEMU's PIIX3 IDE controller instead of
-stopping with STOP 0x7B. Windows Vista/7 (NT 6.x) additionally get Microsoft KB922976's changes
-(``msahci``, ``intelide``, ``pciide``, ``atapi`` boot-start) so the disk boots on IDE or AHCI.
+``mergeide``, chosen by the guest's family (:func:`pipeline.guest.family`):
+
+* ``nt5`` (2000/XP/2003, and unknown versions): the classic MergeIDE changes of Microsoft KB314082
+  (CriticalDeviceDatabase entries for IDE controllers, boot-start ``atapi``/``intelide``/``pciide``)
+  so Windows finds its disk on QEMU's PIIX3 IDE controller instead of stopping with STOP 0x7B;
+* ``nt6`` (Vista/7/2008/2008 R2): the same CriticalDeviceDatabase entries plus KB922976 (``msahci``
+  boot-start, an AHCI class entry) and ``intelide``/``pciide``/``atapi`` boot-start: IDE or AHCI;
+* ``nt62`` (8/8.1/10/11/2012+): no CriticalDeviceDatabase (these versions do not read it);
+  ``storahci`` (which replaced msahci) boot-start with its ``StartOverride`` cleared, and
+  ``pciide``/``intelide``/``atapi`` boot-start.
+
+``virtio_viostor``/``virtio_netkvm`` are the service and CriticalDeviceDatabase entries of the
+virtio switch-over (:mod:`pipeline.virtio`), applied with the driver files they point at.
 """
 
 from __future__ import annotations
@@ -12,18 +21,19 @@ import functools
 import hashlib
 from importlib import resources
 
+from pipeline import guest
 from pipeline.errors import InputError
 from pipeline.registry.regfile import Op, parse_bytes
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "mergeide": {
-        "nt5": ("mergeide_cdd.reg", "mergeide_xp.reg"),
-        "nt6": ("mergeide_cdd.reg", "mergeide_nt6.reg"),
+        guest.NT5: ("mergeide_cdd.reg", "mergeide_xp.reg"),
+        guest.NT6: ("mergeide_cdd.reg", "mergeide_nt6.reg"),
+        guest.NT62: ("mergeide_nt62.reg",),
     },
 }
-
-#: drivers the mergeide changes point at; the task checks them in System32\drivers.
-REQUIRED_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
+#: the virtio switch-over's registry data, per driver (not selectable in ``registry:``)
+VIRTIO_SETS = {"viostor": "virtio_viostor.reg", "netkvm": "virtio_netkvm.reg"}
 
 
 def builtin_names() -> list[str]:
@@ -31,9 +41,8 @@ def builtin_names() -> list[str]:
 
 
 def variant_for(os_major: int | None, os_minor: int | None = None) -> str:
-    """``"nt6"`` for Windows NT 6.x (Vista, 7, 2008), ``"nt5"`` for everything else
-    (2000/XP/2003 and unknown versions)."""
-    return "nt6" if os_major == 6 else "nt5"
+    """The fix-set family: ``nt5``/``nt6``/``nt62``; unknown versions get ``nt5`` (the classic set)."""
+    return guest.family(os_major, os_minor) or guest.NT5
 
 
 def data_files(name: str, os_major: int | None, os_minor: int | None = None) -> list[str]:
@@ -64,13 +73,22 @@ def builtin_ops(name: str, os_major: int | None, os_minor: int | None) -> list[O
     Raises InputError for an unknown name.
     """
     ops: list[Op] = []
-    pkg = resources.files("pipeline.registry").joinpath("data")
     for fname in data_files(name, os_major, os_minor):
-        raw = pkg.joinpath(fname).read_bytes()
-        ops.extend(parse_bytes(raw, f"<builtin {name}>/{fname}"))
+        ops.extend(_data_ops(name, fname))
     return ops
 
 
+def virtio_ops(driver: str) -> list[Op]:
+    """Service and CriticalDeviceDatabase ops for virtio driver ``viostor`` or ``netkvm``."""
+    return _data_ops("virtio", VIRTIO_SETS[driver])
+
+
+def _data_ops(name: str, fname: str) -> list[Op]:
+    raw = resources.files("pipeline.registry").joinpath("data").joinpath(fname).read_bytes()
+    return parse_bytes(raw, f"<builtin {name}>/{fname}")
+
+
 def required_drivers() -> list[str]:
-    """Driver files (in ``System32\\drivers``) the mergeide changes need."""
-    return list(REQUIRED_DRIVERS)
+    """Driver files (in ``System32\\drivers``) the mergeide changes need to boot on IDE (a missing
+    AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.decide`)."""
+    return list(guest.IDE_DRIVERS)

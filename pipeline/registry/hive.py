@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.tools.run import run
 
 HIVEXREGEDIT = "hivexregedit"
+HIVEXGET = "hivexget"
 
 #: Perl's STDOUT layer for ``--export``: without it, names whose characters all fit in Latin-1 are
 #: printed as Latin-1 bytes and others as UTF-8. ``--merge`` reads the file as UTF-8 bytes, which
@@ -232,3 +235,19 @@ def _hive_key(key_path: str) -> str:
     if len(k) > 1:
         k = k.rstrip("\\")
     return k
+
+
+def service_starts(hive_path: str | os.PathLike[str], control_set: str, names: Sequence[str], *,
+                   image_id: str | None = None, step: str = "inspect") -> dict[str, int | None]:
+    """``{service: Start}`` for each of ``names`` under ``\\<control_set>\\Services`` of a local
+    SYSTEM hive: None when the service key is absent, -1 when it has no ``Start`` dword."""
+    out: dict[str, int | None] = {}
+    for name in names:
+        res = run([HIVEXGET, os.fspath(hive_path), f"\\{control_set}\\Services\\{name}"], step=step,
+                  image_id=image_id, check=False, timeout=60)
+        if res.returncode != 0:
+            out[name] = None
+            continue
+        m = re.search(r'^"Start"=dword:([0-9a-fA-F]{8})\s*$', res.stdout, re.M | re.I)
+        out[name] = int(m.group(1), 16) if m else -1
+    return out

@@ -24,6 +24,16 @@ _OTHER_ROOTS = {
     "HKEY_CURRENT_CONFIG", "HKCC", "HKEY_DYN_DATA", "HKEY_PERFORMANCE_DATA",
 }
 _CONTROL_SET = re.compile(r"(?:ControlSet)?0*(\d{1,3})", re.IGNORECASE)
+_NUMBERED_SET = re.compile(r"ControlSet(\d{3})", re.IGNORECASE)
+# HKLM\SYSTEM_00, HKLM\OFFLINE_SYSTEM, HKLM\SOFTWARE-old: a hive loaded under another name
+_HIVE_ALIAS = re.compile(r"(?:OFFLINE[_ -]?)?(SYSTEM|SOFTWARE)[_ .-]?\w*", re.IGNORECASE)
+#: top-level keys of a real SYSTEM hive (XP..11); anything else is probably a typo or an
+#: unexpanded template (``%(cset)s``) and lands as a junk key
+SYSTEM_TOP_KEYS = frozenset(k.lower() for k in (
+    "CurrentControlSet", "Select", "Setup", "MountedDevices", "WPA", "DriverDatabase", "HardwareConfig",
+    "Keyboard Layout", "ResourceManager", "ResourcePolicyStore", "RNG", "Software", "Input", "Maps",
+    "ActivationBroker", "Platform", "State", "LastKnownGoodRecovery", "BcdStore", "Wpa", "Hardware",
+))
 
 
 def control_set_name(current: str | int) -> str:
@@ -51,9 +61,12 @@ def map_key(key: str, current_control_set: str | int, *, file: str = "<text>",
         raise RegSyntaxError(file, line, f"key [{key}] refused: {why}")
     if len(parts) < 2 or parts[1].upper() not in HIVE_PREFIXES:
         hive = parts[1] if len(parts) > 1 else "(none)"
+        alias = _HIVE_ALIAS.fullmatch(hive)
+        hint = (f" ({hive} looks like the name a mounted offline hive gets in regedit; write "
+                f"HKEY_LOCAL_MACHINE\\{alias.group(1).upper()}\\... instead)") if alias else ""
         raise RegSyntaxError(
             file, line,
-            f"key [{key}] refused: hive {hive} is not supported, only SYSTEM and SOFTWARE",
+            f"key [{key}] refused: hive {hive} is not supported, only SYSTEM and SOFTWARE{hint}",
         )
     hive = parts[1].upper()
     rest = parts[2:]
@@ -118,3 +131,45 @@ def plan(ops: Iterable[Op], current_control_set: str | int) -> dict[str, list[Op
         todo.append(replace(op, key=key))
         done.add(lk)
     return {h: v for h, v in out.items() if v}
+
+
+def control_set_findings(ops: Iterable[Op], current_control_set: str | int) -> list[tuple[Op, str, bool]]:
+    """``(first op, message, numbered)`` for each SYSTEM key outside the live control set: a
+    numbered ``ControlSet00N`` that is not the live one (``numbered`` True), or an unknown top-level
+    key (a typo, an unexpanded ``%(cset)s``). One finding per file and top-level key."""
+    live = control_set_name(current_control_set)
+    out: list[tuple[Op, str, bool]] = []
+    seen: set[tuple[str, str]] = set()
+    for op in ops:
+        parts = op.key.split("\\")
+        if len(parts) < 3 or parts[0].upper() not in _ROOT_ALIASES or parts[1].upper() != "SYSTEM":
+            continue
+        top = parts[2]
+        if (op.file, top.lower()) in seen:
+            continue
+        numbered = _NUMBERED_SET.fullmatch(top)
+        if numbered and top.lower() != live.lower():
+            msg = (f"{op.where()}: key [{op.key}] names {top}, but the guest boots from {live}: the change "
+                   f"would land in a set Windows does not use (set registry_remap_controlset: true, or write "
+                   f"CurrentControlSet)")
+        elif not numbered and top.lower() not in SYSTEM_TOP_KEYS:
+            msg = (f"{op.where()}: key [{op.key}]: {top!r} is not a key of a Windows SYSTEM hive (a typo or "
+                   f"an unexpanded template?); it would be created as a new top-level key")
+        else:
+            continue
+        seen.add((op.file, top.lower()))
+        out.append((op, msg, bool(numbered)))
+    return out
+
+
+def remap_control_sets(ops: Iterable[Op], current_control_set: str | int) -> list[Op]:
+    """Every ``HKLM\\SYSTEM\\ControlSet00N\\...`` key rewritten to the live control set."""
+    live = control_set_name(current_control_set)
+    out = []
+    for op in ops:
+        parts = op.key.split("\\")
+        if (len(parts) >= 3 and parts[0].upper() in _ROOT_ALIASES and parts[1].upper() == "SYSTEM"
+                and _NUMBERED_SET.fullmatch(parts[2])):
+            op = replace(op, key="\\".join([*parts[:2], live, *parts[3:]]))
+        out.append(op)
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import luigi
 
-from pipeline import receipts
+from pipeline import log, receipts
 from pipeline.config import BUILTIN_REGISTRY
 from pipeline.errors import InputError, TransientError
 from pipeline.registry import builtin
@@ -133,6 +133,9 @@ class RegistryMerge(ImageTask):
             else receipts.content_hash(r)
             for r in img.registry
         ]
+        fp["registry_remap_controlset"] = img.registry_remap_controlset
+        if img.virtio is not None:
+            fp["virtio"] = receipts.file_stamp(img.virtio.drivers)
         return fp
 
     def execute(self) -> dict[str, Any]:
@@ -180,7 +183,7 @@ class Convert(ImageTask):
 
 
 DOMAIN_FIELDS = ("memory_mib", "vcpus", "disk_bus", "nic_model", "network", "name", "title", "description",
-                 "uuid", "mac", "libvirt_uri", "format")
+                 "uuid", "mac", "libvirt_uri", "format", "disk_cache", "disk_io", "cdrom", "virtio")
 
 
 class XmlRender(ImageTask):
@@ -194,24 +197,32 @@ class XmlRender(ImageTask):
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         img = self.image
-        fp["domain"] = {f: getattr(img, f) for f in DOMAIN_FIELDS}
+        fp["domain"] = {f: _plain(getattr(img, f)) for f in DOMAIN_FIELDS}
         fp["force_tcg"] = self.force_tcg
         return fp
 
     def execute(self) -> dict[str, Any]:
-        from pipeline import atomic
+        from pipeline import atomic, guest
         from pipeline.domain.facts import DomainSpec, build_domain
         from pipeline.domain.render import render
+        from pipeline.merge import readiness
         from pipeline.tools import virt
 
         img = self.image
-        facts = (self.upstream().upstream().upstream().receipt() or {}).get("result", {})
+        merge_task = self.upstream().upstream()
+        facts = (merge_task.upstream().receipt() or {}).get("result", {})
+        merged = (merge_task.receipt() or {}).get("result", {})
+        installed = list((merged.get("virtio") or {}).get("installed") or {})
+        ready = readiness(img, facts, installed=installed)
+        ready.raise_refusals(img.id, self.step)
         host = virt.host_caps_for_uri(img.libvirt_uri, prefer_kvm=not self.force_tcg, image_id=img.id)
         spec = DomainSpec(
             name=img.domain_name, image_id=img.id, disk_path=str(img.final_disk.absolute()),
             title=img.title, description=img.description, uuid=img.uuid, mac=img.mac,
-            memory_mib=img.memory_mib, vcpus=img.vcpus, disk_format=img.format, disk_bus=img.disk_bus,
-            nic_model=img.nic_model, network=img.network,
+            memory_mib=img.memory_mib or guest.default_memory_mib(facts), vcpus=img.vcpus,
+            disk_format=img.format, disk_bus=ready.disk_bus, nic_model=ready.nic_model, network=img.network,
+            disk_cache=img.disk_cache, disk_io=img.disk_io,
+            cdrom=None if img.cdrom is False else "" if img.cdrom is True else str(img.cdrom),
             os_major=facts.get("major_version") if facts.get("os") == "windows" else None,
             os_minor=facts.get("minor_version") if facts.get("os") == "windows" else None,
             arch={"i386": "i686", "x86_64": "x86_64"}.get(facts.get("arch", ""), "x86_64"),
@@ -220,8 +231,21 @@ class XmlRender(ImageTask):
         xml = render(build_domain(spec, host))
         path = img.image_dir / "domain.xml"
         atomic.write_text(path, xml)
-        return {"result": {"domain_xml": str(path), "name": spec.name, "uri": img.libvirt_uri},
+        for w in ready.warnings:
+            log.get().warning("guest readiness", detail=w)
+        return {"result": {"domain_xml": str(path), "name": spec.name, "uri": img.libvirt_uri,
+                           "disk_bus": spec.disk_bus, "nic_model": spec.nic_model,
+                           "memory_mib": spec.memory_mib,
+                           "warnings": list(ready.warnings)},
                 "outputs": {"domain_xml": str(path)}}
+
+
+def _plain(value: Any) -> Any:
+    """Config values as JSON for fingerprints (paths as strings, the virtio section as its path)."""
+    if isinstance(value, Path):
+        return str(value)
+    drivers = getattr(value, "drivers", None)
+    return str(drivers) if drivers is not None else value
 
 
 class Define(ImageTask):

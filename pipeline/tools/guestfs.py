@@ -53,7 +53,10 @@ class Guestfish:
     def __enter__(self) -> Guestfish:
         global launch_count
         argv = [GUESTFISH, "--listen"]
-        for path, fmt, readonly in self.drives:
+        # guestfish's --ro/--rw are session-wide, not per drive: a session with both kinds adds its
+        # drives with add-drive before launch (else the writable one silently becomes read-only)
+        mixed = len({readonly for _p, _f, readonly in self.drives}) > 1
+        for path, fmt, readonly in ([] if mixed else self.drives):
             argv += ["--format=" + fmt, "--ro" if readonly else "--rw", "-a", str(path)]
         env = dict(os.environ)
         env.update(self.env)
@@ -75,6 +78,8 @@ class Guestfish:
         start = time.monotonic()
         try:
             self._wait_for_server()
+            for path, fmt, readonly in (self.drives if mixed else []):
+                self("add-drive", str(path), f"format:{fmt}", f"readonly:{'true' if readonly else 'false'}")
             self("run")
         except BaseException:
             self.close()
