@@ -91,6 +91,7 @@ class BootCheck:
         return {"seconds": self.seconds, "expect": self.expect}
 
 
+@dataclass(frozen=True)
 class VirtioConfig:
     """``virtio: {drivers: PATH}``: a virtio-win ISO or folder (``viostor/<os>/<arch>/viostor.sys``)."""
 
