@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.gho.catalogue import parse_catalogue, slot_short_name
+from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import parse_mbr
+from pipeline.gho.errors import MAX_FILES_LISTED
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import Image, generation
 
@@ -52,24 +53,25 @@ class GhoInfo:
     mbr_partitions: list[dict[str, int]]
     partitions: list[PartitionInfo]
     warnings: list[str] = field(default_factory=list)
+    warnings_total: int = 0
     files: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_info(path: str | Path, *, password: str | None = None, list_files: bool = False) -> GhoInfo:
+def read_info(path: str | Path, *, password: str | None = None, list_files: bool = False,
+              strict: bool = False) -> GhoInfo:
     """Describe the image at ``path`` (nothing is written).
 
     Without ``password`` an encrypted image's FAT sections are listed without their contents.
     ``list_files`` adds every file and directory of the file-aware sections.
     """
-    with Image(path) as img:
+    with Image(path, strict=strict) as img:
         if password is not None:
             img.unlock(password)
         layout = img.layout
         parts = []
-        warnings: list[str] = []
         files: list[dict[str, Any]] = []
         img.volumes_cache = img.volumes()
         for v in img.volumes_cache:
@@ -93,13 +95,15 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
                     "total_sectors": g.total_sectors, "clusters": g.clusters,
                 }
                 if list_files:
-                    for n in v.reader.nodes:
+                    for n in v.reader.nodes[:max(0, MAX_FILES_LISTED - len(files))]:
                         d = n.to_dict()
                         d["partition"] = v.index + 1
                         files.append(d)
-                warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
             parts.append(p)
-        _check_catalogues(img, parts, warnings)
+        counts = iter(check_catalogues(img))
+        for p in parts:
+            if p.kind == "fat":
+                p.catalogue_files = next(counts)
         track0 = img.track0() if layout.track0 else b""
         mbr = [
             {"type": e.ptype, "start_lba": e.start, "sectors": e.sectors, "active": int(e.status == 0x80)}
@@ -114,31 +118,6 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
             spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size,
             first_structure=layout.first_structure, trailer_offset=layout.trailer_start,
             track0_bytes=len(track0),
-            mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
+            mbr_partitions=mbr, partitions=parts, warnings=img.advisories.summary(),
+            warnings_total=img.advisories.total, files=files if list_files else None,
         )
-
-
-def _check_catalogues(img: Image, parts: list[PartitionInfo], warnings: list[str]) -> None:
-    """Compare the trailer catalogues (one per FAT partition, in order) with the walked tree; advisory."""
-    fat = [(p, v) for p, v in zip(parts, img.volumes_cache, strict=True) if p.kind == "fat"]
-    cats = img.layout.catalogues
-    if not cats:
-        return
-    if len(cats) != len(fat):
-        warnings.append(f"trailer has {len(cats)} catalogues for {len(fat)} FAT partitions")
-        return
-    for rec, (p, v) in zip(cats, fat, strict=True):
-        try:
-            entries = parse_catalogue(img.stream.read(rec.body_offset, rec.length, "a catalogue"))
-        except ValueError as err:
-            warnings.append(f"partition {p.index}: {err}")
-            continue
-        p.catalogue_files = len(entries)
-        if not isinstance(v.reader, FatSection):
-            continue
-        by_off = {n.entry_offset: n for n in v.reader.nodes}
-        for e in entries:
-            n = by_off.get(e.offset)
-            if n is None or n.size != e.size or slot_short_name(n.slot) != e.name:
-                warnings.append(f"partition {p.index}: catalogue entry {e.name} ({e.size} bytes at offset "
-                                f"{e.offset}) does not match the directory records")

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pipeline.gho.errors import GhoError
+from pipeline.gho.errors import MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
     HEADER_SIZE,
     SUBTYPE_EXT,
@@ -116,8 +116,12 @@ class Walker:
     def record_at(self, pos: int) -> Record | None:
         return parse_record_header(self.stream.read_upto(pos, RECORD_HEADER), pos)
 
-    def find_end_record(self) -> tuple[int, int] | None:
-        """(trailer start, end-record offset) from the end record (§6.6), or None."""
+    def find_end_record(self) -> tuple[int, int, int] | None:
+        """(trailer start, first catalogue, end-record offset) from the end record (§6.6), or None.
+
+        A = bytes from the trailer start to the end record, B = bytes of catalogue records; the
+        descriptor copy between them has the descriptor area's size, A − B.
+        """
         e = self.stream.size - END_RECORD_SIZE
         if e < HEADER_SIZE:
             return None
@@ -125,10 +129,36 @@ class Walker:
         rec = parse_record_header(buf, e)
         if rec is None or rec.kind != K_END_IMAGE or rec.length != 24:
             return None
-        _zero, a, _b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
-        if a > e - HEADER_SIZE:
-            return None
-        return e - a, e
+        zero, a, b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
+        if zero != 0 or b > a or a > e - HEADER_SIZE:
+            raise GhoError(f"{self.name}: end record at offset {e}: fields ({zero}, {a}, {b}) are inconsistent "
+                           f"with a {self.stream.size}-byte stream (expected 0, A ≤ {e - HEADER_SIZE}, B ≤ A)")
+        return e - a, e - b, e
+
+    def _first_structure(self, expect: int, limit: int) -> int:
+        """The first partition header (or track-0 record) must sit right after the descriptor area, whose
+        size the trailer gives (its copy, §6.6); anything else there is a corrupt header."""
+        if not HEADER_SIZE < expect < limit:
+            raise GhoError(f"{self.name}: end record implies a descriptor area of {expect - HEADER_SIZE} bytes, "
+                           f"which does not fit before the trailer at offset {limit}")
+        if self.part_header_at(expect) is not None:
+            return expect
+        rec = self.record_at(expect)
+        if rec is not None and rec.kind == K_TRACK0:
+            return expect
+        buf = self.stream.read(expect, 8, "the first partition header")
+        hdr = self.header
+        if buf[0:2] != b"\xfe\xef":
+            what = f"magic {buf[0:2].hex()}, expected feef"
+        elif buf[3] != hdr.compression:
+            what = f"compression byte 0x{buf[3]:02x} (offset +3), the file header says 0x{hdr.compression:02x}"
+        elif struct.unpack_from("<I", buf, 4)[0] != hdr.image_id:
+            what = (f"image id 0x{struct.unpack_from('<I', buf, 4)[0]:08x} (offset +4), the file header says "
+                    f"0x{hdr.image_id:08x}")
+        else:
+            what = f"byte +2 is 0x{buf[2]:02x}, a file kind, not a partition subtype"
+        raise GhoError(f"{self.name}: corrupt first partition header at offset {expect} (after the "
+                       f"{expect - HEADER_SIZE}-byte descriptor area the trailer implies): {what}")
 
     def find_first_structure(self) -> int:
         """Offset of the first partition header or track-0 record after the descriptor (§3, §5.2)."""
@@ -205,11 +235,15 @@ class Walker:
     # -- the whole layout ------------------------------------------------------------------
     def scan(self) -> Layout:
         found = self.find_end_record()
-        limit = found[0] if found else self.stream.size
-        layout = Layout(first_structure=self.find_first_structure())
-        if found:
-            layout.trailer_start, layout.end_record = found
+        if not found:
+            raise self.stream.truncated(self.stream.size,
+                                        "the trailer (the file does not end with an end record)")
+        limit, first_cat, end_rec = found
+        first = self._first_structure(HEADER_SIZE + first_cat - limit, limit)
+        layout = Layout(first_structure=first)
+        layout.trailer_start, layout.end_record = limit, end_rec
         pos = layout.first_structure
+        track0_bytes = 0
         # track 0 (disk sector images): kind 0x06 records, closed by a kind 0x03 record
         while pos < limit and self.part_header_at(pos) is None:
             rec = self.record_at(pos)
@@ -222,6 +256,10 @@ class Walker:
                     raise GhoError(f"{self.name}: corrupt track-0 record at offset {pos}: "
                                    f"block length {stored}")
                 layout.track0.append(Record(pos, rec.kind, rec.flags, rec.aux, stored))
+                track0_bytes += rec.length
+                if track0_bytes > MAX_TRACK0_BYTES:
+                    raise GhoError(f"{self.name}: track-0 records at offset {pos} announce more than "
+                                   f"{MAX_TRACK0_BYTES} bytes before the first partition")
                 pos = rec.body_offset + stored
             elif rec.kind == K_END_RUN:
                 pos = rec.end
@@ -231,6 +269,9 @@ class Walker:
             subtype = self.part_header_at(pos)
             if subtype is None:
                 break
+            if len(layout.sections) >= MAX_SECTIONS:
+                raise GhoError(f"{self.name}: more than {MAX_SECTIONS} partition sections (the next at "
+                               f"offset {pos})")
             sec = Section(len(layout.sections), pos, subtype, pos + HEADER_SIZE)
             layout.sections.append(sec)
             pos = sec.body_start
@@ -238,8 +279,17 @@ class Walker:
                 for _rec in self.iter_records(pos, limit):
                     sec.records += 1
                 pos = self.stop
+                first_rec = self.record_at(sec.body_start) if sec.records else None
+                if first_rec is None or first_rec.kind != K_BOOT:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked FAT file-aware (subtype 0x03) but its body at offset "
+                                   f"{sec.body_start} does not start with a boot-sector record")
             elif subtype == SUBTYPE_SECTOR:
                 pos = self._scan_chain(sec, pos, limit)
+                if sec.blocks == 0:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked sector (subtype 0x02) but has no data blocks at offset "
+                                   f"{sec.body_start}")
             elif subtype in (SUBTYPE_NTFS, SUBTYPE_EXT):
                 sec.end = limit
                 return layout  # cannot be walked; extract() refuses it with a clear message
@@ -249,16 +299,22 @@ class Walker:
             sec.end = pos
         if not layout.sections:
             raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
-        if not found:
-            raise self.stream.truncated(self.stream.size,
-                                        "the trailer (the file does not end with an end record)")
         if pos != limit:
             raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
                            f"header or the trailer at offset {limit}")
-        if found:
-            for rec in self.iter_records(limit + layout.descriptor_size, found[1], "catalogue"):
-                if rec.kind == K_CATALOGUE:
-                    layout.catalogues.append(rec)
+        pos = first_cat
+        while pos < end_rec:
+            rec = self.record_at(pos)
+            if rec is None or rec.kind != K_CATALOGUE or rec.end > end_rec:
+                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at offset {pos}, "
+                               f"catalogues ending at the end record (offset {end_rec})")
+            layout.catalogues.append(rec)
+            pos = rec.end
+        fat = sum(1 for s in layout.sections if s.subtype == SUBTYPE_FAT)
+        if layout.catalogues and len(layout.catalogues) != fat:
+            raise GhoError(f"{self.name}: trailer has {len(layout.catalogues)} catalogues for {fat} FAT "
+                           f"partition sections (one per FAT partition expected): a partition header or the "
+                           "trailer is corrupt")
         return layout
 
     def _scan_chain(self, sec: Section, pos: int, limit: int) -> int:
