@@ -14,7 +14,7 @@ LUIGID_DIR := var/luigid
 DEMO_DISK := var/demo/xp-demo.vmdk
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv migrate demo-disk test lint bench luigid luigid-stop clean plan report
+.PHONY: setup system venv migrate demo-disk test fuzz lint bench luigid luigid-stop clean plan report
 
 setup: system venv
 
@@ -45,6 +45,10 @@ report: setup
 
 test: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+# seeded fuzzing of the native GHO reader: GHO_FUZZ_CASES=n (default 2000), GHO_FUZZ_SEED=s
+fuzz: setup
+	$(BIN)/python tests/fuzz_gho.py
 
 lint: setup
 	$(BIN)/ruff check pipeline tests bench

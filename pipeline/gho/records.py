@@ -285,6 +285,11 @@ class Walker:
                                    f"marked FAT file-aware (subtype 0x03) but its body at offset "
                                    f"{sec.body_start} does not start with a boot-sector record")
             elif subtype == SUBTYPE_SECTOR:
+                rec = self.record_at(pos)
+                if rec is not None:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked sector (subtype 0x02) but its body at offset {pos} starts with a "
+                                   f"kind 0x{rec.kind:02x} record, not a block chain")
                 pos = self._scan_chain(sec, pos, limit)
                 if sec.blocks == 0:
                     raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
@@ -294,8 +299,9 @@ class Walker:
                 sec.end = limit
                 return layout  # cannot be walked; extract() refuses it with a clear message
             else:
-                raise GhoError(f"{self.name}: unsupported partition subtype 0x{subtype:02x} "
-                               f"in the partition header at offset {sec.header_offset}")
+                raise GhoError(f"{self.name}: partition {sec.index + 1}: unsupported partition subtype "
+                               f"0x{subtype:02x} (byte 2 of the partition header at offset {sec.header_offset}; "
+                               "expected 0x02-0x05)")
             sec.end = pos
         if not layout.sections:
             raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
