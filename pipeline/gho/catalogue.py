@@ -50,7 +50,8 @@ def iter_catalogue(body: bytes, limit: int = MAX_CATALOGUE_ENTRIES) -> Iterator[
                     break
                 buf += more
         if len(buf) - pos < 18:
-            raise ValueError("catalogue has no terminating entry" if d.eof else "catalogue zlib stream is truncated")
+            raise ValueError("catalogue has no terminating entry" if d.eof
+                             else "catalogue zlib stream is truncated")
         size, off, date, time, attr = struct.unpack_from("<IQHHH", buf, pos)
         end = buf.find(b"\0", pos + 18, pos + MAX_ENTRY)
         if end < 0:

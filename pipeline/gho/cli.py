@@ -56,7 +56,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     px.add_argument("--quiet", action="store_true", help="no progress on stderr")
     px.add_argument("--strict", action="store_true",
-                    help="refuse advisory mismatches (checksums, catalogue, header copies) instead of warning")
+                    help="refuse advisory mismatches (checksums, catalogue, header copies), do not warn")
     px.set_defaults(func=cmd_extract)
     return p
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import atomic
+from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import (
     EXTENDED_TYPES,
     SECTOR,
@@ -22,7 +23,6 @@ from pipeline.gho.disk import (
     plan_synthetic,
     table_sectors,
 )
-from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.errors import MAX_FILES_LISTED, GhoError
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import EXT_UNSUPPORTED, NTFS_UNSUPPORTED, Image, Volume, generation

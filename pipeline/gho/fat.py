@@ -21,7 +21,6 @@ from pipeline.gho.crypto import crc32_msb, decrypt
 from pipeline.gho.errors import MAX_ENTRIES, Advisories, GhoError
 from pipeline.gho.records import (
     K_BOOT,
-    K_CATALOGUE,
     K_DATA,
     K_DIRENT,
     K_END_RUN,
@@ -128,7 +127,8 @@ def parse_geometry(boot: bytes, where: str) -> Geometry:
                     fat_type, root_dir_sectors, first_data, clusters)
 
 
-_BAD_NAME_BYTES = frozenset(b'"*+,./:;<=>?[\\]|') | frozenset(range(0x20)) | {0x7F} | frozenset(range(0x61, 0x7B))
+_BAD_NAME_BYTES = (frozenset(b'"*+,./:;<=>?[\\]|') | frozenset(range(0x20)) | {0x7F}
+                   | frozenset(range(0x61, 0x7B)))
 
 
 def bad_name_byte(name11: bytes, label: bool) -> int | None:
@@ -365,7 +365,8 @@ class FatSection:
                                       else f"has {rec.length} bytes, expected 20"))
                 in_file = had_data = False
             else:
-                raise GhoError(f"{self.where}: unexpected record kind 0x{rec.kind:02x} at offset {rec.offset} "
+                raise GhoError(f"{self.where}: unexpected record kind 0x{rec.kind:02x} at offset {rec.offset}"
+                               " "
                                "in a FAT section (expected 0x02, 0x03, 0x04, 0x17 or 0x18)")
         if self.boot is None:
             raise GhoError(f"{self.where}: no boot-sector record")
@@ -382,7 +383,8 @@ class FatSection:
         g = self.geometry
         where = f"{self.where}: reserved-area record at offset {rec.offset}"
         if g is None or g.fat_type != 32 or self.reserved is not None:
-            raise GhoError(f"{where}: unexpected ({'a second one' if self.reserved is not None else 'not FAT32'})")
+            why = "a second one" if self.reserved is not None else "not FAT32"
+            raise GhoError(f"{where}: unexpected ({why})")
         bps = g.bytes_per_sector
         if not body or len(body) % bps:
             raise GhoError(f"{where}: {len(body)} bytes, expected whole {bps}-byte sectors")
@@ -393,7 +395,8 @@ class FatSection:
         boot = self.boot or b""
         backup = body[bk * bps:bk * bps + 512]
         # the geometry (BPB, bytes 11-66) and the signature must match; Ghost's copies differ in the label
-        if bk not in (0, 0xFFFF) and bk < have and (backup[11:67] != boot[11:67] or backup[510:512] != b"\x55\xaa"):
+        if bk not in (0, 0xFFFF) and bk < have and \
+                (backup[11:67] != boot[11:67] or backup[510:512] != b"\x55\xaa"):
             raise GhoError(f"{where}: backup boot sector {bk} has other geometry than the boot sector")
         for sec in (fsi, bk + 1 if bk not in (0, 0xFFFF) else 0):
             o = sec * bps

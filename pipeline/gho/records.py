@@ -131,15 +131,17 @@ class Walker:
             return None
         zero, a, b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
         if zero != 0 or b > a or a > e - HEADER_SIZE:
-            raise GhoError(f"{self.name}: end record at offset {e}: fields ({zero}, {a}, {b}) are inconsistent "
-                           f"with a {self.stream.size}-byte stream (expected 0, A ≤ {e - HEADER_SIZE}, B ≤ A)")
+            raise GhoError(f"{self.name}: end record at offset {e}: fields ({zero}, {a}, {b}) are "
+                           f"inconsistent with a {self.stream.size}-byte stream "
+                           f"(expected 0, A ≤ {e - HEADER_SIZE}, B ≤ A)")
         return e - a, e - b, e
 
     def _first_structure(self, expect: int, limit: int) -> int:
         """The first partition header (or track-0 record) must sit right after the descriptor area, whose
         size the trailer gives (its copy, §6.6); anything else there is a corrupt header."""
         if not HEADER_SIZE < expect < limit:
-            raise GhoError(f"{self.name}: end record implies a descriptor area of {expect - HEADER_SIZE} bytes, "
+            raise GhoError(f"{self.name}: end record implies a descriptor area of "
+                           f"{expect - HEADER_SIZE} bytes, "
                            f"which does not fit before the trailer at offset {limit}")
         if self.part_header_at(expect) is not None:
             return expect
@@ -151,7 +153,8 @@ class Walker:
         if buf[0:2] != b"\xfe\xef":
             what = f"magic {buf[0:2].hex()}, expected feef"
         elif buf[3] != hdr.compression:
-            what = f"compression byte 0x{buf[3]:02x} (offset +3), the file header says 0x{hdr.compression:02x}"
+            what = (f"compression byte 0x{buf[3]:02x} (offset +3), the file header says "
+                    f"0x{hdr.compression:02x}")
         elif struct.unpack_from("<I", buf, 4)[0] != hdr.image_id:
             what = (f"image id 0x{struct.unpack_from('<I', buf, 4)[0]:08x} (offset +4), the file header says "
                     f"0x{hdr.image_id:08x}")
@@ -300,7 +303,8 @@ class Walker:
                 return layout  # cannot be walked; extract() refuses it with a clear message
             else:
                 raise GhoError(f"{self.name}: partition {sec.index + 1}: unsupported partition subtype "
-                               f"0x{subtype:02x} (byte 2 of the partition header at offset {sec.header_offset}; "
+                               f"0x{subtype:02x} (byte 2 of the partition header at offset "
+                               f"{sec.header_offset}; "
                                "expected 0x02-0x05)")
             sec.end = pos
         if not layout.sections:
@@ -312,7 +316,8 @@ class Walker:
         while pos < end_rec:
             rec = self.record_at(pos)
             if rec is None or rec.kind != K_CATALOGUE or rec.end > end_rec:
-                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at offset {pos}, "
+                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at "
+                               f"offset {pos}, "
                                f"catalogues ending at the end record (offset {end_rec})")
             layout.catalogues.append(rec)
             pos = rec.end

@@ -12,7 +12,6 @@ from pipeline.gho.errors import GhoError
 from pipeline.gho.header import HEADER_SIZE
 from pipeline.gho.spans import later_spans, span_display_name
 
-
 WINDOW = 1 << 20  # read-ahead window for small reads (record headers): one per stream
 
 
@@ -71,7 +70,7 @@ class SpanStream:
         n = min(n, self.size - offset)
         if n <= 4096:
             rel = offset - self._win_off
-            if not (0 <= rel and rel + n <= len(self._win)):
+            if not (rel >= 0 and rel + n <= len(self._win)):
                 self._win_off, self._win = offset, self._pread(offset, min(WINDOW, self.size - offset))
                 rel = 0
             return self._win[rel:rel + n]
