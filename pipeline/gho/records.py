@@ -33,6 +33,12 @@ K_RESERVED = 0x18
 K_END_IMAGE = 0x23
 END_RECORD_SIZE = RECORD_HEADER + 24
 
+#: the record kinds of a FAT section (§10.1) and the body lengths each may have
+FAT_RECORD_LENGTHS = {
+    K_DATA: lambda n: n > 0, K_END_RUN: lambda n: n == 20, K_DIRENT: lambda n: n == 56,
+    K_BOOT: lambda n: n == 512, K_RESERVED: lambda n: n > 0 and n % 512 == 0,
+}
+
 FIRST_SCAN_LIMIT = 16 << 20
 _SCAN_CHUNK = 1 << 20
 
@@ -198,17 +204,19 @@ class Walker:
     def iter_records(self, pos: int, limit: int, what: str = "record") -> Iterator[Record]:
         """Records from ``pos`` until a partition header, ``limit`` or a non-record (``self.stop``)."""
         self.stop = pos
+        read, size = self.stream.read_upto, self.stream.size
+        comp, ident = self.header.compression, self.header.image_id
         while pos < limit:
-            if self.part_header_at(pos) is not None:
+            buf = read(pos, RECORD_HEADER)
+            if is_partition_header(buf, 0, comp, ident):
                 break
-            buf = self.stream.read_upto(pos, RECORD_HEADER)
             if len(buf) < RECORD_HEADER:
                 raise self.stream.truncated(pos + len(buf), f"a {what} header")
             rec = parse_record_header(buf, pos)
             if rec is None:
                 break
-            if rec.end > self.stream.size:
-                raise self.stream.truncated(self.stream.size, f"the body of the record at offset {pos}")
+            if rec.end > size:
+                raise self.stream.truncated(size, f"the body of the record at offset {pos}")
             yield rec
             pos = rec.end
             self.stop = pos
@@ -279,8 +287,15 @@ class Walker:
             layout.sections.append(sec)
             pos = sec.body_start
             if subtype == SUBTYPE_FAT:
-                for _rec in self.iter_records(pos, limit):
+                for rec in self.iter_records(pos, limit):
                     sec.records += 1
+                    want = FAT_RECORD_LENGTHS.get(rec.kind)
+                    if want is None or not want(rec.length):
+                        raise GhoError(f"{self.name}: partition {sec.index + 1}: record at offset "
+                                       f"{rec.offset} has kind 0x{rec.kind:02x} and a {rec.length}-byte body; "
+                                       "a FAT section "
+                                       "holds kinds 0x02 (non-empty), 0x03 (20 bytes), 0x04 (56), 0x17 (512) "
+                                       "and 0x18 (whole sectors)")
                 pos = self.stop
                 first_rec = self.record_at(sec.body_start) if sec.records else None
                 if first_rec is None or first_rec.kind != K_BOOT:
