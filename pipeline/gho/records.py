@@ -292,10 +292,9 @@ class Walker:
                     want = FAT_RECORD_LENGTHS.get(rec.kind)
                     if want is None or not want(rec.length):
                         raise GhoError(f"{self.name}: partition {sec.index + 1}: record at offset "
-                                       f"{rec.offset} has kind 0x{rec.kind:02x} and a {rec.length}-byte body; "
-                                       "a FAT section "
-                                       "holds kinds 0x02 (non-empty), 0x03 (20 bytes), 0x04 (56), 0x17 (512) "
-                                       "and 0x18 (whole sectors)")
+                                       f"{rec.offset} has kind 0x{rec.kind:02x} and a {rec.length}-byte "
+                                       "body; a FAT section holds kinds 0x02 (non-empty), 0x03 (20 bytes), "
+                                       "0x04 (56), 0x17 (512) and 0x18 (whole sectors)")
                 pos = self.stop
                 first_rec = self.record_at(sec.body_start) if sec.records else None
                 if first_rec is None or first_rec.kind != K_BOOT:
