@@ -294,7 +294,6 @@ class FatSection:
         self.root: Node | None = None
         self.nodes: list[Node] = []
         self.advisories = advisories if advisories is not None else Advisories()
-        self.slots = 0
         self._closed = False
         self.kind_counts: dict[int, int] = {}
         self._by_offset: dict[int, Node] = {}
@@ -340,10 +339,10 @@ class FatSection:
                 if rec.length != 56:
                     raise GhoError(f"{self.where}: directory-entry record at offset {rec.offset} has "
                                    f"{rec.length} bytes, expected 56")
-                self.slots += 1
-                if self.slots > MAX_ENTRIES:
-                    raise GhoError(f"{self.where}: more than {MAX_ENTRIES} directory entries (at offset "
-                                   f"{rec.offset}); the reader's limit")
+                self.walker.slots += 1  # counted over the whole image: the cap bounds its memory
+                if self.walker.slots > MAX_ENTRIES:
+                    raise GhoError(f"{self.where}: more than {MAX_ENTRIES} directory entries in the image "
+                                   f"(at offset {rec.offset}); the reader's limit")
                 if self._closed:
                     raise GhoError(f"{self.where}: directory entry at offset {rec.offset} after the root "
                                    "directory was closed by its zero slot")

@@ -141,6 +141,7 @@ class Image:
     def volumes(self, parse: bool = True) -> list[Volume]:
         """One :class:`Volume` per section; FAT sections are parsed (pass 1) unless locked."""
         out = []
+        self.walker.slots = 0
         for sec in self.layout.sections:
             v = Volume(sec.index, sec.kind, sec.header_offset, None)
             if sec.subtype == SUBTYPE_FAT:

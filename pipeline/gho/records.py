@@ -111,6 +111,8 @@ class Walker:
         self.name = stream.name
         #: cipher seed once the password is known (needed to read unframed encrypted sector data)
         self.seed: int | None = None
+        #: directory entries parsed so far in the whole image (capped, see errors.MAX_ENTRIES)
+        self.slots = 0
 
     # -- primitives -------------------------------------------------------------------------
     def part_header_at(self, pos: int) -> int | None:
