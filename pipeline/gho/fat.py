@@ -438,10 +438,7 @@ class FatSection:
             cur.items.append((e, None))
             return [*lfn, e]
         if attr & 0x3F != 0x0F and e[0:11] not in (DOT, DOTDOT):
-            bad = bad_name_byte(e[0:11], label=attr & 0x18 == 0x08)
-            if bad is not None:
-                raise GhoError(f"{self.where}: directory entry at offset {rec.offset}: name {e[0:11]!r} has "
-                               f"an invalid byte 0x{e[bad]:02x} at position {bad}")
+            self._check_slot(e, rec)
         if attr & 0x18 == 0x08:
             if cur is self.root and self.label is None:
                 self.label = e[0:11].decode("cp437").rstrip()
@@ -477,6 +474,20 @@ class FatSection:
         else:
             self._by_offset[rec.offset] = node
         return []
+
+    def _check_slot(self, e: bytes, rec: Record) -> None:
+        """What fsck.fat rejects in an 8.3 slot or volume label: bad name bytes, reserved attribute bits,
+        a label that is also a directory, a label with clusters or a size."""
+        attr = e[11]
+        label = attr & 0x18 == 0x08
+        where = f"{self.where}: directory entry at offset {rec.offset}"
+        bad = bad_name_byte(e[0:11], label=label)
+        if bad is not None:
+            raise GhoError(f"{where}: name {e[0:11]!r} has an invalid byte 0x{e[bad]:02x} at position {bad}")
+        if attr & 0xC0 or attr & 0x18 == 0x18:
+            raise GhoError(f"{where}: invalid attributes 0x{attr:02x} (byte 11)")
+        if label and (any(e[20:22]) or any(e[26:32])):
+            raise GhoError(f"{where}: volume label {e[0:11]!r} has a cluster or size (bytes 20-21, 26-31)")
 
     # -- allocation -------------------------------------------------------------------------
     def _dir_slots(self, d: Node) -> list[tuple[bytes, Node | None]]:
