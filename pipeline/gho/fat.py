@@ -376,6 +376,13 @@ class FatSection:
             raise GhoError(f"{self.where}: the last file's data is not closed by an end-of-data record")
         if len(stack) > 1:
             self.advisories.add(f"{self.where}: directory {stack[-1].path} not closed by a zero slot")
+        g = self.geometry
+        assert g is not None
+        sig, off = (66, 71) if g.fat_type == 32 else (38, 43)
+        boot_label = self.boot[off:off + 11].decode("cp437").rstrip()
+        if self.boot[sig] == 0x29 and self.label is not None and boot_label not in (self.label, "NO NAME"):
+            raise GhoError(f"{self.where}: volume label {boot_label!r} in the boot sector (byte {off}) "
+                           f"differs from the root directory's label {self.label!r}")
 
     def _set_reserved(self, body: bytes, rec: Record) -> None:
         """The FAT32 reserved-area record (§10.7): verbatim sectors, the first equal to the boot record."""
