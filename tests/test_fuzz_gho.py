@@ -9,7 +9,7 @@ import os
 
 from fuzz_gho import CLASSES, run
 
-CASES = int(os.environ.get("GHO_FUZZ_TEST_CASES", "240"))
+CASES = int(os.environ.get("GHO_FUZZ_TEST_CASES", "216"))
 
 
 def test_fuzz_gho_every_case_is_clean() -> None:
