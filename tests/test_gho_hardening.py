@@ -12,10 +12,10 @@ from pathlib import Path
 
 import gho_writer as gw
 import pytest
-from fuzz_gho import RSS_LIMIT_MIB, crc32_msb, layout, run_cli
+from fuzz_gho import RSS_LIMIT_MIB, Layout, _bomb, _replace_record, crc32_msb, layout, run_cli
 from gho_checks import FIXTURES
 
-from pipeline.gho.errors import MAX_ENTRIES, WARNINGS_SHOWN
+from pipeline.gho.errors import MAX_CATALOGUE_ENTRIES, MAX_ENTRIES, WARNINGS_SHOWN
 
 NONE = FIXTURES / "75_none.gho"
 
@@ -315,3 +315,19 @@ def test_opening_a_span_does_not_read_the_whole_first_file(tmp_path: Path) -> No
     rc, _, err, rss = cli(tmp_path, "info", str(tmp_path / "LARGE001.GHS"), timeout=120)
     assert rc != 0 and err.count("\n") == 1 and "LARGE.GHO" in err, err
     assert rss < RSS_LIMIT_MIB
+
+
+def test_catalogue_bomb_is_capped(tmp_path: Path) -> None:
+    lay: Layout = layout(NONE.read_bytes())
+    entry = struct.pack("<IQHHH", 16, 1234, 0, 0, 0x20) + b"A.B\0"
+    body = _bomb(64 << 20, entry)[:65535]  # 3.5 million entries from 64 KiB
+    src = copy(tmp_path, _replace_record(lay, lay.catalogues[0], body, fix_trailer=True))
+    t0 = time.monotonic()
+    rc, out, err, _ = cli(tmp_path, "info", str(src))
+    # each entry up to the cap is a mismatch, then the cap itself: summarised as first 20 + a count
+    more = MAX_CATALOGUE_ENTRIES + 1 - WARNINGS_SHOWN
+    assert rc == 0 and out.count("warning:") == WARNINGS_SHOWN + 1, err
+    assert f"… and {more} more warnings" in out
+    rc, _, err, _ = cli(tmp_path, "info", str(src), "--strict")
+    refused(rc, err, "does not match the directory records")
+    assert time.monotonic() - t0 < 60

@@ -8,6 +8,7 @@ from pipeline.errors import InputError
 MAX_SECTIONS = 64            # partition sections per image
 MAX_ENTRIES = 1 << 17        # directory slots per image (131072): ~150 bytes of tree each
 MAX_CATALOGUE_ENTRIES = MAX_ENTRIES
+MAX_RECORDS = 1 << 26        # records per image (64 Mi: 2 TiB of 32 KiB data blocks)
 MAX_TRACK0_BYTES = 8 << 20   # decoded sectors before the first partition
 MAX_FILES_LISTED = 1000      # per-file rows kept in a result / receipt (the count is always given)
 WARNINGS_SHOWN = 20          # warnings kept verbatim; the rest are counted

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pipeline.gho.errors import MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
+from pipeline.gho.errors import MAX_RECORDS, MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
     HEADER_SIZE,
     SUBTYPE_EXT,
@@ -257,6 +257,7 @@ class Walker:
         layout.trailer_start, layout.end_record = limit, end_rec
         pos = layout.first_structure
         track0_bytes = 0
+        records = 0
         # track 0 (disk sector images): kind 0x06 records, closed by a kind 0x03 record
         while pos < limit and self.part_header_at(pos) is None:
             rec = self.record_at(pos)
@@ -291,6 +292,10 @@ class Walker:
             if subtype == SUBTYPE_FAT:
                 for rec in self.iter_records(pos, limit):
                     sec.records += 1
+                    records += 1
+                    if records > MAX_RECORDS:
+                        raise GhoError(f"{self.name}: more than {MAX_RECORDS} records (at offset "
+                                       f"{rec.offset}); the reader's limit")
                     want = FAT_RECORD_LENGTHS.get(rec.kind)
                     if want is None or not want(rec.length):
                         raise GhoError(f"{self.name}: partition {sec.index + 1}: record at offset "
