@@ -32,7 +32,7 @@ class Advisories:
 
     def add(self, message: str) -> None:
         if self.strict:
-            raise GhoError(f"{message} (advisory check; refused because of --strict)")
+            raise GhoError(f"{message} (an advisory check, refused in strict mode: --strict, ghost-convert)")
         self.total += 1
         if len(self.shown) < WARNINGS_SHOWN:
             self.shown.append(message)
