@@ -380,7 +380,9 @@ class FatSection:
         assert g is not None
         sig, off = (66, 71) if g.fat_type == 32 else (38, 43)
         boot_label = self.boot[off:off + 11].decode("cp437").rstrip()
-        if self.boot[sig] == 0x29 and self.label is not None and boot_label not in (self.label, "NO NAME"):
+        if self.boot[sig] != 0x29:
+            boot_label = ""  # no extended boot signature: no label field (fsck.fat reads it as empty)
+        if self.label is not None and boot_label not in (self.label, "NO NAME"):
             raise GhoError(f"{self.where}: volume label {boot_label!r} in the boot sector (byte {off}) "
                            f"differs from the root directory's label {self.label!r}")
 
