@@ -50,11 +50,13 @@ test: setup
 test-fast: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# the long fuzz run: thousands of cases (tests/test_fuzz_*.py read GHO2KVM_FUZZ_CASES)
+# the long fuzz run: seeded GHO mutations (GHO_FUZZ_CASES, GHO_FUZZ_SEED) and hostile
+# configs/.reg/VMDK sources (FUZZ_CASES per class)
 FUZZ_CASES ?= 300
+GHO_FUZZ_CASES ?= 2000
 fuzz: setup
-	GHO2KVM_FORCE_TCG=1 GHO2KVM_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/pytest -q tests/test_fuzz_inputs.py \
-	  $(wildcard tests/test_fuzz_gho.py)
+	GHO_FUZZ_CASES=$(GHO_FUZZ_CASES) $(BIN)/python tests/fuzz_gho.py
+	GHO2KVM_FORCE_TCG=1 GHO2KVM_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/pytest -q tests/test_fuzz_inputs.py
 
 lint: setup
 	$(BIN)/ruff check pipeline tests bench

@@ -79,6 +79,34 @@ def remove_stale_temps(folder: Path, stem: str | None = None) -> list[Path]:
     return removed
 
 
+def remove_dead_temps(final: Path) -> list[Path]:
+    """Remove the temps of ``final`` (named by :func:`temp_name`) whose writing process is gone.
+
+    For outputs written outside a step's lock (``gho extract``): a temp of a run still alive is kept.
+    """
+    removed: list[Path] = []
+    prefix = f".{final.name}{TMP_MARK}"
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = entry.name[len(prefix):]
+        if not (entry.name.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists, not ours
+        if not entry.is_symlink() and entry.is_file():
+            _unlink(entry)
+            removed.append(entry)
+    return removed
+
+
 def _unlink(p: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         p.unlink()

@@ -27,6 +27,8 @@ from pipeline.tools.guestfs import Guestfish
 from pipeline.tools.run import run
 
 STEP = "fakedisk"
+#: identity of the recipes (this file): a changed recipe rebuilds cached disks
+_RECIPE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 VMDK_SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "streamOptimized")
 
 
@@ -53,6 +55,7 @@ class DiskSpec:
         d = asdict(self)
         if d["mounted_c_signature"] is None:
             del d["mounted_c_signature"]
+        d["recipe"] = _RECIPE  # what the disk holds also depends on this module's code
         return d
 
     def key(self) -> str:

@@ -193,7 +193,7 @@ def test_truncated_sector_image(tmp_path: Path, disk: bytes) -> None:
     gw.write_sector_disk(img, disk, [P1, P2], "fast")
     size = img.stat().st_size
     os.truncate(img, size - 5000)
-    msg = rf"^T.GHO: truncated at offset {size - 5000} while reading the block at"
+    msg = rf"^T.GHO: truncated at offset {size - 5000} while reading the trailer"
     with pytest.raises(GhoError, match=msg):
         extract(img, tmp_path / "o.raw")
     assert _leftovers(tmp_path) == []

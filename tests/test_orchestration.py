@@ -248,7 +248,7 @@ def test_noop_rerun_runs_no_tool(env: Env, xp_killed: dict[str, Any], tmp_path: 
     assert started(noop) == []
     assert not calls.exists(), calls.read_text()
     assert summary(noop)["xp"] == {"last": "define", "status": "done", "seconds": "0.0", "ran": "-",
-                                   "error": ""}
+                                   "boot": "-", "error": ""}
     assert seconds < 15
 
 

@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from pipeline import atomic
 from pipeline.errors import Gho2KvmError
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info
 
-EXIT_OK, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (as SIGINT does), so the atomic temp is removed on either."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,12 +48,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     pi.add_argument("file", help="the .GHO file (continuation .GHS files are found next to it)")
     pi.add_argument("--json", action="store_true", help="print JSON")
     pi.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
+    pi.add_argument("--strict", action="store_true", help="refuse advisory mismatches (checksums, catalogue)")
     pi.set_defaults(func=cmd_info)
     px = sub.add_parser("extract", help="rebuild the whole disk as a sparse raw file")
     px.add_argument("file", help="the .GHO file")
     px.add_argument("out", help="output raw disk (written atomically)")
     px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     px.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    px.add_argument("--strict", action="store_true",
+                    help="refuse advisory mismatches (checksums, catalogue, header copies), do not warn")
     px.set_defaults(func=cmd_extract)
     return p
 
@@ -66,7 +91,7 @@ def _size(n: int | None) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     try:
-        info = read_info(args.file, password=_password(args))
+        info = read_info(args.file, password=_password(args), strict=args.strict)
     except (Gho2KvmError, OSError) as e:
         return _fail(e)
     if args.json:
@@ -99,11 +124,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
             print(f"\r{pct:3d}%", end="", file=sys.stderr, flush=True)
 
     try:
-        result = extract(args.file, args.out, password=_password(args), progress=progress)
+        with _terminate_as_interrupt():
+            atomic.remove_dead_temps(Path(args.out))
+            result = extract(args.file, args.out, password=_password(args), progress=progress,
+                             strict=args.strict)
     except (Gho2KvmError, OSError) as e:
         if last[0] >= 0 and not args.quiet:
             print(file=sys.stderr)
         return _fail(e)
+    except KeyboardInterrupt:
+        if last[0] >= 0 and not args.quiet:
+            print(file=sys.stderr)
+        print(f"error: {args.file}: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if last[0] >= 0 and not args.quiet:
         print(file=sys.stderr)
     files = sum(p.files for p in result.partitions)
@@ -114,7 +147,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     print(f"  boot: MBR code from {bc.get('mbr_code')}, active partition {bc.get('active_partition')}, "
           f"hidden sectors set to the partition start on: {fixed}")
     for w in result.warnings:
-        print(f"  warning: {w}", file=sys.stderr)
+        print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 from pipeline import atomic
 from pipeline.gho.bootchain import disk_geometry, finish_boot_chain, mbr_code
+from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import (
     EXTENDED_TYPES,
     SECTOR,
@@ -22,7 +25,7 @@ from pipeline.gho.disk import (
     plan_synthetic,
     table_sectors,
 )
-from pipeline.gho.errors import GhoError
+from pipeline.gho.errors import MAX_FILES_LISTED, Advisories, GhoError
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import EXT_UNSUPPORTED, Image, Volume, generation
 from pipeline.gho.ntfs import NtfsSection
@@ -58,8 +61,10 @@ class ExtractResult:
     compression: str
     partitions: list[ExtractedPartition]
     files: list[dict[str, Any]] = field(default_factory=list)
+    files_total: int = 0
     warnings: list[str] = field(default_factory=list)
     boot_chain: dict[str, Any] = field(default_factory=dict)  # bootchain.finish_boot_chain's record
+    warnings_total: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,18 +114,51 @@ def _tables(img: Image, vols: list[Volume], places: list[Placement], mbr: bytes 
                        f"{v.hidden_sectors}, size {-(-(v.size or 0) // SECTOR)} sectors") from None
 
 
+def check_output(out: Path, inputs: list[Path], name: str) -> None:
+    """Refuse an output that would replace the user's files: the image itself or one of its spans (same
+    inode, through symlinks and hard links too), or anything that exists and is not a regular file (a
+    device node, a folder, a FIFO). Runs before any work starts."""
+    if not out.parent.is_dir():
+        raise GhoError(f"{name}: output folder {out.parent} does not exist")
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise GhoError(f"{name}: cannot use output {out}: {e.strerror}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise GhoError(f"{name}: output {out} is a directory; give the path of the raw disk to write")
+        if not stat.S_ISREG(st.st_mode):
+            raise GhoError(f"{name}: output {out} exists and is not a regular file (device, FIFO or "
+                           "socket); refusing to replace it")
+        for src in inputs:
+            with contextlib.suppress(OSError):
+                s2 = os.stat(src)
+                if (s2.st_dev, s2.st_ino) == (st.st_dev, st.st_ino):
+                    raise GhoError(f"{name}: output {out} is the image file {src.name} itself; "
+                                   "choose another output path")
+    if out.is_symlink() and st is None:
+        raise GhoError(f"{name}: output {out} is a dangling symbolic link; refusing to replace it")
+
+
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
-            progress: Progress | None = None) -> ExtractResult:
-    """Rebuild the disk held by the image at ``path`` as a sparse raw file ``out_path``."""
+            progress: Progress | None = None, strict: bool = False) -> ExtractResult:
+    """Rebuild the disk held by the image at ``path`` as a sparse raw file ``out_path``.
+
+    ``strict`` turns advisory mismatches (checksums, catalogue, header copies) into refusals.
+    """
     out = Path(out_path)
-    with Image(path) as img:
+    with Image(path, strict=strict) as img:
+        check_output(out, img.stream.paths, img.name)
         img.unlock(password)
         layout = img.layout
         for sec in layout.sections:
             if sec.kind == "ext":
                 raise GhoError(f"{img.name}: partition {sec.index + 1} (offset {sec.header_offset}): "
                                f"{EXT_UNSUPPORTED}")
-        vols = img.volumes()
+        vols = img.volumes_cache = img.volumes()
+        check_catalogues(img)
         for v in vols:
             if isinstance(v.reader, FatSection):
                 v.reader.allocate()
@@ -137,8 +175,6 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
         disk_sectors = max([p.start + p.sectors for p in places] + [-(-len(track0) // SECTOR)])
         tables = _tables(img, vols, places, mbr, disk_geometry([_boot_sector(v) for v in vols[:1]]))
         code = mbr_code(mbr)  # before any output: a missing mbr.bin fails here
-        if not out.parent.is_dir():
-            raise GhoError(f"{img.name}: output folder {out.parent} does not exist")
         total = img.stream.size
 
         def step(done: int) -> None:
@@ -147,9 +183,11 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
 
         parts = []
         files: list[dict[str, Any]] = []
-        warnings: list[str] = []
+        nfiles = 0
+        ntfs_notes = Advisories()  # what the NTFS rebuild did (not advisory checks; bounded list)
         with atomic.temporary_path(out) as tmp:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # read back by finish_boot_chain
+            # read-write: finish_boot_chain and the NTFS rebuild read back what was written
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             try:
                 w = SparseWriter(fd)
                 if track0:
@@ -163,14 +201,14 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                                               p.ptype, p.logical)
                     if isinstance(reader, FatSection):
                         reader.write(w, p.start * SECTOR, step)
-                        for n in reader.nodes:
+                        for n in reader.nodes[:max(0, MAX_FILES_LISTED - len(files))]:
                             d = n.to_dict()
                             d["partition"] = v.index + 1
                             files.append(d)
+                        nfiles += len(reader.nodes)
                         fl = reader.files()
                         part.files, part.file_bytes = len(fl), sum(n.size for n in fl)
                         part.directories = sum(1 for n in reader.nodes if n.is_dir)
-                        warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
                     elif isinstance(reader, NtfsSection):
                         sm = reader.write(w, p.start * SECTOR, step)
                         part.label = sm.label
@@ -179,10 +217,11 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                         part.runs_placed = {"deterministic": sm.runs_deterministic,
                                             "heuristic": sm.runs_heuristic}
                         if sm.runs_heuristic:
-                            warnings.append(f"partition {v.index + 1}: {sm.runs_heuristic} of "
+                            ntfs_notes.add(f"partition {v.index + 1}: {sm.runs_heuristic} of "
                                             f"{sm.runs_heuristic + sm.runs_deterministic} runs placed from "
                                             "the $MFT by cluster count (heuristic), not by the stream")
-                        warnings += [f"partition {v.index + 1}: {m}" for m in reader.warnings]
+                        for m in reader.warnings:
+                            ntfs_notes.add(f"partition {v.index + 1}: {m}")
                     elif isinstance(reader, SectorSection):
                         reader.write(w, p.start * SECTOR, step)
                     parts.append(part)
@@ -195,5 +234,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
             source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
             bytes_written=w.written,
             generation=generation(layout.descriptor_size), compression=img.header.compression_name,
-            partitions=parts, files=files, warnings=warnings, boot_chain=chain,
+            partitions=parts, files=files, files_total=nfiles,
+            warnings=img.advisories.summary() + ntfs_notes.summary(),
+            warnings_total=img.advisories.total + ntfs_notes.total, boot_chain=chain,
         )

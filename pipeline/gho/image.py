@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import seed_from_password, verifier_ok
-from pipeline.gho.errors import GhoError
+from pipeline.gho.errors import MAX_SECTIONS, Advisories, GhoError
 from pipeline.gho.fat import FatSection
 from pipeline.gho.header import (
     HEADER_SIZE,
@@ -20,7 +21,7 @@ from pipeline.gho.header import (
 from pipeline.gho.ntfs import NtfsSection, section_reader
 from pipeline.gho.records import Layout, Walker
 from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
-from pipeline.gho.spans import find_spans, resolve_first
+from pipeline.gho.spans import find_spans, is_regular, read_head, resolve_first
 from pipeline.gho.stream import SpanStream
 
 EXT_UNSUPPORTED = "ext2/ext3 file-aware GHO not supported yet"
@@ -47,24 +48,24 @@ class Volume:
 class Image:
     """An opened image; use as a context manager."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, strict: bool = False) -> None:
         p = Path(path)
         if not p.exists():
             raise GhoError(f"{p}: no such file")
-        if not p.is_file():
+        if not is_regular(p):
             raise GhoError(f"{p}: not a regular file")
-        try:
-            with open(p, "rb") as f:
-                head = f.read(HEADER_SIZE)
-        except OSError as e:
-            raise GhoError(f"{p.name}: cannot read: {e.strerror}") from None
+        if not os.access(p, os.R_OK):
+            raise GhoError(f"{p.name}: cannot read: permission denied")
+        head = read_head(p)
         if len(head) >= 3 and head[0:2] == b"\xfe\xef" and head[2] == 0x09:
             first = resolve_first(p)
             if first is None:
                 raise GhoError(f"{p.name}: is a span continuation file (.GHS) and its first file (.GHO) "
                                "was not found next to it")
-            p, head = first, first.read_bytes()[:HEADER_SIZE]
+            p, head = first, read_head(first)
         self.path = p
+        #: advisory mismatches (warnings, or refusals with ``strict``) of the whole image
+        self.advisories = Advisories(strict)
         self.header: FileHeader = parse_file_header(head, p.name)
         self.spans = find_spans(p)
         self.stream = SpanStream(p, self.spans)
@@ -103,7 +104,29 @@ class Image:
     def layout(self) -> Layout:
         if self._layout is None:
             self._layout = self.walker.scan()
+            self._check_part_headers(self._layout)
         return self._layout
+
+    def _check_part_headers(self, layout: Layout) -> None:
+        """Each partition header repeats the file header (§5.1): fields that select how the image is read
+        must match (refusal); any other differing byte is an advisory mismatch."""
+        if len(layout.sections) > MAX_SECTIONS:
+            raise GhoError(f"{self.name}: {len(layout.sections)} partition sections, at most {MAX_SECTIONS} "
+                           "are supported")
+        fh = self.header.raw
+        for sec in layout.sections:
+            ph = self.stream.read(sec.header_offset, HEADER_SIZE, "a partition header")
+            where = f"{self.name}: partition {sec.index + 1} header at offset {sec.header_offset}"
+            for off, ln, what in ((0x0A, 1, "image type"), (0x0B, 1, "password flag"),
+                                  (0x0C, 15, "password verifier"), (0x1B, 10, "stored password")):
+                if ph[off:off + ln] != fh[off:off + ln]:
+                    raise GhoError(f"{where}: {what} (byte 0x{off:02x}) is {ph[off:off + ln].hex()}, "
+                                   f"the file header says {fh[off:off + ln].hex()}")
+            diff = [k for k in range(HEADER_SIZE) if k not in (0x02, 0x43) and ph[k] != fh[k]]
+            if diff:
+                k = diff[0]
+                self.advisories.add(f"{where}: byte 0x{k:02x} is 0x{ph[k]:02x}, the file header has "
+                                    f"0x{fh[k]:02x} ({len(diff)} bytes differ from the file header)")
 
     @property
     def locked(self) -> bool:
@@ -118,6 +141,7 @@ class Image:
     def volumes(self, parse: bool = True) -> list[Volume]:
         """One :class:`Volume` per section; FAT sections are parsed (pass 1) unless locked."""
         out = []
+        self.walker.slots = 0
         for sec in self.layout.sections:
             v = Volume(sec.index, sec.kind, sec.header_offset, None)
             if sec.subtype == SUBTYPE_FAT:
@@ -125,7 +149,7 @@ class Image:
                 if self.locked:
                     v.notes.append("encrypted: give the password to list its contents")
                 elif parse:
-                    fs = FatSection(self.walker, sec, self.decoder(), self.seed)
+                    fs = FatSection(self.walker, sec, self.decoder(), self.seed, self.advisories)
                     fs.parse()
                     g = fs.geometry
                     assert g is not None

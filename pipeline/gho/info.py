@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.gho.catalogue import parse_catalogue, slot_short_name
+from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import parse_mbr
+from pipeline.gho.errors import MAX_FILES_LISTED, Advisories
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import Image, generation
 from pipeline.gho.ntfs import NtfsSection
@@ -54,26 +55,28 @@ class GhoInfo:
     mbr_partitions: list[dict[str, int]]
     partitions: list[PartitionInfo]
     warnings: list[str] = field(default_factory=list)
+    warnings_total: int = 0
     files: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def read_info(path: str | Path, *, password: str | None = None, list_files: bool = False) -> GhoInfo:
+def read_info(path: str | Path, *, password: str | None = None, list_files: bool = False,
+              strict: bool = False) -> GhoInfo:
     """Describe the image at ``path`` (nothing is written).
 
     Without ``password`` an encrypted image's FAT sections are listed without their contents.
     ``list_files`` adds every file and directory of the file-aware sections.
     """
-    with Image(path) as img:
+    with Image(path, strict=strict) as img:
         if password is not None:
             img.unlock(password)
         layout = img.layout
         parts = []
-        warnings: list[str] = []
         files: list[dict[str, Any]] = []
         img.volumes_cache = img.volumes()
+        ntfs_notes = Advisories()  # not advisory checks: what the NTFS rebuild will do (bounded list)
         for v in img.volumes_cache:
             sec = layout.sections[v.index]
             p = PartitionInfo(v.index + 1, v.offset, sec.subtype, v.kind, v.fs, v.label, v.hidden_sectors,
@@ -95,15 +98,17 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
                     "total_sectors": g.total_sectors, "clusters": g.clusters,
                 }
                 if list_files:
-                    for n in v.reader.nodes:
+                    for n in v.reader.nodes[:max(0, MAX_FILES_LISTED - len(files))]:
                         d = n.to_dict()
                         d["partition"] = v.index + 1
                         files.append(d)
-                warnings += [f"partition {v.index + 1}: {m}" for m in v.reader.warnings]
             elif isinstance(v.reader, NtfsSection):
-                _ntfs_info(v.reader, p, warnings)
+                _ntfs_info(v.reader, p, ntfs_notes)
             parts.append(p)
-        _check_catalogues(img, parts, warnings)
+        counts = iter(check_catalogues(img))
+        for p in parts:
+            if p.kind == "fat":
+                p.catalogue_files = next(counts)
         track0 = img.track0() if layout.track0 else b""
         mbr = [
             {"type": e.ptype, "start_lba": e.start, "sectors": e.sectors, "active": int(e.status == 0x80)}
@@ -118,11 +123,12 @@ def read_info(path: str | Path, *, password: str | None = None, list_files: bool
             spans=[p.name for p in img.spans], descriptor_size=layout.descriptor_size,
             first_structure=layout.first_structure, trailer_offset=layout.trailer_start,
             track0_bytes=len(track0),
-            mbr_partitions=mbr, partitions=parts, warnings=warnings, files=files if list_files else None,
+            mbr_partitions=mbr, partitions=parts, warnings=img.advisories.summary() + ntfs_notes.summary(),
+            warnings_total=img.advisories.total + ntfs_notes.total, files=files if list_files else None,
         )
 
 
-def _ntfs_info(reader: NtfsSection, p: PartitionInfo, warnings: list[str]) -> None:
+def _ntfs_info(reader: NtfsSection, p: PartitionInfo, warnings: Advisories) -> None:
     """Walk an NTFS section's packet stream (no output) for its counts (§11.4)."""
     sm = reader.walk()
     p.label, p.files, p.directories, p.file_bytes = sm.label, sm.files, sm.directories, sm.file_bytes
@@ -134,31 +140,6 @@ def _ntfs_info(reader: NtfsSection, p: PartitionInfo, warnings: list[str]) -> No
     p.notes += [f"{name} (MFT record {n}): data not stored, reads as zeros"
                 for n, name in sorted(sm.skipped_names.items())]
     if sm.runs_heuristic:
-        warnings.append(f"partition {p.index}: {sm.runs_heuristic} runs are placed by the heuristic")
-    warnings += [f"partition {p.index}: {m}" for m in sm.warnings]
-
-
-def _check_catalogues(img: Image, parts: list[PartitionInfo], warnings: list[str]) -> None:
-    """Compare the trailer catalogues (one per FAT partition, in order) with the walked tree; advisory."""
-    fat = [(p, v) for p, v in zip(parts, img.volumes_cache, strict=True) if p.kind == "fat"]
-    cats = img.layout.catalogues
-    if not cats:
-        return
-    if len(cats) != len(fat):
-        warnings.append(f"trailer has {len(cats)} catalogues for {len(fat)} FAT partitions")
-        return
-    for rec, (p, v) in zip(cats, fat, strict=True):
-        try:
-            entries = parse_catalogue(img.stream.read(rec.body_offset, rec.length, "a catalogue"))
-        except ValueError as err:
-            warnings.append(f"partition {p.index}: {err}")
-            continue
-        p.catalogue_files = len(entries)
-        if not isinstance(v.reader, FatSection):
-            continue
-        by_off = {n.entry_offset: n for n in v.reader.nodes}
-        for e in entries:
-            n = by_off.get(e.offset)
-            if n is None or n.size != e.size or slot_short_name(n.slot) != e.name:
-                warnings.append(f"partition {p.index}: catalogue entry {e.name} ({e.size} bytes at offset "
-                                f"{e.offset}) does not match the directory records")
+        warnings.add(f"partition {p.index}: {sm.runs_heuristic} runs are placed by the heuristic")
+    for m in sm.warnings:
+        warnings.add(f"partition {p.index}: {m}")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.gho.errors import GhoError
+from pipeline.gho.errors import MAX_RECORDS, MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
     HEADER_SIZE,
     SUBTYPE_EXT,
@@ -33,6 +33,12 @@ K_BOOT = 0x17
 K_RESERVED = 0x18
 K_END_IMAGE = 0x23
 END_RECORD_SIZE = RECORD_HEADER + 24
+
+#: the record kinds of a FAT section (§10.1) and the body lengths each may have
+FAT_RECORD_LENGTHS = {
+    K_DATA: lambda n: n > 0, K_END_RUN: lambda n: n == 20, K_DIRENT: lambda n: n == 56,
+    K_BOOT: lambda n: n == 512, K_RESERVED: lambda n: n > 0 and n % 512 == 0,
+}
 
 FIRST_SCAN_LIMIT = 16 << 20
 _SCAN_CHUNK = 1 << 20
@@ -107,6 +113,8 @@ class Walker:
         self.name = stream.name
         #: cipher seed once the password is known (needed to read unframed encrypted sector data)
         self.seed: int | None = None
+        #: directory entries parsed so far in the whole image (capped, see errors.MAX_ENTRIES)
+        self.slots = 0
 
     # -- primitives -------------------------------------------------------------------------
     def part_header_at(self, pos: int) -> int | None:
@@ -118,8 +126,12 @@ class Walker:
     def record_at(self, pos: int) -> Record | None:
         return parse_record_header(self.stream.read_upto(pos, RECORD_HEADER), pos)
 
-    def find_end_record(self) -> tuple[int, int] | None:
-        """(trailer start, end-record offset) from the end record (§6.6), or None."""
+    def find_end_record(self) -> tuple[int, int, int] | None:
+        """(trailer start, first catalogue, end-record offset) from the end record (§6.6), or None.
+
+        A = bytes from the trailer start to the end record, B = bytes of catalogue records; the
+        descriptor copy between them has the descriptor area's size, A − B.
+        """
         e = self.stream.size - END_RECORD_SIZE
         if e < HEADER_SIZE:
             return None
@@ -127,10 +139,39 @@ class Walker:
         rec = parse_record_header(buf, e)
         if rec is None or rec.kind != K_END_IMAGE or rec.length != 24:
             return None
-        _zero, a, _b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
-        if a > e - HEADER_SIZE:
-            return None
-        return e - a, e
+        zero, a, b = struct.unpack_from("<QQQ", buf, RECORD_HEADER)
+        if zero != 0 or b > a or a > e - HEADER_SIZE:
+            raise GhoError(f"{self.name}: end record at offset {e}: fields ({zero}, {a}, {b}) are "
+                           f"inconsistent with a {self.stream.size}-byte stream "
+                           f"(expected 0, A ≤ {e - HEADER_SIZE}, B ≤ A)")
+        return e - a, e - b, e
+
+    def _first_structure(self, expect: int, limit: int) -> int:
+        """The first partition header (or track-0 record) must sit right after the descriptor area, whose
+        size the trailer gives (its copy, §6.6); anything else there is a corrupt header."""
+        if not HEADER_SIZE < expect < limit:
+            raise GhoError(f"{self.name}: end record implies a descriptor area of "
+                           f"{expect - HEADER_SIZE} bytes, "
+                           f"which does not fit before the trailer at offset {limit}")
+        if self.part_header_at(expect) is not None:
+            return expect
+        rec = self.record_at(expect)
+        if rec is not None and rec.kind == K_TRACK0:
+            return expect
+        buf = self.stream.read(expect, 8, "the first partition header")
+        hdr = self.header
+        if buf[0:2] != b"\xfe\xef":
+            what = f"magic {buf[0:2].hex()}, expected feef"
+        elif buf[3] != hdr.compression:
+            what = (f"compression byte 0x{buf[3]:02x} (offset +3), the file header says "
+                    f"0x{hdr.compression:02x}")
+        elif struct.unpack_from("<I", buf, 4)[0] != hdr.image_id:
+            what = (f"image id 0x{struct.unpack_from('<I', buf, 4)[0]:08x} (offset +4), the file header says "
+                    f"0x{hdr.image_id:08x}")
+        else:
+            what = f"byte +2 is 0x{buf[2]:02x}, a file kind, not a partition subtype"
+        raise GhoError(f"{self.name}: corrupt first partition header at offset {expect} (after the "
+                       f"{expect - HEADER_SIZE}-byte descriptor area the trailer implies): {what}")
 
     def find_first_structure(self) -> int:
         """Offset of the first partition header or track-0 record after the descriptor (§3, §5.2)."""
@@ -167,17 +208,19 @@ class Walker:
     def iter_records(self, pos: int, limit: int, what: str = "record") -> Iterator[Record]:
         """Records from ``pos`` until a partition header, ``limit`` or a non-record (``self.stop``)."""
         self.stop = pos
+        read, size = self.stream.read_upto, self.stream.size
+        comp, ident = self.header.compression, self.header.image_id
         while pos < limit:
-            if self.part_header_at(pos) is not None:
+            buf = read(pos, RECORD_HEADER)
+            if is_partition_header(buf, 0, comp, ident):
                 break
-            buf = self.stream.read_upto(pos, RECORD_HEADER)
             if len(buf) < RECORD_HEADER:
                 raise self.stream.truncated(pos + len(buf), f"a {what} header")
             rec = parse_record_header(buf, pos)
             if rec is None:
                 break
-            if rec.end > self.stream.size:
-                raise self.stream.truncated(self.stream.size, f"the body of the record at offset {pos}")
+            if rec.end > size:
+                raise self.stream.truncated(size, f"the body of the record at offset {pos}")
             yield rec
             pos = rec.end
             self.stop = pos
@@ -207,11 +250,16 @@ class Walker:
     # -- the whole layout ------------------------------------------------------------------
     def scan(self) -> Layout:
         found = self.find_end_record()
-        limit = found[0] if found else self.stream.size
-        layout = Layout(first_structure=self.find_first_structure())
-        if found:
-            layout.trailer_start, layout.end_record = found
+        if not found:
+            raise self.stream.truncated(self.stream.size,
+                                        "the trailer (the file does not end with an end record)")
+        limit, first_cat, end_rec = found
+        first = self._first_structure(HEADER_SIZE + first_cat - limit, limit)
+        layout = Layout(first_structure=first)
+        layout.trailer_start, layout.end_record = limit, end_rec
         pos = layout.first_structure
+        track0_bytes = 0
+        records = 0
         # track 0 (disk sector images): kind 0x06 records, closed by a kind 0x03 record
         while pos < limit and self.part_header_at(pos) is None:
             rec = self.record_at(pos)
@@ -224,6 +272,10 @@ class Walker:
                     raise GhoError(f"{self.name}: corrupt track-0 record at offset {pos}: "
                                    f"block length {stored}")
                 layout.track0.append(Record(pos, rec.kind, rec.flags, rec.aux, stored))
+                track0_bytes += rec.length
+                if track0_bytes > MAX_TRACK0_BYTES:
+                    raise GhoError(f"{self.name}: track-0 records at offset {pos} announce more than "
+                                   f"{MAX_TRACK0_BYTES} bytes before the first partition")
                 pos = rec.body_offset + stored
             elif rec.kind == K_END_RUN:
                 pos = rec.end
@@ -233,15 +285,42 @@ class Walker:
             subtype = self.part_header_at(pos)
             if subtype is None:
                 break
+            if len(layout.sections) >= MAX_SECTIONS:
+                raise GhoError(f"{self.name}: more than {MAX_SECTIONS} partition sections (the next at "
+                               f"offset {pos})")
             sec = Section(len(layout.sections), pos, subtype, pos + HEADER_SIZE)
             layout.sections.append(sec)
             pos = sec.body_start
             if subtype == SUBTYPE_FAT:
-                for _rec in self.iter_records(pos, limit):
+                for rec in self.iter_records(pos, limit):
                     sec.records += 1
+                    records += 1
+                    if records > MAX_RECORDS:
+                        raise GhoError(f"{self.name}: more than {MAX_RECORDS} records (at offset "
+                                       f"{rec.offset}); the reader's limit")
+                    want = FAT_RECORD_LENGTHS.get(rec.kind)
+                    if want is None or not want(rec.length):
+                        raise GhoError(f"{self.name}: partition {sec.index + 1}: record at offset "
+                                       f"{rec.offset} has kind 0x{rec.kind:02x} and a {rec.length}-byte "
+                                       "body; a FAT section holds kinds 0x02 (non-empty), 0x03 (20 bytes), "
+                                       "0x04 (56), 0x17 (512) and 0x18 (whole sectors)")
                 pos = self.stop
+                first_rec = self.record_at(sec.body_start) if sec.records else None
+                if first_rec is None or first_rec.kind != K_BOOT:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked FAT file-aware (subtype 0x03) but its body at offset "
+                                   f"{sec.body_start} does not start with a boot-sector record")
             elif subtype == SUBTYPE_SECTOR:
+                rec = self.record_at(pos)
+                if rec is not None:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked sector (subtype 0x02) but its body at offset {pos} starts with a "
+                                   f"kind 0x{rec.kind:02x} record, not a block chain")
                 pos = self._scan_chain(sec, pos, limit)
+                if sec.blocks == 0:
+                    raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
+                                   f"marked sector (subtype 0x02) but has no data blocks at offset "
+                                   f"{sec.body_start}")
             elif subtype == SUBTYPE_NTFS:
                 from pipeline.gho.ntfs import scan_section  # local: the NTFS reader builds on this module
 
@@ -250,21 +329,30 @@ class Walker:
                 sec.end = limit
                 return layout  # cannot be walked; extract() refuses it with a clear message
             else:
-                raise GhoError(f"{self.name}: unsupported partition subtype 0x{subtype:02x} "
-                               f"in the partition header at offset {sec.header_offset}")
+                raise GhoError(f"{self.name}: partition {sec.index + 1}: unsupported partition subtype "
+                               f"0x{subtype:02x} (byte 2 of the partition header at offset "
+                               f"{sec.header_offset}; "
+                               "expected 0x02-0x05)")
             sec.end = pos
         if not layout.sections:
             raise GhoError(f"{self.name}: no partition section found after offset {layout.first_structure}")
-        if not found:
-            raise self.stream.truncated(self.stream.size,
-                                        "the trailer (the file does not end with an end record)")
         if pos != limit:
             raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
                            f"header or the trailer at offset {limit}")
-        if found:
-            for rec in self.iter_records(limit + layout.descriptor_size, found[1], "catalogue"):
-                if rec.kind == K_CATALOGUE:
-                    layout.catalogues.append(rec)
+        pos = first_cat
+        while pos < end_rec:
+            rec = self.record_at(pos)
+            if rec is None or rec.kind != K_CATALOGUE or rec.end > end_rec:
+                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at "
+                               f"offset {pos}, "
+                               f"catalogues ending at the end record (offset {end_rec})")
+            layout.catalogues.append(rec)
+            pos = rec.end
+        fat = sum(1 for s in layout.sections if s.subtype == SUBTYPE_FAT)
+        if layout.catalogues and len(layout.catalogues) != fat:
+            raise GhoError(f"{self.name}: trailer has {len(layout.catalogues)} catalogues for {fat} FAT "
+                           f"partition sections (one per FAT partition expected): a partition header or the "
+                           "trailer is corrupt")
         return layout
 
     def _scan_chain(self, sec: Section, pos: int, limit: int) -> int:

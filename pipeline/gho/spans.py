@@ -8,7 +8,9 @@ byte and image id = base id + n.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -25,12 +27,30 @@ def span_display_name(first: Path, n: int) -> str:
     return f"{first.stem[:5]}{n:03d}.GHS"
 
 
-def _read_head(path: Path) -> bytes:
+def is_regular(path: Path) -> bool:
+    """True if ``path`` (after symlinks) is a regular file; FIFOs, devices and folders are never opened."""
     try:
-        with open(path, "rb") as f:
-            return f.read(HEADER_SIZE)
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def read_head(path: Path, n: int = HEADER_SIZE) -> bytes:
+    """The first ``n`` bytes of a regular file; b"" for anything else (never blocks on a FIFO)."""
+    if not is_regular(path):
+        return b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.pread(fd, n, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _listing(first: Path) -> dict[str, Path]:
@@ -50,7 +70,7 @@ def find_spans(first: Path) -> list[Path]:
     non-matching candidate.
     """
     first = Path(first)
-    head = _read_head(first)
+    head = read_head(first)
     checked = len(head) >= HEADER_SIZE and head[0:2] == MAGIC
     comp = head[3] if checked else 0
     base_id = struct.unpack_from("<I", head, 4)[0] if checked else 0
@@ -60,9 +80,9 @@ def find_spans(first: Path) -> list[Path]:
     n = 1
     while True:
         entry = by_name.get(f"{prefix}{n:03d}{suffix}")
-        if entry is None or entry == first:
+        if entry is None or entry == first or not is_regular(entry):
             return spans
-        if checked and not is_span_header(_read_head(entry), comp, base_id, n):
+        if checked and not is_span_header(read_head(entry), comp, base_id, n):
             return spans
         spans.append(entry)
         n += 1
@@ -83,7 +103,7 @@ def later_spans(first: Path, after: int) -> list[str]:
 def resolve_first(path: Path) -> Path | None:
     """For a ``.GHS`` continuation file, find the ``.GHO`` it belongs to (same id − n), else None."""
     path = Path(path)
-    head = _read_head(path)
+    head = read_head(path)
     if len(head) < HEADER_SIZE or head[0:2] != MAGIC or head[2] != 0x09:
         return None
     m = re.search(r"(\d{3})$", path.stem)
@@ -93,8 +113,8 @@ def resolve_first(path: Path) -> Path | None:
     span_id = struct.unpack_from("<I", head, 4)[0]
     prefix = path.stem[:-3].lower()
     for name, entry in sorted(_listing(path).items()):
-        if name.endswith(".gho") and name[:5] == prefix[:5]:
-            h = _read_head(entry)
+        if name.endswith(".gho") and name[:5] == prefix[:5] and is_regular(entry):
+            h = read_head(entry)
             if len(h) >= 8 and h[0:2] == MAGIC and h[2] == 0x01 and \
                     (struct.unpack_from("<I", h, 4)[0] + n) & 0xFFFFFFFF == span_id:
                 return entry

@@ -5,15 +5,18 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from pipeline.gho.errors import GhoError
 from pipeline.gho.header import HEADER_SIZE
 from pipeline.gho.spans import later_spans, span_display_name
 
+WINDOW = 1 << 20  # read-ahead window for small reads (record headers): one per stream
+
 
 class SpanStream:
-    """Random access to the spliced stream with ``pread``; no data is cached."""
+    """Random access to the spliced stream with ``pread``; small reads are served from one 1 MiB window."""
 
     def __init__(self, first: Path, spans: list[Path]) -> None:
         self.first = Path(first)
@@ -23,12 +26,20 @@ class SpanStream:
         self._starts: list[int] = []
         self._bases: list[int] = []
         self._lens: list[int] = []
+        self._win_off = 0
+        self._win = b""
         pos = 0
         try:
             for k, p in enumerate(self.paths):
-                fd = os.open(p, os.O_RDONLY)
+                # only regular files are opened: O_NONBLOCK keeps a FIFO swapped in after the check
+                # from blocking the open, and the fstat refuses it before any read
+                fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
                 self._fds.append(fd)
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    self.close()
+                    raise GhoError(f"{self.name}: {p} is not a regular file")
+                size = st.st_size
                 base = 0 if k == 0 else HEADER_SIZE
                 length = max(0, size - base)
                 self._starts.append(pos)
@@ -54,9 +65,18 @@ class SpanStream:
 
     def read_upto(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer at the end of the stream)."""
-        if offset >= self.size or n <= 0:
+        if offset >= self.size or n <= 0 or offset < 0:
             return b""
         n = min(n, self.size - offset)
+        if n <= 4096:
+            rel = offset - self._win_off
+            if not (rel >= 0 and rel + n <= len(self._win)):
+                self._win_off, self._win = offset, self._pread(offset, min(WINDOW, self.size - offset))
+                rel = 0
+            return self._win[rel:rel + n]
+        return self._pread(offset, n)
+
+    def _pread(self, offset: int, n: int) -> bytes:
         k = bisect.bisect_right(self._starts, offset) - 1
         parts = []
         while n > 0 and k < len(self._fds):

@@ -61,7 +61,8 @@ class GhostConvert(ImageTask):
             if total:
                 self.progress(100.0 * done / total)
 
-        native = extract(img.source, disk, password=password, progress=on_progress)
+        # strict: an advisory mismatch (checksum, catalogue, header copy) stops the migration here
+        native = extract(img.source, disk, password=password, progress=on_progress, strict=True)
         result = native.to_dict()
         result.update({"backend": "native", "disk": str(disk), "disk_format": "raw"})
         return {"result": result, "outputs": {"disk": str(disk)}, "bytes_read": src_size}
