@@ -37,7 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gho_writer as gw  # noqa: E402
 from gho_checks import FIXTURES, carve, mbr_partitions  # noqa: E402
+
+from pipeline.gho.crypto import crc32_msb, decrypt, seed_from_password  # noqa: E402
 
 FIXTURE_NAMES = ("75_none.gho", "11_high.gho", "11_high_pw.gho")
 PASSWORD = "password"
@@ -95,36 +98,12 @@ def layout(data: bytes) -> Layout:
 
 
 # -- the cipher of encrypted bodies (§9.2), so field edits can be made in the encrypted twin ------------
-def _ktab() -> list[int]:
-    out = []
-    for i in range(256):
-        r = 0x07A2 ^ (i << 8)
-        for _ in range(8):
-            r = ((r << 1) ^ 0x1021) & 0xFFFF if r & 0x8000 else (r << 1) & 0xFFFF
-        out.append(r)
-    return out
-
-
-_K = _ktab()
-SEED = 0x9BE1
+SEED = seed_from_password(PASSWORD)  # 0x9BE1
 
 
 def crypt(data: bytes, encrypt: bool) -> bytes:
-    st, out = SEED, bytearray()
-    for x in data:
-        y = x ^ (st & 0xFF)
-        out.append(y)
-        st = ((st & 0xFF) << 8) ^ _K[(st >> 8) ^ (y if encrypt else x)]
-    return bytes(out)
-
-
-def crc32_msb(data: bytes) -> int:
-    crc = 0
-    for b in data:
-        crc ^= b << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
-    return crc
+    """Encrypt with the test writer's cipher, decrypt with the reader's (one implementation each)."""
+    return gw.encrypt(data, SEED) if encrypt else decrypt(data, SEED)
 
 
 # -- mutations --------------------------------------------------------------------------------------
