@@ -15,7 +15,7 @@ import stat
 from pipeline.errors import InputError, as_text, escape
 
 MiB = 1 << 20
-__all__ = ["MiB", "escape", "file_kind", "read_capped", "regular_file", "shown"]
+__all__ = ["MiB", "escape", "file_kind", "open_nonblocking", "read_capped", "regular_file", "shown"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -75,6 +75,18 @@ def file_kind(mode: int) -> str | None:
     return "not a regular file"
 
 
+def open_nonblocking(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only and ``fstat`` it, never blocking (a FIFO swapped in after a ``stat`` check
+    opens at once and shows in the returned mode). The caller checks :func:`file_kind` and closes the fd;
+    ``OSError`` from ``open`` is the caller's to word."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def regular_file(path: str | os.PathLike[str], what: str = "file", **where: str | None) -> os.stat_result:
     """``os.stat(path)`` (symlinks followed); :class:`InputError` unless it is a regular file."""
     name = escape(os.fspath(path), 300)
@@ -99,11 +111,11 @@ def read_capped(path: str | os.PathLike[str], cap: int, what: str = "file", **wh
         raise InputError(f"{name}: {what} is too large ({st.st_size} bytes, at most {cap} accepted); refused",
                          **where)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        fd, fst = open_nonblocking(path)
     except OSError as e:
         raise InputError(f"{name}: cannot read {what}: {e.strerror}", **where) from None
     try:
-        if file_kind(os.fstat(fd).st_mode) is not None:  # replaced between stat and open
+        if file_kind(fst.st_mode) is not None:  # replaced between stat and open
             raise InputError(f"{name}: {what} is not a regular file; refused", **where)
         chunks, total = [], 0
         while total <= cap:

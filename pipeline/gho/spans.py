@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 from pathlib import Path
 
 from pipeline.gho.header import HEADER_SIZE, MAGIC, is_span_header
+from pipeline.safeio import file_kind, open_nonblocking
 
 
 def span_names(first: Path) -> tuple[str, str]:
@@ -30,7 +30,7 @@ def span_display_name(first: Path, n: int) -> str:
 def is_regular(path: Path) -> bool:
     """True if ``path`` (after symlinks) is a regular file; FIFOs, devices and folders are never opened."""
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
+        return file_kind(os.stat(path).st_mode) is None
     except (OSError, ValueError):
         return False
 
@@ -40,11 +40,11 @@ def read_head(path: Path, n: int = HEADER_SIZE) -> bytes:
     if not is_regular(path):
         return b""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd, st = open_nonblocking(path)
     except OSError:
         return b""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if file_kind(st.st_mode) is not None:
             return b""
         return os.pread(fd, n, 0)
     except OSError:

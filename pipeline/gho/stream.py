@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
-import stat
 from pathlib import Path
 
 from pipeline.gho.errors import GhoError
 from pipeline.gho.header import HEADER_SIZE
 from pipeline.gho.spans import later_spans, span_display_name
+from pipeline.safeio import file_kind, open_nonblocking
 
 WINDOW = 1 << 20  # read-ahead window for small reads (record headers): one per stream
 
@@ -33,10 +33,9 @@ class SpanStream:
             for k, p in enumerate(self.paths):
                 # only regular files are opened: O_NONBLOCK keeps a FIFO swapped in after the check
                 # from blocking the open, and the fstat refuses it before any read
-                fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+                fd, st = open_nonblocking(p)
                 self._fds.append(fd)
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
+                if file_kind(st.st_mode) is not None:
                     self.close()
                     raise GhoError(f"{self.name}: {p} is not a regular file")
                 size = st.st_size
