@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo-disk: setup
-	$(BIN)/python -m pipeline.fakedisk --force-tcg $(DEMO_DISK)
+	$(BIN)/python -m pipeline.app.fakedisk --force-tcg $(DEMO_DISK)
 
 migrate: setup $(if $(filter configs/demo.yaml,$(CONFIG)),demo-disk) $(if $(filter configs/boot-demo.yaml,$(CONFIG)),libvirtd)
 	$(BIN)/gho2kvm migrate --config $(CONFIG) $(if $(IMAGE),--image $(IMAGE)) --workers $(WORKERS) \

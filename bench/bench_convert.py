@@ -10,7 +10,7 @@ run (``var/bench/run/``, wiped first):
 1. time: the full migration through the CLI (its convert receipt gives one in-pipeline figure:
    ``duration_s`` of the whole step with verify, and ``convert_seconds`` of its qemu-img run), then
    ``--repeat`` rounds of: bare ``qemu-img convert`` of the VMDK to the same format, and our
-   ``pipeline.convert.convert_disk`` (the function the step runs) on the run's overlay with verify
+   ``pipeline.steps.convert.convert_disk`` (the function the step runs) on the run's overlay with verify
    off and on. Page cache of the source/overlay dropped before each. Ratios use medians; the main
    one divides by bare + fsync of the output, since our step fsyncs before its atomic rename.
 2. bytes written by the migration: allocated size of every file it left in the workdir and the
@@ -38,9 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import fakedisk  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.convert import convert_disk  # noqa: E402
+from pipeline.app import fakedisk  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.steps.convert import convert_disk  # noqa: E402
 
 BENCH = REPO / "var" / "bench"
 IMAGE_ID = "bench"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\ncommands:")
     print("  bare:    " + shlex.join(bare_cmd))
     print("  ours:    GHO2KVM_FORCE_TCG=1 " + shlex.join(migrate_cmd))
-    print(f"  direct:  pipeline.convert.convert_disk(image(verify=False|True), {overlay}, 'qcow2')")
+    print(f"  direct:  pipeline.steps.convert.convert_disk(image(verify=False|True), {overlay}, 'qcow2')")
     if not a.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0

@@ -3,7 +3,7 @@
     GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_noop.py [--images 20] [--runs 3] [--goal 2.0]
 
 Set-up (once; kept under ``var/bench/noop/`` and reused while ``gho2kvm plan`` says it is up to date):
-one small non-Windows raw disk (32 MiB, built by ``pipeline.fakedisk``) is the source of all 20
+one small non-Windows raw disk (32 MiB, built by ``pipeline.app.fakedisk``) is the source of all 20
 images, each with its own id and image folder. Non-Windows because then the only appliance launch
 per image is inspect's (registry-merge records a skip), ≈ 30-45 s each under TCG; the set-up
 migration runs with ``--workers 2``. A Windows disk would add registry-merge's launch to each image
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fx_pipeline import path_shim  # noqa: E402
 
-from pipeline import fakedisk  # noqa: E402
+from pipeline.app import fakedisk  # noqa: E402
 
 BENCH = REPO / "var" / "bench" / "noop"
 TOOLS = ("qemu-img", "guestfish", "hivexregedit", "virsh", "qemu-system-x86_64", "qemu-system-i386")

@@ -20,8 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import InputError
-from pipeline.safeio import MiB, escape, regular_file
+from pipeline.core.errors import InputError
+from pipeline.core.safeio import MiB, escape, regular_file
 
 SPARSE_MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"

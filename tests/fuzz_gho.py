@@ -2,7 +2,7 @@
 
 Each case is a mutated copy of one of the three fixtures (byte flips in headers, field edits of
 geometry, partition and record headers, truncation, zlib bombs, checksum edits). Every case runs
-``pipeline.cli.main`` in a forked child (stdout/stderr to files, address space capped, wall-clock
+``pipeline.app.cli.main`` in a forked child (stdout/stderr to files, address space capped, wall-clock
 timeout) and is judged as a user would see it:
 
 * exit 0, or a refusal: non-zero exit with exactly one line on stderr;
@@ -320,7 +320,7 @@ class Outcome:
 
 def run_cli(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
             timeout: float = TIMEOUT_S) -> Outcome:
-    """``pipeline.cli.main(argv)`` in a forked child with capped address space; rc None = timed out."""
+    """``pipeline.app.cli.main(argv)`` in a forked child with capped address space; rc None = timed out."""
     out_p, err_p = cwd / ".fuzz.stdout", cwd / ".fuzz.stderr"
     t0 = time.monotonic()
     pid = os.fork()
@@ -339,7 +339,7 @@ def run_cli(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
             signal.signal(signal.SIGINT, signal.default_int_handler)
             for k, v in (env or {}).items():
                 os.environ[k] = v
-            from pipeline.cli import main
+            from pipeline.app.cli import main
             code = main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 2
@@ -433,7 +433,7 @@ def judge(case: Case, work: Path) -> tuple[list[str], Outcome]:
 
 def run(seed: int, n: int, verbose: bool = False) -> tuple[Counter[str], Counter[str], list[str]]:
     """Run ``n`` cases; return (cases per class, failures per class, failure descriptions)."""
-    import pipeline.cli  # noqa: F401  imported once: the forked children start warm (and all
+    import pipeline.app.cli  # noqa: F401  imported once: the forked children start warm (and all
     import pipeline.gho.cli  # noqa: F401  run the same code even if the tree is edited meanwhile)
 
     per_class: Counter[str] = Counter()

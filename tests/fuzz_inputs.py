@@ -9,7 +9,7 @@ traceback (no exception other than the typed ones escapes), at most one line on 
 single-problem refusal (and every config error line names the file), no file left behind, the
 sources unchanged, and a time bound per case (a hang is a failure).
 
-Only public entry points are used (``pipeline.cli.main``, ``pipeline.inspect.disk_facts``), so the
+Only public entry points are used (``pipeline.app.cli.main``, ``pipeline.steps.inspect.disk_facts``), so the
 same harness measures an older checkout (``PYTHONPATH=/work/main``) for before/after counts.
 """
 
@@ -72,7 +72,7 @@ def captured() -> Iterator[io.StringIO]:
 
 def run_cli(argv: list[str]) -> tuple[int | None, str, str | None]:
     """(exit code, stderr, traceback-or-None) of ``gho2kvm ARGV`` run in this process."""
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     with captured() as err:
         try:
@@ -375,8 +375,8 @@ def one_case(cls: str, rnd: random.Random, tmp: Path) -> str | None:
 
 
 def vmdk_check(cls: str, rnd: random.Random, src: Path) -> str | None:
-    from pipeline.errors import InputError
-    from pipeline.inspect import disk_facts
+    from pipeline.core.errors import InputError
+    from pipeline.steps.inspect import disk_facts
 
     disk, what = vmdk_case(cls, rnd, src)
     before = snapshot(src)

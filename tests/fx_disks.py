@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fakedisk
-from pipeline.fakedisk import VMDK_SUBFORMATS, W2003, WIN7, WIN7_UEFI, WIN10, XP, DiskSpec
+from pipeline.app import fakedisk
+from pipeline.app.fakedisk import VMDK_SUBFORMATS, W2003, WIN7, WIN7_UEFI, WIN10, XP, DiskSpec
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "var" / "testdisks"

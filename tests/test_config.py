@@ -8,8 +8,8 @@ from textwrap import dedent
 
 import pytest
 
-from pipeline.config import ConfigError, GhostConfig, load_config
-from pipeline.errors import InputError
+from pipeline.core.config import ConfigError, GhostConfig, load_config
+from pipeline.core.errors import InputError
 
 
 def write(folder: Path, text: str, name: str = "images.yaml") -> Path:
@@ -72,7 +72,7 @@ def test_valid_config_defaults_and_overrides(cfgdir: Path, monkeypatch: pytest.M
     # built-in defaults, then the file's defaults
     assert first.vcpus == 1
     assert first.format == "raw"
-    assert first.nic_model is None  # chosen by Windows version at xml-render (pipeline.guest.default_nic)
+    assert first.nic_model is None  # chosen per Windows version (guest.windows.default_nic)
     assert first.registry == ("mergeide",)
     assert first.memory_mib == 1024
     assert first.disk_bus == "sata"

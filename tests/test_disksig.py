@@ -17,11 +17,11 @@ import pytest
 from fx_disks import _build, private_copy
 from fx_pipeline import make_config
 
-from pipeline import disksig
-from pipeline.config import ImageConfig, load_config
-from pipeline.fakedisk import XP
-from pipeline.inspect import inspect
-from pipeline.merge import registry_merge
+from pipeline.app.fakedisk import XP
+from pipeline.core.config import ImageConfig, load_config
+from pipeline.guest import disksig
+from pipeline.steps.inspect import inspect
+from pipeline.steps.registry_merge import registry_merge
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 EXPECTED = 0x0BADC0DE  # what the guest's registry says; the disk itself carries parted's signature

@@ -5,8 +5,8 @@ from __future__ import annotations
 import libvirt
 import pytest
 
+from pipeline.core.errors import InputError
 from pipeline.domain import host_caps
-from pipeline.errors import InputError
 
 CAPS = """<capabilities>
   <host><cpu><arch>x86_64</arch></cpu></host>

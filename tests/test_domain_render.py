@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.errors import InputError
 from pipeline.domain import ArchCaps, DomainSpec, HostCaps, build_domain, default_mac, default_uuid, render
-from pipeline.errors import InputError
 from pipeline.tools.run import run
 
 GOLDEN = Path(__file__).parent / "golden" / "domain"

@@ -20,10 +20,10 @@ from fuzz_inputs import CLASSES, DESC, VALID_REG, run_all, sparse_header
 from fx_pipeline import REPO, run_cli
 
 from pipeline import vmdk
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import InputError, ToolError
-from pipeline.inspect import disk_facts
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import InputError, ToolError
 from pipeline.registry.regfile import parse_file
+from pipeline.steps.inspect import disk_facts
 from pipeline.tools.run import run
 
 CASES = int(os.environ.get("GHO2KVM_FUZZ_CASES", "25"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import gho_writer as gw
 import pytest
 
-from pipeline.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError
 from pipeline.gho import bootchain as bc
 from pipeline.gho import extract
 from pipeline.gho.disk import MBR_LIMIT, Placement, TableError, chs, table_sectors

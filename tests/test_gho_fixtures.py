@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from gho_checks import FIXTURES, carve, fsck, mbr_partitions, mcopy
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.gho import GhoError, extract, read_info
 from pipeline.gho.bootchain import MBR_BIN
 from pipeline.gho.codecs import BlockDecoder

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import GhostConfig
-from pipeline.errors import InputError, ToolError
+from pipeline.core.config import GhostConfig
+from pipeline.core.errors import InputError, ToolError
 from pipeline.tools import ghost_exe
 from pipeline.tools.ghost_exe import GhostResult, build_argv, convert, parse_error_file, translate_path
 

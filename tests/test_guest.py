@@ -8,13 +8,15 @@ from typing import Any
 
 import pytest
 
-from pipeline import fakedisk, guest, virtio
-from pipeline.config import ImageConfig, VirtioConfig
-from pipeline.errors import InputError
-from pipeline.merge import collect_ops, plan_warnings
+from pipeline.app import fakedisk
+from pipeline.core.config import ImageConfig, VirtioConfig
+from pipeline.core.errors import InputError
+from pipeline.guest import virtio
+from pipeline.guest import windows as guest
 from pipeline.registry import builtin
 from pipeline.registry.plan import control_set_findings, map_key, plan, remap_control_sets
 from pipeline.registry.regfile import RegSyntaxError, parse_text
+from pipeline.steps.registry_merge import collect_ops, plan_warnings
 
 IDE = {"atapi.sys": True, "intelide.sys": True, "pciide.sys": True, "pciidex.sys": True}
 
@@ -254,7 +256,7 @@ def test_hive_alias_gets_a_hint() -> None:
 
 
 def test_virtio_config_is_part_of_readiness(tmp_path: Path) -> None:
-    from pipeline.merge import readiness
+    from pipeline.steps.registry_merge import readiness
 
     img = _image(tmp_path, virtio=VirtioConfig(drivers=tmp_path / "vw"))
     assert readiness(img, XP).disk_bus == "virtio"

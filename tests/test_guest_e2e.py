@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 from fx_pipeline import make_config, receipt, run_cli
 
-from pipeline import fakedisk
-from pipeline.config import ImageConfig, VirtioConfig
-from pipeline.inspect import guest_facts
-from pipeline.merge import collect_ops, registry_merge
+from pipeline.app import fakedisk
+from pipeline.core.config import ImageConfig, VirtioConfig
+from pipeline.steps.inspect import guest_facts
+from pipeline.steps.registry_merge import collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]

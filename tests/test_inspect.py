@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from fx_disks import private_copy, vmdk_files
 
-from pipeline import guest
-from pipeline import inspect as insp
-from pipeline.errors import InputError
-from pipeline.fakedisk import VMDK_SUBFORMATS
+from pipeline.app.fakedisk import VMDK_SUBFORMATS
+from pipeline.core.errors import InputError
+from pipeline.guest import windows as guest
+from pipeline.steps import inspect as insp
 from pipeline.tools import guestfs
 
 pytestmark = pytest.mark.guestfs

@@ -21,7 +21,7 @@ import pytest
 from fx_disks import private_copy
 from fx_pipeline import log_events, make_config, run_cli
 
-from pipeline.report import human_bytes
+from pipeline.app.report import human_bytes
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 

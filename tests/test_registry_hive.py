@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from pipeline.errors import ToolError
+from pipeline.core.errors import ToolError
 from pipeline.registry.hive import apply_reg, empty_hive_bytes, export, export_text, write_empty_hive
 from pipeline.registry.regfile import RegType, parse_text, to_reg_text
 

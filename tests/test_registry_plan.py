@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.registry.builtin import builtin_ops, required_drivers
 from pipeline.registry.plan import control_set_name, hive_relative, map_key, plan
 from pipeline.registry.regfile import RegSyntaxError, parse_text

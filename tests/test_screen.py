@@ -1,12 +1,12 @@
-"""pipeline.screen: the boot check's classifier on synthetic screens (pure, fast)."""
+"""pipeline.tools.screen: the boot check's classifier on synthetic screens (pure, fast)."""
 
 from __future__ import annotations
 
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import screen
-from pipeline.screen import Observation, Watch, classify, classify_image, classify_text
+from pipeline.tools import screen
+from pipeline.tools.screen import Observation, Watch, classify, classify_image, classify_text
 
 WHITE_ON_BLUE, GREY_ON_BLACK = 0x1F, 0x07
 

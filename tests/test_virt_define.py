@@ -7,8 +7,8 @@ import dataclasses
 import libvirt
 import pytest
 
+from pipeline.core.errors import InputError, TransientError
 from pipeline.domain import DomainSpec, build_domain, render
-from pipeline.errors import InputError, TransientError
 from pipeline.tools import virt
 
 URI = "test:///default"

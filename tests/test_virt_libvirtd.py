@@ -13,8 +13,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from pipeline.core.errors import InputError
 from pipeline.domain import DomainSpec, HostCaps, build_domain, render
-from pipeline.errors import InputError
 from pipeline.tools import virt
 from pipeline.tools.run import run
 

@@ -1,5 +1,6 @@
 """libvirt domain XML: declarative model, host facts → model, deterministic rendering."""
 
+from pipeline.core.env import force_tcg_from_env
 from pipeline.domain.facts import (
     ArchCaps,
     DomainSpec,
@@ -11,7 +12,6 @@ from pipeline.domain.facts import (
 )
 from pipeline.domain.model import Domain
 from pipeline.domain.render import render
-from pipeline.env import force_tcg_from_env
 
 __all__ = [
     "force_tcg_from_env",

@@ -18,6 +18,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from pipeline.core.env import force_tcg_from_env
+from pipeline.core.errors import InputError
 from pipeline.domain.choices import (
     DEFAULT_DISK_CACHE,
     DEFAULT_DISK_IO,
@@ -41,8 +43,6 @@ from pipeline.domain.model import (
     Timer,
     Video,
 )
-from pipeline.env import force_tcg_from_env
-from pipeline.errors import InputError
 
 #: uuid5 namespace for domain UUIDs derived from the image id. Never change it: existing domains
 #: are recognised by their UUID.

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError
 from pipeline.gho.disk import DEFAULT_GEOMETRY, EXTENDED_TYPES, SECTOR, Placement, parse_mbr
 from pipeline.gho.sector import detect_fs
 

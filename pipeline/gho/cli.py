@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
-from pipeline.errors import Gho2KvmError
+from pipeline.core import atomic
+from pipeline.core.errors import Gho2KvmError
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 #: hard caps (a clear refusal beyond them); they bound memory independently of the image size
 MAX_SECTIONS = 64            # partition sections per image

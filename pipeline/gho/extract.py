@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
+from pipeline.core import atomic
 from pipeline.gho.bootchain import disk_geometry, finish_boot_chain, mbr_code
 from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import (

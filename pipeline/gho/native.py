@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError
 
 C_SOURCE = r"""
 #include <stddef.h>

@@ -13,8 +13,8 @@ import re
 import struct
 from pathlib import Path
 
+from pipeline.core.safeio import file_kind, open_nonblocking
 from pipeline.gho.header import HEADER_SIZE, MAGIC, is_span_header
-from pipeline.safeio import file_kind, open_nonblocking
 
 
 def span_names(first: Path) -> tuple[str, str]:

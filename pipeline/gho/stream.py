@@ -7,10 +7,10 @@ import contextlib
 import os
 from pathlib import Path
 
+from pipeline.core.safeio import file_kind, open_nonblocking
 from pipeline.gho.errors import GhoError
 from pipeline.gho.header import HEADER_SIZE
 from pipeline.gho.spans import later_spans, span_display_name
-from pipeline.safeio import file_kind, open_nonblocking
 
 WINDOW = 1 << 20  # read-ahead window for small reads (record headers): one per stream
 

@@ -1,6 +1,6 @@
 """Built-in registry change sets shipped as ``.reg`` files in ``pipeline/registry/data``.
 
-``mergeide``, chosen by the guest's family (:func:`pipeline.guest.family`):
+``mergeide``, chosen by the guest's family (:func:`pipeline.guest.windows.family`):
 
 * ``nt5`` (2000/XP/2003, and unknown versions): the classic MergeIDE changes of Microsoft KB314082
   (CriticalDeviceDatabase entries for IDE controllers, boot-start ``atapi``/``intelide``/``pciide``)
@@ -12,7 +12,7 @@
   ``pciide``/``intelide``/``atapi`` boot-start.
 
 ``virtio_viostor``/``virtio_netkvm`` are the service and CriticalDeviceDatabase entries of the
-virtio switch-over (:mod:`pipeline.virtio`), applied with the driver files they point at.
+virtio switch-over (:mod:`pipeline.guest.virtio`), applied with the driver files they point at.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import functools
 import hashlib
 from importlib import resources
 
-from pipeline import guest
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.guest import windows as guest
 from pipeline.registry.regfile import Op, parse_bytes
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -90,5 +90,5 @@ def _data_ops(name: str, fname: str) -> list[Op]:
 
 def required_drivers() -> list[str]:
     """Driver files (in ``System32\\drivers``) the mergeide changes need to boot on IDE (a missing
-    AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.decide`)."""
+    AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.windows.decide`)."""
     return list(guest.IDE_DRIVERS)

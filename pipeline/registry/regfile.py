@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from pipeline.errors import InputError
-from pipeline.safeio import MiB, read_capped
+from pipeline.core.errors import InputError
+from pipeline.core.safeio import MiB, read_capped
 
 HEADER_V5 = "Windows Registry Editor Version 5.00"
 HEADER_V4 = "REGEDIT4"

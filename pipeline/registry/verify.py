@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.errors import ToolError
+from pipeline.core.errors import ToolError
 from pipeline.registry.hive import EXPORT_ENV, HIVEXREGEDIT
 from pipeline.registry.plan import hive_relative
 from pipeline.registry.regfile import Op, parse_text, type_name

@@ -5,7 +5,7 @@ Luigi traps designed around:
   problem reads as "not complete" and the real error surfaces from ``run()``.
 - completeness is the step's *receipt*, written last and atomically; artifacts are atomic too, so a
   killed step never looks complete.
-- the process exit code is set from luigi's result by :mod:`pipeline.runner` (and ``[retcode]``).
+- the process exit code is set from luigi's result by :mod:`pipeline.app.runner` (and ``[retcode]``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import Any, ClassVar
 
 import luigi
 
-from pipeline import __version__, atomic, log, progress, receipts
-from pipeline.config import Config, ImageConfig, load_config
-from pipeline.env import force_tcg_from_env
-from pipeline.errors import Gho2KvmError
+from pipeline import __version__
+from pipeline.app import progress
+from pipeline.core import atomic, log, receipts
+from pipeline.core.config import Config, ImageConfig, load_config
+from pipeline.core.env import force_tcg_from_env
+from pipeline.core.errors import Gho2KvmError
 
 _config_cache: dict[tuple[str, int], Config] = {}
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import luigi
 
-from pipeline import log, receipts
-from pipeline.config import BUILTIN_REGISTRY
-from pipeline.errors import InputError, TransientError
+from pipeline.core import log, receipts
+from pipeline.core.config import BUILTIN_REGISTRY
+from pipeline.core.errors import InputError, TransientError
 from pipeline.registry import builtin
 from pipeline.tasks.base import ImageTask, get_config
 
@@ -104,7 +104,7 @@ class Inspect(ImageTask):
         return {**fingerprint, "extents": _extent_stamps(out.get("result", {}), disk)}
 
     def execute(self) -> dict[str, Any]:
-        from pipeline.inspect import inspect
+        from pipeline.steps.inspect import inspect
 
         disk, fmt = self.disk()
         self.progress(5, "inspecting (one appliance launch)")
@@ -140,7 +140,7 @@ class RegistryMerge(ImageTask):
         return fp
 
     def execute(self) -> dict[str, Any]:
-        from pipeline.merge import registry_merge
+        from pipeline.steps.registry_merge import registry_merge
 
         up = self.upstream()
         facts = self.upstream_receipt().get("result", {})
@@ -167,7 +167,7 @@ class Convert(ImageTask):
         return fp
 
     def execute(self) -> dict[str, Any]:
-        from pipeline.convert import convert_disk
+        from pipeline.steps.convert import convert_disk
 
         merge = self.upstream_receipt().get("result", {})
         inspect_task = self.upstream().upstream()
@@ -203,10 +203,11 @@ class XmlRender(ImageTask):
         return fp
 
     def execute(self) -> dict[str, Any]:
-        from pipeline import atomic, guest
+        from pipeline.core import atomic
         from pipeline.domain.facts import DomainSpec, build_domain
         from pipeline.domain.render import render
-        from pipeline.merge import readiness
+        from pipeline.guest import windows as guest
+        from pipeline.steps.registry_merge import readiness
         from pipeline.tools import virt
 
         img = self.image

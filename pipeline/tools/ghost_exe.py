@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
-from pipeline.atomic import fsync_path
-from pipeline.config import GhostConfig
-from pipeline.errors import InputError, ToolError
+from pipeline.core.atomic import fsync_path
+from pipeline.core.config import GhostConfig
+from pipeline.core.errors import InputError, ToolError
+from pipeline.core.safeio import read_capped, regular_file
 from pipeline.gho.spans import find_spans
-from pipeline.safeio import read_capped, regular_file
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
 STEP = "ghost-convert"

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from pipeline import log
-from pipeline.env import force_tcg_from_env
-from pipeline.errors import ToolError
+from pipeline.core import log
+from pipeline.core.env import force_tcg_from_env
+from pipeline.core.errors import ToolError
 from pipeline.tools.run import pid_alive, run, unwatch_daemon, watch_daemon
 
 GUESTFISH = "guestfish"

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from pipeline.tools.run import pid_alive
 
 LIBVIRTD = "/usr/sbin/libvirtd"

@@ -2,7 +2,7 @@
 
 Optional: without ``tesseract`` on PATH, or when it fails or times out, :func:`read_text` returns
 None and the boot check reports a stop screen without its code. Only the stop code's *name* and a
-``STOP: 0x...`` token are used from the result (:func:`pipeline.screen.with_ocr`).
+``STOP: 0x...`` token are used from the result (:func:`pipeline.tools.screen.with_ocr`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.errors import ToolError
+from pipeline.core.errors import ToolError
 from pipeline.tools.run import run
 
 TESSERACT = "tesseract"

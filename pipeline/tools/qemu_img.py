@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, ToolError
+from pipeline.core.errors import InputError, ToolError
 from pipeline.tools.run import run
 
 QEMU_IMG = "qemu-img"

@@ -1,7 +1,7 @@
 """The one wrapper every external program runs through.
 
 argv list (never a shell), a timeout, captured stdout/stderr, secrets redacted, and a typed
-:class:`~pipeline.errors.ToolError` naming the image, the step and the tool's own message.
+:class:`~pipeline.core.errors.ToolError` naming the image, the step and the tool's own message.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ToolError
+from pipeline.core.errors import ToolError
 
 REDACTED = "***"
 

@@ -1,11 +1,11 @@
 """libvirt operations through libvirt-python: host facts, idempotent define, undefine, boot check.
 
 The boot check only drives libvirt (start, screenshot, VGA text buffer, destroy); what the screen
-means is decided by :mod:`pipeline.screen`.
+means is decided by :mod:`pipeline.tools.screen`.
 
 Every libvirt failure becomes ONE line: an unreachable daemon is a
-:class:`~pipeline.errors.TransientError` (retry later), permission problems and XML libvirt refuses
-are :class:`~pipeline.errors.InputError`, a guest that does not boot is a :class:`BootCheckError`.
+:class:`~pipeline.core.errors.TransientError` (retry later), permission problems and XML libvirt refuses
+are :class:`~pipeline.core.errors.InputError`, a guest that does not boot is a :class:`BootCheckError`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 import libvirt
 from PIL import Image
 
-from pipeline import atomic, screen
+from pipeline.core import atomic
+from pipeline.core.errors import Gho2KvmError, InputError, TransientError
 from pipeline.domain.facts import HostCaps, host_caps
-from pipeline.errors import Gho2KvmError, InputError, TransientError
-from pipeline.tools import ocr, qemu_img
+from pipeline.tools import ocr, qemu_img, screen
 
 
 class BootCheckError(Gho2KvmError):
@@ -407,7 +407,7 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     persistent domain with that live definition, its stored one unchanged), so a check never
     changes the final disk; with ``keep_running`` a passed check then starts the domain for real.
     Each look reads the VGA text buffer and a screenshot and hands both to
-    :func:`pipeline.screen.classify`; :class:`pipeline.screen.Watch` decides when a verdict is
+    :func:`pipeline.tools.screen.classify`; :class:`pipeline.tools.screen.Watch` decides when a verdict is
     stable. A graphics-mode stop screen's code is read with tesseract when it is installed.
     The last screenshot goes to ``screenshot_path`` (PNG). The domain is destroyed
     afterwards unless ``keep_running`` and the check passed. Returns the JSON-able verdict

@@ -1,7 +1,7 @@
 """Run the pipeline with luigi; turn the result into an exit code and a summary table.
 
 - exit 0 when every selected image is done, 1 when any failed or was not reached (config and usage
-  errors exit 2 from :mod:`pipeline.cli` before anything runs);
+  errors exit 2 from :mod:`pipeline.app.cli` before anything runs);
 - the summary names, per image, the last step reached, the status, the seconds spent in this run,
   the steps this run executed, the boot check's verdict and the error (``<step>: <message>``);
 - failures luigi sees outside ``ImageTask.run`` (a worker process killed, a dependency found
@@ -29,11 +29,13 @@ from typing import Any
 
 import luigi
 
-from pipeline import atomic, log, progress, receipts, screen
-from pipeline.config import Config
-from pipeline.errors import InputError
+from pipeline.app import progress
+from pipeline.core import atomic, log, receipts
+from pipeline.core.config import Config
+from pipeline.core.errors import InputError
 from pipeline.tasks import MigrateAll, chain
 from pipeline.tasks.base import ImageTask, error_line, now_iso
+from pipeline.tools import screen
 
 
 @dataclass

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, log
-from pipeline.config import ImageConfig
+from pipeline.core import atomic, log
+from pipeline.core.config import ImageConfig
 from pipeline.tools import qemu_img
 
 STEP = "convert"

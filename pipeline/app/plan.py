@@ -7,8 +7,8 @@ image's content, never libvirt — exactly what ``complete()`` reads, so the pla
 
 from __future__ import annotations
 
-from pipeline import receipts
-from pipeline.config import Config
+from pipeline.core import receipts
+from pipeline.core.config import Config
 from pipeline.tasks import chain
 
 UP_TO_DATE = "up to date"
@@ -44,7 +44,7 @@ def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]
 def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
     """``REFUSED: ...``/``warning: ...`` lines for images whose inspect facts exist: bus/NIC
     readiness and user ``.reg`` files naming a control set the guest does not boot from."""
-    from pipeline.merge import plan_warnings
+    from pipeline.steps.registry_merge import plan_warnings
 
     notes: list[str] = []
     for img in cfg.images:

@@ -2,7 +2,7 @@
 
 virtio-win lays drivers out as ``<driver>/<os>/<arch>/<driver>.sys`` (``viostor/w7/amd64/viostor.sys``,
 ``netkvm/xp/x86/netkvm.sys``); the ``<os>`` names of a guest come from
-:func:`pipeline.guest.virtio_os_dirs`. Which files a tree holds is a list of relative paths: a folder
+:func:`pipeline.guest.windows.virtio_os_dirs`. Which files a tree holds is a list of relative paths: a folder
 is listed here (bounded), an ISO inside registry-merge's appliance (``find`` on the mounted ISO), and
 :func:`find_drivers` picks from either list the same way.
 """
@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline import guest
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
+from pipeline.guest import windows as guest
 
 #: a virtio-win folder holds a few thousand files; more than this is not a driver tree
 MAX_TREE_FILES = 100_000
@@ -42,7 +42,7 @@ def list_folder(folder: Path, *, image_id: str | None = None, step: str = "regis
 def find_drivers(paths: Iterable[str], facts: Mapping[str, Any]) -> dict[str, str]:
     """``{driver: path}`` (from ``paths``) of viostor/netkvm for this guest's ``<os>/<arch>``.
 
-    The first ``<os>`` name of :func:`pipeline.guest.virtio_os_dirs` that has the driver wins; names
+    The first ``<os>`` name of :func:`pipeline.guest.windows.virtio_os_dirs` that has the driver wins; names
     compare case-insensitively (ISO 9660 readers differ), any leading folders are allowed.
     """
     arch = guest.arch_of(facts)

@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import log
-from pipeline.config import ImageConfig
-from pipeline.errors import ToolError
+from pipeline.core import log
+from pipeline.core.config import ImageConfig
+from pipeline.core.errors import ToolError
 from pipeline.registry import hive
 from pipeline.tools.guestfs import Guestfish
 

@@ -45,7 +45,7 @@ def _not_luigi_echo(record: logging.LogRecord) -> bool:
     """luigi's "... failed Task(...)" record for one of our typed errors repeats our own "step failed"
     line: the console skips it (the JSON log file keeps it, with its traceback)."""
     if record.name.startswith("luigi") and record.exc_info and record.exc_info[1] is not None:
-        from pipeline.errors import Gho2KvmError
+        from pipeline.core.errors import Gho2KvmError
 
         return not isinstance(record.exc_info[1], Gho2KvmError)
     return True

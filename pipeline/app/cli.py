@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import __version__, log, receipts
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import Gho2KvmError
-from pipeline.safeio import escape
+from pipeline import __version__
+from pipeline.core import log, receipts
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.errors import Gho2KvmError
+from pipeline.core.safeio import escape
 from pipeline.tools.run import Terminated, install_signal_handlers
 
 
@@ -26,7 +27,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from pipeline.runner import migrate
+    from pipeline.app.runner import migrate
 
     cfg = _load(args)
     return migrate(cfg, image=args.image or None, workers=args.workers, scheduler=args.scheduler,
@@ -36,7 +37,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import luigi
 
-    from pipeline.runner import run_log_path
+    from pipeline.app.runner import run_log_path
     from pipeline.tasks import Inspect
 
     cfg = _load(args)
@@ -57,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.plan import plan_text
+    from pipeline.app.plan import plan_text
 
     cfg = _load(args)
     text = plan_text(cfg, only=args.image or None)
@@ -67,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.app.report import write_report
 
     cfg = _load(args)
     md, html = write_report(cfg)

@@ -5,7 +5,7 @@ with ``Windows/System32/cmd.exe`` (a real PE file shipped by pip), real ``SYSTEM
 and dummy IDE drivers: enough for libguestfs inspection and for the registry step. One appliance
 launch per disk; VMDK subformats are made from the raw disk with ``qemu-img convert``.
 
-``python -m pipeline.fakedisk OUT [--product ...]`` builds one (reused if already built).
+``python -m pipeline.app.fakedisk OUT [--product ...]`` builds one (reused if already built).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.env import force_tcg_from_env
-from pipeline.inspect import ESP_GUID
+from pipeline.core import atomic
+from pipeline.core.env import force_tcg_from_env
 from pipeline.registry import hive
+from pipeline.steps.inspect import ESP_GUID
 from pipeline.tools.guestfs import Guestfish
 from pipeline.tools.run import run
 
@@ -290,7 +290,7 @@ def build(out: Path, spec: DiskSpec, *, force_tcg: bool = False, raw_cache: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.fakedisk", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.app.fakedisk", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--product", default=XP.product)
     p.add_argument("--version", default=XP.version)

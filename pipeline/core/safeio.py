@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from pipeline.errors import InputError, as_text, escape
+from pipeline.core.errors import InputError, as_text, escape
 
 MiB = 1 << 20
 __all__ = ["MiB", "escape", "file_kind", "open_nonblocking", "read_capped", "regular_file", "shown"]

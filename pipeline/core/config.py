@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.errors import InputError
+from pipeline.core.safeio import MiB, escape, file_kind, read_capped, shown
 from pipeline.domain.choices import (
     DEFAULT_DISK_CACHE,
     DEFAULT_DISK_IO,
@@ -25,8 +27,6 @@ from pipeline.domain.choices import (
     DISK_IO_MODES,
     IO_NATIVE_CACHES,
 )
-from pipeline.errors import InputError
-from pipeline.safeio import MiB, escape, file_kind, read_capped, shown
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
 MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
@@ -106,10 +106,10 @@ class ImageConfig:
     output_dir: Path = Path("var/images")
     format: str = "raw"
     libvirt_uri: str = "test:///default"
-    memory_mib: int | None = None  # None: by Windows version (pipeline.guest.default_memory_mib)
+    memory_mib: int | None = None  # None: by Windows version (pipeline.guest.windows.default_memory_mib)
     vcpus: int = 1
     disk_bus: str = "ide"
-    nic_model: str | None = None  # None: by Windows version (pipeline.guest.default_nic)
+    nic_model: str | None = None  # None: by Windows version (pipeline.guest.windows.default_nic)
     network: str = "user"
     disk_cache: str = DEFAULT_DISK_CACHE
     disk_io: str = DEFAULT_DISK_IO

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 
 def file_stamp(path: Path | str) -> dict[str, Any]:

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, disksig, guest, log, virtio
-from pipeline.config import BUILTIN_REGISTRY, ImageConfig
-from pipeline.errors import InputError, ToolError
+from pipeline.core import atomic, log
+from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
+from pipeline.core.errors import InputError, ToolError
+from pipeline.guest import disksig, virtio
+from pipeline.guest import windows as guest
 from pipeline.registry import builtin, hive, regfile
 from pipeline.registry.plan import (
     HIVE_PREFIXES,

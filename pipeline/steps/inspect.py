@@ -14,10 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import disksig, guest, vmdk
-from pipeline.errors import InputError, ToolError
+from pipeline import vmdk
+from pipeline.core.errors import InputError, ToolError
+from pipeline.core.safeio import escape, file_kind, regular_file
+from pipeline.guest import disksig
+from pipeline.guest import windows as guest
 from pipeline.registry import hive
-from pipeline.safeio import escape, file_kind, regular_file
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
 

@@ -143,7 +143,7 @@ class Readiness:
 
     def raise_refusals(self, image_id: str, step: str) -> None:
         if self.refusals:
-            from pipeline.errors import InputError
+            from pipeline.core.errors import InputError
 
             raise InputError(self.refusals[0], image_id=image_id, step=step)
 

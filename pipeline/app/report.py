@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic, receipts, screen
-from pipeline.config import Config
+from pipeline.core import atomic, receipts
+from pipeline.core.config import Config
 from pipeline.tasks import chain
+from pipeline.tools import screen
 
 COLUMNS = ("image", "step", "status", "started", "finished", "seconds", "bytes read", "bytes written",
            "outputs", "warnings / error")

@@ -1,0 +1,1 @@
+"""The application: command line, runner, plan, report, progress, the demo-disk builder."""

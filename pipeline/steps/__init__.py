@@ -1,0 +1,1 @@
+"""One module per pipeline step: its input/result types and its function."""
