@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline.core import receipts
 from pipeline.core.config import Config
-from pipeline.tasks import chain
+from pipeline.tasks import Inspect, chain
 
 UP_TO_DATE = "up to date"
 EARLIER = "an earlier step runs"
@@ -50,9 +50,8 @@ def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
     for img in cfg.images:
         if only and img.id != only:
             continue
-        inspected = receipts.read(img.image_dir / "inspect.json")
-        facts = (inspected or {}).get("result") or {}
-        if not facts:
+        facts = Inspect(config_path=str(cfg.path.absolute()), image_id=img.id).result()
+        if facts is None:
             continue
         try:
             refusals, warnings = plan_warnings(img, facts)

@@ -18,13 +18,16 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core import log
 from pipeline.core.config import ImageConfig
 from pipeline.core.errors import ToolError
 from pipeline.registry import hive
 from pipeline.tools.guestfs import Guestfish
+
+if TYPE_CHECKING:
+    from pipeline.steps.inspect import InspectFacts
 
 SIGNATURE_OFFSET = 440
 VALUE = "\\DosDevices\\C:"
@@ -112,12 +115,13 @@ def rebuilt_natively(image: ImageConfig) -> bool:
     return image.source.suffix.lower() == ".gho" and image.ghost.backend == "native"
 
 
-def reconcile(g: Guestfish, image: ImageConfig, facts: dict[str, Any], *, step: str) -> dict[str, Any]:
+def reconcile(g: Guestfish, facts: InspectFacts, *, image_id: str, rebuilt_natively: bool,
+              step: str) -> dict[str, Any]:
     """In registry-merge's session (overlay attached read-write): fix or warn; return the receipt part.
 
     ``{"action": "none"|"fixed"|"warning", "mbr", "registry", "verified", "warnings": [...]}``.
     """
-    ds = facts.get("disk_signature") or {}
+    ds = facts.disk_signature or {}
     out: dict[str, Any] = {"action": "none", "mbr": ds.get("mbr"), "registry": ds.get("registry"),
                            "verified": None, "warnings": []}
     if ds.get("registry") and ds.get("registry_partition") is None:
@@ -125,7 +129,7 @@ def reconcile(g: Guestfish, image: ImageConfig, facts: dict[str, Any], *, step: 
     if ds.get("matches") is not False or not ds.get("registry"):
         return out
     want = int(ds["registry"], 16)
-    if not rebuilt_natively(image):
+    if not rebuilt_natively:
         out["action"] = "warning"
         out["warnings"].append(
             f"disk signature {ds['mbr']} differs from {ds['registry']} that the guest's MountedDevices "
@@ -143,7 +147,7 @@ def reconcile(g: Guestfish, image: ImageConfig, facts: dict[str, Any], *, step: 
     if back != want:
         raise ToolError(f"disk signature read back from the overlay is "
                         f"{None if back is None else _hex(back)}, expected {ds['registry']}",
-                        tool="guestfish", argv=[], returncode=None, image_id=image.id, step=step)
+                        tool="guestfish", argv=[], returncode=None, image_id=image_id, step=step)
     log.get().info("disk signature set in the overlay", was=ds["mbr"], now=ds["registry"])
     out.update({"action": "fixed", "verified": True})
     return out

@@ -10,12 +10,15 @@ is listed here (bounded), an ISO inside registry-merge's appliance (``find`` on 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
+
+if TYPE_CHECKING:
+    from pipeline.steps.inspect import InspectFacts
 
 #: a virtio-win folder holds a few thousand files; more than this is not a driver tree
 MAX_TREE_FILES = 100_000
@@ -39,7 +42,7 @@ def list_folder(folder: Path, *, image_id: str | None = None, step: str = "regis
     return out
 
 
-def find_drivers(paths: Iterable[str], facts: Mapping[str, Any]) -> dict[str, str]:
+def find_drivers(paths: Iterable[str], facts: InspectFacts) -> dict[str, str]:
     """``{driver: path}`` (from ``paths``) of viostor/netkvm for this guest's ``<os>/<arch>``.
 
     The first ``<os>`` name of :func:`pipeline.guest.windows.virtio_os_dirs` that has the driver wins; names

@@ -11,16 +11,19 @@ One place for the per-version knowledge:
   is a warning;
 * the virtio-win folder names of a guest (``viostor/<os>/<arch>``) and memory defaults.
 
-``facts`` is the dict the inspect step stores (``os``, ``major_version``, ``minor_version``,
-``product_name``, ``arch``, ``drivers_present``, ``services``).
+``facts`` is what the inspect step found (:class:`pipeline.steps.inspect.InspectFacts`: ``os``,
+``major_version``, ``minor_version``, ``product_name``, ``arch``, ``drivers_present``, ``services``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the type only: this module stays free of tools at run time
+    from pipeline.steps.inspect import InspectFacts
 
 NT5, NT6, NT62 = "nt5", "nt6", "nt62"
 
@@ -54,22 +57,22 @@ def family(major: int | None, minor: int | None = None) -> str | None:
     return NT62
 
 
-def facts_family(facts: Mapping[str, Any]) -> str | None:
-    if facts.get("os") != "windows":
+def facts_family(facts: InspectFacts) -> str | None:
+    if not facts.is_windows:
         return None
-    return family(facts.get("major_version"), facts.get("minor_version"))
+    return family(facts.major_version, facts.minor_version)
 
 
-def is_server(facts: Mapping[str, Any]) -> bool:
-    return "server" in str(facts.get("product_name") or "").lower()
+def is_server(facts: InspectFacts) -> bool:
+    return "server" in str(facts.product_name or "").lower()
 
 
-def guest_name(facts: Mapping[str, Any]) -> str:
+def guest_name(facts: InspectFacts) -> str:
     """A short human name: ``Windows XP``, ``Windows Server 2003``, ``Windows 7``, ``Windows 10``."""
-    if facts.get("os") != "windows":
-        return f"a non-Windows guest ({facts.get('os_type') or 'unknown'})"
-    major, minor = int(facts.get("major_version") or 0), int(facts.get("minor_version") or 0)
-    product = str(facts.get("product_name") or "")
+    if not facts.is_windows:
+        return f"a non-Windows guest ({facts.os_type or 'unknown'})"
+    major, minor = int(facts.major_version or 0), int(facts.minor_version or 0)
+    product = str(facts.product_name or "")
     m = re.search(r"Windows(?: Server)? (XP|Vista|\d+(?:\.\d)?(?: R2)?)", product)
     if m:
         return "Windows " + ("Server " if is_server(facts) else "") + m.group(1)
@@ -79,14 +82,14 @@ def guest_name(facts: Mapping[str, Any]) -> str:
     return names.get((major, minor), f"Windows NT {major}.{minor}")
 
 
-def arch_of(facts: Mapping[str, Any]) -> str:
+def arch_of(facts: InspectFacts) -> str:
     """``x86`` or ``amd64`` (virtio-win's folder names)."""
-    return "amd64" if str(facts.get("arch") or "") in ("x86_64", "amd64") else "x86"
+    return "amd64" if str(facts.arch or "") in ("x86_64", "amd64") else "x86"
 
 
-def virtio_os_dirs(facts: Mapping[str, Any]) -> tuple[str, ...]:
+def virtio_os_dirs(facts: InspectFacts) -> tuple[str, ...]:
     """virtio-win's ``<os>`` folder names for this guest, best first (empty: none known)."""
-    major, minor = facts.get("major_version"), facts.get("minor_version") or 0
+    major, minor = facts.major_version, facts.minor_version or 0
     server = is_server(facts)
     if major == 5:
         return ("xp",) if minor == 1 else ("2k3",) if minor == 2 else ()
@@ -97,32 +100,32 @@ def virtio_os_dirs(facts: Mapping[str, Any]) -> tuple[str, ...]:
     if major == 10:
         if not server:
             return ("w10", "w11")
-        year = re.search(r"20(1[69]|2\d)", str(facts.get("product_name") or ""))
+        year = re.search(r"20(1[69]|2\d)", str(facts.product_name or ""))
         return (f"2k{year.group(1)}",) if year else ("2k16", "2k19", "2k22")
     return ()
 
 
-def default_memory_mib(facts: Mapping[str, Any]) -> int:
+def default_memory_mib(facts: InspectFacts) -> int:
     fam = facts_family(facts)
     if fam in MEMORY_DEFAULT_MIB_32BIT and arch_of(facts) == "x86":
         return MEMORY_DEFAULT_MIB_32BIT[fam]
     return MEMORY_DEFAULT_MIB[fam]
 
 
-def default_nic(facts: Mapping[str, Any]) -> str:
+def default_nic(facts: InspectFacts) -> str:
     """rtl8139 for 5.x (inbox driver), e1000 for 6.x and later (inbox driver on every edition)."""
     return "e1000" if facts_family(facts) in (NT6, NT62) else "rtl8139"
 
 
-def has_driver(facts: Mapping[str, Any], driver_file: str) -> bool | None:
+def has_driver(facts: InspectFacts, driver_file: str) -> bool | None:
     """True/False when inspection looked for ``driver_file`` in System32\\drivers, None if it did not."""
-    present = facts.get("drivers_present") or {}
+    present = facts.drivers_present or {}
     return present.get(driver_file) if driver_file in present else None
 
 
-def has_virtio(facts: Mapping[str, Any], driver: str) -> bool:
+def has_virtio(facts: InspectFacts, driver: str) -> bool:
     """The guest already has the virtio driver (file and service), e.g. installed before migration."""
-    services = facts.get("services") or {}
+    services = facts.services or {}
     return bool(has_driver(facts, f"{driver}.sys")) and services.get(driver) is not None
 
 
@@ -148,13 +151,13 @@ class Readiness:
             raise InputError(self.refusals[0], image_id=image_id, step=step)
 
 
-def virtio_switch_supported(facts: Mapping[str, Any]) -> bool:
+def virtio_switch_supported(facts: InspectFacts) -> bool:
     """Offline installation through CriticalDeviceDatabase works up to NT 6.1; Windows 8 and later
     bind boot drivers through their driver store instead, which cannot be filled offline here."""
     return facts_family(facts) in (NT5, NT6)
 
 
-def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: Mapping[str, Any], *,
+def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: InspectFacts, *,
            virtio_tree: str | None = None, installed: Iterable[str] | None = None) -> Readiness:
     """Decide the disk bus and NIC model for a guest.
 
@@ -231,7 +234,7 @@ def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: Mapping[s
 
 
 def _virtio_missing(prefix: str, driver: str, name: str, tree: str, tree_note: str,
-                    facts: Mapping[str, Any], outcome: str) -> str:
+                    facts: InspectFacts, outcome: str) -> str:
     if not virtio_switch_supported(facts):
         why = (f"{name} binds boot drivers through its driver store, which cannot be filled offline; "
                f"install {driver} in the guest (pnputil) and switch then")

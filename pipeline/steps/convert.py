@@ -4,19 +4,48 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.core import atomic, log
-from pipeline.core.config import ImageConfig
+from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
 from pipeline.tools import qemu_img
 
 STEP = "convert"
 
 
-def convert_disk(image: ImageConfig, src: Path, src_fmt: str, *,
-                 progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-    final = image.final_disk
+@dataclass(frozen=True)
+class ConvertInput:
+    """The config's output part and the disk to convert (registry-merge's overlay, or the disk
+    inspect read when there is none)."""
+
+    image_id: str
+    final_disk: Path = field(metadata=NAMED)
+    format: str = "raw"
+    verify: bool = True
+    src: Path = field(default=Path(), metadata=UPSTREAM)
+    src_format: str = field(default="raw", metadata=UPSTREAM)
+
+
+@dataclass(frozen=True)
+class ConvertResult(JsonRecord):
+    input: Path
+    input_format: str
+    output: Path
+    format: str
+    verified: bool
+    qemu_img_version: str | None = None
+    convert_seconds: float | None = None
+    verify_seconds: float | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+
+def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None = None) -> ConvertResult:
+    final = inp.final_disk
+    src, src_fmt = inp.src, inp.src_format
     final.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(final.parent, final.name)
     last = [-10.0]
@@ -31,11 +60,12 @@ def convert_disk(image: ImageConfig, src: Path, src_fmt: str, *,
     timings: dict[str, float] = {}
     with atomic.temporary_path(final) as tmp:
         t0 = time.monotonic()
-        qemu_img.convert(src, src_fmt, tmp, image.format, image_id=image.id, step=STEP, progress=on_progress)
+        qemu_img.convert(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP,
+                         progress=on_progress)
         timings["convert_seconds"] = round(time.monotonic() - t0, 2)
-        if image.verify:
+        if inp.verify:
             t0 = time.monotonic()
-            qemu_img.compare(src, src_fmt, tmp, image.format, image_id=image.id, step=STEP)
+            qemu_img.compare(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP)
             timings["verify_seconds"] = round(time.monotonic() - t0, 2)
-    return {"input": str(src), "input_format": src_fmt, "output": str(final), "format": image.format,
-            "verified": image.verify, "qemu_img_version": qemu_img.version(), **timings}
+    return ConvertResult(input=src, input_format=src_fmt, output=final, format=inp.format,
+                         verified=inp.verify, qemu_img_version=qemu_img.version(), **timings)

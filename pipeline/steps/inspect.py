@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
 from pipeline.core.errors import InputError, ToolError
+from pipeline.core.receipts import RUNTIME, JsonRecord
 from pipeline.core.safeio import escape, file_kind, regular_file
 from pipeline.guest import disksig
 from pipeline.guest import windows as guest
@@ -32,6 +35,76 @@ SAFE_VMDK_TYPES = {
 }
 ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 _QEMU_MAX_EXTENT_NAME = 511  # qemu truncates longer names, which would open a different file
+
+
+@dataclass(frozen=True)
+class InspectInput:
+    """What inspect reads: one disk (the source, or ghost-convert's output)."""
+
+    disk: Path
+    image_id: str
+    fmt: str | None = None  # None: from the file name's suffix
+    force_tcg: bool = field(default=False, metadata=RUNTIME)
+
+
+@dataclass(frozen=True)
+class VmdkExtent(JsonRecord):
+    """One extent line of a VMDK descriptor, ``path`` resolved inside the source's folder."""
+
+    access: str
+    sectors: int
+    type: str
+    file: str
+    path: str
+
+
+@dataclass(frozen=True)
+class InspectFacts(JsonRecord):
+    """What inspect found: disk facts (qemu-img, VMDK descriptor) and guest facts (one appliance
+    launch). The guest fields stay None when the guest was not recognised (``os == "unknown"``), the
+    Windows ones (``systemroot`` ...) when it is not Windows. ``to_dict``/``from_dict`` give the JSON
+    of ``inspect.json`` (and of ``gho2kvm inspect``)."""
+
+    image_id: str | None = None
+    source: str = ""
+    format: str = "raw"
+    virtual_size: int = 0
+    actual_size: int | None = None
+    backing_file: str | None = None
+    check: Mapping[str, Any] | None = None
+    create_type: str | None = None  # VMDK only
+    extents: tuple[VmdkExtent, ...] = ()  # VMDK only
+    os: str = "unknown"  # windows | unknown
+    partition_table: str | None = None
+    firmware: str = "bios"  # bios | uefi
+    appliance_seconds: float | None = None
+    os_type: str | None = None  # libguestfs' inspect-get-type
+    root: str | None = None
+    product_name: str | None = None
+    major_version: int | None = None
+    minor_version: int | None = None
+    arch: str | None = None
+    distro: str | None = None
+    hostname: str | None = None
+    systemroot: str | None = None  # Windows only from here on
+    current_control_set: str | None = None
+    drivers_present: Mapping[str, bool] | None = None  # guest.DRIVER_FILES → found in System32\drivers
+    disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.read_in_guest
+    services: Mapping[str, int | None] | None = None  # guest.SERVICES → Start (None: absent)
+    qemu_img_version: str | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def is_windows(self) -> bool:
+        return self.os == "windows"
+
+    @property
+    def control_set(self) -> str:
+        """The live control set (``ControlSet001`` when unknown)."""
+        return self.current_control_set or "ControlSet001"
 
 
 def format_of(path: Path) -> str:
@@ -254,9 +327,11 @@ def _firmware(g: Guestfish, dev: str, ptable: str) -> str:
     return "bios"
 
 
-def inspect(source: Path, image_id: str | None, *, force_tcg: bool, fmt: str | None = None) -> dict[str, Any]:
+def inspect_image(inp: InspectInput) -> InspectFacts:
+    """The inspect step: disk facts and safety checks, then one read-only appliance launch."""
+    source, image_id = inp.disk, inp.image_id
     facts: dict[str, Any] = {"image_id": image_id, "source": str(source)}
-    facts.update(disk_facts(source, image_id, fmt))
-    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=force_tcg))
+    facts.update(disk_facts(source, image_id, inp.fmt))
+    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=inp.force_tcg))
     facts["qemu_img_version"] = qemu_img.version()
-    return facts
+    return InspectFacts.from_dict(facts)

@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic, log
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
+from pipeline.core.receipts import HASHED, NAMED, RUNTIME, UPSTREAM, JsonRecord
 from pipeline.guest import disksig, virtio
 from pipeline.guest import windows as guest
 from pipeline.registry import builtin, hive, regfile
@@ -32,60 +34,131 @@ from pipeline.registry.plan import (
     remap_control_sets,
 )
 from pipeline.registry.verify import verify
+from pipeline.steps.inspect import InspectFacts
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Guestfish
 
 STEP = "registry-merge"
 OVERLAY = "overlay.qcow2"
 
+#: a field read only to refuse early, before anything is written: the step whose result depends on
+#: it (xml-render, where the bus and NIC are decided) has it in its own fingerprint
+PREFLIGHT = RUNTIME
 
-def collect_ops(image: ImageConfig, facts: dict[str, Any]) -> tuple[list[regfile.Op], list[str]]:
+
+@dataclass(frozen=True)
+class BuiltinSet:
+    """A built-in change set (``mergeide``) and the hash of the data files it is built from."""
+
+    builtin: str
+    data: str
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """Everything registry-merge reads: the config's registry part, the inspect facts and the disk."""
+
+    image_id: str
+    image_dir: Path = field(metadata=NAMED)
+    registry: tuple[BuiltinSet | Path, ...] = field(default=(), metadata=HASHED)
+    registry_remap_controlset: bool = False
+    virtio: Path | None = None  # the virtio-win ISO or folder
+    rebuilt_natively: bool = False  # the disk signature is ours (native GHO reader): fix it, else warn
+    disk_bus: str = field(default="ide", metadata=PREFLIGHT)
+    nic_model: str | None = field(default=None, metadata=PREFLIGHT)
+    facts: InspectFacts = field(default_factory=InspectFacts, metadata=UPSTREAM)
+    disk: Path = field(default=Path(), metadata=UPSTREAM)
+    disk_format: str = field(default="raw", metadata=UPSTREAM)
+    force_tcg: bool = field(default=False, metadata=RUNTIME)
+
+    @classmethod
+    def from_config(cls, image: ImageConfig, facts: InspectFacts, disk: Path | None = None,
+                    disk_format: str | None = None, *, force_tcg: bool = False) -> MergeInput:
+        """The input for ``image`` (``disk`` defaults to the source, its format to the facts')."""
+        return cls(
+            image_id=image.id, image_dir=image.image_dir,
+            registry=tuple(BuiltinSet(r, builtin.data_hash()) if r in BUILTIN_REGISTRY else Path(r)
+                           for r in image.registry),
+            registry_remap_controlset=image.registry_remap_controlset,
+            virtio=image.virtio.drivers if image.virtio is not None else None,
+            rebuilt_natively=disksig.rebuilt_natively(image), disk_bus=image.disk_bus,
+            nic_model=image.nic_model, facts=facts, disk=disk or image.source,
+            disk_format=disk_format or facts.format, force_tcg=force_tcg)
+
+
+@dataclass(frozen=True)
+class MergeResult(JsonRecord):
+    """What registry-merge did (``skipped`` for a guest not recognised as Windows: no overlay)."""
+
+    skipped: bool
+    overlay: Path | None
+    warnings: tuple[str, ...] = ()
+    hives: Mapping[str, Any] | None = None  # hive name → {guest_path, keys, values, verified}
+    backing_file: Path | None = None
+    backing_format: str | None = None
+    current_control_set: str | None = None
+    registry_variant: str | None = None
+    disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.reconcile
+    virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
+    appliance_launches: int = 0
+    appliance_seconds: float | None = None
+    qemu_img_version: str | None = None
+    libguestfs_version: str | None = None
+
+    @property
+    def installed_virtio(self) -> tuple[str, ...]:
+        """The virtio drivers copied into the guest."""
+        return tuple((self.virtio or {}).get("installed") or {})
+
+
+def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
     """Every change, parsed and validated, in config order, and the warnings about user files:
     keys in a ``ControlSet00N`` that is not the live one (rewritten to the live one with
     ``registry_remap_controlset``), unknown top-level SYSTEM keys."""
+    facts = inp.facts
     ops: list[regfile.Op] = []
     warnings: list[str] = []
-    ccs = facts.get("current_control_set") or "ControlSet001"
-    for entry in image.registry:
-        if entry in BUILTIN_REGISTRY:
-            ops += builtin.builtin_ops(entry, facts.get("major_version"), facts.get("minor_version"))
+    ccs = facts.control_set
+    for entry in inp.registry:
+        if isinstance(entry, BuiltinSet):
+            ops += builtin.builtin_ops(entry.builtin, facts.major_version, facts.minor_version)
             continue
         try:
-            file_ops = regfile.parse_file(entry)
+            file_ops = regfile.parse_file(str(entry))
         except regfile.RegSyntaxError as e:
-            e.image_id, e.step = image.id, STEP
-            raise InputError(e.message, image_id=image.id, step=STEP) from None
+            e.image_id, e.step = inp.image_id, STEP
+            raise InputError(e.message, image_id=inp.image_id, step=STEP) from None
         for op, msg, numbered in control_set_findings(file_ops, ccs):
-            if numbered and image.registry_remap_controlset:
+            if numbered and inp.registry_remap_controlset:
                 msg = (f"{op.where()}: key [{op.key}]: {op.key.split(chr(92))[2]} remapped to the live "
                        f"{control_set_name(ccs)} (registry_remap_controlset)")
             warnings.append(msg)
-        if image.registry_remap_controlset:
+        if inp.registry_remap_controlset:
             file_ops = remap_control_sets(file_ops, ccs)
         ops += file_ops
     return ops, warnings
 
 
-def readiness(image: ImageConfig, facts: dict[str, Any],
-              installed: list[str] | None = None) -> guest.Readiness:
+def readiness(inp: MergeInput, installed: list[str] | None = None) -> guest.Readiness:
     """Bus/NIC decision for this image (refusals and warnings included); see :func:`guest.decide`."""
-    tree = str(image.virtio.drivers) if image.virtio is not None else None
-    return guest.decide(image.id, image.disk_bus, image.nic_model, facts, virtio_tree=tree,
+    tree = str(inp.virtio) if inp.virtio is not None else None
+    return guest.decide(inp.image_id, inp.disk_bus, inp.nic_model, inp.facts, virtio_tree=tree,
                         installed=installed)
 
 
-def plan_warnings(image: ImageConfig, facts: dict[str, Any]) -> tuple[list[str], list[str]]:
+def plan_warnings(image: ImageConfig, facts: InspectFacts) -> tuple[list[str], list[str]]:
     """``(refusals, warnings)`` known from the config and inspect facts alone, before registry-merge
     runs (``gho2kvm plan``, and the start of registry-merge)."""
-    if facts.get("os") != "windows":
+    if not facts.is_windows:
         return [], []
-    ready = readiness(image, facts)
-    _ops, reg_warnings = collect_ops(image, facts)
+    inp = MergeInput.from_config(image, facts)
+    ready = readiness(inp)
+    _ops, reg_warnings = collect_ops(inp)
     return list(ready.refusals), [*ready.warnings, *reg_warnings, *driver_warnings(facts)]
 
 
-def driver_warnings(facts: dict[str, Any]) -> list[str]:
-    present = facts.get("drivers_present") or {}
+def driver_warnings(facts: InspectFacts) -> list[str]:
+    present = facts.drivers_present or {}
     missing = [n for n in builtin.required_drivers() if n in present and not present[n]]
     if not missing:
         return []
@@ -93,57 +166,59 @@ def driver_warnings(facts: dict[str, Any]) -> list[str]:
             f"the guest may still fail with 0x7B until they are copied from the Windows CD"]
 
 
-def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, source_fmt: str, *,
-                   force_tcg: bool, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the step; return the receipt's ``result`` part. Writes ``<image_dir>/overlay.qcow2``."""
+def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = None) -> MergeResult:
+    """Run the step. Writes ``<image_dir>/overlay.qcow2``."""
     say = progress or (lambda _msg: None)
-    if facts.get("os") != "windows":
-        msg = f"guest OS not recognised as Windows ({facts.get('os_type', 'unknown')}): no registry changes"
+    facts, source, source_fmt = inp.facts, inp.disk, inp.disk_format
+    image_id, image_dir = inp.image_id, inp.image_dir
+    if not facts.is_windows:
+        msg = f"guest OS not recognised as Windows ({facts.os_type or 'unknown'}): no registry changes"
         log.get().warning("registry-merge skipped", reason=msg)
-        return {"skipped": True, "overlay": None, "warnings": [msg], "hives": {}}
-    ready = readiness(image, facts)
-    ready.raise_refusals(image.id, STEP)  # before anything is written
-    ops, reg_warnings = collect_ops(image, facts)
-    ccs = facts.get("current_control_set") or "ControlSet001"
+        return MergeResult(skipped=True, overlay=None, warnings=(msg,), hives={})
+    ready = readiness(inp)
+    ready.raise_refusals(image_id, STEP)  # before anything is written
+    ops, reg_warnings = collect_ops(inp)
+    ccs = facts.control_set
     plan(ops, ccs)  # refuse bad keys before the overlay exists
     for w in reg_warnings:
         log.get().warning("registry file", detail=w)
     warnings = [*reg_warnings, *driver_warnings(facts)]
     for w in warnings[len(reg_warnings):]:
         log.get().warning("driver missing", detail=w)
-    tree = image.virtio.drivers if image.virtio is not None and guest.virtio_switch_supported(facts) else None
+    tree = inp.virtio if inp.virtio is not None and guest.virtio_switch_supported(facts) else None
     drives: list[tuple[Path, str, bool]] = []
     if tree is not None and virtio.is_iso(tree):
         drives.append((tree, "raw", True))
-    image.image_dir.mkdir(parents=True, exist_ok=True)
-    overlay = image.image_dir / OVERLAY
-    atomic.remove_stale_temps(image.image_dir, OVERLAY)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    overlay = image_dir / OVERLAY
+    atomic.remove_stale_temps(image_dir, OVERLAY)
     hives_done: dict[str, Any] = {}
     with atomic.temporary_path(overlay) as tmp, tempfile.TemporaryDirectory(prefix="gho2kvm-hive-") as td:
-        qemu_img.create_overlay(tmp, source, source_fmt, image_id=image.id, step=STEP)
+        qemu_img.create_overlay(tmp, source, source_fmt, image_id=image_id, step=STEP)
         say("launching appliance")
-        with Guestfish([(tmp, "qcow2", False), *drives], image_id=image.id, step=STEP,
-                       force_tcg=force_tcg) as g:
-            signature = disksig.reconcile(g, image, facts, step=STEP)
+        with Guestfish([(tmp, "qcow2", False), *drives], image_id=image_id, step=STEP,
+                       force_tcg=inp.force_tcg) as g:
+            signature = disksig.reconcile(g, facts, image_id=image_id, rebuilt_natively=inp.rebuilt_natively,
+                                         step=STEP)
             warnings += signature["warnings"]
-            drivers = _virtio_fetch(g, tree, facts, Path(td), image.id) if tree is not None else {}
+            drivers = _virtio_fetch(g, tree, facts, Path(td), image_id) if tree is not None else {}
             planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d))], ccs)
-            root = facts.get("root") or g.lines("inspect-os")[0]
+            root = facts.root or g.lines("inspect-os")[0]
             g("mount", root, "/")
             installed = _virtio_install(g, drivers, facts) if drivers else {}
-            config_dir = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/config")
+            config_dir = g("case-sensitive-path", f"{facts.systemroot or '/Windows'}/System32/config")
             config_dir = config_dir.strip()
             guest_paths: dict[str, str] = {}
             for name, hive_ops in planned.items():
                 say(f"merging {name}")
                 guest_hive = g("case-sensitive-path", f"{config_dir}/{name}").strip()
                 if g("is-file", guest_hive).strip() != "true":
-                    raise InputError(f"hive {guest_hive} not found in the guest", image_id=image.id,
+                    raise InputError(f"hive {guest_hive} not found in the guest", image_id=image_id,
                                      step=STEP)
                 local = Path(td) / name
                 g("download", guest_hive, str(local))
                 hive.apply_reg(local, regfile.to_reg_text(hive_ops), HIVE_PREFIXES[name],
-                               image_id=image.id, step=STEP)
+                               image_id=image_id, step=STEP)
                 g("upload", str(local), guest_hive)
                 guest_paths[name] = guest_hive
             # read back from the overlay through a fresh mount
@@ -153,40 +228,40 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
             for name, hive_ops in planned.items():
                 back = Path(td) / f"{name}.readback"
                 g("download", guest_paths[name], str(back))
-                mismatches = verify(back, hive_ops, image_id=image.id, step=STEP)
+                mismatches = verify(back, hive_ops, image_id=image_id, step=STEP)
                 if mismatches:
                     raise ToolError(f"{name} hive read back from the overlay differs: "
                                     f"{'; '.join(mismatches[:5])}", tool="hivex", argv=[],
-                                    returncode=None, image_id=image.id, step=STEP)
+                                    returncode=None, image_id=image_id, step=STEP)
                 hives_done[name] = {
                     "guest_path": guest_paths[name],
                     "keys": sum(1 for op in hive_ops if op.is_key),
                     "values": sum(1 for op in hive_ops if not op.is_key),
                     "verified": True,
                 }
-            _virtio_verify(g, installed, image.id)
+            _virtio_verify(g, installed, image_id)
             appliance_seconds = round(g.launch_seconds, 1)
             libguestfs_version = _libguestfs_version(g)
-    warnings += readiness(image, facts, installed=list(installed)).virtio_warnings
-    return {
-        "skipped": False,
-        "overlay": str(overlay),
-        "backing_file": str(source),
-        "backing_format": source_fmt,
-        "current_control_set": ccs,
-        "registry_variant": builtin.variant_for(facts.get("major_version"), facts.get("minor_version")),
-        "hives": hives_done,
-        "disk_signature": signature,
-        "virtio": {"drivers": str(image.virtio.drivers), "installed": installed} if image.virtio else None,
-        "warnings": warnings,
-        "appliance_launches": 1,
-        "appliance_seconds": appliance_seconds,
-        "qemu_img_version": qemu_img.version(),
-        "libguestfs_version": libguestfs_version,
-    }
+    warnings += readiness(inp, installed=list(installed)).virtio_warnings
+    return MergeResult(
+        skipped=False,
+        overlay=overlay,
+        backing_file=source,
+        backing_format=source_fmt,
+        current_control_set=ccs,
+        registry_variant=builtin.variant_for(facts.major_version, facts.minor_version),
+        hives=hives_done,
+        disk_signature=signature,
+        virtio={"drivers": str(inp.virtio), "installed": installed} if inp.virtio else None,
+        warnings=tuple(warnings),
+        appliance_launches=1,
+        appliance_seconds=appliance_seconds,
+        qemu_img_version=qemu_img.version(),
+        libguestfs_version=libguestfs_version,
+    )
 
 
-def _virtio_fetch(g: Guestfish, tree: Path, facts: dict[str, Any], td: Path,
+def _virtio_fetch(g: Guestfish, tree: Path, facts: InspectFacts, td: Path,
                   image_id: str) -> dict[str, dict[str, str]]:
     """Find this guest's viostor/netkvm in the tree and copy them to ``td``:
     ``{driver: {"from": path in the tree, "local": local copy, "sha256": ...}}``."""
@@ -209,9 +284,9 @@ def _virtio_fetch(g: Guestfish, tree: Path, facts: dict[str, Any], td: Path,
 
 
 def _virtio_install(g: Guestfish, drivers: dict[str, dict[str, str]],
-                    facts: dict[str, Any]) -> dict[str, dict[str, str]]:
+                    facts: InspectFacts) -> dict[str, dict[str, str]]:
     """Upload the driver files into ``System32\\drivers`` of the mounted guest."""
-    folder = g("case-sensitive-path", f"{facts.get('systemroot', '/Windows')}/System32/drivers").strip()
+    folder = g("case-sensitive-path", f"{facts.systemroot or '/Windows'}/System32/drivers").strip()
     out = {}
     for driver, info in drivers.items():
         dest = f"{folder}/{driver}.sys"

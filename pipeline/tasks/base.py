@@ -1,5 +1,10 @@
 """The base of every per-image step: receipts, fingerprints, cheap ``complete()``, canonical log line.
 
+A task is wiring only: :meth:`ImageTask.step_input` builds the step's input dataclass from the config
+and the typed results of the steps before it (:meth:`ImageTask.upstream_result`), :meth:`ImageTask.execute`
+calls the step function, and the base stores a :class:`~pipeline.core.receipts.Receipt` of its result.
+The fingerprint is derived from the input (:func:`pipeline.core.receipts.fingerprint_of`).
+
 Luigi traps designed around:
 - ``complete()`` and ``requires()`` never raise (an exception there leaves a task UNKNOWN): any
   problem reads as "not complete" and the real error surfaces from ``run()``.
@@ -18,7 +23,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import luigi
 
@@ -27,7 +32,8 @@ from pipeline.app import progress
 from pipeline.core import atomic, log, receipts
 from pipeline.core.config import Config, ImageConfig, load_config
 from pipeline.core.env import force_tcg_from_env
-from pipeline.core.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError, InputError
+from pipeline.core.receipts import Outcome, R, Receipt
 
 _config_cache: dict[tuple[str, int], Config] = {}
 
@@ -45,13 +51,18 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class ImageTask(luigi.Task):
-    """One step of one image. Subclasses set ``step`` and implement ``fingerprint``/``execute``."""
+U = TypeVar("U", bound=receipts.StepResult)
+
+
+class ImageTask(luigi.Task, Generic[R]):
+    """One step of one image. Subclasses set ``step`` and ``result_type`` (a class with
+    ``from_dict``) and implement ``step_input``/``execute``."""
 
     config_path = luigi.Parameter(description="path of the YAML config the image comes from")
     image_id = luigi.Parameter(description="id of the image in the config")
 
     step: ClassVar[str] = "?"
+    result_type: ClassVar[Any]
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -74,10 +85,10 @@ class ImageTask(luigi.Task):
     def error_path(self) -> Path:
         return self.image.image_dir / f"{self.step}.error.json"
 
-    def upstream(self) -> ImageTask | None:
+    def upstream(self) -> ImageTask[Any] | None:
         return None
 
-    def requires(self) -> list[ImageTask]:
+    def requires(self) -> list[ImageTask[Any]]:
         try:
             up = self.upstream()
         except Exception:  # never raise here: the error surfaces from run()
@@ -88,19 +99,43 @@ class ImageTask(luigi.Task):
         return luigi.LocalTarget(str(self.receipt_path))
 
     def receipt(self) -> dict[str, Any] | None:
+        """The receipt as stored (JSON)."""
         return receipts.read(self.receipt_path)
 
-    def upstream_receipt(self) -> dict[str, Any]:
+    def typed_receipt(self) -> Receipt[R] | None:
+        """The receipt with its typed result; None when absent or of an older shape."""
+        return receipts.parse_receipt(self.receipt(), self.result_type.from_dict)
+
+    def result(self) -> R | None:
+        r = self.typed_receipt()
+        return r.result if r is not None else None
+
+    def upstream_result(self, task: type[ImageTask[U]]) -> U:
+        """The typed result of the earlier step ``task`` of this image (raises when it has none)."""
         up = self.upstream()
-        r = up.receipt() if up is not None else None
-        return r or {}
+        while up is not None and not isinstance(up, task):
+            up = up.upstream()
+        if up is None:
+            raise InputError(f"no {task.step} step before {self.step}", image_id=str(self.image_id),
+                             step=self.step)
+        res: U | None = up.result()
+        if res is None:
+            raise InputError(f"{task.step} has not produced a result yet", image_id=str(self.image_id),
+                             step=self.step)
+        return res
+
+    def step_input(self) -> Any:
+        """The step function's input dataclass, from the config and the upstream results."""
+        raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
-        """Everything the step's result depends on, from stat and small files only."""
+        """Everything the step's result depends on, from stat and small files only: the step's
+        input (:func:`receipts.fingerprint_of`) and the run of the step before."""
         up = self.upstream()
         fp: dict[str, Any] = {"gho2kvm": __version__}
         if up is not None:
             fp["upstream_run_id"] = (up.receipt() or {}).get("run_id")
+        fp.update(receipts.fingerprint_of(self.step_input()))
         return fp
 
     # ------------------------------------------------------------------ completeness
@@ -111,7 +146,10 @@ class ImageTask(luigi.Task):
             why = up.stale_reason()
             if why is not None:
                 return f"{up.step}: {why}"
-        return receipts.why_stale(self.receipt(), self.fingerprint())
+        raw = self.receipt()
+        if raw is not None and self.typed_receipt() is None:
+            return "receipt of an older version (result unreadable)"
+        return receipts.why_stale(raw, self.fingerprint())
 
     def complete(self) -> bool:
         try:
@@ -120,8 +158,8 @@ class ImageTask(luigi.Task):
             return False
 
     # ------------------------------------------------------------------ running
-    def execute(self) -> dict[str, Any]:
-        """Do the work; return ``{"result": ..., "outputs": {name: path}, "bytes_read": n, ...}``."""
+    def execute(self) -> Outcome[R]:
+        """Do the work: call the step function on :meth:`step_input`; return its result and files."""
         raise NotImplementedError
 
     def progress(self, percent: float | None = None, message: str | None = None) -> None:
@@ -134,7 +172,7 @@ class ImageTask(luigi.Task):
             pass
         progress.report(str(self.image_id), self.step, "progress", percent, message)
 
-    def fingerprint_after(self, fingerprint: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    def fingerprint_after(self, fingerprint: dict[str, Any], out: Outcome[R]) -> dict[str, Any]:
         """The fingerprint the receipt stores: the one taken before the work, plus inputs known only
         after it (a VMDK's extent files), so that the receipt is written once, complete."""
         return fingerprint
@@ -174,28 +212,20 @@ class ImageTask(luigi.Task):
             progress.report(image.id, self.step, "failed", message=msg)
             raise
         fingerprint = self.fingerprint_after(fingerprint, out)
-        outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.get("outputs", {}).items()}
+        outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.outputs.items()}
         duration = round(time.monotonic() - t0, 2)
-        receipt = {
-            "step": self.step,
-            "image_id": image.id,
-            "run_id": receipts.new_run_id(),
-            "started": started,
-            "finished": now_iso(),
-            "duration_s": duration,
-            "fingerprint": fingerprint,
-            "outputs": outputs,
-            "bytes_read": out.get("bytes_read", 0),
-            "bytes_written": out.get("bytes_written", sum(o["allocated"] for o in outputs.values())),
-            "warnings": out.get("result", {}).get("warnings", []) if isinstance(out.get("result"), dict)
-            else [],
-            "result": out.get("result", {}),
-        }
-        receipts.write(self.receipt_path, receipt)
+        receipt = Receipt(
+            step=self.step, image_id=image.id, run_id=receipts.new_run_id(), started=started,
+            finished=now_iso(), duration_s=duration, fingerprint=fingerprint, outputs=outputs,
+            bytes_read=out.bytes_read,
+            bytes_written=out.bytes_written if out.bytes_written is not None
+            else sum(o["allocated"] for o in outputs.values()),
+            result=out.result)
+        receipts.write(self.receipt_path, receipt.to_dict())
         self.error_path.unlink(missing_ok=True)
         # the canonical line: one per task
-        logger.info("step done", duration_s=duration, bytes_read=receipt["bytes_read"],
-                    bytes_written=receipt["bytes_written"], warnings=len(receipt["warnings"]))
+        logger.info("step done", duration_s=duration, bytes_read=receipt.bytes_read,
+                    bytes_written=receipt.bytes_written, warnings=len(receipt.warnings))
         progress.report(image.id, self.step, "done")
 
     def on_failure(self, exception: BaseException) -> str:

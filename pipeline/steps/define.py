@@ -1,0 +1,75 @@
+"""The define step: ``domain.xml`` → a persistent libvirt domain (idempotent), then the optional
+boot check (or a plain start)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import BootCheck
+from pipeline.core.errors import TransientError
+from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM, JsonRecord
+
+STEP = "define"
+
+
+@dataclass(frozen=True)
+class DefineInput:
+    image_id: str
+    libvirt_uri: str
+    domain_name: str
+    image_dir: Path = field(metadata=NAMED)  # boot.png goes here
+    autostart: bool = False
+    boot_check: BootCheck = field(default_factory=BootCheck)
+    start: bool = False
+    domain_xml: Path = field(default=Path(), metadata=UPSTREAM)  # xml-render's output
+    attempts: int = field(default=3, metadata=RUNTIME)  # define is retried on a transient libvirt error
+    retry_delay_s: float = field(default=5.0, metadata=RUNTIME)
+
+
+@dataclass(frozen=True)
+class Defined(JsonRecord):
+    action: str  # created | updated | unchanged
+    name: str
+    uuid: str
+    uri: str
+    autostart: bool = False
+    boot_check: Mapping[str, Any] | None = None  # the verdict (pipeline.tools.virt.boot_check)
+    started: Mapping[str, Any] | None = None  # start: true without a boot check
+    screenshot: Path | None = None  # the boot check's last screen
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+
+def define_domain(inp: DefineInput) -> Defined:
+    from pipeline.tools import virt
+
+    xml = inp.domain_xml.read_text(encoding="utf-8")
+    uri, name = inp.libvirt_uri, inp.domain_name
+    with virt.hold(uri, image_id=inp.image_id):
+        for attempt in range(1, inp.attempts + 1):
+            try:
+                res = virt.define(uri, xml, autostart=inp.autostart, image_id=inp.image_id)
+                break
+            except TransientError:
+                if attempt == inp.attempts:
+                    raise
+                time.sleep(inp.retry_delay_s * attempt)
+        boot: dict[str, Any] | None = None
+        started: dict[str, Any] | None = None
+        screenshot: Path | None = None
+        if inp.boot_check:
+            shot = inp.image_dir / "boot.png"
+            boot = virt.boot_check(uri, name, inp.boot_check.seconds, shot, keep_running=inp.start,
+                                   expect=inp.boot_check.expect, image_id=inp.image_id)
+            if shot.exists():
+                screenshot = shot
+        elif inp.start:
+            started = virt.start_domain(uri, name, image_id=inp.image_id)
+    return Defined(action=res.action, name=res.name, uuid=res.uuid, uri=res.uri, autostart=res.autostart,
+                   boot_check=boot, started=started, screenshot=screenshot)

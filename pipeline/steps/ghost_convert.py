@@ -1,0 +1,80 @@
+"""The ghost-convert step: ``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw``
+(the native reader, strict: an advisory mismatch stops the migration here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import GhostConfig
+from pipeline.core.receipts import NAMED
+
+STEP = "ghost-convert"
+
+
+@dataclass(frozen=True)
+class GhostInput:
+    """The image file, its ``.GHS`` spans and the ``ghost`` section of the config."""
+
+    image_id: str
+    source: Path
+    image_dir: Path = field(metadata=NAMED)  # where the disk is written
+    spans: tuple[Path, ...] = ()
+    ghost: GhostConfig = field(default_factory=GhostConfig)
+
+
+@dataclass(frozen=True)
+class GhostConvertResult:
+    """The disk the next steps read and the backend's own record (``details``: Ghost's argv, spans
+    and outputs, or the native reader's partitions, files and warnings)."""
+
+    disk: Path
+    disk_format: str  # vmdk | raw
+    backend: str  # exe | native
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.details.get("warnings") or ())
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        """The files made (name → path): every Ghost output, or the native reader's disk."""
+        if self.backend == "exe":
+            return {Path(o["path"]).name: Path(o["path"]) for o in self.details.get("outputs", [])}
+        return {"disk": self.disk}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.details, "backend": self.backend, "disk": str(self.disk),
+                "disk_format": self.disk_format}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GhostConvertResult:
+        details = {k: v for k, v in data.items() if k not in ("backend", "disk", "disk_format")}
+        return cls(disk=Path(data["disk"]), disk_format=str(data["disk_format"]),
+                   backend=str(data.get("backend", "exe")), details=details)
+
+
+def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None = None) -> GhostConvertResult:
+    say = progress or (lambda _p: None)
+    g = inp.ghost
+    if g.backend == "exe":
+        from pipeline.tools import ghost_exe
+
+        res = ghost_exe.convert(g, inp.source, inp.image_dir, image_id=inp.image_id, progress=say)
+        return GhostConvertResult(disk=inp.image_dir / "ghost.vmdk", disk_format="vmdk", backend="exe",
+                                  details=res.to_dict())
+    from pipeline.gho import extract
+
+    password = g.password(inp.image_id, STEP)
+    disk = inp.image_dir / "ghost.raw"
+
+    def on_progress(done: int, total: int) -> None:
+        if total:
+            say(100.0 * done / total)
+
+    # strict: an advisory mismatch (checksum, catalogue, header copy) stops the migration here
+    native = extract(inp.source, disk, password=password, progress=on_progress, strict=True)
+    return GhostConvertResult(disk=disk, disk_format="raw", backend="native", details=native.to_dict())
