@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.app import fakedisk  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.steps.convert import convert_disk  # noqa: E402
+from pipeline.steps.convert import ConvertInput, convert_disk  # noqa: E402
 
 BENCH = REPO / "var" / "bench"
 IMAGE_ID = "bench"
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         drop_file(src)
         drop_file(overlay)
         t0 = time.monotonic()
-        convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
+        convert_disk(ConvertInput(image_id=IMAGE_ID, final_disk=base_image.final_disk,
+                                  format=base_image.format, verify=verify, src=overlay, src_format="qcow2"))
         samples["ours+verify" if verify else "ours"].append(time.monotonic() - t0)
         shutil.rmtree(run_dir / "direct")
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     other = total_written - overlay_alloc - final_alloc
     step_s = conv["duration_s"]
     qi_s = conv["result"]["convert_seconds"]
-    vf_s = conv["result"].get("verify_seconds", 0.0)
+    vf_s = conv["result"].get("verify_seconds") or 0.0
 
     mib = 2**20
     qv = conv["result"].get("qemu_img_version")

@@ -7,6 +7,7 @@ from it). Other sources (VMDK, Ghost's own executable, raw) only get a warning, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import subprocess
 from dataclasses import replace
@@ -20,8 +21,8 @@ from fx_pipeline import make_config
 from pipeline.app.fakedisk import XP
 from pipeline.core.config import ImageConfig, load_config
 from pipeline.guest import disksig
-from pipeline.steps.inspect import inspect
-from pipeline.steps.registry_merge import registry_merge
+from pipeline.steps.inspect import InspectInput, inspect_image
+from pipeline.steps.registry_merge import MergeInput, registry_merge
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 EXPECTED = 0x0BADC0DE  # what the guest's registry says; the disk itself carries parted's signature
@@ -58,11 +59,12 @@ def phony(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cached = _build("xp-mounted-c.raw", replace(XP, mounted_c_signature=EXPECTED))
     tmp = tmp_path_factory.mktemp("disksig")
     raw = private_copy(cached, tmp / "src")
-    return {"raw": raw, "sha": _sha(raw), "facts": inspect(raw, "sig", force_tcg=True), "tmp": tmp}
+    facts = inspect_image(InspectInput(raw, "sig", force_tcg=True))
+    return {"raw": raw, "sha": _sha(raw), "facts": facts, "tmp": tmp}
 
 
 def test_inspect_reads_both_signatures(phony: dict[str, Any]) -> None:
-    ds = phony["facts"]["disk_signature"]
+    ds = phony["facts"].disk_signature
     mbr = int.from_bytes(phony["raw"].read_bytes()[440:444], "little")
     assert ds["mbr"] == f"0x{mbr:08x}" and ds["registry"] == "0x0badc0de" and ds["matches"] is False
     assert ds["registry_partition"] == 1 and ds["registry_offset"] > 0 and ds["note"] is None
@@ -72,12 +74,14 @@ def test_native_rebuild_gets_the_expected_signature_in_the_overlay(phony: dict[s
     tmp = phony["tmp"] / "native"
     image = _image(tmp, "XP.GHO", "native")
     assert image.ghost.backend == "native"
-    res = registry_merge(image, phony["facts"], phony["raw"], "raw", force_tcg=True)
-    sig = res["disk_signature"]
+    res = registry_merge(MergeInput.from_config(image, phony["facts"], phony["raw"], "raw", force_tcg=True))
+    sig = res.disk_signature
+    assert sig is not None
     assert sig["action"] == "fixed" and sig["verified"] is True and sig["registry"] == "0x0badc0de"
-    assert sig["warnings"] == [] and res["warnings"] == []
-    assert sig["mbr"] == phony["facts"]["disk_signature"]["mbr"]
-    first = _first_sector(Path(res["overlay"]), "qcow2", tmp)
+    assert sig["warnings"] == [] and res.warnings == ()
+    assert sig["mbr"] == phony["facts"].disk_signature["mbr"]
+    assert res.overlay is not None
+    first = _first_sector(res.overlay, "qcow2", tmp)
     src = phony["raw"].read_bytes()[:512]
     assert int.from_bytes(first[440:444], "little") == EXPECTED
     assert first[:440] + first[444:] == src[:440] + src[444:]  # nothing else changed
@@ -100,26 +104,29 @@ def test_other_sources_mismatch_is_only_a_warning(phony: dict[str, Any], source:
     image = _image(tmp, source, "vm")
     image = replace(image, ghost=replace(image.ghost, backend=backend))
     g: Any = _NoAppliance()
-    sig = disksig.reconcile(g, image, phony["facts"], step="registry-merge")
+    sig = disksig.reconcile(g, phony["facts"], image_id=image.id,
+                            rebuilt_natively=disksig.rebuilt_natively(image), step="registry-merge")
     assert sig["action"] == "warning" and sig["verified"] is None
     [w] = sig["warnings"]
     assert "0x0badc0de" in w and "MountedDevices" in w and sig["mbr"] in w
-    assert sig["mbr"] == phony["facts"]["disk_signature"]["mbr"]
+    assert sig["mbr"] == phony["facts"].disk_signature["mbr"]
 
 
 def test_matching_or_unknown_signature_needs_nothing(phony: dict[str, Any]) -> None:
     image = _image(phony["tmp"] / "same", "XP.GHO", "same")
     g: Any = _NoAppliance()
-    for ds in ({**phony["facts"]["disk_signature"], "matches": True}, {"mbr": "0x1", "registry": None}, None):
-        facts = {**phony["facts"], "disk_signature": ds}
-        got = disksig.reconcile(g, image, facts, step="registry-merge")
+    for ds in ({**phony["facts"].disk_signature, "matches": True}, {"mbr": "0x1", "registry": None}, None):
+        facts = dataclasses.replace(phony["facts"], disk_signature=ds)
+        got = disksig.reconcile(g, facts, image_id=image.id, rebuilt_natively=disksig.rebuilt_natively(image),
+                                step="registry-merge")
         assert got["action"] == "none" and got["warnings"] == []
 
 
 def test_offset_without_a_partition_is_warned(phony: dict[str, Any]) -> None:
     image = _image(phony["tmp"] / "off", "xp.vmdk", "off")
-    ds = {**phony["facts"]["disk_signature"], "matches": True, "registry_partition": None,
+    ds = {**phony["facts"].disk_signature, "matches": True, "registry_partition": None,
           "note": "\\DosDevices\\C: names byte offset 512, where no partition starts"}
     g: Any = _NoAppliance()
-    got = disksig.reconcile(g, image, {**phony["facts"], "disk_signature": ds}, step="registry-merge")
+    got = disksig.reconcile(g, dataclasses.replace(phony["facts"], disk_signature=ds), image_id=image.id,
+                            rebuilt_natively=disksig.rebuilt_natively(image), step="registry-merge")
     assert got["action"] == "none" and "offset 512" in got["warnings"][0]

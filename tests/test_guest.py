@@ -1,8 +1,9 @@
-"""Guest readiness, fix sets per version, virtio trees and .reg control-set findings on facts dicts
+"""Guest readiness, fix sets per version, virtio trees and .reg control-set findings on inspect facts
 (no appliance: the facts are what inspect stores)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,18 @@ from pipeline.guest import windows as guest
 from pipeline.registry import builtin
 from pipeline.registry.plan import control_set_findings, map_key, plan, remap_control_sets
 from pipeline.registry.regfile import RegSyntaxError, parse_text
-from pipeline.steps.registry_merge import collect_ops, plan_warnings
+from pipeline.steps.inspect import InspectFacts
+from pipeline.steps.registry_merge import MergeInput, collect_ops, plan_warnings
 
 IDE = {"atapi.sys": True, "intelide.sys": True, "pciide.sys": True, "pciidex.sys": True}
 
 
 def facts(major: int, minor: int, product: str, arch: str = "i386", *, extra: tuple[str, ...] = (),
-          services: dict[str, int | None] | None = None, ccs: str = "ControlSet001") -> dict[str, Any]:
+          services: dict[str, int | None] | None = None, ccs: str = "ControlSet001") -> InspectFacts:
     present = {f: IDE.get(f, False) or f in extra for f in guest.DRIVER_FILES}
-    return {"os": "windows", "major_version": major, "minor_version": minor, "product_name": product,
-            "arch": arch, "drivers_present": present, "services": services or {},
-            "current_control_set": ccs}
+    return InspectFacts(os="windows", major_version=major, minor_version=minor, product_name=product,
+                        arch=arch, drivers_present=present, services=services or {},
+                        current_control_set=ccs)
 
 
 XP = facts(5, 1, "Microsoft Windows XP")
@@ -41,7 +43,7 @@ W2019 = facts(10, 0, "Windows Server 2019 Standard", "x86_64", extra=("storahci.
 W7_WITH_VIOSTOR = facts(6, 1, "Windows 7 Professional", "x86_64",
                         extra=("msahci.sys", "viostor.sys", "netkvm.sys"),
                         services={"viostor": 0, "netkvm": 3})
-LINUX = {"os": "unknown", "os_type": "linux"}
+LINUX = InspectFacts(os="unknown", os_type="linux")
 
 
 @pytest.mark.parametrize(("f", "fam", "name"), [
@@ -49,7 +51,7 @@ LINUX = {"os": "unknown", "os_type": "linux"}
     (W7, "nt6", "Windows 7"), (W2008R2, "nt6", "Windows Server 2008 R2"), (W81, "nt62", "Windows 8.1"),
     (W10, "nt62", "Windows 10"), (W2019, "nt62", "Windows Server 2019"), (LINUX, None, None),
 ])
-def test_family_and_name(f: dict[str, Any], fam: str | None, name: str | None) -> None:
+def test_family_and_name(f: InspectFacts, fam: str | None, name: str | None) -> None:
     assert guest.facts_family(f) == fam
     if name:
         assert guest.guest_name(f) == name
@@ -70,7 +72,7 @@ def test_family_and_name(f: dict[str, Any], fam: str | None, name: str | None) -
     (facts(10, 0, "Windows 10 Pro", "x86_64"), "sata",
      "image 'g1': disk_bus 'sata': Windows 10 has no storahci.sys"),
 ])
-def test_bus_the_guest_cannot_drive_is_refused(f: dict[str, Any], bus: str, expected: str) -> None:
+def test_bus_the_guest_cannot_drive_is_refused(f: InspectFacts, bus: str, expected: str) -> None:
     r = guest.decide("g1", bus, None, f)
     assert len(r.refusals) == 1 and r.refusals[0].startswith(expected)
     with pytest.raises(InputError) as exc:
@@ -81,7 +83,7 @@ def test_bus_the_guest_cannot_drive_is_refused(f: dict[str, Any], bus: str, expe
 @pytest.mark.parametrize(("f", "bus"), [(XP, "ide"), (W2003, "ide"), (VISTA, "sata"), (W7, "sata"),
                                         (W7, "ide"), (W10, "sata"), (W10, "ide"), (W7_WITH_VIOSTOR, "virtio"),
                                         (LINUX, "sata"), (LINUX, "virtio")])
-def test_bus_the_guest_can_drive(f: dict[str, Any], bus: str) -> None:
+def test_bus_the_guest_can_drive(f: InspectFacts, bus: str) -> None:
     r = guest.decide("g1", bus, None, f)
     assert r.refusals == () and r.disk_bus == bus
 
@@ -91,7 +93,7 @@ def test_bus_the_guest_can_drive(f: dict[str, Any], bus: str) -> None:
     (W7, "e1000", None), (W7, "rtl8139", "ships no RTL8139 driver"), (W10, "rtl8139", "ships no RTL8139"),
     (XP, "virtio", "has no netkvm.sys"), (W7_WITH_VIOSTOR, "virtio", None),
 ])
-def test_nic_without_driver_is_a_warning(f: dict[str, Any], nic: str, warned: str | None) -> None:
+def test_nic_without_driver_is_a_warning(f: InspectFacts, nic: str, warned: str | None) -> None:
     r = guest.decide("g1", "ide", nic, f)
     assert r.refusals == () and r.nic_model == nic
     assert [w for w in r.warnings if warned and warned in w] if warned else r.warnings == ()
@@ -134,7 +136,7 @@ def test_virtio_switch_over_decisions() -> None:
     (XP, ("xp",)), (W2003, ("2k3",)), (VISTA, ("2k8",)), (W7, ("w7",)), (W2008R2, ("2k8R2",)),
     (W81, ("w8.1",)), (W10, ("w10", "w11")), (W2019, ("2k19",)),
 ])
-def test_virtio_os_dirs(f: dict[str, Any], dirs: tuple[str, ...]) -> None:
+def test_virtio_os_dirs(f: InspectFacts, dirs: tuple[str, ...]) -> None:
     assert guest.virtio_os_dirs(f) == dirs
 
 
@@ -234,14 +236,14 @@ def _image(tmp_path: Path, **kw: Any) -> ImageConfig:
 
 
 def test_user_reg_warnings_and_remap_in_collect_ops(tmp_path: Path) -> None:
-    ops, warnings = collect_ops(_image(tmp_path), W7)
+    ops, warnings = collect_ops(MergeInput.from_config(_image(tmp_path), W7))
     assert any("names ControlSet001, but the guest boots from ControlSet002" in w for w in warnings)
     assert any("%(cset)s" in w for w in warnings)
     assert any(op.key.startswith(r"HKEY_LOCAL_MACHINE\SYSTEM\ControlSet001") for op in ops)
-    ops, warnings = collect_ops(_image(tmp_path, registry_remap_controlset=True), W7)
+    ops, warnings = collect_ops(MergeInput.from_config(_image(tmp_path, registry_remap_controlset=True), W7))
     assert any("ControlSet001 remapped to the live ControlSet002" in w for w in warnings)
     assert not any(op.key.startswith(r"HKEY_LOCAL_MACHINE\SYSTEM\ControlSet001") for op in ops)
-    xp_cs2 = XP | {"current_control_set": "ControlSet002"}
+    xp_cs2 = dataclasses.replace(XP, current_control_set="ControlSet002")
     refusals, plan_w = plan_warnings(_image(tmp_path, disk_bus="sata"), xp_cs2)
     assert refusals == ["image 'w7': disk_bus 'sata': Windows XP has no AHCI driver; use ide, or virtio with "
                         "virtio.drivers"]
@@ -259,5 +261,5 @@ def test_virtio_config_is_part_of_readiness(tmp_path: Path) -> None:
     from pipeline.steps.registry_merge import readiness
 
     img = _image(tmp_path, virtio=VirtioConfig(drivers=tmp_path / "vw"))
-    assert readiness(img, XP).disk_bus == "virtio"
-    assert readiness(img, XP, installed=[]).disk_bus == "ide"
+    assert readiness(MergeInput.from_config(img, XP)).disk_bus == "virtio"
+    assert readiness(MergeInput.from_config(img, XP), installed=[]).disk_bus == "ide"

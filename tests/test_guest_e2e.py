@@ -28,8 +28,8 @@ from fx_pipeline import make_config, receipt, run_cli
 
 from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
-from pipeline.steps.inspect import guest_facts
-from pipeline.steps.registry_merge import collect_ops, registry_merge
+from pipeline.steps.inspect import InspectFacts, guest_facts
+from pipeline.steps.registry_merge import MergeInput, collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
@@ -92,7 +92,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, w2003_raw: Path, win7_raw: Pa
     # Windows 10: real inspection, then the 6.2+ set
     r.w10_facts = guest_facts(win10_raw, "raw", "w10", force_tcg=True)
     w10 = ImageConfig(id="w10", source=win10_raw, workdir=root / "work", virtio=VirtioConfig(drivers=tree))
-    r.w10 = registry_merge(w10, r.w10_facts, win10_raw, "raw", force_tcg=True)
+    r.w10 = registry_merge(MergeInput.from_config(w10, InspectFacts.from_dict(r.w10_facts), win10_raw, "raw",
+                                                  force_tcg=True)).to_dict()
 
     # Windows 7 on ControlSet002: MergeIDE-style file naming ControlSet001, remapped; virtio folder
     reg = root / "mergeide-cs001.reg"
@@ -100,9 +101,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, w2003_raw: Path, win7_raw: Pa
     w7 = ImageConfig(id="w7", source=win7_raw, workdir=root / "work", disk_bus="sata",
                      registry=("mergeide", str(reg)), registry_remap_controlset=True,
                      virtio=VirtioConfig(drivers=tree))
-    w7_facts = _facts(fakedisk.WIN7)
-    r.w7_warnings_without_remap = collect_ops(replace(w7, registry_remap_controlset=False), w7_facts)[1]
-    r.w7 = registry_merge(w7, w7_facts, win7_raw, "raw", force_tcg=True)
+    w7_facts = InspectFacts.from_dict(_facts(fakedisk.WIN7))
+    r.w7_warnings_without_remap = collect_ops(
+        MergeInput.from_config(replace(w7, registry_remap_controlset=False), w7_facts))[1]
+    r.w7 = registry_merge(MergeInput.from_config(w7, w7_facts, win7_raw, "raw", force_tcg=True)).to_dict()
 
     # Windows Server 2003 through the CLI, virtio-win ISO, empty CD-ROM
     (root / "cli").mkdir()

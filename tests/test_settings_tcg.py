@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fx_pipeline import make_config
+from fx_receipts import write_chain
 
 from pipeline.tasks import steps
 from pipeline.tools import virt
@@ -15,6 +16,7 @@ def _xml_render(tmp: Path, settings: dict[str, object] | None) -> steps.XmlRende
     src = tmp / "d.raw"
     src.write_bytes(b"\0" * 512)
     cfg = make_config(tmp, [{"id": "a", "source": src}], settings=settings)
+    write_chain(cfg, "a", until="convert")  # the facts xml-render reads
     return steps.XmlRender(config_path=str(cfg), image_id="a")
 
 
@@ -45,5 +47,5 @@ def test_yaml_force_tcg_reaches_host_caps(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(virt, "host_caps_for_uri", spy)
     task = _xml_render(tmp_path, {"force_tcg": True})
-    task.execute()  # no upstream facts: a plain domain for test:///default
+    task.execute()  # a plain domain for test:///default
     assert seen["prefer_kvm"] is False

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import InputError
+from pipeline.core.receipts import RUNTIME
 from pipeline.core.safeio import MiB, escape, file_kind, read_capped, shown
 from pipeline.domain.choices import (
     DEFAULT_DISK_CACHE,
@@ -60,7 +61,7 @@ class GhostConfig:
     vmdk_split_mb: int | None = None
     adapter: str = "ide"  # ide | lsilogic | buslogic
     password_env: str | None = None
-    timeout_s: int = 14400
+    timeout_s: int = field(default=14400, metadata=RUNTIME)  # not an input: changes nothing made
 
     def password(self, image_id: str, step: str = "ghost-convert") -> str | None:
         """The image password from the environment variable named by ``password_env`` (None if none)."""
