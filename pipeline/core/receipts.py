@@ -1,9 +1,10 @@
 """Receipts: the JSON file each step writes last, next to its artifact.
 
-A receipt records what the step did and the *fingerprint* of its inputs: files by path/size/mtime
-(never their content for disk images), small files (``.reg``) by content hash, the config fields the
-step uses, tool versions and the ``run_id`` of the upstream receipt. ``is_current`` compares a
-receipt with freshly computed inputs using only ``stat`` and small reads, and never raises.
+A receipt (:class:`Receipt`, generic in the step's result type) records what the step did and the
+*fingerprint* of its inputs, derived from the step's input dataclass (:func:`fingerprint_of`): files
+by path/size/mtime (never their content for disk images), small files (``.reg``) by content hash,
+config values as JSON, and the ``run_id`` of the upstream receipt. ``why_stale`` compares a receipt
+with freshly computed inputs using only ``stat`` and small reads, and never raises.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ HASHED = {FP: "content"}  # a small file (``.reg``): by content hash
 NAMED = {FP: "name"}  # a path whose content is no input (an output, a location): by name only
 UPSTREAM = {FP: "upstream"}  # an upstream step's result: covered by ``upstream_run_id``
 RUNTIME = {FP: "runtime"}  # how the step runs, not what it makes (force_tcg for libguestfs, a timeout)
-_SKIPPED = ("upstream", "runtime")
+#: read only to refuse early, before anything is written; the later step whose result depends on it
+#: has it in its own fingerprint (registry-merge checks the disk bus that xml-render decides)
+PREFLIGHT = {FP: "preflight"}
+_SKIPPED = ("upstream", "runtime", "preflight")
 
 
 def fingerprint_of(value: Any, how: str | None = None) -> Any:

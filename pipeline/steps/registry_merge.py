@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.core import atomic, log
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
-from pipeline.core.receipts import HASHED, NAMED, RUNTIME, UPSTREAM, JsonRecord
+from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
 from pipeline.guest import disksig, virtio
 from pipeline.guest import windows as guest
 from pipeline.registry import builtin, hive, regfile
@@ -40,10 +40,6 @@ from pipeline.tools.guestfs import Guestfish
 
 STEP = "registry-merge"
 OVERLAY = "overlay.qcow2"
-
-#: a field read only to refuse early, before anything is written: the step whose result depends on
-#: it (xml-render, where the bus and NIC are decided) has it in its own fingerprint
-PREFLIGHT = RUNTIME
 
 
 @dataclass(frozen=True)
