@@ -11,11 +11,11 @@ Luigi traps designed around:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
-import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,10 +26,30 @@ from pipeline import __version__
 from pipeline.app import progress
 from pipeline.core import atomic, log, receipts
 from pipeline.core.config import Config, ImageConfig, load_config
-from pipeline.core.env import force_tcg_from_env
 from pipeline.core.errors import Gho2KvmError
+from pipeline.core.settings import Settings
 
 _config_cache: dict[tuple[str, int], Config] = {}
+_settings: dict[str, Settings] = {}  # config path → the settings the CLI resolved (flags included)
+
+#: Test seam, never set in production: called with the task after its work, before its receipt is
+#: written (the worst moment for resumability). Tests install one with :func:`set_after_work_hook`.
+AfterWork = Callable[["ImageTask"], None]
+_after_work: AfterWork | None = None
+
+
+def set_after_work_hook(hook: AfterWork | None) -> None:
+    """Install (or, with None, remove) the test seam run after each step's work."""
+    global _after_work
+    _after_work = hook
+
+
+def use_config(cfg: Config) -> None:
+    """Make the tasks of this process (and of the workers it forks) see ``cfg`` as the CLI built it:
+    its settings (YAML, environment, flags) also hold when the file is reloaded after an edit."""
+    path = os.path.abspath(cfg.path)
+    _settings[path] = cfg.settings
+    _config_cache[(path, os.stat(path).st_mtime_ns)] = cfg
 
 
 def get_config(path: str) -> Config:
@@ -37,7 +57,10 @@ def get_config(path: str) -> Config:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns)
     if key not in _config_cache:
-        _config_cache[key] = load_config(path)
+        cfg = load_config(path)
+        if key[0] in _settings:
+            cfg = dataclasses.replace(cfg, settings=_settings[key[0]])
+        _config_cache[key] = cfg
     return _config_cache[key]
 
 
@@ -64,7 +87,8 @@ class ImageTask(luigi.Task):
 
     @property
     def force_tcg(self) -> bool:
-        return self.config.settings.force_tcg or force_tcg_from_env()
+        """``settings.force_tcg`` (YAML, ``GHO2KVM_FORCE_TCG`` or ``--force-tcg``; resolved once)."""
+        return self.config.settings.force_tcg
 
     @property
     def receipt_path(self) -> Path:
@@ -160,7 +184,8 @@ class ImageTask(luigi.Task):
         fingerprint = self.fingerprint()
         try:
             out = self.execute()
-            _inject_failure(self.step, "after")
+            if _after_work is not None:
+                _after_work(self)
         except BaseException as e:
             duration = round(time.monotonic() - t0, 2)
             msg = error_line(e)
@@ -218,17 +243,3 @@ def _step_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _inject_failure(step: str, when: str) -> None:
-    """Test hook: ``GHO2KVM_INJECT_FAILURE=<step>[:kill]`` fails (or SIGKILLs) a step after its work,
-    before its receipt is written: the worst moment for resumability."""
-    spec = os.environ.get("GHO2KVM_INJECT_FAILURE", "")
-    if not spec:
-        return
-    name, _, how = spec.partition(":")
-    if name != step:
-        return
-    if how == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure in {step} ({when} its work)")
