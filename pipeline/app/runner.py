@@ -36,7 +36,7 @@ from pipeline.core.choices import Scheduler
 from pipeline.core.config import Config
 from pipeline.core.errors import InputError
 from pipeline.tasks import MigrateAll
-from pipeline.tasks.base import ImageTask, error_line, now_iso, use_config
+from pipeline.tasks.base import ImageTask, error_line, hooks, now_iso, use_config
 from pipeline.tools import screen
 
 
@@ -66,6 +66,7 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1) -> int:
     use_config(cfg)
     record_failures()
     virt.quiet_errors()
+    hooks.progress = progress.report
     scheduler = cfg.settings.scheduler
     kwargs: dict[str, Any] = {"workers": workers, "detailed_summary": True}
     url = None

@@ -16,6 +16,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,6 @@ from typing import Any, ClassVar
 import luigi
 
 from pipeline import __version__
-from pipeline.app import progress
 from pipeline.core import atomic, log, receipts
 from pipeline.core.config import Config, ImageConfig, load_config
 from pipeline.core.errors import Gho2KvmError
@@ -32,16 +32,24 @@ from pipeline.core.settings import Settings
 _config_cache: dict[tuple[str, int], Config] = {}
 _settings: dict[str, Settings] = {}  # config path → the settings the CLI resolved (flags included)
 
-#: Test seam, never set in production: called with the task after its work, before its receipt is
-#: written (the worst moment for resumability). Tests install one with :func:`set_after_work_hook`.
+#: ``(image_id, step, event, percent, message)``; event: start | progress | done | failed
+ProgressSink = Callable[[str, str, str, "float | None", "str | None"], None]
 AfterWork = Callable[["ImageTask"], None]
-_after_work: AfterWork | None = None
 
 
-def set_after_work_hook(hook: AfterWork | None) -> None:
-    """Install (or, with None, remove) the test seam run after each step's work."""
-    global _after_work
-    _after_work = hook
+@dataclass
+class Hooks:
+    """What the application plugs into the tasks of this process, explicitly (nothing at import);
+    luigi's worker processes are forked, so they inherit it."""
+
+    #: progress events for the terminal display (:func:`pipeline.app.runner.migrate` sets it)
+    progress: ProgressSink | None = None
+    #: test seam, never set in production: called with the task after its work, before its receipt
+    #: is written (the worst moment for resumability); ``tests/inject_cli.py`` sets it
+    after_work: AfterWork | None = None
+
+
+hooks = Hooks()
 
 
 def use_config(cfg: Config) -> None:
@@ -156,7 +164,7 @@ class ImageTask(luigi.Task):
                 self.set_status_message(message)  # type: ignore[misc]
         except Exception:  # progress is best effort (no scheduler attached in unit tests)
             pass
-        progress.report(str(self.image_id), self.step, "progress", percent, message)
+        _report(str(self.image_id), self.step, "progress", percent, message)
 
     def fingerprint_after(self, fingerprint: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         """The fingerprint the receipt stores: the one taken before the work, plus inputs known only
@@ -180,12 +188,12 @@ class ImageTask(luigi.Task):
         t0 = time.monotonic()
         logger = log.get()
         logger.info("step started")
-        progress.report(image.id, self.step, "start")
+        _report(image.id, self.step, "start")
         fingerprint = self.fingerprint()
         try:
             out = self.execute()
-            if _after_work is not None:
-                _after_work(self)
+            if hooks.after_work is not None:
+                hooks.after_work(self)
         except BaseException as e:
             duration = round(time.monotonic() - t0, 2)
             msg = error_line(e)
@@ -196,7 +204,7 @@ class ImageTask(luigi.Task):
                 record["details"] = details
             atomic.write_json(self.error_path, record)
             logger.error("step failed", duration_s=duration, error=msg)
-            progress.report(image.id, self.step, "failed", message=msg)
+            _report(image.id, self.step, "failed", message=msg)
             raise
         fingerprint = self.fingerprint_after(fingerprint, out)
         outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.get("outputs", {}).items()}
@@ -221,13 +229,19 @@ class ImageTask(luigi.Task):
         # the canonical line: one per task
         logger.info("step done", duration_s=duration, bytes_read=receipt["bytes_read"],
                     bytes_written=receipt["bytes_written"], warnings=len(receipt["warnings"]))
-        progress.report(image.id, self.step, "done")
+        _report(image.id, self.step, "done")
 
     def on_failure(self, exception: BaseException) -> str:
         line = error_line(exception)
         if isinstance(exception, Gho2KvmError):
             return line
         return f"[image {self.image_id}, step {self.step}] {line}"
+
+
+def _report(image_id: str, step: str, event: str, percent: float | None = None,
+            message: str | None = None) -> None:
+    if hooks.progress is not None:
+        hooks.progress(image_id, step, event, percent, message)
 
 
 def error_line(e: BaseException) -> str:
