@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.choices import Scheduler
@@ -31,9 +31,6 @@ class Settings:
     scheduler: Scheduler = Scheduler.LOCAL
     scheduler_url: str = "http://127.0.0.1:8082"
     progress: bool = True  # progress bars on a TTY
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 #: settings an environment variable can set: field → variable
