@@ -112,6 +112,18 @@ def test_plan_says_an_earlier_step_runs_for_a_step_whose_own_inputs_are_unchange
     assert reasons[0].startswith("input changed: disk ") and reasons[1] == plan.EARLIER
 
 
+def test_plan_quotes_a_changed_choice_as_the_user_wrote_it(tmp_path: Path) -> None:
+    src = tmp_path / "d.raw"
+    src.write_bytes(b"\0" * 512)
+    path = make_config(tmp_path, [{"id": "a", "source": src}])
+    tasks = chain(str(path), "a")
+    for t in tasks[:3]:
+        done(t)
+    make_config(tmp_path, [{"id": "a", "source": src}], defaults={"format": "qcow2"})
+    reasons = {s: why for _i, s, why in plan.plan_rows(load_config(path))}
+    assert "format 'raw' → 'qcow2'" in reasons["convert"], reasons
+
+
 def test_image_chains_selects_one_image(tmp_path: Path) -> None:
     src = tmp_path / "d.raw"
     src.write_bytes(b"\0" * 512)

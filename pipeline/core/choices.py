@@ -14,26 +14,34 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class DiskFormat(StrEnum):
+class Choice(StrEnum):
+    """A closed choice; its ``repr`` is the plain value's (``'qcow2'``), as in messages and the
+    "input changed" lines of ``plan`` that quote old and new values."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class DiskFormat(Choice):
     """``format``: the final disk's format."""
 
     RAW = "raw"
     QCOW2 = "qcow2"
 
 
-class DiskBus(StrEnum):
+class DiskBus(Choice):
     IDE = "ide"
     SATA = "sata"
     VIRTIO = "virtio"
 
 
-class NicModel(StrEnum):
+class NicModel(Choice):
     RTL8139 = "rtl8139"
     E1000 = "e1000"
     VIRTIO = "virtio"
 
 
-class DiskCache(StrEnum):
+class DiskCache(Choice):
     """``disk_cache``; ``default`` leaves the attribute out (libvirt's own default)."""
 
     NONE = "none"
@@ -44,7 +52,7 @@ class DiskCache(StrEnum):
     DEFAULT = "default"
 
 
-class DiskIo(StrEnum):
+class DiskIo(Choice):
     NATIVE = "native"
     THREADS = "threads"
     IO_URING = "io_uring"
@@ -57,26 +65,26 @@ DEFAULT_DISK_CACHE = DiskCache.NONE
 DEFAULT_DISK_IO = DiskIo.NATIVE
 
 
-class Firmware(StrEnum):
+class Firmware(Choice):
     BIOS = "bios"
     UEFI = "uefi"
 
 
-class Arch(StrEnum):
+class Arch(Choice):
     """Guest architectures a domain is built for (libvirt's names)."""
 
     X86_64 = "x86_64"
     I686 = "i686"
 
 
-class GhostBackend(StrEnum):
+class GhostBackend(Choice):
     """``ghost.backend``: Ghost's own executable, or the native reader."""
 
     EXE = "exe"
     NATIVE = "native"
 
 
-class PathStyle(StrEnum):
+class PathStyle(Choice):
     """``ghost.path_style``: how the Ghost process spells paths."""
 
     WINE = "wine"
@@ -84,12 +92,12 @@ class PathStyle(StrEnum):
     WINDOWS = "windows"
 
 
-class VmdkType(StrEnum):
+class VmdkType(Choice):
     SPARSE = "sparse"
     FLAT = "flat"
 
 
-class Adapter(StrEnum):
+class Adapter(Choice):
     """``ghost.adapter``: the VMDK's virtual adapter (Ghost's ``-VMDKADAPTER``)."""
 
     IDE = "ide"
@@ -97,7 +105,7 @@ class Adapter(StrEnum):
     BUSLOGIC = "buslogic"
 
 
-class BootExpect(StrEnum):
+class BootExpect(Choice):
     """``boot_check.expect``: ``any`` = every verdict that is not a failure."""
 
     ANY = "any"
@@ -105,13 +113,13 @@ class BootExpect(StrEnum):
     DESKTOP = "desktop"
 
 
-class Scheduler(StrEnum):
+class Scheduler(Choice):
     """``settings.scheduler`` / ``--scheduler``: luigi's local scheduler or a central luigid."""
 
     LOCAL = "local"
     CENTRAL = "central"
 
 
-def values(choice: type[StrEnum]) -> tuple[str, ...]:
+def values(choice: type[Choice]) -> tuple[str, ...]:
     """The allowed values of ``choice`` as plain strings, in declaration order."""
     return tuple(m.value for m in choice)
