@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.app import fakedisk  # noqa: E402
+from pipeline.core.choices import DiskFormat, values  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.settings import resolve  # noqa: E402
 from pipeline.steps.convert import ConvertInput, convert_disk  # noqa: E402
 
 BENCH = REPO / "var" / "bench"
@@ -104,11 +106,11 @@ def make_source(random_mib: int, force_tcg: bool) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--random-mib", type=int, default=1024)
-    p.add_argument("--format", default="raw", choices=("raw", "qcow2"))
+    p.add_argument("--format", default="raw", choices=values(DiskFormat))
     p.add_argument("--keep", action="store_true", help="keep var/bench/run afterwards")
     p.add_argument("--repeat", type=int, default=3, help="timed samples of bare and of convert_disk()")
     a = p.parse_args(argv)
-    force_tcg = os.environ.get("GHO2KVM_FORCE_TCG") == "1"
+    force_tcg = resolve().force_tcg  # GHO2KVM_FORCE_TCG, read the pipeline's way
 
     src = make_source(a.random_mib, force_tcg)
     run_dir = BENCH / "run"

@@ -31,12 +31,16 @@ def make_config(tmp: Path, images: list[dict[str, Any]], defaults: dict[str, Any
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m pipeline ARGS`` as a user would; JSON logs (not a TTY)."""
+            cwd: Path | None = None, inject: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pipeline ARGS`` as a user would; JSON logs (not a TTY).
+
+    ``inject="STEP"`` (or ``"STEP:kill"``) runs the same CLI through ``tests/inject_cli.py``, which
+    fails (or SIGKILLs) STEP after its work, before its receipt."""
     full = dict(os.environ)
     full["GHO2KVM_FORCE_TCG"] = "1"
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+    entry = [str(REPO / "tests" / "inject_cli.py"), inject] if inject else ["-m", "pipeline"]
+    return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True,
                           timeout=timeout, env=full, cwd=str(cwd or REPO))
 
 

@@ -435,3 +435,47 @@ def test_guest_options(cfgdir: Path) -> None:
     assert one.virtio is not None and one.virtio.drivers == cfgdir / "virtio-win"
     assert one.registry_remap_controlset and two.registry_remap_controlset
     assert one.memory_mib is None  # by Windows version at xml-render
+
+
+# ---------------------------------------------------------------------------------------------
+# closed choices: every value of every enum accepted, anything else one line listing them
+
+
+CHOICES = [  # (YAML text with {v}, field, enum)
+    ("format: {v}", "format", "DiskFormat"),
+    ("disk_bus: {v}", "disk_bus", "DiskBus"),
+    ("nic_model: {v}", "nic_model", "NicModel"),
+    ("disk_cache: {v}\n    disk_io: threads", "disk_cache", "DiskCache"),
+    ("disk_io: {v}\n    disk_cache: none", "disk_io", "DiskIo"),
+    ("ghost:\n      backend: {v}\n      command: [ghost64.exe]", "ghost.backend", "GhostBackend"),
+    ("ghost:\n      path_style: {v}", "ghost.path_style", "PathStyle"),
+    ("ghost:\n      vmdk_type: {v}", "ghost.vmdk_type", "VmdkType"),
+    ("ghost:\n      adapter: {v}", "ghost.adapter", "Adapter"),
+    ("boot_check: {{seconds: 5, expect: {v}}}", "boot_check", "BootExpect"),
+]
+
+
+def _image_with(cfgdir: Path, extra: str) -> Path:
+    return write(cfgdir, "images:\n  - id: xp\n    source: disks/old.GHO\n    " + extra + "\n")
+
+
+@pytest.mark.parametrize(("text", "field", "enum"), CHOICES, ids=[c[1] for c in CHOICES])
+def test_every_closed_choice(cfgdir: Path, text: str, field: str, enum: str) -> None:
+    from pipeline.core import choices
+
+    allowed = choices.values(getattr(choices, enum))
+    for v in allowed:
+        img = load_config(_image_with(cfgdir, text.format(v=v))).images[0]
+        obj = img.boot_check.expect if field == "boot_check" else img
+        for part in field.split(".") if field != "boot_check" else ():
+            obj = getattr(obj, part)
+        assert obj == v and isinstance(obj, getattr(choices, enum))
+    err = one_error(_image_with(cfgdir, text.format(v="bogus")))
+    where = "field 'boot_check': expect (line 4): " if field == "boot_check" else f"field '{field}': "
+    assert err.endswith(f"image 'xp': {where}expected one of {', '.join(allowed)}, got 'bogus'"), err
+
+
+def test_settings_scheduler_choice(cfgdir: Path) -> None:
+    path = write(cfgdir, "settings:\n  scheduler: elsewhere\nimages:\n  - {id: xp, source: disks/xp.vmdk}\n")
+    assert one_error(path) == (f"{path}:2: field 'settings.scheduler': expected one of local, central, "
+                               "got 'elsewhere'")

@@ -359,11 +359,11 @@ def test_concurrent_temp_of_this_process_is_kept(tmp_path: Path):
     out.mkdir()
     running = out / f".ghost.tmp-{os.getpid()}-abc"
     running.mkdir()
-    ghost_exe._ACTIVE.add(str(running))
+    fd = ghost_exe.claim(running)  # a conversion of this process is writing into it
     try:
         assert ghost_exe.remove_stale_temps(out) == []
     finally:
-        ghost_exe._ACTIVE.discard(str(running))
+        os.close(fd)
     assert ghost_exe.remove_stale_temps(out) == [running]  # interrupted earlier call of ours
 
 

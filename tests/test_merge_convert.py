@@ -6,7 +6,7 @@ Appliance launches cost 25-60 s each under TCG, so everything runs once per modu
 * ``xp``: the XP disk as a monolithicFlat VMDK with 256 MiB of random data in unpartitioned space
   (so that convert takes long enough to be killed), ``format: raw``, ``registry: [mergeide,
   extra.reg]``. Run 1: ``extra.reg`` malformed → config error, nothing runs. Run 2: file fixed, SIGKILL
-  while qemu-img convert runs. Run 3: ``GHO2KVM_INJECT_FAILURE=convert:kill`` (killed after the work,
+  while qemu-img convert runs. Run 3: ``run_cli(..., inject="convert:kill")`` (killed after the work,
   before the receipt). Run 4: finishes.
 * ``win7``: Windows 7, current control set 2, as a streamOptimized VMDK, ``format: qcow2``, with
   the same (good) ``extra.reg``.
@@ -239,8 +239,7 @@ def _xp_chain(root: Path, vmdk: Path, defaults: dict[str, Any]) -> Runs:
     runs.killed_convert_receipt = (work / "convert.json").exists()
     events += log_events(subprocess.CompletedProcess([], 0, "", (xp_dir / "killed.log").read_text()))
 
-    inject = {"GHO2KVM_INJECT_FAILURE": "convert:kill"}
-    runs.injected = run_cli("migrate", "--config", str(xp_cfg), env=inject)
+    runs.injected = run_cli("migrate", "--config", str(xp_cfg), inject="convert:kill")
     runs.injected_convert_receipt = (work / "convert.json").exists()
     events += log_events(runs.injected)
 

@@ -63,8 +63,9 @@ class Env:
             out[step] = json.loads(p.read_text())["run_id"] if p.exists() else None
         return out
 
-    def migrate(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return run_cli("migrate", "--config", str(self.config), *args, env=env)
+    def migrate(self, *args: str, env: dict[str, str] | None = None,
+                inject: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli("migrate", "--config", str(self.config), *args, env=env, inject=inject)
 
 
 def started(proc: subprocess.CompletedProcess[str], image: str | None = None) -> list[str]:
@@ -110,7 +111,7 @@ def xp_killed(env: Env) -> dict[str, Any]:
     """The expensive resume case: XP migrated with registry-merge SIGKILLed after its work (the whole
     single-worker process dies, as on an OOM kill or power loss), then re-run."""
     env.write()
-    killed = env.migrate(env={"GHO2KVM_INJECT_FAILURE": "registry-merge:kill"})
+    killed = env.migrate(inject="registry-merge:kill")
     after_kill = env.run_ids("xp")
     plan = run_cli("plan", "--config", str(env.config))
     resumed = env.migrate()
@@ -158,7 +159,7 @@ def test_resume_after_cheap_step_failure(env: Env, xp_killed: dict[str, Any], st
     before = env.run_ids("xp")
     # kill: two workers, so luigi runs the step in a child process and the parent reports its death
     workers = ["--workers", "2"] if mode else []
-    failed = env.migrate(*workers, env={"GHO2KVM_INJECT_FAILURE": step + mode})
+    failed = env.migrate(*workers, inject=step + mode)
     assert failed.returncode == 1, failed.stdout + failed.stderr[-2000:]
     i = STEPS.index(step)
     assert started(failed) == list(STEPS[STEPS.index(first): i + 1])
@@ -218,7 +219,7 @@ def test_failed_boot_check_fails_the_image_and_boots_again(env: Env, xp_killed: 
 
 def test_resume_after_inspect_killed(env: Env) -> None:
     env.write(ids=("nw",))
-    killed = env.migrate("--workers", "2", env={"GHO2KVM_INJECT_FAILURE": "inspect:kill"})
+    killed = env.migrate("--workers", "2", inject="inspect:kill")
     assert killed.returncode == 1, killed.stdout + killed.stderr[-2000:]
     row = summary(killed)["nw"]
     assert (row["last"], row["status"]) == ("-", "failed")
@@ -451,7 +452,7 @@ def test_two_workers_share_luigid(env: Env, xp_killed: dict[str, Any], luigid: s
     # a failure disables the task in luigid (retry_count = 0); the next run is the retry and runs it
     env.write(ids=("xp",), memory_mib=next(_bump))
     central = ["--scheduler", "central", "--scheduler-url", luigid]
-    failed = env.migrate(*central, env={"GHO2KVM_INJECT_FAILURE": "define"})
+    failed = env.migrate(*central, inject="define")
     assert failed.returncode == 1
     assert summary(failed)["xp"]["error"].startswith("define: RuntimeError: injected failure")
     disabled = _api(luigid, "task_list", {"status": "DISABLED", "upstream_status": "", "search": ""})

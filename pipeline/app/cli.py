@@ -10,14 +10,19 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.core import log, receipts
+from pipeline.core.choices import Scheduler, values
 from pipeline.core.config import ConfigError, load_config
 from pipeline.core.errors import Gho2KvmError
 from pipeline.core.safeio import escape
 from pipeline.tools.run import Terminated, install_signal_handlers
 
+#: command-line flags that are settings (:mod:`pipeline.core.settings`): option dest → settings field
+SETTING_FLAGS = ("force_tcg", "scheduler", "scheduler_url")
+
 
 def _load(args: argparse.Namespace):
-    return load_config(args.config)
+    """The config with its settings built once: YAML, then environment, then the flags given."""
+    return load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -30,18 +35,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from pipeline.app.runner import migrate
 
     cfg = _load(args)
-    return migrate(cfg, image=args.image or None, workers=args.workers, scheduler=args.scheduler,
-                   scheduler_url=args.scheduler_url)
+    return migrate(cfg, image=args.image or None, workers=args.workers)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import luigi
 
-    from pipeline.app.runner import run_log_path
+    from pipeline.app.runner import record_failures, run_log_path
     from pipeline.tasks import Inspect
+    from pipeline.tasks.base import use_config
 
     cfg = _load(args)
     img = cfg.image(args.image)
+    use_config(cfg)
+    record_failures()
     # stderr carries the one error line; the events (and any traceback) go to the JSON log file
     log.configure(log_file=run_log_path(cfg).with_name(f"inspect-{img.id}-{os.getpid()}.jsonl"))
     log.console_off()
@@ -86,18 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", required=True, type=Path, help="YAML config file")
         sp.add_argument("--image", "-i", required=image_required, default="", help="only this image id")
 
+    def with_force_tcg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--force-tcg", action="store_true", default=None,
+                        help="libguestfs and domains without KVM (default: settings.force_tcg, "
+                             "$GHO2KVM_FORCE_TCG)")
+
     sp = sub.add_parser("validate", help="check a config file and exit")
     with_config(sp)
     sp.set_defaults(func=cmd_validate)
     sp = sub.add_parser("migrate", help="run the pipeline (resumes where it stopped)")
     with_config(sp)
     sp.add_argument("--workers", "-w", type=int, default=1, help="images processed at once")
-    sp.add_argument("--scheduler", choices=("local", "central"), default=None,
+    with_force_tcg(sp)
+    sp.add_argument("--scheduler", choices=values(Scheduler), default=None,
                     help="local scheduler or a central luigid (default from config settings)")
     sp.add_argument("--scheduler-url", default=None, help="luigid URL, e.g. http://127.0.0.1:8082")
     sp.set_defaults(func=cmd_migrate)
     sp = sub.add_parser("inspect", help="inspect one image and print inspect.json")
     with_config(sp, image_required=True)
+    with_force_tcg(sp)
     sp.set_defaults(func=cmd_inspect)
     sp = sub.add_parser("plan", help="print which steps would run and why; touches nothing")
     with_config(sp)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.core import atomic
-from pipeline.core.env import force_tcg_from_env
+from pipeline.core.settings import resolve
 from pipeline.registry import hive
 from pipeline.steps.inspect import ESP_GUID
 from pipeline.tools.guestfs import Guestfish
@@ -303,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="i386", choices=("i386", "x86_64"))
     p.add_argument("--output", default=None, help="raw | qcow2 | " + " | ".join(VMDK_SUBFORMATS) +
                    " (default from the file name)")
-    p.add_argument("--force-tcg", action="store_true", default=force_tcg_from_env())
+    p.add_argument("--force-tcg", action="store_true", default=None,
+                   help="libguestfs without KVM (default: $GHO2KVM_FORCE_TCG)")
     a = p.parse_args(argv)
     output = a.output or {".vmdk": "monolithicSparse", ".qcow2": "qcow2"}.get(a.out.suffix, "raw")
     spec = DiskSpec(product=a.product, version=a.version, build=a.build, control_set=a.control_set,
                     hostname=a.hostname, partition_table="gpt" if a.gpt or a.uefi else "mbr", uefi=a.uefi,
                     size_mib=a.size_mib, arch=a.arch, output=output)
-    build(a.out, spec, force_tcg=a.force_tcg)
+    build(a.out, spec, force_tcg=resolve(flags={"force_tcg": a.force_tcg}).force_tcg)
     print(a.out)
     return 0
 

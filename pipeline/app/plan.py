@@ -7,9 +7,9 @@ image's content, never libvirt — exactly what ``complete()`` reads, so the pla
 
 from __future__ import annotations
 
-from pipeline.core import receipts
+from pipeline.app.status import StepState, StepStatus, chain_status, image_chains
 from pipeline.core.config import Config
-from pipeline.tasks import Inspect, chain
+from pipeline.tasks import Inspect
 
 UP_TO_DATE = "up to date"
 EARLIER = "an earlier step runs"
@@ -18,27 +18,23 @@ EARLIER = "an earlier step runs"
 def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]]:
     """(image id, step, reason) for every step; reason ``up to date`` when it would not run."""
     rows = []
-    for img in cfg.images:
-        if only and img.id != only:
-            continue
-        upstream_runs = False
-        for t in chain(str(cfg.path.absolute()), img.id):
-            receipt = t.receipt()
-            try:
-                own = receipts.why_stale(receipt, t.fingerprint())
-            except Exception as e:  # e.g. the disk ghost-convert will produce is unknown yet
-                own = EARLIER if upstream_runs else f"cannot tell yet ({type(e).__name__}: {e})"
-            if own is not None and own != EARLIER:
-                err = receipts.read(t.error_path)
-                if err is not None and (receipt is None or str(err.get("finished") or "")
-                                        >= str(receipt.get("finished") or "")):
-                    own += f"; last attempt failed: {err.get('error')}"
-            if own is None and upstream_runs:
-                own = EARLIER
-            if own is not None:
-                upstream_runs = True
-            rows.append((img.id, t.step, own or UP_TO_DATE))
+    for img, steps in image_chains(cfg, only):
+        for st in chain_status(steps):
+            rows.append((img.id, st.step, reason(st)))
     return rows
+
+
+def reason(st: StepStatus) -> str:
+    """Why ``gho2kvm migrate`` would run the step: its own change (and a failed last attempt), or
+    :data:`EARLIER`; :data:`UP_TO_DATE` when it would not run."""
+    if st.state is StepState.DONE:
+        return UP_TO_DATE
+    if st.own is None or (st.own_unknown and not st.upstream_done):
+        return EARLIER
+    own = f"cannot tell yet ({st.own})" if st.own_unknown else st.own
+    if st.error is not None:
+        own += f"; last attempt failed: {st.error.get('error')}"
+    return own
 
 
 def plan_notes(cfg: Config, only: str | None = None) -> list[str]:

@@ -3,7 +3,8 @@
 Fed by the same calls that report progress to luigi (``ImageTask.progress`` →
 ``set_progress_percentage``/``set_status_message``) plus each step's start and end. When stderr is
 not a TTY (cron, CI, pipes, JSON logs) nothing is displayed and :func:`report` returns at once.
-``GHO2KVM_PROGRESS=0`` turns the display off on a TTY too.
+``settings.progress: false`` (or ``GHO2KVM_PROGRESS=0``, :mod:`pipeline.core.settings`) turns the
+display off on a TTY too; the runner passes ``enabled=False`` then.
 
 Luigi runs tasks in forked processes when ``--workers`` > 1: events travel over a pipe created
 before the fork, each one a single ``write`` of at most ``PIPE_BUF`` bytes (atomic, no lock a killed
@@ -87,13 +88,16 @@ class _StreamProxy:
 
 
 class Display:
-    """``with Display(): luigi.build(...)`` — draws only when ``stream`` is a TTY."""
+    """``with Display(): luigi.build(...)`` — draws only when ``stream`` is a TTY (``enabled=None``).
+
+    The tasks reach it through ``pipeline.tasks.base.hooks.progress = report`` (set by the runner):
+    the channel is process-wide because luigi builds the tasks and forks the workers that report."""
 
     def __init__(self, stream: IO[str] | None = None, *, enabled: bool | None = None,
                  interval: float = 0.1) -> None:
         self.stream = stream or sys.stderr
         if enabled is None:
-            enabled = _isatty(self.stream) and os.environ.get("GHO2KVM_PROGRESS", "1") != "0"
+            enabled = _isatty(self.stream)
         self.enabled = enabled
         self.interval = interval
         self.running: dict[str, dict[str, Any]] = {}

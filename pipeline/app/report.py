@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.app.status import StepState, chain_status, image_chains
 from pipeline.core import atomic, receipts
 from pipeline.core.config import Config
-from pipeline.tasks import chain
 from pipeline.tools import screen
 
 COLUMNS = ("image", "step", "status", "started", "finished", "seconds", "bytes read", "bytes written",
@@ -36,32 +36,17 @@ def human_bytes(n: Any) -> str:
 
 def rows(cfg: Config) -> list[dict[str, Any]]:
     out = []
-    for img in cfg.images:
-        for t in chain(str(cfg.path.absolute()), img.id):
-            r = t.receipt()
-            err = receipts.read(t.error_path)
-            try:
-                stale = t.stale_reason()
-            except Exception as e:
-                stale = str(e)
-            failed = err is not None and (r is None or str(err.get("finished") or "")
-                                          >= str(r.get("finished") or ""))
-            if failed:
-                status = "failed"
-            elif r is not None and stale is None:
-                status = "done"
-            elif r is not None:
-                status = "stale"
-            else:
-                status = "not run"
-            src = err if failed and err else (r or {})
-            notes = [f"error: {err.get('error')}"] if failed and err else []
-            notes += [f"warning: {w}" for w in (r or {}).get("warnings", [])] if not failed else []
-            if status == "stale" and stale:
-                notes.append(f"stale: {stale}")
-            ok = r if r is not None and not failed else {}
+    for img, steps in image_chains(cfg):
+        for st in chain_status(steps):
+            r, err = st.receipt, st.error
+            src = err or r or {}
+            notes = [f"error: {err.get('error')}"] if err else []
+            notes += [f"warning: {w}" for w in (r or {}).get("warnings", [])] if not err else []
+            if st.state is StepState.STALE and st.why:
+                notes.append(f"stale: {st.why}")
+            ok = r if r is not None and not err else {}
             out.append({
-                "image": img.id, "step": t.step, "status": status,
+                "image": img.id, "step": st.step, "status": str(st.state),
                 "started": src.get("started") or "", "finished": src.get("finished") or "",
                 "seconds": src.get("duration_s", ""),
                 "bytes read": human_bytes(ok.get("bytes_read")),
@@ -69,7 +54,8 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                 "outputs": ", ".join(o["path"] for o in ok.get("outputs", {}).values()
                                      if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
-                "_boot": screen.recorded(r, err) if t.step == "define" else None,
+                "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == "define"
+                          else None),
             })
     return out
 

@@ -30,11 +30,13 @@ from typing import Any
 import luigi
 
 from pipeline.app import progress
+from pipeline.app.status import StepState, chain_status, image_chains
 from pipeline.core import atomic, log, receipts
+from pipeline.core.choices import Scheduler
 from pipeline.core.config import Config
 from pipeline.core.errors import InputError
-from pipeline.tasks import MigrateAll, chain
-from pipeline.tasks.base import ImageTask, error_line, now_iso
+from pipeline.tasks import MigrateAll
+from pipeline.tasks.base import ImageTask, error_line, hooks, now_iso, use_config
 from pipeline.tools import screen
 
 
@@ -54,15 +56,22 @@ def run_log_path(cfg: Config) -> Path:
     return cfg.images[0].workdir / "logs" / f"run-{ts}-{os.getpid()}.jsonl"
 
 
-def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, scheduler: str | None = None,
-            scheduler_url: str | None = None) -> int:
+def migrate(cfg: Config, *, image: str | None = None, workers: int = 1) -> int:
+    """Run every step of ``cfg``'s images (or of ``image``); ``cfg.settings`` (YAML, environment and
+    flags, resolved once by the CLI) choose the scheduler and reach every task."""
     if image:
         cfg.image(image)  # unknown id → InputError (exit 2) before anything runs
-    scheduler = scheduler or cfg.settings.scheduler
+    from pipeline.tools import virt
+
+    use_config(cfg)
+    record_failures()
+    virt.quiet_errors()
+    hooks.progress = progress.report
+    scheduler = cfg.settings.scheduler
     kwargs: dict[str, Any] = {"workers": workers, "detailed_summary": True}
     url = None
-    if scheduler == "central":
-        url = (scheduler_url or cfg.settings.scheduler_url).rstrip("/")
+    if scheduler is Scheduler.CENTRAL:
+        url = cfg.settings.scheduler_url.rstrip("/")
         kwargs["scheduler_url"] = url
         kwargs["local_scheduler"] = False
         _central_worker_config()
@@ -81,7 +90,7 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, schedule
     task = MigrateAll(config_path=str(cfg.path.absolute()), only=image or "")
     before = run_ids(cfg, image)
     t0 = time.monotonic()
-    with progress.Display():
+    with progress.Display(enabled=None if cfg.settings.progress else False):
         result = luigi.build([task], **kwargs)
     statuses = summarize(cfg, image, before=before)
     print_summary(statuses)
@@ -124,8 +133,7 @@ def reenable_disabled(url: str, cfg: Config, only: str | None = None) -> list[st
     except OSError as e:
         raise InputError(f"luigid not reachable at {url} ({getattr(e, 'reason', e)}); start it with "
                          f"`make luigid` or run with --scheduler local") from None
-    ours = {t.task_id for img in cfg.images if not only or img.id == only
-            for t in chain(str(cfg.path.absolute()), img.id)}
+    ours = {t.task_id for _img, steps in image_chains(cfg, only) for t in steps}
     done = []
     for task_id in listed or {}:
         if task_id in ours:
@@ -149,12 +157,17 @@ def _record_failure(task: ImageTask, message: str, *, always: bool) -> None:
         pass
 
 
-@ImageTask.event_handler(luigi.Event.FAILURE)
+def record_failures() -> None:
+    """Have luigi record the failures it sees outside ``ImageTask.run`` in ``<step>.error.json``
+    (called by every command that runs tasks; registering twice is harmless)."""
+    ImageTask.event_handler(luigi.Event.FAILURE)(_on_failure)
+    ImageTask.event_handler(luigi.Event.PROCESS_FAILURE)(_on_process_failure)
+
+
 def _on_failure(task: ImageTask, exception: BaseException) -> None:
     _record_failure(task, error_line(exception), always=False)
 
 
-@ImageTask.event_handler(luigi.Event.PROCESS_FAILURE)
 def _on_process_failure(task: ImageTask, error_msg: str) -> None:
     code = error_msg.rsplit(" ", 1)[-1]
     detail = f"exit code {code}"
@@ -172,49 +185,28 @@ def _on_process_failure(task: ImageTask, error_msg: str) -> None:
 
 def run_ids(cfg: Config, only: str | None = None) -> dict[tuple[str, str], str | None]:
     """(image id, step) → run_id of the current receipt (None when absent)."""
-    out: dict[tuple[str, str], str | None] = {}
-    path = str(cfg.path.absolute())
-    for img in cfg.images:
-        if only and img.id != only:
-            continue
-        for t in chain(path, img.id):
-            out[(img.id, t.step)] = (t.receipt() or {}).get("run_id")
-    return out
-
-
-def _failure(t: ImageTask, r: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The step's error record if it is newer than its receipt."""
-    err = receipts.read(t.error_path)
-    if err is None:
-        return None
-    if r is not None and str(err.get("finished") or "") < str(r.get("finished") or ""):
-        return None
-    return err
+    return {(img.id, t.step): (t.receipt() or {}).get("run_id")
+            for img, steps in image_chains(cfg, only) for t in steps}
 
 
 def summarize(cfg: Config, only: str | None = None,
               before: dict[tuple[str, str], str | None] | None = None) -> list[ImageStatus]:
     out = []
-    path = str(cfg.path.absolute())
-    for img in cfg.images:
-        if only and img.id != only:
-            continue
-        steps = chain(path, img.id)
+    for img, steps in image_chains(cfg, only):
         last, status, error, duration, ran = "-", "pending", "", 0.0, []
-        for t in steps:
-            r = t.receipt()
-            if r is not None and before is not None and r.get("run_id") != before.get((img.id, t.step)):
-                ran.append(t.step)
+        statuses = chain_status(steps)
+        for st in statuses:
+            r = st.receipt
+            if r is not None and before is not None and r.get("run_id") != before.get((img.id, st.step)):
+                ran.append(st.step)
                 duration += float(r.get("duration_s") or 0)
-        for t in steps:
-            r = t.receipt()
-            if r is not None and _safe_stale(t) is None:
-                last = t.step
+        for st in statuses:
+            if st.state is StepState.DONE:
+                last = st.step
                 continue
-            err = _failure(t, r)
-            if err is not None:
-                status, error = "failed", f"{t.step}: {err.get('error', '')}"
-                duration += float(err.get("duration_s") or 0)
+            if st.error is not None:
+                status, error = "failed", f"{st.step}: {st.error.get('error', '')}"
+                duration += float(st.error.get("duration_s") or 0)
             break
         else:
             status = "done"
@@ -222,13 +214,6 @@ def summarize(cfg: Config, only: str | None = None,
         boot = screen.short(screen.recorded(define.receipt(), receipts.read(define.error_path)))
         out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran, boot))
     return out
-
-
-def _safe_stale(t: ImageTask) -> str | None:
-    try:
-        return t.stale_reason()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
 
 
 def print_summary(statuses: list[ImageStatus], file: Any = None) -> None:

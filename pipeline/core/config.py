@@ -18,16 +18,27 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.choices import (
+    DEFAULT_DISK_CACHE,
+    DEFAULT_DISK_IO,
+    IO_NATIVE_CACHES,
+    Adapter,
+    BootExpect,
+    DiskBus,
+    DiskCache,
+    DiskFormat,
+    DiskIo,
+    GhostBackend,
+    NicModel,
+    PathStyle,
+    Scheduler,
+    VmdkType,
+    values,
+)
 from pipeline.core.errors import InputError
 from pipeline.core.receipts import RUNTIME
 from pipeline.core.safeio import MiB, escape, file_kind, read_capped, shown
-from pipeline.domain.choices import (
-    DEFAULT_DISK_CACHE,
-    DEFAULT_DISK_IO,
-    DISK_CACHE_MODES,
-    DISK_IO_MODES,
-    IO_NATIVE_CACHES,
-)
+from pipeline.core.settings import Settings, password_from_env, resolve
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")  # \Z: "$" would accept a trailing newline
 MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
@@ -53,29 +64,19 @@ class ConfigError(InputError):
 
 @dataclass(frozen=True)
 class GhostConfig:
-    backend: str = "native"  # exe | native
+    backend: GhostBackend = GhostBackend.NATIVE
     command: tuple[str, ...] = ()
-    path_style: str = "posix"  # wine | posix | windows
-    vmdk_type: str = "sparse"  # sparse | flat
+    path_style: PathStyle = PathStyle.POSIX
+    vmdk_type: VmdkType = VmdkType.SPARSE
     vmdk_size_mb: int | None = None
     vmdk_split_mb: int | None = None
-    adapter: str = "ide"  # ide | lsilogic | buslogic
+    adapter: Adapter = Adapter.IDE
     password_env: str | None = None
     timeout_s: int = field(default=14400, metadata=RUNTIME)  # not an input: changes nothing made
 
     def password(self, image_id: str, step: str = "ghost-convert") -> str | None:
         """The image password from the environment variable named by ``password_env`` (None if none)."""
-        if not self.password_env:
-            return None
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise InputError(f"ghost.password_env names environment variable {self.password_env}, which "
-                             f"is not set; export {self.password_env} with the image password",
-                             image_id=image_id, step=step)
-        if not value:
-            raise InputError(f"environment variable {self.password_env} (ghost.password_env) is empty",
-                             image_id=image_id, step=step)
-        return value
+        return password_from_env(self.password_env, what="ghost.password_env", image_id=image_id, step=step)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class BootCheck:
     """``boot_check: 120`` (= ``{seconds: 120, expect: any}``) or ``{seconds: N, expect: E}``; 0 = off."""
 
     seconds: int = 0
-    expect: str = "any"  # any (every verdict that is not a failure) | prompt | desktop
+    expect: BootExpect = BootExpect.ANY
 
     def __bool__(self) -> bool:
         return self.seconds > 0
@@ -105,15 +106,15 @@ class ImageConfig:
     source: Path
     workdir: Path = Path("var/work")
     output_dir: Path = Path("var/images")
-    format: str = "raw"
+    format: DiskFormat = DiskFormat.RAW
     libvirt_uri: str = "test:///default"
     memory_mib: int | None = None  # None: by Windows version (pipeline.guest.windows.default_memory_mib)
     vcpus: int = 1
-    disk_bus: str = "ide"
-    nic_model: str | None = None  # None: by Windows version (pipeline.guest.windows.default_nic)
+    disk_bus: DiskBus = DiskBus.IDE
+    nic_model: NicModel | None = None  # None: by Windows version (pipeline.guest.windows.default_nic)
     network: str = "user"
-    disk_cache: str = DEFAULT_DISK_CACHE
-    disk_io: str = DEFAULT_DISK_IO
+    disk_cache: DiskCache = DEFAULT_DISK_CACHE
+    disk_io: DiskIo = DEFAULT_DISK_IO
     cdrom: bool | Path = False  # True: empty IDE CD-ROM drive; a Path: that ISO in it
     virtio: VirtioConfig | None = None
     registry: tuple[str, ...] = ("mergeide",)
@@ -144,15 +145,6 @@ class ImageConfig:
     @property
     def registry_files(self) -> tuple[Path, ...]:
         return tuple(Path(r) for r in self.registry if r not in BUILTIN_REGISTRY)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Host-level settings (not per image)."""
-
-    force_tcg: bool = False  # LIBGUESTFS_BACKEND=direct + force_tcg (test machines, demo)
-    scheduler: str = "local"  # local | central
-    scheduler_url: str = "http://127.0.0.1:8082"
 
 
 @dataclass(frozen=True)
@@ -278,11 +270,14 @@ _VIRTIO_KEYS = {f.name for f in fields(VirtioConfig)}
 _SETTINGS_KEYS = {f.name for f in fields(Settings)}
 
 
-def _choice(*options: str):
-    def check(v: Any) -> str:
+def _choice(choice: type[Any]):
+    """A closed choice of :mod:`pipeline.core.choices`: the value becomes the enum member."""
+    options = values(choice)
+
+    def check(v: Any) -> Any:
         if not isinstance(v, str) or v not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {shown(v)}")
-        return v
+        return choice(v)
 
     return check
 
@@ -333,7 +328,7 @@ def _regex(rx: re.Pattern, what: str):
 
 
 _BOOT_CHECK_SECONDS = _int_range(0, 3600)
-_BOOT_CHECK_EXPECT = ("any", "prompt", "desktop")
+_BOOT_CHECK_EXPECT = _choice(BootExpect)
 
 
 def _boot_check(v: Any) -> BootCheck:
@@ -341,8 +336,8 @@ def _boot_check(v: Any) -> BootCheck:
         try:
             return BootCheck(seconds=_BOOT_CHECK_SECONDS(v))
         except ValueError as e:
-            raise ValueError(f"{e} (seconds, or a mapping {{seconds: N, expect: any|prompt|desktop}})") \
-                from None
+            raise ValueError(f"{e} (seconds, or a mapping {{seconds: N, expect: "
+                             f"{'|'.join(values(BootExpect))}}})") from None
     lines = getattr(v, "lines", {})
     where = {k: f" (line {lines[k]})" if k in lines else "" for k in map(str, v)}
     for key in v:
@@ -352,10 +347,10 @@ def _boot_check(v: Any) -> BootCheck:
         seconds = _BOOT_CHECK_SECONDS(v.get("seconds", 120))
     except ValueError as e:
         raise ValueError(f"seconds{where.get('seconds', '')}: {e}") from None
-    expect = v.get("expect", "any")
-    if expect not in _BOOT_CHECK_EXPECT:
-        raise ValueError(f"expect{where.get('expect', '')}: expected one of {', '.join(_BOOT_CHECK_EXPECT)}, "
-                         f"got {expect!r}")
+    try:
+        expect = _BOOT_CHECK_EXPECT(v.get("expect", BootExpect.ANY.value))
+    except ValueError as e:
+        raise ValueError(f"expect{where.get('expect', '')}: {e}") from None
     return BootCheck(seconds=seconds, expect=expect)
 
 
@@ -405,15 +400,15 @@ def _env_name(v: Any) -> str:
 IMAGE_RULES: dict[str, Any] = {
     "workdir": _str,
     "output_dir": _str,
-    "format": _choice("raw", "qcow2"),
+    "format": _choice(DiskFormat),
     "libvirt_uri": _libvirt_uri,
     "memory_mib": _int_range(64, 4 * 1024 * 1024),
     "vcpus": _int_range(1, 512),
-    "disk_bus": _choice("ide", "sata", "virtio"),
-    "nic_model": _choice("rtl8139", "e1000", "virtio"),
+    "disk_bus": _choice(DiskBus),
+    "nic_model": _choice(NicModel),
     "network": _network,
-    "disk_cache": _choice(*DISK_CACHE_MODES),
-    "disk_io": _choice(*DISK_IO_MODES),
+    "disk_cache": _choice(DiskCache),
+    "disk_io": _choice(DiskIo),
     "cdrom": _cdrom,
     "registry": _registry,
     "registry_remap_controlset": _bool,
@@ -428,20 +423,21 @@ IMAGE_RULES: dict[str, Any] = {
     "start": _bool,
 }
 GHOST_RULES: dict[str, Any] = {
-    "backend": _choice("exe", "native"),
+    "backend": _choice(GhostBackend),
     "command": _command,
-    "path_style": _choice("wine", "posix", "windows"),
-    "vmdk_type": _choice("sparse", "flat"),
+    "path_style": _choice(PathStyle),
+    "vmdk_type": _choice(VmdkType),
     "vmdk_size_mb": _opt(_int_range(1, 64 * 1024 * 1024)),
     "vmdk_split_mb": _opt(_int_range(1, 64 * 1024 * 1024)),
-    "adapter": _choice("ide", "lsilogic", "buslogic"),
+    "adapter": _choice(Adapter),
     "password_env": _opt(_env_name),
     "timeout_s": _int_range(1, 7 * 24 * 3600),
 }
 SETTINGS_RULES: dict[str, Any] = {
     "force_tcg": _bool,
-    "scheduler": _choice("local", "central"),
+    "scheduler": _choice(Scheduler),
     "scheduler_url": _regex(re.compile(r"^https?://"), "an http(s) URL"),
+    "progress": _bool,
 }
 
 
@@ -530,8 +526,14 @@ def _load_yaml(path: Path, col: _Collector) -> Any:
     raise ConfigError(col.errors)
 
 
-def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> Config:
-    """Load and validate a config file; raise :class:`ConfigError` listing every problem."""
+def load_config(path: str | os.PathLike[str], *, check_sources: bool = True,
+                flags: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load and validate a config file; raise :class:`ConfigError` listing every problem.
+
+    ``flags``: settings given on the command line (None = not given; checked like the YAML ones,
+    ``--scheduler-url`` for ``scheduler_url``); they and the environment take precedence over the
+    ``settings:`` section (:func:`pipeline.core.settings.resolve`).
+    """
     path = Path(path)
     col = _Collector(path)
     doc = _load_yaml(path, col)
@@ -641,13 +643,21 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True) -> 
                     "backend exe needs a command such as [wine64, /opt/ghost/ghost64.exe]")
             continue
         if "backend" not in ghost_values and ghost_values.get("command"):
-            ghost_values["backend"] = "exe"
+            ghost_values["backend"] = GhostBackend.EXE
         assert isinstance(image_id, str)
         images.append(ImageConfig(id=image_id, source=src_path, ghost=GhostConfig(**ghost_values), **values))
 
+    given: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        try:
+            given[key] = SETTINGS_RULES[key](value)
+        except ValueError as e:
+            col.add(None, None, f"--{key.replace('_', '-')}", str(e))
     if col.errors:
         raise ConfigError(col.errors)
-    return Config(path=path, images=tuple(images), settings=Settings(**settings))
+    return Config(path=path, images=tuple(images), settings=resolve(settings, flags=given, environ=environ))
 
 
 def _has_nul(value: Any) -> bool:
@@ -706,7 +716,7 @@ def _guest_paths(col: _Collector, values: dict[str, Any], raw: _Map, base: Path,
     if io == "native" and cache not in IO_NATIVE_CACHES:
         col.add(raw.lines.get("disk_io", raw.lines.get("disk_cache", raw.line)), label, "disk_io",
                 f"disk_io 'native' needs disk_cache {' or '.join(IO_NATIVE_CACHES)} (qemu's native AIO opens "
-                f"the file with O_DIRECT), got disk_cache {cache!r}; use disk_io threads")
+                f"the file with O_DIRECT), got disk_cache '{cache}'; use disk_io threads")
 
 
 def _reg_problem(path: Path, cache: dict[Path, str | None]) -> str | None:

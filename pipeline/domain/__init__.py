@@ -1,6 +1,5 @@
 """libvirt domain XML: declarative model, host facts → model, deterministic rendering."""
 
-from pipeline.core.env import force_tcg_from_env
 from pipeline.domain.facts import (
     ArchCaps,
     DomainSpec,
@@ -14,7 +13,6 @@ from pipeline.domain.model import Domain
 from pipeline.domain.render import render
 
 __all__ = [
-    "force_tcg_from_env",
     "ArchCaps",
     "Domain",
     "DomainSpec",

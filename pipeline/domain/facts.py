@@ -18,15 +18,20 @@ import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from pipeline.core.env import force_tcg_from_env
-from pipeline.core.errors import InputError
-from pipeline.domain.choices import (
+from pipeline.core.choices import (
     DEFAULT_DISK_CACHE,
     DEFAULT_DISK_IO,
-    DISK_CACHE_MODES,
-    DISK_IO_MODES,
     IO_NATIVE_CACHES,
+    Arch,
+    DiskBus,
+    DiskCache,
+    DiskFormat,
+    DiskIo,
+    Firmware,
+    NicModel,
+    values,
 )
+from pipeline.core.errors import InputError
 from pipeline.domain.model import (
     Clock,
     Controller,
@@ -49,11 +54,14 @@ from pipeline.domain.model import (
 DOMAIN_UUID_NAMESPACE = uuid_mod.UUID("6b0c2f4e-7a51-5c8e-9d3f-1e2a4b6c8d0f")
 
 
-DISK_DEV_PREFIX = {"ide": "hd", "sata": "sd", "virtio": "vd"}
-DISK_FORMATS = ("raw", "qcow2")
-NIC_MODELS = ("rtl8139", "e1000", "virtio")
-FIRMWARES = ("bios", "uefi")
-ARCHES = ("x86_64", "i686")
+DISK_DEV_PREFIX = {DiskBus.IDE: "hd", DiskBus.SATA: "sd", DiskBus.VIRTIO: "vd"}
+DISK_FORMATS = values(DiskFormat)
+DISK_BUSES = values(DiskBus)
+NIC_MODELS = values(NicModel)
+DISK_CACHE_MODES = values(DiskCache)
+DISK_IO_MODES = values(DiskIo)
+FIRMWARES = values(Firmware)
+ARCHES = values(Arch)
 
 
 class _Conn(Protocol):
@@ -142,18 +150,16 @@ def _parse_domcaps(xml: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[st
     return tuple(sorted(loaders, key=_loader_rank)), buses, videos
 
 
-def host_caps(conn: _Conn, *, prefer_kvm: bool | None = None,
+def host_caps(conn: _Conn, *, prefer_kvm: bool = True,
               arches: tuple[str, ...] = ARCHES) -> HostCaps:
     """Read what the libvirt host behind ``conn`` offers for hvm guests of ``arches``.
 
-    Domain type ``kvm`` when the host offers it and ``prefer_kvm`` (default: not
-    ``$GHO2KVM_FORCE_TCG``), else ``qemu``. The libvirt *test* driver offers neither; for it we
+    Domain type ``kvm`` when the host offers it and ``prefer_kvm`` (the caller passes
+    ``not settings.force_tcg``), else ``qemu``. The libvirt *test* driver offers neither; for it we
     describe a plain ``qemu`` guest so the pipeline can be exercised against ``test:///default``.
     """
     import libvirt  # local: keep pure-model users free of the binding
 
-    if prefer_kvm is None:
-        prefer_kvm = not force_tcg_from_env()
     uri = conn.getURI()
     driver = conn.getType()
     caps = ET.fromstring(conn.getCapabilities())
@@ -270,8 +276,8 @@ def _check(spec: DomainSpec) -> None:
         problems.append(f"disk_path {spec.disk_path!r} must be absolute")
     if spec.disk_format not in DISK_FORMATS:
         problems.append(f"disk_format {spec.disk_format!r} not in {DISK_FORMATS}")
-    if spec.disk_bus not in DISK_DEV_PREFIX:
-        problems.append(f"disk_bus {spec.disk_bus!r} not in {tuple(DISK_DEV_PREFIX)}")
+    if spec.disk_bus not in DISK_BUSES:
+        problems.append(f"disk_bus {spec.disk_bus!r} not in {DISK_BUSES}")
     if spec.nic_model not in NIC_MODELS:
         problems.append(f"nic_model {spec.nic_model!r} not in {NIC_MODELS}")
     if spec.disk_cache not in DISK_CACHE_MODES:
@@ -280,7 +286,7 @@ def _check(spec: DomainSpec) -> None:
         problems.append(f"disk_io {spec.disk_io!r} not in {DISK_IO_MODES}")
     elif spec.disk_io == "native" and spec.disk_cache not in IO_NATIVE_CACHES:
         problems.append(f"disk_io 'native' needs disk_cache {' or '.join(IO_NATIVE_CACHES)}, "
-                        f"got {spec.disk_cache!r}")
+                        f"got '{spec.disk_cache}'")
     if spec.cdrom and not os.path.isabs(spec.cdrom):
         problems.append(f"cdrom {spec.cdrom!r} must be absolute")
     if spec.firmware not in FIRMWARES:
@@ -352,7 +358,7 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
     if hv:
         timers.append(Timer("hypervclock", present=True))
     disks = [Disk(path=spec.disk_path, format=spec.disk_format, bus=spec.disk_bus,
-                  dev=DISK_DEV_PREFIX[spec.disk_bus] + "a", cache=_attr(spec.disk_cache),
+                  dev=DISK_DEV_PREFIX[DiskBus(spec.disk_bus)] + "a", cache=_attr(spec.disk_cache),
                   io=_attr(spec.disk_io))]
     if spec.cdrom is not None:
         # IDE secondary master: every Windows has the driver, whatever bus the system disk uses

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic
-from pipeline.core.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError, InputError
+from pipeline.core.settings import password_from_env
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info
@@ -62,13 +62,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _password(args: argparse.Namespace) -> str | None:
-    var = getattr(args, "password_env", None)
-    if not var:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise GhoError(f"{args.file}: environment variable {var} (--password-env) is not set")
-    return value
+    try:
+        return password_from_env(getattr(args, "password_env", None), what="--password-env")
+    except InputError as e:
+        raise GhoError(f"{args.file}: {e.message}") from None
 
 
 def _fail(e: BaseException) -> int:

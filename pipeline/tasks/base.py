@@ -16,11 +16,12 @@ Luigi traps designed around:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
-import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -28,14 +29,41 @@ from typing import Any, ClassVar, Generic, TypeVar
 import luigi
 
 from pipeline import __version__
-from pipeline.app import progress
 from pipeline.core import atomic, log, receipts
 from pipeline.core.config import Config, ImageConfig, load_config
-from pipeline.core.env import force_tcg_from_env
 from pipeline.core.errors import Gho2KvmError, InputError
 from pipeline.core.receipts import Outcome, R, Receipt
+from pipeline.core.settings import Settings
 
 _config_cache: dict[tuple[str, int], Config] = {}
+_settings: dict[str, Settings] = {}  # config path → the settings the CLI resolved (flags included)
+
+#: ``(image_id, step, event, percent, message)``; event: start | progress | done | failed
+ProgressSink = Callable[[str, str, str, "float | None", "str | None"], None]
+AfterWork = Callable[["ImageTask"], None]
+
+
+@dataclass
+class Hooks:
+    """What the application plugs into the tasks of this process, explicitly (nothing at import);
+    luigi's worker processes are forked, so they inherit it."""
+
+    #: progress events for the terminal display (:func:`pipeline.app.runner.migrate` sets it)
+    progress: ProgressSink | None = None
+    #: test seam, never set in production: called with the task after its work, before its receipt
+    #: is written (the worst moment for resumability); ``tests/inject_cli.py`` sets it
+    after_work: AfterWork | None = None
+
+
+hooks = Hooks()
+
+
+def use_config(cfg: Config) -> None:
+    """Make the tasks of this process (and of the workers it forks) see ``cfg`` as the CLI built it:
+    its settings (YAML, environment, flags) also hold when the file is reloaded after an edit."""
+    path = os.path.abspath(cfg.path)
+    _settings[path] = cfg.settings
+    _config_cache[(path, os.stat(path).st_mtime_ns)] = cfg
 
 
 def get_config(path: str) -> Config:
@@ -43,7 +71,10 @@ def get_config(path: str) -> Config:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns)
     if key not in _config_cache:
-        _config_cache[key] = load_config(path)
+        cfg = load_config(path)
+        if key[0] in _settings:
+            cfg = dataclasses.replace(cfg, settings=_settings[key[0]])
+        _config_cache[key] = cfg
     return _config_cache[key]
 
 
@@ -75,7 +106,8 @@ class ImageTask(luigi.Task, Generic[R]):
 
     @property
     def force_tcg(self) -> bool:
-        return self.config.settings.force_tcg or force_tcg_from_env()
+        """``settings.force_tcg`` (YAML, ``GHO2KVM_FORCE_TCG`` or ``--force-tcg``; resolved once)."""
+        return self.config.settings.force_tcg
 
     @property
     def receipt_path(self) -> Path:
@@ -170,7 +202,7 @@ class ImageTask(luigi.Task, Generic[R]):
                 self.set_status_message(message)  # type: ignore[misc]
         except Exception:  # progress is best effort (no scheduler attached in unit tests)
             pass
-        progress.report(str(self.image_id), self.step, "progress", percent, message)
+        _report(str(self.image_id), self.step, "progress", percent, message)
 
     def fingerprint_after(self, fingerprint: dict[str, Any], out: Outcome[R]) -> dict[str, Any]:
         """The fingerprint the receipt stores: the one taken before the work, plus inputs known only
@@ -194,11 +226,12 @@ class ImageTask(luigi.Task, Generic[R]):
         t0 = time.monotonic()
         logger = log.get()
         logger.info("step started")
-        progress.report(image.id, self.step, "start")
+        _report(image.id, self.step, "start")
         fingerprint = self.fingerprint()
         try:
             out = self.execute()
-            _inject_failure(self.step, "after")
+            if hooks.after_work is not None:
+                hooks.after_work(self)
         except BaseException as e:
             duration = round(time.monotonic() - t0, 2)
             msg = error_line(e)
@@ -209,7 +242,7 @@ class ImageTask(luigi.Task, Generic[R]):
                 record["details"] = details
             atomic.write_json(self.error_path, record)
             logger.error("step failed", duration_s=duration, error=msg)
-            progress.report(image.id, self.step, "failed", message=msg)
+            _report(image.id, self.step, "failed", message=msg)
             raise
         fingerprint = self.fingerprint_after(fingerprint, out)
         outputs = {name: receipts.output_stamp(Path(p)) for name, p in out.outputs.items()}
@@ -226,13 +259,19 @@ class ImageTask(luigi.Task, Generic[R]):
         # the canonical line: one per task
         logger.info("step done", duration_s=duration, bytes_read=receipt.bytes_read,
                     bytes_written=receipt.bytes_written, warnings=len(receipt.warnings))
-        progress.report(image.id, self.step, "done")
+        _report(image.id, self.step, "done")
 
     def on_failure(self, exception: BaseException) -> str:
         line = error_line(exception)
         if isinstance(exception, Gho2KvmError):
             return line
         return f"[image {self.image_id}, step {self.step}] {line}"
+
+
+def _report(image_id: str, step: str, event: str, percent: float | None = None,
+            message: str | None = None) -> None:
+    if hooks.progress is not None:
+        hooks.progress(image_id, step, event, percent, message)
 
 
 def error_line(e: BaseException) -> str:
@@ -248,17 +287,3 @@ def _step_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _inject_failure(step: str, when: str) -> None:
-    """Test hook: ``GHO2KVM_INJECT_FAILURE=<step>[:kill]`` fails (or SIGKILLs) a step after its work,
-    before its receipt is written: the worst moment for resumability."""
-    spec = os.environ.get("GHO2KVM_INJECT_FAILURE", "")
-    if not spec:
-        return
-    name, _, how = spec.partition(":")
-    if name != step:
-        return
-    if how == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure in {step} ({when} its work)")

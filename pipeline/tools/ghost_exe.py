@@ -24,6 +24,7 @@ redacted from every argv, message, stderr and error-file text this module hands 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from typing import Any
 
 from pipeline import vmdk
 from pipeline.core.atomic import fsync_path
+from pipeline.core.choices import Adapter, PathStyle, VmdkType, values
 from pipeline.core.config import GhostConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.safeio import read_capped, regular_file
@@ -47,9 +49,9 @@ FINAL_STEM = "ghost"
 FINAL_NAME = f"{FINAL_STEM}.vmdk"
 TMP_PREFIX = ".ghost.tmp-"
 AFILE_NAME = "ghost-abort.txt"
-PATH_STYLES = ("wine", "posix", "windows")
-VMDK_TYPES = ("sparse", "flat")
-ADAPTERS = ("ide", "lsilogic", "buslogic")
+PATH_STYLES = values(PathStyle)
+VMDK_TYPES = values(VmdkType)
+ADAPTERS = values(Adapter)
 
 _ERRNO_RE = re.compile(r"Error\s+Number\s*:?\s*\(?\s*(\d+)\s*\)?", re.I)
 _MESSAGE_RE = re.compile(r"^\s*Message\s*:\s*(.*\S)\s*$", re.I)
@@ -114,7 +116,8 @@ def build_argv(cfg: GhostConfig, src: Path, dst: Path, afile: Path, password: st
         raise InputError("ghost.command is empty; set it to e.g. [wine64, /opt/ghost/ghost64.exe]",
                          step=STEP)
     if cfg.vmdk_type not in VMDK_TYPES:
-        raise InputError(f"ghost.vmdk_type: expected sparse or flat, got {cfg.vmdk_type!r}", step=STEP)
+        raise InputError(f"ghost.vmdk_type: expected one of {', '.join(VMDK_TYPES)}, got {cfg.vmdk_type!r}",
+                         step=STEP)
     if cfg.adapter not in ADAPTERS:
         raise InputError(f"ghost.adapter: expected one of {', '.join(ADAPTERS)}, got {cfg.adapter!r}",
                          step=STEP)
@@ -183,7 +186,29 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
 # temp outputs
 
 
-_ACTIVE: set[str] = set()  # temp dirs of conversions running in this process
+CLAIM_NAME = ".in-use"  # flock()ed by the conversion writing into a temp dir
+
+
+def claim(tmp_dir: Path) -> int:
+    """Mark ``tmp_dir`` as being written by a running conversion (a lock held until the returned
+    descriptor is closed): :func:`remove_stale_temps`, in this process or another, keeps it."""
+    fd = os.open(tmp_dir / CLAIM_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _claimed(tmp_dir: Path) -> bool:
+    try:
+        fd = os.open(tmp_dir / CLAIM_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 
@@ -200,7 +225,7 @@ def remove_stale_temps(out_dir: Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TMP_PREFIX) or str(entry) in _ACTIVE:
+        if not entry.name.startswith(TMP_PREFIX) or _claimed(entry):
             continue
         pid_text = entry.name[len(TMP_PREFIX):].split(".")[0].split("-")[0]
         if pid_text.isdigit() and int(pid_text) != os.getpid() and pid_alive(int(pid_text)):
@@ -298,7 +323,7 @@ def convert(
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out_dir))
-    _ACTIVE.add(str(tmp_dir))
+    claim_fd = claim(tmp_dir)
     tmp_dst = tmp_dir / FINAL_NAME
     afile = tmp_dir / AFILE_NAME
     argv = build_argv(cfg, src, tmp_dst, afile, password)
@@ -384,7 +409,7 @@ def convert(
                 _remove(p)
     finally:
         _remove(tmp_dir)
-        _ACTIVE.discard(str(tmp_dir))
+        os.close(claim_fd)
 
     if progress is not None:
         progress(100.0)

@@ -4,8 +4,8 @@ A :class:`Guestfish` session launches ONE appliance for any number of commands (
 hive download/upload, read-back), which matters here: a launch costs ≈15 s under TCG.
 
 ``force_tcg`` (tests, CI, the demo) sets ``LIBGUESTFS_BACKEND=direct`` and
-``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``; production keeps libguestfs' defaults. The environment
-variable ``GHO2KVM_FORCE_TCG=1`` turns it on as well.
+``LIBGUESTFS_BACKEND_SETTINGS=force_tcg``; production keeps libguestfs' defaults. The caller passes
+``settings.force_tcg`` (:mod:`pipeline.core.settings`, where ``GHO2KVM_FORCE_TCG`` is read).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from types import TracebackType
 
 from pipeline.core import log
-from pipeline.core.env import force_tcg_from_env
 from pipeline.core.errors import ToolError
 from pipeline.tools.run import pid_alive, run, unwatch_daemon, watch_daemon
 
@@ -30,7 +29,7 @@ launch_count = 0
 
 
 def force_tcg_env(force_tcg: bool) -> dict[str, str]:
-    if force_tcg or force_tcg_from_env():
+    if force_tcg:
         return {"LIBGUESTFS_BACKEND": "direct", "LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
     return {}
 

@@ -26,9 +26,11 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.core.choices import BootExpect, values
+
 FAILURES = frozenset({"bsod", "no-boot-device", "blank", "crashed"})
 VERDICTS = ("prompt", "desktop", "bsod", "no-boot-device", "blank", "crashed")
-EXPECT = ("any", "prompt", "desktop")
+EXPECT = values(BootExpect)
 
 COLS, ROWS = 80, 25
 TEXT_BYTES = COLS * ROWS * 2  # what to read at physical 0xB8000

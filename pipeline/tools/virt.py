@@ -42,7 +42,9 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; we report them ourselves."""
 
 
-libvirt.registerErrorHandler(_quiet, None)
+def quiet_errors() -> None:
+    """Stop libvirt printing its errors to stderr (they become our one-line errors); the CLI calls it."""
+    libvirt.registerErrorHandler(_quiet, None)
 
 _UNREACHABLE_HINTS = ("failed to connect", "connection refused", "no such file or directory",
                       "cannot recv data", "cannot write data", "end of file while reading",
@@ -132,7 +134,7 @@ def _lookup(conn: libvirt.virConnect, *, name: str | None = None,
 # host facts
 
 
-def host_caps_for_uri(uri: str, *, prefer_kvm: bool | None = None, image_id: str | None = None) -> HostCaps:
+def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None = None) -> HostCaps:
     """:func:`pipeline.domain.facts.host_caps` for the libvirt host at ``uri``."""
     with connect(uri, step="host-caps", image_id=image_id) as conn:
         try:
