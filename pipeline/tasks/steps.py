@@ -45,7 +45,8 @@ class GhostConvert(ImageTask):
             from pipeline.tools import ghost_exe
 
             self.progress(0, "running Ghost")
-            res = ghost_exe.convert(g, img.source, img.image_dir, image_id=img.id,
+            res = ghost_exe.convert(ghost_exe.GhostOptions.of(g), img.source, img.image_dir, image_id=img.id,
+                                    password=g.password(img.id, self.step),
                                     progress=lambda p: self.progress(p))
             result: dict[str, Any] = res.to_dict()
             disk = img.image_dir / "ghost.vmdk"
