@@ -18,14 +18,15 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 from PIL import Image
 
 from pipeline.core import atomic
+from pipeline.core.env import force_tcg_from_env
 from pipeline.core.errors import Gho2KvmError, InputError, TransientError
-from pipeline.domain.facts import HostCaps, host_caps
+from pipeline.domain.facts import ARCHES, HostCaps, host_caps_from_xml
 from pipeline.tools import ocr, qemu_img, screen
 
 
@@ -132,8 +133,33 @@ def _lookup(conn: libvirt.virConnect, *, name: str | None = None,
 # host facts
 
 
+class _Conn(Protocol):
+    def getCapabilities(self) -> str: ...
+    def getDomainCapabilities(self, emulatorbin: str | None, arch: str | None, machine: str | None,
+                              virttype: str | None, flags: int = 0) -> str: ...
+    def getType(self) -> str: ...
+    def getURI(self) -> str: ...
+
+
+def host_caps(conn: _Conn, *, prefer_kvm: bool | None = None, arches: tuple[str, ...] = ARCHES) -> HostCaps:
+    """Fetch what the libvirt host behind ``conn`` offers (capabilities, domain capabilities per arch)
+    and read it with :func:`pipeline.domain.facts.host_caps_from_xml`. ``prefer_kvm`` defaults to
+    not ``$GHO2KVM_FORCE_TCG``."""
+    if prefer_kvm is None:
+        prefer_kvm = not force_tcg_from_env()
+
+    def domain_caps(emulator: str | None, arch: str, machine: str, virttype: str) -> str | None:
+        try:
+            return conn.getDomainCapabilities(emulator, arch, machine, virttype, 0)
+        except libvirt.libvirtError:
+            return None  # older/other drivers have none
+
+    return host_caps_from_xml(conn.getCapabilities(), uri=conn.getURI(), driver=conn.getType(),
+                              domain_caps=domain_caps, prefer_kvm=prefer_kvm, arches=arches)
+
+
 def host_caps_for_uri(uri: str, *, prefer_kvm: bool | None = None, image_id: str | None = None) -> HostCaps:
-    """:func:`pipeline.domain.facts.host_caps` for the libvirt host at ``uri``."""
+    """:func:`host_caps` for the libvirt host at ``uri``."""
     with connect(uri, step="host-caps", image_id=image_id) as conn:
         try:
             return host_caps(conn, prefer_kvm=prefer_kvm)
