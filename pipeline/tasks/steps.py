@@ -286,7 +286,9 @@ class Define(ImageTask):
             outputs: dict[str, str] = {}
             if img.boot_check:
                 shot = img.image_dir / "boot.png"
-                result["boot_check"] = virt.boot_check(
+                from pipeline.tools import bootcheck
+
+                result["boot_check"] = bootcheck.boot_check(
                     img.libvirt_uri, img.domain_name, img.boot_check.seconds, shot, keep_running=img.start,
                     expect=img.boot_check.expect, image_id=img.id)
                 if shot.exists():
