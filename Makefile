@@ -23,7 +23,8 @@ system:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the C extension pipeline/gho/_native.c (gcc + python3-dev from scripts/setup-system.sh)
+$(VENV)/.installed: pyproject.toml setup.py pipeline/gho/_native.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# PyPI's pip (Debian's strips distlib's Windows launchers, the real PE files the fake disks use)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip

@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/bench_gho.py`` (about a minute on 2 cores; needs ~1.2 GiB free, sparse).
 
 * High (zlib) block decode throughput vs stdlib ``zlib.decompress`` on the same blocks, same run.
-* Fast block decode throughput: native (C via ctypes, built once by ``cc``) and pure Python.
+* Fast block decode throughput: the C extension (pipeline.gho._native, built at install) and pure Python.
 * End-to-end ``extract`` of synthetic sector images made with the test writer (``tests/gho_writer.py``)
   in a child process: wall time, output MB/s and peak RSS (``ru_maxrss``), for a small and a ≥ 1 GiB
   image, to show memory does not grow with image size. Files go to ``var/bench/`` and are deleted.
@@ -93,10 +93,10 @@ def bench_fast(rows: list[tuple[str, str, str]]) -> None:
                 nat(p, BLOCK)
 
         t_n = best_of(3, run_native)
-        rows.append(("Fast: native (C via ctypes)", f"{total / t_n / MB:.0f} MB/s",
+        rows.append(("Fast: C extension (pipeline.gho._native)", f"{total / t_n / MB:.0f} MB/s",
                      f"goal >= 50 MB/s; ratio {ratio:.2f}"))
     else:
-        rows.append(("Fast: native (C via ctypes)", "n/a", "no C compiler"))
+        rows.append(("Fast: C extension (pipeline.gho._native)", "n/a", "extension not built (make venv)"))
 
     def run_py() -> None:
         for p in payloads:

@@ -1,4 +1,4 @@
-"""VMDK descriptors: the one reader and parser (inspect's safety check and ghost-convert use it).
+"""VMDK descriptors: the one reader, parser and writer (inspect's safety check and ghost-convert use it).
 
 A VMDK is either a sparse file (``KDMV`` header, the text descriptor embedded at
 ``descriptorOffset``/``descriptorSize`` sectors) or a small text descriptor naming its extent
@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core import atomic
 from pipeline.core.errors import InputError
-from pipeline.core.safeio import MiB, escape, regular_file
+from pipeline.core.safeio import MiB, escape, read_capped, regular_file
 
 SPARSE_MAGIC = b"KDMV"
 COWD_MAGIC = b"COWD"
@@ -155,7 +157,27 @@ def parse_descriptor(path: Path, *, image_id: str | None = None, step: str | Non
     return Descriptor(text, embedded, values["createType"] or "?", parent, extents)
 
 
-def split_extent_line(line: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(text before the file name, the name, text after it) of a raw extent line, else None."""
-    m = _EXTENT_BYTES_RE.match(line)
-    return (m.group(1), m.group(4), m.group(5)) if m else None
+def rename_extents(path: Path, rename: Callable[[str], str]) -> list[str]:
+    """Give every extent of the text descriptor ``path`` the file name ``rename(name)``; return the new
+    names in order. The file is rewritten (atomically, :mod:`pipeline.core.atomic`) only when a name
+    changes; every other byte is kept. A sparse VMDK (its descriptor embedded) has none: ``[]``.
+    Whatever ``rename`` raises propagates, with the file untouched."""
+    if not is_text_descriptor(path):
+        return []
+    data = read_capped(path, MAX_DESCRIPTOR_BYTES, "VMDK descriptor")
+    names: list[str] = []
+    out: list[bytes] = []
+    for line in data.split(b"\n"):
+        m = _EXTENT_BYTES_RE.match(line)
+        if m:
+            old = m.group(4).decode("utf-8", "replace")
+            new = rename(old)
+            names.append(new)
+            if new != old:
+                line = m.group(1) + new.encode() + m.group(5)
+        out.append(line)
+    text = b"\n".join(out)
+    if text != data:
+        with atomic.temporary_path(path) as tmp:
+            tmp.write_bytes(text)
+    return names

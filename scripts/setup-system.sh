@@ -3,7 +3,8 @@
 # As root: apt-get install them. Otherwise: print the exact command and fail.
 set -eu
 
-PKGS="genisoimage python3 python3-venv python3-dev gcc pkg-config ca-certificates libvirt-dev
+# gcc, libc6-dev and python3-dev build the C extension pipeline.gho._native at `make venv` (setup.py)
+PKGS="genisoimage python3 python3-venv python3-dev gcc libc6-dev pkg-config ca-certificates libvirt-dev
 qemu-utils qemu-system-x86 ovmf libguestfs-tools linux-image-amd64 ntfs-3g libhivex-bin libwin-hivex-perl
 libvirt-daemon-system libvirt-clients libxml2-utils dosfstools mtools syslinux-common nasm
 tesseract-ocr tesseract-ocr-eng"

@@ -17,7 +17,7 @@ import pytest
 from fx_pipeline import REPO, make_config, run_cli
 
 from pipeline.domain import DomainSpec, build_domain, render
-from pipeline.tools import ocr, virt
+from pipeline.tools import bootcheck, ocr, virt
 from pipeline.tools.run import run
 
 pytestmark = pytest.mark.libvirtd
@@ -148,7 +148,7 @@ def _boot(uri: str, disk: Path, case: str, seconds: float) -> dict:
     virt.define(uri, render(build_domain(spec, host)))
     try:
         with pytest.raises(virt.BootCheckError) as exc:
-            virt.boot_check(uri, name, seconds, disk.with_suffix(".png"), image_id=case)
+            bootcheck.boot_check(uri, name, seconds, disk.with_suffix(".png"), image_id=case)
     finally:
         virt.undefine(uri, name)
     err = exc.value

@@ -1,4 +1,4 @@
-"""host_caps(): parsing libvirt capabilities / domain capabilities (canned XML, fake connection)."""
+"""Host capabilities: tools.virt.host_caps fetches them (fake connection), domain.facts reads the XML."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import libvirt
 import pytest
 
 from pipeline.core.errors import InputError
-from pipeline.domain import host_caps
+from pipeline.tools.virt import host_caps
 
 CAPS = """<capabilities>
   <host><cpu><arch>x86_64</arch></cpu></host>
@@ -128,3 +128,21 @@ def test_real_test_driver(test_conn) -> None:
     assert x.uefi_loader is None
     assert h.to_dict()["arches"][0]["arch"] in ("x86_64", "i686")
 
+
+
+def test_domain_model_reads_xml_without_libvirt() -> None:
+    """pipeline.domain is pure: the same facts from the XML alone, no connection, no libvirt binding."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.domain import host_caps_from_xml; "
+            "print('libvirt' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    from pipeline.domain import host_caps_from_xml
+
+    h = host_caps_from_xml(CAPS, uri="qemu:///system", driver="QEMU", domain_caps=lambda *a: DOMCAPS,
+                           prefer_kvm=True)
+    assert h == host_caps(FakeConn(), prefer_kvm=True)
+    none = host_caps_from_xml(CAPS, uri="u", driver="QEMU", domain_caps=lambda *a: None, prefer_kvm=False)
+    assert none.arch("x86_64").uefi_loader is None

@@ -13,7 +13,7 @@ import pytest
 from pipeline.core.config import GhostConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.tools import ghost_exe
-from pipeline.tools.ghost_exe import GhostResult, build_argv, convert, parse_error_file, translate_path
+from pipeline.tools.ghost_exe import GhostOptions, GhostResult, parse_error_file, translate_path
 
 STANDIN = Path(__file__).parent / "fakes" / "ghost64_standin.py"
 PASSWORD = "s3cr3t-Pa55"
@@ -57,6 +57,16 @@ def cfg(**kw) -> GhostConfig:
     kw.setdefault("command", (sys.executable, str(STANDIN)))
     kw.setdefault("timeout_s", 120)
     return GhostConfig(**kw)
+
+
+def build_argv(c: GhostConfig, src: Path, dst: Path, afile: Path, password: str | None) -> list[str]:
+    return ghost_exe.build_argv(GhostOptions.of(c), src, dst, afile, password)
+
+
+def convert(c: GhostConfig, src: Path, out_dir: Path, *, image_id: str, **kw) -> GhostResult:
+    """As the ghost-convert task calls it: options and the password from the config."""
+    return ghost_exe.convert(GhostOptions.of(c), src, out_dir, image_id=image_id,
+                             password=c.password(image_id), **kw)
 
 
 def calls(log: Path) -> list[list[str]]:
@@ -382,3 +392,22 @@ def test_timeout_removes_temps(tmp_path: Path, gho: Path):
         convert(cfg(command=(sys.executable, "-c", "import time; time.sleep(30)"), timeout_s=1),
                 gho, out, image_id="xp")
     assert list(out.iterdir()) == []
+
+
+def test_vmdk_rename_extents_keeps_other_bytes(tmp_path: Path, payload: Path):
+    """pipeline.vmdk's writer: only the extent names change, the rewrite is atomic (no temp left)."""
+    from pipeline import vmdk
+
+    d = tmp_path / "t"
+    d.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
+                    str(payload), str(d / "x.vmdk")], check=True)
+    before = (d / "x.vmdk").read_bytes()
+    assert vmdk.rename_extents(d / "x.vmdk", lambda n: n) == ["x-flat.vmdk"]
+    assert (d / "x.vmdk").read_bytes() == before  # nothing to change: not rewritten
+    assert vmdk.rename_extents(d / "x.vmdk", str.upper) == ["X-FLAT.VMDK"]
+    assert (d / "x.vmdk").read_bytes() == before.replace(b'"x-flat.vmdk"', b'"X-FLAT.VMDK"')
+    assert sorted(p.name for p in d.iterdir()) == ["x-flat.vmdk", "x.vmdk"]
+    sparse = d / "s.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(payload), str(sparse)], check=True)
+    assert vmdk.rename_extents(sparse, str.upper) == []  # embedded descriptor: its own extent

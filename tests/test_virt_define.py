@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.errors import InputError, TransientError
 from pipeline.domain import DomainSpec, build_domain, render
-from pipeline.tools import virt
+from pipeline.tools import bootcheck, virt
 
 URI = "test:///default"
 SPEC = DomainSpec(name="gho-xp", image_id="gho-xp", disk_path="/var/tmp/gho-xp.raw", os_major=5, os_minor=1)
@@ -116,24 +116,26 @@ def test_boot_check_test_driver(test_conn, host, tmp_path) -> None:
     disk.write_bytes(bytes(1024 * 1024))
     virt.define(URI, _xml(host, disk_path=str(disk)))
     fast = {"desktop": 0.3}
-    r = virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot.png", image_id="gho-xp", poll=0.1, settle=fast)
+    r = bootcheck.boot_check(URI, "gho-xp", 5, tmp_path / "shot.png", image_id="gho-xp", poll=0.1,
+                             settle=fast)
     assert (r["verdict"], r["mode"], r["ok"], r["kept_running"]) == ("desktop", "graphics", True, False)
     assert r["seconds_to_verdict"] < 5 and r["screenshot"] == str(tmp_path / "shot.png")
     assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
     assert not test_conn.lookupByName("gho-xp").isActive()
-    r = virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot2.png", keep_running=True, poll=0.1, settle=fast)
+    r = bootcheck.boot_check(URI, "gho-xp", 5, tmp_path / "shot2.png", keep_running=True, poll=0.1,
+                             settle=fast)
     assert r["kept_running"] and test_conn.lookupByName("gho-xp").isActive()
     with pytest.raises(InputError, match="already running"):
-        virt.boot_check(URI, "gho-xp", 0.1, tmp_path / "shot3.png")
+        bootcheck.boot_check(URI, "gho-xp", 0.1, tmp_path / "shot3.png")
     test_conn.lookupByName("gho-xp").destroy()
     # a desktop where a prompt was expected fails, and the guest is not left running
     with pytest.raises(virt.BootCheckError, match="expected prompt, the guest shows desktop") as exc:
-        virt.boot_check(URI, "gho-xp", 5, tmp_path / "shot4.png", keep_running=True, expect="prompt",
-                        poll=0.1, settle=fast)
+        bootcheck.boot_check(URI, "gho-xp", 5, tmp_path / "shot4.png", keep_running=True, expect="prompt",
+                             poll=0.1, settle=fast)
     assert exc.value.details["boot_check"]["verdict"] == "desktop"
     assert not test_conn.lookupByName("gho-xp").isActive()
     with pytest.raises(InputError, match="no domain named"):
-        virt.boot_check(URI, "nope", 0.1, tmp_path / "x.png")
+        bootcheck.boot_check(URI, "nope", 0.1, tmp_path / "x.png")
     # the guest ran on throwaway overlays: the disk is untouched, no overlay is left behind
     assert disk.read_bytes() == bytes(1024 * 1024)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "shot.png", "shot2.png", "shot4.png"]

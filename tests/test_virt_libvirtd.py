@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.core.errors import InputError
 from pipeline.domain import DomainSpec, HostCaps, build_domain, render
-from pipeline.tools import virt
+from pipeline.tools import bootcheck, virt
 from pipeline.tools.run import run
 
 pytestmark = pytest.mark.libvirtd
@@ -95,7 +95,7 @@ def test_validation_errors_from_libvirt(uri: str, host: HostCaps, spec: DomainSp
 def test_boot_check_missing_disk(uri: str, host: HostCaps, spec: DomainSpec) -> None:
     virt.define(uri, render(build_domain(dataclasses.replace(spec, disk_path="/nonexistent/disk.raw"), host)))
     with pytest.raises(virt.BootCheckError, match="failed to start.*/nonexistent/disk.raw") as exc:
-        virt.boot_check(uri, spec.name, 1, Path("/nonexistent/shot.png"), image_id=spec.image_id)
+        bootcheck.boot_check(uri, spec.name, 1, Path("/nonexistent/shot.png"), image_id=spec.image_id)
     assert not exc.value.transient
 
 
@@ -114,7 +114,7 @@ def test_boot_check_tcg(uri: str, host: HostCaps, spec: DomainSpec, shared_tmp: 
     virt.define(uri, render(build_domain(spec, host)))
     shot = shared_tmp / "boot.png"
     with pytest.raises(virt.BootCheckError, match="guest did not boot, the screen says") as exc:
-        virt.boot_check(uri, spec.name, 60, shot, keep_running=True, image_id=spec.image_id)
+        bootcheck.boot_check(uri, spec.name, 60, shot, keep_running=True, image_id=spec.image_id)
     r = exc.value.details["boot_check"]
     assert (r["verdict"], r["mode"], r["kept_running"]) == ("no-boot-device", "text", False)
     assert "bootable" in r["message"] and r["message"] in r["text"]

@@ -7,7 +7,7 @@ from pipeline.domain.facts import (
     build_domain,
     default_mac,
     default_uuid,
-    host_caps,
+    host_caps_from_xml,
 )
 from pipeline.domain.model import Domain
 from pipeline.domain.render import render
@@ -20,6 +20,6 @@ __all__ = [
     "build_domain",
     "default_mac",
     "default_uuid",
-    "host_caps",
+    "host_caps_from_xml",
     "render",
 ]

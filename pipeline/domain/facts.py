@@ -4,19 +4,20 @@
 Nothing host-specific is hard-coded: the emulator path, the machine type (the host's canonical
 name for ``pc``, i.e. i440fx, so the guest sees the PIIX3 IDE controller Windows XP has drivers
 for) and the UEFI firmware come from ``virConnectGetCapabilities`` and
-``virConnectGetDomainCapabilities``.
+``virConnectGetDomainCapabilities``, which :func:`pipeline.tools.virt.host_caps` fetches; this module
+only reads their XML (no libvirt here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pipeline.core.choices import (
     DEFAULT_DISK_CACHE,
@@ -64,12 +65,9 @@ FIRMWARES = values(Firmware)
 ARCHES = values(Arch)
 
 
-class _Conn(Protocol):
-    def getCapabilities(self) -> str: ...
-    def getDomainCapabilities(self, emulatorbin: str | None, arch: str | None, machine: str | None,
-                              virttype: str | None, flags: int = 0) -> str: ...
-    def getType(self) -> str: ...
-    def getURI(self) -> str: ...
+#: ``f(emulator, arch, machine, domain type)`` → the host's domain capabilities XML for them, or None
+#: where the driver has none
+DomainCapsSource = Callable[[str | None, str, str, str], str | None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,19 +148,16 @@ def _parse_domcaps(xml: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[st
     return tuple(sorted(loaders, key=_loader_rank)), buses, videos
 
 
-def host_caps(conn: _Conn, *, prefer_kvm: bool = True,
-              arches: tuple[str, ...] = ARCHES) -> HostCaps:
-    """Read what the libvirt host behind ``conn`` offers for hvm guests of ``arches``.
+def host_caps_from_xml(caps_xml: str, *, uri: str, driver: str, domain_caps: DomainCapsSource,
+                       prefer_kvm: bool, arches: tuple[str, ...] = ARCHES) -> HostCaps:
+    """What a libvirt host offers for hvm guests of ``arches``, from its capabilities XML
+    (``virConnectGetCapabilities``) and, per arch, ``domain_caps`` (``virConnectGetDomainCapabilities``).
 
-    Domain type ``kvm`` when the host offers it and ``prefer_kvm`` (the caller passes
-    ``not settings.force_tcg``), else ``qemu``. The libvirt *test* driver offers neither; for it we
-    describe a plain ``qemu`` guest so the pipeline can be exercised against ``test:///default``.
+    Domain type ``kvm`` when the host offers it and ``prefer_kvm``, else ``qemu``. The libvirt *test*
+    driver offers neither; for it we describe a plain ``qemu`` guest so the pipeline can be exercised
+    against ``test:///default``.
     """
-    import libvirt  # local: keep pure-model users free of the binding
-
-    uri = conn.getURI()
-    driver = conn.getType()
-    caps = ET.fromstring(conn.getCapabilities())
+    caps = ET.fromstring(caps_xml)
     found: list[ArchCaps] = []
     fallback_emulator: str | None = None
     for guest in caps.findall("guest"):
@@ -192,9 +187,9 @@ def host_caps(conn: _Conn, *, prefer_kvm: bool = True,
         buses: tuple[str, ...] = ()
         videos: tuple[str, ...] = ()
         # older/other drivers have no domain capabilities: UEFI is then reported as unavailable
-        with contextlib.suppress(libvirt.libvirtError):
-            loaders, buses, videos = _parse_domcaps(
-                conn.getDomainCapabilities(emulator, name, machine, dtype, 0))
+        domcaps = domain_caps(emulator, name, machine, dtype)
+        if domcaps is not None:
+            loaders, buses, videos = _parse_domcaps(domcaps)
         found.append(ArchCaps(arch=name, domain_type=dtype, emulator=emulator, machine=machine,
                               kvm_offered="kvm" in types, uefi_loaders=loaders, disk_buses=buses,
                               video_models=videos))

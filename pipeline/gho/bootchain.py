@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import Gho2KvmError
+from pipeline.gho.bootsector import detect_fs
 from pipeline.gho.disk import DEFAULT_GEOMETRY, EXTENDED_TYPES, SECTOR, Placement, parse_mbr
-from pipeline.gho.sector import detect_fs
 
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 MBR_PACKAGE = "syslinux-common"

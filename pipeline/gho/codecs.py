@@ -1,7 +1,7 @@
 """Block codecs (FORMAT.md §7): none, Fast (Ghost's LZ77 variant) and High (zlib).
 
-Fast-LZ path: a native decoder (:mod:`pipeline.gho.native`, the same algorithm in C, built with the
-system compiler on first use, ~50x faster) when available; otherwise pure Python, table-driven. Per
+Fast-LZ path: the C extension (:mod:`pipeline.gho.native`, the same algorithm, built at install time,
+~40x faster) when it is installed; otherwise pure Python, table-driven. Per
 control word the 16 token bits are looked up as a precomputed tuple of literal-run lengths, so
 literal runs are copied with one slice; hash registrations of literal positions are batched right
 before the next match's lookup (the only place the table is read, so the result is identical to
@@ -127,6 +127,8 @@ class BlockDecoder:
     def __init__(self, compression: int, cache_blocks: int = 64, native: bool = True) -> None:
         self.compression = compression
         self._native = fast_decoder() if native and compression == COMP_FAST else None
+        #: True when Fast blocks go through the C extension, False for the pure-Python decoder
+        self.uses_native = self._native is not None
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_blocks = cache_blocks
 
@@ -143,7 +145,7 @@ class BlockDecoder:
             return payload[4:]
         if comp == COMP_FAST:
             if self._native is not None and len(payload) >= 4 and payload[0] != 1:
-                out = self._native(bytes(payload), limit)
+                out = self._native(payload, limit)
                 if out is None:
                     raise CodecError("corrupt Fast block", f"decodes to more than {limit} bytes")
                 return out

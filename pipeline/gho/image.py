@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.gho.bootsector import detect_fs
 from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import seed_from_password, verifier_ok
 from pipeline.gho.errors import MAX_SECTIONS, Advisories, GhoError
@@ -20,7 +21,7 @@ from pipeline.gho.header import (
 )
 from pipeline.gho.ntfs import NtfsSection, section_reader
 from pipeline.gho.records import Layout, Walker
-from pipeline.gho.sector import SectorSection, decode_track0, detect_fs
+from pipeline.gho.sector import SectorSection, decode_track0
 from pipeline.gho.spans import find_spans, is_regular, read_head, resolve_first
 from pipeline.gho.stream import SpanStream
 

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.gho.bootsector import detect_fs
+from pipeline.gho.crypto import decrypt
 from pipeline.gho.errors import MAX_RECORDS, MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
     HEADER_SIZE,
@@ -391,8 +393,6 @@ class Walker:
     def _scan_raw(self, sec: Section, pos: int, limit: int) -> int:
         """Raw uncompressed sector data: runs to the closing kind 0x03 record or the trailer."""
         # the data length is not stored: look for the end-of-run record before the limit
-        from pipeline.gho.sector import raw_section_length  # local: avoid an import cycle
-
         length = raw_section_length(self, pos, limit)
         sec.first_block = (pos, min(length, 32768))
         sec.last_block = (pos, length)
@@ -402,3 +402,25 @@ class Walker:
         if rec is not None and rec.kind == K_END_RUN:
             pos = rec.end
         return pos
+
+
+def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
+    """Length of unframed uncompressed sector data starting at ``pos`` (§8.4)."""
+    boot = walker.stream.read_upto(pos, 512)
+    if walker.seed is not None:
+        boot = decrypt(boot, walker.seed)  # a prefix of the first cipher unit
+    _fs, size, _label = detect_fs(boot)
+    cands = []
+    if size:
+        cands += [size, size - 512]
+    cands += [limit - pos - 30, limit - pos]
+    for n in cands:
+        if n <= 0 or pos + n > limit:
+            continue
+        if pos + n == limit or walker.part_header_at(pos + n) is not None:
+            return n
+        rec = walker.record_at(pos + n)
+        if rec is not None and rec.kind == K_END_RUN:
+            return n
+    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data "
+                   f"starting at offset {pos}")

@@ -2,56 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
 from pipeline.gho.codecs import HARD_LIMIT, BlockDecoder, CodecError
 from pipeline.gho.crypto import decrypt
 from pipeline.gho.errors import GhoError
-from pipeline.gho.fat import parse_geometry
-from pipeline.gho.records import K_END_RUN, Layout, Section, Walker
+from pipeline.gho.records import Layout, Section, Walker
 from pipeline.gho.sparse import SparseWriter
 
 UNIT = 32768
-
-
-def detect_fs(boot: bytes) -> tuple[str | None, int | None, str | None]:
-    """(file system, size in bytes, label) from a volume's first sector, as far as recognisable."""
-    if len(boot) < 512 or boot[510:512] != b"\x55\xaa":
-        return None, None, None
-    if boot[3:11] == b"NTFS    ":
-        bps = struct.unpack_from("<H", boot, 11)[0]
-        total = struct.unpack_from("<Q", boot, 0x28)[0]
-        return "NTFS", (total + 1) * bps, None
-    try:
-        g = parse_geometry(boot, "")
-    except GhoError:
-        return None, None, None
-    off = 71 if g.fat_type == 32 else 43
-    label = boot[off:off + 11].decode("cp437", "replace").rstrip()
-    return g.fs_name, g.size, label
-
-
-def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
-    """Length of unframed uncompressed sector data starting at ``pos`` (§8.4)."""
-    boot = walker.stream.read_upto(pos, 512)
-    if walker.seed is not None:
-        boot = decrypt(boot, walker.seed)  # a prefix of the first cipher unit
-    _fs, size, _label = detect_fs(boot)
-    cands = []
-    if size:
-        cands += [size, size - 512]
-    cands += [limit - pos - 30, limit - pos]
-    for n in cands:
-        if n <= 0 or pos + n > limit:
-            continue
-        if pos + n == limit or walker.part_header_at(pos + n) is not None:
-            return n
-        rec = walker.record_at(pos + n)
-        if rec is not None and rec.kind == K_END_RUN:
-            return n
-    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data "
-                   f"starting at offset {pos}")
 
 
 class SectorSection:

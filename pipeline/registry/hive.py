@@ -1,7 +1,8 @@
 """Local hive files: create an empty one, merge regedit text into one, export a subtree.
 
-Everything goes through ``hivexregedit`` (Debian ``libwin-hivex-perl``) via
-:func:`pipeline.tools.run.run`; nothing here needs libguestfs.
+The hive writer is pure Python; merging, exporting and reading values run hivex's tools through
+:mod:`pipeline.tools.hivex` (the one wrapper of ``hivexregedit``/``hivexget``); nothing here needs
+libguestfs.
 
 Binary layout written by :func:`write_empty_hive` (all integers little-endian)::
 
@@ -15,25 +16,15 @@ Binary layout written by :func:`write_empty_hive` (all integers little-endian)::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.tools.run import run
-
-HIVEXREGEDIT = "hivexregedit"
-HIVEXGET = "hivexget"
-
-#: Perl's STDOUT layer for ``--export``: without it, names whose characters all fit in Latin-1 are
-#: printed as Latin-1 bytes and others as UTF-8. ``--merge`` reads the file as UTF-8 bytes, which
-#: hivex stores correctly, so it runs with Perl's Unicode features off.
-EXPORT_ENV = {"PERL_UNICODE": "O"}
-MERGE_ENV = {"PERL_UNICODE": "0"}
+from pipeline.core import atomic
+from pipeline.tools import hivex
 
 BLOCK = 4096
 HBIN_HEADER = 0x20
@@ -172,9 +163,8 @@ def write_empty_hive(path: str | os.PathLike[str], root_name: str = "ROOT", *,
     """
     p = Path(path)
     data = empty_hive_bytes(root_name, minor_version=minor_version)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    with atomic.temporary_path(p) as tmp:
+        tmp.write_bytes(data)
     return p
 
 
@@ -190,15 +180,7 @@ def apply_reg(hive_path: str | os.PathLike[str], reg_text: str, prefix: str, *,
     text = reg_text.lstrip("\ufeff").replace("\r\n", "\n")
     if not text.endswith("\n"):
         text += "\n"
-    fd, name = tempfile.mkstemp(prefix="gho2kvm-", suffix=".reg")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        run([HIVEXREGEDIT, "--merge", "--prefix", prefix, os.fspath(hive_path), name],
-            step=step, image_id=image_id, env=MERGE_ENV)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
+    hivex.merge(hive_path, text, prefix, image_id=image_id, step=step)
 
 
 def export_text(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str | None = None,
@@ -207,11 +189,9 @@ def export_text(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str
 
     Raises ToolError if the key does not exist.
     """
-    argv = [HIVEXREGEDIT, "--export"]
-    if prefix:
-        argv += ["--prefix", prefix]
-    argv += [os.fspath(hive_path), _hive_key(key_path)]
-    return run(argv, step=step, image_id=image_id, env=EXPORT_ENV).stdout
+    text = hivex.export(hive_path, _hive_key(key_path), prefix=prefix, image_id=image_id, step=step)
+    assert text is not None  # only missing_ok gives None
+    return text
 
 
 def export(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str | None = None,
@@ -243,11 +223,10 @@ def service_starts(hive_path: str | os.PathLike[str], control_set: str, names: S
     SYSTEM hive: None when the service key is absent, -1 when it has no ``Start`` dword."""
     out: dict[str, int | None] = {}
     for name in names:
-        res = run([HIVEXGET, os.fspath(hive_path), f"\\{control_set}\\Services\\{name}"], step=step,
-                  image_id=image_id, check=False, timeout=60)
-        if res.returncode != 0:
+        values = hivex.get(hive_path, f"\\{control_set}\\Services\\{name}", image_id=image_id, step=step)
+        if values is None:
             out[name] = None
             continue
-        m = re.search(r'^"Start"=dword:([0-9a-fA-F]{8})\s*$', res.stdout, re.M | re.I)
+        m = re.search(r'^"Start"=dword:([0-9a-fA-F]{8})\s*$', values, re.M | re.I)
         out[name] = int(m.group(1), 16) if m else -1
     return out

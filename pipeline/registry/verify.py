@@ -7,11 +7,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.core.errors import ToolError
-from pipeline.registry.hive import EXPORT_ENV, HIVEXREGEDIT
 from pipeline.registry.plan import hive_relative
 from pipeline.registry.regfile import Op, parse_text, type_name
-from pipeline.tools.run import run
+from pipeline.tools import hivex
 
 #: a parent with at least this many keys to check is exported once (with its children)
 #: instead of exporting each key separately.
@@ -61,19 +59,11 @@ def _export(hive_path: str, rel: str, depth: int, image_id: str | None, step: st
             ) -> dict[str, dict[str, Op]] | None:
     """Values of ``rel`` (and children if depth 2), keyed by lower path then lower name;
     None if ``rel`` does not exist."""
-    argv = [HIVEXREGEDIT, "--export", "--max-depth", str(depth), hive_path, rel]
-    res = run(argv, step=step, image_id=image_id, check=False, env=EXPORT_ENV)
-    if res.returncode != 0:
-        if "path not found" in res.stderr:
-            return None
-        raise ToolError(
-            f"hivexregedit --export {rel} failed (exit {res.returncode}): "
-            f"{' | '.join(res.stderr.strip().splitlines()[-3:]) or '(no output)'}",
-            tool=HIVEXREGEDIT, argv=argv, returncode=res.returncode, stderr=res.stderr,
-            image_id=image_id, step=step,
-        )
+    text = hivex.export(hive_path, rel, max_depth=depth, missing_ok=True, image_id=image_id, step=step)
+    if text is None:
+        return None
     found: dict[str, dict[str, Op]] = {}
-    for op in parse_text(res.stdout, f"export of {rel}"):
+    for op in parse_text(text, f"export of {rel}"):
         vals = found.setdefault(op.key.lower(), {})
         if not op.is_key:
             assert op.name is not None

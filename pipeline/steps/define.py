@@ -37,7 +37,7 @@ class Defined(JsonRecord):
     uuid: str
     uri: str
     autostart: bool = False
-    boot_check: Mapping[str, Any] | None = None  # the verdict (pipeline.tools.virt.boot_check)
+    boot_check: Mapping[str, Any] | None = None  # the verdict (pipeline.tools.bootcheck.boot_check)
     started: Mapping[str, Any] | None = None  # start: true without a boot check
     screenshot: Path | None = None  # the boot check's last screen
 
@@ -47,7 +47,7 @@ class Defined(JsonRecord):
 
 
 def define_domain(inp: DefineInput) -> Defined:
-    from pipeline.tools import virt
+    from pipeline.tools import bootcheck, virt
 
     xml = inp.domain_xml.read_text(encoding="utf-8")
     uri, name = inp.libvirt_uri, inp.domain_name
@@ -65,8 +65,8 @@ def define_domain(inp: DefineInput) -> Defined:
         screenshot: Path | None = None
         if inp.boot_check:
             shot = inp.image_dir / "boot.png"
-            boot = virt.boot_check(uri, name, inp.boot_check.seconds, shot, keep_running=inp.start,
-                                   expect=inp.boot_check.expect, image_id=inp.image_id)
+            boot = bootcheck.boot_check(uri, name, inp.boot_check.seconds, shot, keep_running=inp.start,
+                                        expect=inp.boot_check.expect, image_id=inp.image_id)
             if shot.exists():
                 screenshot = shot
         elif inp.start:

@@ -14,34 +14,34 @@ FINAL names (``ghost.vmdk``, and for flat disks Ghost's own ``ghost-s001.vmdk`` 
 descriptor's extent lines already name the final files and a plain rename into ``out_dir`` is
 enough. The extents are renamed first and the descriptor last, so ``out_dir/ghost.vmdk`` existing
 means the disk is complete. Nothing is renamed unless Ghost exited 0, wrote no abort log with an
-error number, the output exists and ``qemu-img info`` reads it as a VMDK of the requested type.
-Should Ghost put a path in an extent line, it is reduced to the bare file name (atomic rewrite).
+error number, the output exists and ``qemu-img info`` (:mod:`pipeline.tools.qemu_img`) reads it as a
+VMDK of the requested type. Should Ghost put a path in an extent line, it is reduced to the bare file
+name (:func:`pipeline.vmdk.rename_extents`, an atomic rewrite).
 
-The password (``-pwd=``) is taken from the environment variable named by ``password_env`` and is
-redacted from every argv, message, stderr and error-file text this module hands out.
+The caller passes what this module needs from the settings (:class:`GhostOptions`) and the password
+(``-pwd=``), which is redacted from every argv, message, stderr and error-file text handed out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
 from pipeline.core.atomic import fsync_path
 from pipeline.core.choices import Adapter, PathStyle, VmdkType, values
-from pipeline.core.config import GhostConfig
 from pipeline.core.errors import InputError, ToolError
-from pipeline.core.safeio import read_capped, regular_file
+from pipeline.core.safeio import regular_file
 from pipeline.gho.spans import find_spans
+from pipeline.tools import qemu_img
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
 STEP = "ghost-convert"
@@ -59,6 +59,24 @@ _PROGRESS_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 _OLD_EXTENT_RE = re.compile(rf"^{FINAL_STEM}-s\d{{3,}}\.vmdk$", re.I)
 _PWD_RE = re.compile(r"(-pwd=)(?!\*\*\*(?:\s|$))\S+", re.I)
 _TYPE_WORDS = {"sparse": ("sparse",), "flat": ("flat", "vmfs")}
+
+
+@dataclass(frozen=True)
+class GhostOptions:
+    """What a Ghost run needs from the settings (``ghost:`` in the config; see its validation)."""
+
+    command: tuple[str, ...]
+    path_style: str
+    vmdk_type: str
+    vmdk_size_mb: int | None
+    vmdk_split_mb: int | None
+    adapter: str
+    timeout_s: int
+
+    @classmethod
+    def of(cls, settings: Any) -> GhostOptions:
+        """The fields of this class taken by name from a settings object (the config's ghost section)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -110,7 +128,7 @@ def _clone_path(path: Path, style: str, what: str) -> str:
     return text
 
 
-def build_argv(cfg: GhostConfig, src: Path, dst: Path, afile: Path, password: str | None) -> list[str]:
+def build_argv(cfg: GhostOptions, src: Path, dst: Path, afile: Path, password: str | None) -> list[str]:
     """The argv Ghost is run with (password in clear: redact before showing it)."""
     if not cfg.command:
         raise InputError("ghost.command is empty; set it to e.g. [wine64, /opt/ghost/ghost64.exe]",
@@ -255,36 +273,15 @@ def _normalize_descriptor(desc: Path) -> list[str]:
     path, it is reduced to the file name (matched case-insensitively), rewritten atomically.
     Returns the extent file names; raises ValueError naming a missing extent.
     """
-    if not vmdk.is_text_descriptor(desc):
-        return []
-    data = read_capped(desc, vmdk.MAX_DESCRIPTOR_BYTES, "VMDK descriptor")
     present = {p.name.lower(): p.name for p in desc.parent.iterdir() if p.is_file()}
-    names: list[str] = []
-    changed = False
-    out_lines = []
-    for line in data.split(b"\n"):
-        m = vmdk.split_extent_line(line)
-        if m:
-            ref = m[1].decode("utf-8", "replace")
-            base = re.split(r"[\\/]", ref)[-1]
-            actual = present.get(base.lower())
-            if actual is None:
-                raise ValueError(f"descriptor {desc.name} names extent {ref!r}, which Ghost did not write")
-            if actual != ref:
-                line = m[0] + actual.encode() + m[2]
-                changed = True
-            names.append(actual)
-        out_lines.append(line)
-    if changed:
-        tmp = desc.with_name(desc.name + ".rewrite")
-        with tmp.open("wb") as f:
-            f.write(b"\n".join(out_lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, desc)
-    return names
 
+    def bare(ref: str) -> str:
+        actual = present.get(re.split(r"[\\/]", ref)[-1].lower())
+        if actual is None:
+            raise ValueError(f"descriptor {desc.name} names extent {ref!r}, which Ghost did not write")
+        return actual
 
+    return vmdk.rename_extents(desc, bare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,22 +291,23 @@ def _normalize_descriptor(desc: Path) -> list[str]:
 
 
 def convert(
-    cfg: GhostConfig,
+    cfg: GhostOptions,
     src: Path,
     out_dir: Path,
     *,
     image_id: str,
+    password: str | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> GhostResult:
     """Restore ``src`` (a .GHO, with its .GHS spans beside it) into ``out_dir/ghost.vmdk``.
 
     For ``vmdk_type: flat`` the raw extent is ``out_dir/ghost-s001.vmdk`` (more with
-    ``vmdk_split_mb``). ``progress`` gets Ghost's percentage (0-100) when it prints one.
+    ``vmdk_split_mb``). ``password`` is the image's (None: none). ``progress`` gets Ghost's
+    percentage (0-100) when it prints one.
     Raises :class:`InputError` for bad input, :class:`ToolError` when Ghost or the check fails.
     """
     src = Path(src)
     out_dir = Path(out_dir)
-    password = cfg.password(image_id, STEP)
     secrets = [password] if password else []
     if not src.exists():
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
@@ -379,12 +377,9 @@ def convert(
             raise fail(f"Ghost output is unusable: {e}", res.returncode, res.stderr, res.stdout) from None
 
         try:
-            info_res = run(["qemu-img", "info", "--output=json", str(tmp_dst)], step=STEP,
-                           image_id=image_id, timeout=300)
-            info = json.loads(info_res.stdout)
-        except ToolError as e:
-            raise fail(f"Ghost output is not a readable VMDK: {e.message}", res.returncode,
-                       e.stderr, e.stdout) from None
+            info = qemu_img.info(tmp_dst, image_id=image_id, step=STEP)
+        except InputError as e:
+            raise fail(f"Ghost output is not a readable VMDK: {e.message}", res.returncode) from None
         except ValueError as e:
             raise fail(f"qemu-img info printed no JSON for the Ghost output: {e}", res.returncode) from None
         fmt = info.get("format")
@@ -428,6 +423,7 @@ def convert(
 
 
 __all__ = [
+    "GhostOptions",
     "GhostResult",
     "build_argv",
     "convert",

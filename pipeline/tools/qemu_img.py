@@ -34,7 +34,9 @@ def info(path: Path, *, image_id: str | None, step: str, fmt: str | None = None,
     try:
         out = run(argv, step=step, image_id=image_id, timeout=120).stdout
     except ToolError as e:
-        said = e.message if e.returncode is None else e.message.split(": ", 1)[-1]  # keep "timed out"
+        # its own words when it ran and said something; the wrapper's line otherwise (timed out, not found)
+        own = e.stderr.strip().splitlines()[-3:] if e.returncode is not None else []
+        said = " | ".join(own) if own else e.message
         raise InputError(f"{path}: qemu-img cannot read the image: {said}",
                          image_id=image_id, step=step) from None
     return json.loads(out)

@@ -1,5 +1,5 @@
 """What a guest's screen says: a pure classifier (VGA text buffer + screenshot → verdict) and the
-rule for when a verdict is stable. No libvirt here (:func:`pipeline.tools.virt.boot_check` feeds it).
+rule for when a verdict is stable. No libvirt here (:func:`pipeline.tools.bootcheck.boot_check` feeds it).
 
 Verdicts: ``prompt`` (a text-mode OS or command prompt is up), ``desktop`` (graphics that are not an
 error screen), ``bsod`` (a Windows stop screen; ``stop_code``/``stop_name`` when readable),
