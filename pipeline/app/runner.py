@@ -35,7 +35,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import InputError
 from pipeline.tasks import MigrateAll, chain
 from pipeline.tasks.base import ImageTask, error_line, now_iso
-from pipeline.tools import screen
+from pipeline.tools import guestfs, screen
 
 
 @dataclass
@@ -81,7 +81,8 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1, schedule
     task = MigrateAll(config_path=str(cfg.path.absolute()), only=image or "")
     before = run_ids(cfg, image)
     t0 = time.monotonic()
-    with progress.Display():
+    # inspect may leave its appliance to registry-merge; none outlives the build
+    with progress.Display(), guestfs.sharing([img.image_dir for img in cfg.images]):
         result = luigi.build([task], **kwargs)
     statuses = summarize(cfg, image, before=before)
     print_summary(statuses)

@@ -21,7 +21,7 @@ from pipeline.guest import disksig
 from pipeline.guest import windows as guest
 from pipeline.registry import hive
 from pipeline.tools import qemu_img
-from pipeline.tools.guestfs import Guestfish
+from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session
 
 STEP = "inspect"
 FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
@@ -165,10 +165,13 @@ def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None, 
                              f"descriptor says {ext['sectors'] * 512}", image_id=image_id, step=STEP)
 
 
-def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool) -> dict[str, Any]:
-    """One read-only appliance launch: OS, version, control set, partition table, firmware, drivers."""
+def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool,
+                appliances: Appliances | None = None) -> dict[str, Any]:
+    """One appliance launch, which only reads: OS, version, control set, partition table, firmware,
+    drivers. A Windows guest's appliance is left for registry-merge (:func:`inspect_session`)."""
     facts: dict[str, Any] = {"os": "unknown"}
-    with Guestfish([(source, fmt, True)], image_id=image_id, step=STEP, force_tcg=force_tcg) as g:
+    with inspect_session(source, fmt, appliances=appliances, image_id=image_id, step=STEP,
+                         force_tcg=force_tcg) as g:
         facts["appliance_seconds"] = round(g.launch_seconds, 1)
         devices = g.lines("list-devices")
         dev = devices[0] if devices else "/dev/sda"
@@ -209,6 +212,7 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
         facts["services"] = _services(g, facts, image_id)
+        g.offer()
     return facts
 
 
@@ -254,9 +258,10 @@ def _firmware(g: Guestfish, dev: str, ptable: str) -> str:
     return "bios"
 
 
-def inspect(source: Path, image_id: str | None, *, force_tcg: bool, fmt: str | None = None) -> dict[str, Any]:
+def inspect(source: Path, image_id: str | None, *, force_tcg: bool, fmt: str | None = None,
+            appliances: Appliances | None = None) -> dict[str, Any]:
     facts: dict[str, Any] = {"image_id": image_id, "source": str(source)}
     facts.update(disk_facts(source, image_id, fmt))
-    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=force_tcg))
+    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=force_tcg, appliances=appliances))
     facts["qemu_img_version"] = qemu_img.version()
     return facts

@@ -105,10 +105,12 @@ class Inspect(ImageTask):
 
     def execute(self) -> dict[str, Any]:
         from pipeline.steps.inspect import inspect
+        from pipeline.tools.guestfs import Appliances
 
         disk, fmt = self.disk()
         self.progress(5, "inspecting (one appliance launch)")
-        facts = inspect(disk, self.image.id, force_tcg=self.force_tcg, fmt=fmt)
+        facts = inspect(disk, self.image.id, force_tcg=self.force_tcg, fmt=fmt,
+                        appliances=Appliances(self.image.image_dir))
         return {"result": facts, "outputs": {}}
 
 
