@@ -345,6 +345,15 @@ def inspect_session(source: Path, fmt: str, *, appliances: Appliances | None, im
         g.close()
         overlay.unlink(missing_ok=True)
         raise
+    if g.offered and g.pid is not None:
+        try:
+            g("umount-all")  # as after a launch: the next step mounts what it needs
+        except ToolError:
+            g.offered = False  # not in a state to hand over: shut down below
+        except BaseException:
+            g.close()
+            overlay.unlink(missing_ok=True)
+            raise
     if not g.offered or g.pid is None:
         g.close()
         overlay.unlink(missing_ok=True)
