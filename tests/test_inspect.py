@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ def fingerprint(files: list[Path]) -> dict[str, tuple[str, int, int]]:
 def inspected(source: Path, image_id: str, files: list[Path] | None = None) -> dict[str, Any]:
     files = files or [source]
     before = fingerprint(files)
-    launches = guestfs.launch_count
-    facts = insp.inspect_image(insp.InspectInput(source, image_id, force_tcg=True)).to_dict()
-    facts["_launches"] = guestfs.launch_count - launches
+    appliances = guestfs.Appliances(Path(tempfile.mkdtemp(prefix="gho2kvm-inspect-launches-")))
+    facts = insp.inspect_image(insp.InspectInput(source, image_id, force_tcg=True,
+                                                 image_dir=appliances.folder)).to_dict()
+    facts["_launches"] = len(appliances.launches())
+    shutil.rmtree(appliances.folder)
     facts["_unchanged"] = fingerprint(files) == before
     return facts
 
@@ -192,7 +195,7 @@ def no_tools(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(insp.qemu_img, "info", forbidden)
     monkeypatch.setattr(insp.qemu_img, "check", forbidden)
-    monkeypatch.setattr(insp, "Guestfish", forbidden)
+    monkeypatch.setattr(insp, "inspect_session", forbidden)
 
 
 def descriptor(folder: Path, *extent_lines: str, create_type: str = "monolithicFlat",
@@ -300,7 +303,7 @@ def no_guestfs(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a damaged image must be refused before any appliance launch")
 
-    monkeypatch.setattr(insp, "Guestfish", forbidden)
+    monkeypatch.setattr(insp, "inspect_session", forbidden)
 
 
 def cut(path: Path, size: int) -> None:

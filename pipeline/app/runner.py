@@ -37,7 +37,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import InputError
 from pipeline.tasks import MigrateAll
 from pipeline.tasks.base import ImageTask, error_line, hooks, now_iso, use_config
-from pipeline.tools import screen
+from pipeline.tools import guestfs, screen
 
 
 @dataclass
@@ -90,7 +90,9 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1) -> int:
     task = MigrateAll(config_path=str(cfg.path.absolute()), only=image or "")
     before = run_ids(cfg, image)
     t0 = time.monotonic()
-    with progress.Display(enabled=None if cfg.settings.progress else False):
+    # inspect may leave its appliance to registry-merge; none outlives the build
+    with progress.Display(enabled=None if cfg.settings.progress else False), \
+            guestfs.sharing([img.image_dir for img in cfg.images]):
         result = luigi.build([task], **kwargs)
     statuses = summarize(cfg, image, before=before)
     print_summary(statuses)

@@ -24,7 +24,7 @@ from pipeline.guest import disksig
 from pipeline.guest import windows as guest
 from pipeline.registry import hive
 from pipeline.tools import qemu_img
-from pipeline.tools.guestfs import Guestfish
+from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session
 
 STEP = "inspect"
 FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
@@ -45,6 +45,8 @@ class InspectInput:
     image_id: str
     fmt: str | None = None  # None: from the file name's suffix
     force_tcg: bool = field(default=False, metadata=RUNTIME)
+    #: where the appliance launch log and the hand-over to registry-merge live (None: no sharing)
+    image_dir: Path | None = field(default=None, metadata=RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -238,10 +240,13 @@ def _require_extents(source: Path, facts: dict[str, Any], image_id: str | None, 
                              f"descriptor says {ext['sectors'] * 512}", image_id=image_id, step=STEP)
 
 
-def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool) -> dict[str, Any]:
-    """One read-only appliance launch: OS, version, control set, partition table, firmware, drivers."""
+def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool,
+                appliances: Appliances | None = None) -> dict[str, Any]:
+    """One appliance launch, which only reads: OS, version, control set, partition table, firmware,
+    drivers. A Windows guest's appliance is left for registry-merge (:func:`inspect_session`)."""
     facts: dict[str, Any] = {"os": "unknown"}
-    with Guestfish([(source, fmt, True)], image_id=image_id, step=STEP, force_tcg=force_tcg) as g:
+    with inspect_session(source, fmt, appliances=appliances, image_id=image_id, step=STEP,
+                         force_tcg=force_tcg) as g:
         facts["appliance_seconds"] = round(g.launch_seconds, 1)
         devices = g.lines("list-devices")
         dev = devices[0] if devices else "/dev/sda"
@@ -282,6 +287,7 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
         facts["services"] = _services(g, facts, image_id)
+        g.offer()
     return facts
 
 
@@ -328,10 +334,13 @@ def _firmware(g: Guestfish, dev: str, ptable: str) -> str:
 
 
 def inspect_image(inp: InspectInput) -> InspectFacts:
-    """The inspect step: disk facts and safety checks, then one read-only appliance launch."""
+    """The inspect step: disk facts and safety checks, then one appliance launch (left to
+    registry-merge when the run shares appliances)."""
     source, image_id = inp.disk, inp.image_id
     facts: dict[str, Any] = {"image_id": image_id, "source": str(source)}
     facts.update(disk_facts(source, image_id, inp.fmt))
-    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=inp.force_tcg))
+    appliances = Appliances(inp.image_dir) if inp.image_dir is not None else None
+    facts.update(guest_facts(source, facts["format"], image_id, force_tcg=inp.force_tcg,
+                             appliances=appliances))
     facts["qemu_img_version"] = qemu_img.version()
     return InspectFacts.from_dict(facts)

@@ -4,8 +4,9 @@
    files): a malformed file fails here with its line number, before anything is written.
 2. Map ``CurrentControlSet`` to the live ``ControlSet00N`` and split by hive.
 3. Create ``overlay.qcow2`` (backing file = the source, backing format explicit) under a temp name.
-4. ONE appliance launch: download each hive, merge locally with hivex, upload, remount, download
-   again and compare every value written. A mismatch fails the step.
+4. ONE appliance (inspect's, when it left one for this image; else a launch): download each hive,
+   merge locally with hivex, upload, remount, download again and compare every value written. A
+   mismatch fails the step.
 5. Rename the overlay into place.
 """
 
@@ -36,7 +37,7 @@ from pipeline.registry.plan import (
 from pipeline.registry.verify import verify
 from pipeline.steps.inspect import InspectFacts
 from pipeline.tools import qemu_img
-from pipeline.tools.guestfs import Guestfish
+from pipeline.tools.guestfs import Appliances, Guestfish, overlay_session
 
 STEP = "registry-merge"
 OVERLAY = "overlay.qcow2"
@@ -97,6 +98,7 @@ class MergeResult(JsonRecord):
     disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.reconcile
     virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
     appliance_launches: int = 0
+    appliance_shared: bool = False
     appliance_seconds: float | None = None
     qemu_img_version: str | None = None
     libguestfs_version: str | None = None
@@ -189,11 +191,9 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
     overlay = image_dir / OVERLAY
     atomic.remove_stale_temps(image_dir, OVERLAY)
     hives_done: dict[str, Any] = {}
-    with atomic.temporary_path(overlay) as tmp, tempfile.TemporaryDirectory(prefix="gho2kvm-hive-") as td:
-        qemu_img.create_overlay(tmp, source, source_fmt, image_id=image_id, step=STEP)
-        say("launching appliance")
-        with Guestfish([(tmp, "qcow2", False), *drives], image_id=image_id, step=STEP,
-                       force_tcg=inp.force_tcg) as g:
+    with tempfile.TemporaryDirectory(prefix="gho2kvm-hive-") as td:  # noqa: SIM117 - keeps the body's indent
+        with overlay_session(overlay, source, source_fmt, drives, appliances=Appliances(image_dir),
+                             image_id=image_id, step=STEP, force_tcg=inp.force_tcg, say=say) as g:
             signature = disksig.reconcile(g, facts, image_id=image_id, rebuilt_natively=inp.rebuilt_natively,
                                          step=STEP)
             warnings += signature["warnings"]
@@ -236,7 +236,8 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
                     "verified": True,
                 }
             _virtio_verify(g, installed, image_id)
-            appliance_seconds = round(g.launch_seconds, 1)
+            shared = g.launched_by != STEP  # inspect's appliance, taken over: no launch here
+            appliance_seconds = 0.0 if shared else round(g.launch_seconds, 1)
             libguestfs_version = _libguestfs_version(g)
     warnings += readiness(inp, installed=list(installed)).virtio_warnings
     return MergeResult(
@@ -250,7 +251,8 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
         disk_signature=signature,
         virtio={"drivers": str(inp.virtio), "installed": installed} if inp.virtio else None,
         warnings=tuple(warnings),
-        appliance_launches=1,
+        appliance_launches=0 if shared else 1,
+        appliance_shared=shared,
         appliance_seconds=appliance_seconds,
         qemu_img_version=qemu_img.version(),
         libguestfs_version=libguestfs_version,

@@ -63,9 +63,11 @@ class Inspect(ImageTask[InspectFacts]):
         """The disk this image's steps read: the source, or ghost-convert's output."""
         img = self.image
         if self.upstream() is None:
-            return InspectInput(disk=img.source, image_id=img.id, force_tcg=self.force_tcg)
+            return InspectInput(disk=img.source, image_id=img.id, force_tcg=self.force_tcg,
+                                image_dir=img.image_dir)
         made = self.upstream_result(GhostConvert)
-        return InspectInput(disk=made.disk, image_id=img.id, fmt=made.disk_format, force_tcg=self.force_tcg)
+        return InspectInput(disk=made.disk, image_id=img.id, fmt=made.disk_format, force_tcg=self.force_tcg,
+                            image_dir=img.image_dir)
 
     def fingerprint(self) -> dict[str, Any]:
         # a VMDK's extent files are inputs too, known from the last inspection

@@ -218,44 +218,189 @@ def _die_with_parent() -> None:
 #: daemons a tool left running for us (guestfish --listen): pid -> watchdog
 _daemons: dict[int, subprocess.Popen] = {}
 
-# Polls twice a second; when gho2kvm is gone (its parent changed) it SIGKILLs the daemon. It exits
-# as soon as the daemon does. A daemon has been re-parented away from us, so PR_SET_PDEATHSIG of
-# the tool that started it does not reach it.
+# Polls twice a second. It SIGKILLs the daemon when its owner is gone (the owner's start time no
+# longer matches: exited, or the pid reused), and, with an idle file, when that file is still there
+# ``idle`` seconds after its last change: then it first claims the file (renames it away, so that
+# nobody can take the daemon any more), and after the kill removes the files the claimed JSON lists
+# under "remove" and the claimed file itself. It exits as soon as the daemon does. A daemon has been
+# re-parented away from us, so PR_SET_PDEATHSIG of the tool that started it does not reach it.
 _WATCHDOG = """
-import os, signal, sys, time
-owner, pid = int(sys.argv[1]), int(sys.argv[2])
+import json, os, signal, sys, time
+owner, owner_start, pid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+idle_file, idle = (sys.argv[4], float(sys.argv[5])) if len(sys.argv) > 5 else (None, 0.0)
+def start(p):
+    try:
+        with open('/proc/%d/stat' % p) as fh:
+            fields = fh.read().rsplit(') ', 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in 'ZX' else fields[19]
+def alive(p):
+    try:
+        os.kill(p, 0)
+    except OSError:
+        return False
+    return start(p) is not None
 while True:
     time.sleep(0.5)
-    try:
-        os.kill(pid, 0)
-    except OSError:
+    if not alive(pid):
         break
-    if os.getppid() != owner:
+    if start(owner) != owner_start:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
         break
+    if idle_file is None:
+        continue
+    try:
+        expired = time.time() - os.stat(idle_file).st_mtime > idle
+    except OSError:
+        idle_file = None  # claimed by its user: only the owner matters now
+        continue
+    if not expired:
+        continue
+    claimed = idle_file + '.idle-%d' % os.getpid()
+    try:
+        os.rename(idle_file, claimed)
+    except OSError:
+        idle_file = None
+        continue
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for _ in range(100):
+        if not alive(pid):
+            break
+        time.sleep(0.1)
+    try:
+        with open(claimed) as fh:
+            remove = json.load(fh).get('remove', [])
+    except (OSError, ValueError, AttributeError):
+        remove = []
+    for path in [*remove, claimed]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    break
 """
 
 
-def watch_daemon(pid: int) -> None:
-    """Make the daemon ``pid`` (started by one of our tools) die with gho2kvm, SIGKILL included."""
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc), None if it is gone or a
+    zombie: with the pid it names one process, whatever pid reuse happens later."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def watch_daemon(pid: int, *, owner: int | None = None, idle: tuple[Path, float] | None = None) -> None:
+    """Make the daemon ``pid`` (started by one of our tools) die with its owner, SIGKILL included: this
+    process by default, or the process ``owner`` (e.g. the process a forked luigi worker belongs to).
+    ``idle=(path, seconds)``: also kill it when ``path`` has not been claimed (renamed or removed) within
+    ``seconds`` of its last change — see the watchdog script above."""
     import sys
 
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)],
+    owner = os.getpid() if owner is None else owner
+    owner_start = process_start(owner)
+    if owner_start is None:
+        raise RuntimeError(f"watch_daemon: owner process {owner} is gone")
+    extra = [str(idle[0]), str(idle[1])] if idle is not None else []
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(owner), owner_start, str(pid), *extra],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL,
                                 start_new_session=True, close_fds=True)
+    old = _daemons.pop(pid, None)
     _daemons[pid] = watchdog
+    if old is not None:  # the new watchdog is in place before the old one goes
+        _stop(old)
 
 
 def unwatch_daemon(pid: int) -> None:
     watchdog = _daemons.pop(pid, None)
     if watchdog is not None:
-        with contextlib.suppress(ProcessLookupError):
-            watchdog.kill()
-        watchdog.wait()
+        _stop(watchdog)
+
+
+def _stop(watchdog: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        watchdog.kill()
+    watchdog.wait()
+
+
+def start_daemon(argv: Sequence[str], *, step: str, image_id: str | None = None, log: Path,
+                 pid_from: Callable[[str], int | None], timeout: float = 60,
+                 env: Mapping[str, str] | None = None) -> int:
+    """Start a tool that forks a server and exits (``guestfish --listen``); return the server's pid.
+
+    Like :func:`run`: argv list, ``env`` added to the environment, the foreground process in its own
+    session with PR_SET_PDEATHSIG, a timeout, and a :class:`ToolError` naming image, step and the
+    tool's message. The tool's stderr (and the server's, for as long as it lives) goes to ``log``;
+    ``pid_from`` reads the server's pid from the tool's first stdout line (None: not there). The
+    server is then watched (:func:`watch_daemon`) so that it dies with gho2kvm.
+    """
+    import select
+
+    argv = [str(a) for a in argv]
+    tool = os.path.basename(argv[0])
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    deadline = time.monotonic() + timeout
+    with open(log, "ab") as err:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    env=full_env, start_new_session=True, preexec_fn=_die_with_parent)
+        except FileNotFoundError as e:
+            raise ToolError(f"{tool}: not found ({e.strerror}); is it installed?", tool=tool, argv=argv,
+                            returncode=None, image_id=image_id, step=step) from None
+    _children.add(proc.pid)
+    assert proc.stdout is not None
+    line = b""
+    try:
+        fd = proc.stdout.fileno()
+        while b"\n" not in line:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                _kill_group(proc)
+                raise ToolError(f"{tool} timed out after {timeout:g} s without starting its server; its "
+                                f"last output: {_log_tail(log) or '(none)'}", tool=tool, argv=argv,
+                                returncode=None, image_id=image_id, step=step)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            line += chunk
+        proc.stdout.close()
+        try:
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ToolError(f"{tool} timed out after {timeout:g} s", tool=tool, argv=argv, returncode=None,
+                            image_id=image_id, step=step) from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        _children.discard(proc.pid)
+    pid = pid_from(line.decode("utf-8", "replace")) if rc == 0 else None
+    if pid is None:
+        raise ToolError(f"{tool} failed to start its server (exit {rc}): {_log_tail(log) or '(no output)'}",
+                        tool=tool, argv=argv, returncode=rc, stderr=_log_tail(log), image_id=image_id,
+                        step=step)
+    watch_daemon(pid)
+    return pid
+
+
+def _log_tail(log: Path) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return _tool_message(text, "", empty="")
 
 
 def kill_children() -> None:
