@@ -37,6 +37,18 @@ class GhostConvert(ImageTask):
                        "adapter": g.adapter, "password_env": g.password_env, "path_style": g.path_style}
         return fp
 
+    def stale_reason(self) -> str | None:
+        # ghost.raw may have become the final disk (pipeline.steps.adopt: the rule)
+        from pipeline.steps import adopt
+
+        def downstream() -> list[tuple[str, dict[str, Any] | None, dict[str, Any]]]:
+            merge = RegistryMerge(config_path=self.config_path, image_id=self.image_id)
+            tasks: list[ImageTask] = [merge.upstream(), merge, Convert(config_path=self.config_path,
+                                                                       image_id=self.image_id)]
+            return [(t.step, t.receipt(), t.fingerprint()) for t in tasks]
+
+        return adopt.ghost_stale_reason(self.receipt(), self.fingerprint(), downstream)
+
     def execute(self) -> dict[str, Any]:
         img = self.image
         g = img.ghost
@@ -92,9 +104,11 @@ class Inspect(ImageTask):
         return Path(res["disk"]), res.get("disk_format")
 
     def fingerprint(self) -> dict[str, Any]:
+        from pipeline.steps import adopt
+
         fp = super().fingerprint()
         disk, _ = self.disk()
-        fp["disk"] = receipts.file_stamp(disk)
+        fp["disk"] = adopt.disk_stamp(disk, up.receipt() if (up := self.upstream()) else None)
         fp["extents"] = _extent_stamps((self.receipt() or {}).get("result", {}), disk)
         return fp
 
@@ -178,9 +192,30 @@ class Convert(ImageTask):
             disk, dfmt = inspect_task.disk()
             src, fmt = disk, dfmt or facts.get("result", {}).get("format", "raw")
         read = facts.get("result", {}).get("actual_size") or 0
+        ghost = inspect_task.upstream()
+        if ghost is not None and (adopted := self._adopt(ghost.receipt(), merge)) is not None:
+            return adopted
         result = convert_disk(self.image, src, fmt,
                               progress=lambda p: self.progress(p, f"converting {p:.0f}%"))
         return {"result": result, "outputs": {"disk": result["output"]}, "bytes_read": read}
+
+    def _adopt(self, ghost_receipt: dict[str, Any] | None, merge: dict[str, Any]) -> dict[str, Any] | None:
+        """ghost-convert's raw disk + the overlay committed into it as the final disk (written once),
+        or None when it cannot be adopted (pipeline.steps.adopt)."""
+        from pipeline.steps import adopt
+        from pipeline.tasks.base import _inject_failure
+
+        why = adopt.why_not(self.image, ghost_receipt)
+        if why is not None or ghost_receipt is None:
+            log.get().info("convert copies the disk", reason=why)
+            return None
+        overlay = Path(merge["overlay"]) if merge.get("overlay") else None
+        result = adopt.adopt_disk(self.image, ghost_receipt, overlay,
+                                  progress=lambda p: self.progress(p, f"committing {p:.0f}%"),
+                                  committed=lambda: _inject_failure("convert-commit", "inside"))
+        moved = result["adopted"]["overlay_allocated"]
+        return {"result": result, "outputs": {"disk": result["output"]}, "bytes_read": moved,
+                "bytes_written": moved}
 
 
 DOMAIN_FIELDS = ("memory_mib", "vcpus", "disk_bus", "nic_model", "network", "name", "title", "description",
