@@ -199,8 +199,8 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         before = _stamps(spans)
         reg = root / "once.reg"
         _reg(reg, "First", ALPHA)
-        cfg = make_config(root, [{"id": "xp", "source": src, "format": "raw", "registry": ["mergeide", str(reg)]}],
-                          defaults={"ghost": {"backend": "native"}})
+        image = {"id": "xp", "source": src, "format": "raw", "registry": ["mergeide", str(reg)]}
+        cfg = make_config(root, [image], defaults={"ghost": {"backend": "native"}})
         argv = ("migrate", "--config", str(cfg))
         work, final = root / "work" / "xp", root / "images" / "xp.raw"
         out: dict[str, Any] = {"root": root, "work": work, "final": final}
