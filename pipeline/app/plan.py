@@ -25,7 +25,7 @@ def plan_rows(cfg: Config, only: str | None = None) -> list[tuple[str, str, str]
         for t in chain(str(cfg.path.absolute()), img.id):
             receipt = t.receipt()
             try:
-                own = receipts.why_stale(receipt, t.fingerprint())
+                own = t.own_stale_reason()
             except Exception as e:  # e.g. the disk ghost-convert will produce is unknown yet
                 own = EARLIER if upstream_runs else f"cannot tell yet ({type(e).__name__}: {e})"
             if own is not None and own != EARLIER:

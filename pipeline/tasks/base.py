@@ -111,6 +111,10 @@ class ImageTask(luigi.Task):
             why = up.stale_reason()
             if why is not None:
                 return f"{up.step}: {why}"
+        return self.own_stale_reason()
+
+    def own_stale_reason(self) -> str | None:
+        """None when this step's receipt is current for its inputs and outputs (upstream not asked)."""
         return receipts.why_stale(self.receipt(), self.fingerprint())
 
     def complete(self) -> bool:

@@ -37,7 +37,7 @@ class GhostConvert(ImageTask):
                        "adapter": g.adapter, "password_env": g.password_env, "path_style": g.path_style}
         return fp
 
-    def stale_reason(self) -> str | None:
+    def own_stale_reason(self) -> str | None:
         # ghost.raw may have become the final disk (pipeline.steps.adopt: the rule)
         from pipeline.steps import adopt
 
