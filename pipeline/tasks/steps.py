@@ -19,7 +19,8 @@ from pipeline.tasks.base import ImageTask, get_config
 
 
 class GhostConvert(ImageTask):
-    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw`` (native reader)."""
+    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw`` (native reader; convert may
+    adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step is then complete)."""
 
     step = "ghost-convert"
     resources = {"disk_io": 1}
