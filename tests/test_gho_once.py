@@ -1,10 +1,11 @@
 """A ``.gho`` is decoded once and written once: convert adopts ghost-convert's raw disk (issue 14, goal 2).
 
 Fast tier: :func:`pipeline.steps.adopt.adopt_disk` on a small raw disk + a qcow2 overlay written by
-qemu-io (qemu-img only), and the completeness rule on receipts. Slow tier: the phony XP disk as an NTFS
-file-aware ``.gho`` (two spans) through the real CLI: a kill between the commit and the final rename,
-the finishing run (one copy of the disk: the final disk is ghost-convert's file), a no-op re-run, a
-changed ``.reg`` (the final disk has the new value and none of the old one), a deleted final disk.
+qemu-io (qemu-img only), a failure inside it, and the completeness rule on receipts. Slow tier: the phony
+XP disk with 24 MiB of data as an NTFS file-aware ``.gho`` (two spans) through the real CLI: the first run
+(one copy of the disk: the final disk is ghost-convert's file), a no-op re-run, the final disk deleted
+(``plan``: decode again), a changed ``.reg`` killed between the commit and the final rename (the old
+final disk untouched and no longer trusted; the committed disk has the new value and none of the old).
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ def _run_ids(work: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
+    """Four appliance launches in all (this machine's launches take minutes under load): the first run,
+    a no-op, the final disk moved away and back (``plan`` only), a changed ``.reg`` killed inside convert."""
     from gho_checks import carve, mbr_partitions
     from gho_ntfs_writer import Part, mounted, write_ntfs_image
     from gho_writer import split_spans
@@ -207,14 +210,10 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         image = {"id": "xp", "source": src, "format": "raw", "registry": ["mergeide", str(reg)]}
         cfg = make_config(root, [image], defaults={"ghost": {"backend": "native"}})
         argv = ("migrate", "--config", str(cfg))
-        work, final = root / "work" / "xp", root / "images" / "xp.raw"
+        plan = ("plan", "--config", str(cfg))
+        work, images = root / "work" / "xp", root / "images"
+        final = images / "xp.raw"
         out: dict[str, Any] = {"root": root, "work": work, "final": final}
-
-        killed = run_cli(*argv, env={"GHO2KVM_INJECT_FAILURE": "convert-commit:kill"}, timeout=1500)
-        out["killed"] = {"rc": killed.returncode, "final": final.exists(),
-                         "convert_receipt": (work / "convert.json").exists(),
-                         "ghost_raw": (work / "ghost.raw").exists(),
-                         "ghost_run": receipt(root, "xp", "ghost-convert")["run_id"]}
 
         out["first"], out["first_written"] = _written_by(argv)
         out["first_ids"] = _run_ids(work)
@@ -222,21 +221,30 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         out["first_alloc"] = final.stat().st_blocks * 512 if final.exists() else 0
         out["first_alpha"] = final.exists() and _has(final, ALPHA)
         out["first_files"] = sorted(p.name for p in work.iterdir())
-        out["leftovers"] = [p.name for p in (root / "images").iterdir() if p.name != "xp.raw"]
 
         out["noop"] = run_cli(*argv, timeout=600)
         out["noop_ids"] = _run_ids(work)
         out["noop_final"] = receipts.file_stamp(final)
 
-        _reg(reg, "Second", BRAVO)  # the user changes the .reg: a different value, the old one dropped
-        out["changed"] = run_cli(*argv, timeout=1500)
-        out["changed_ids"] = _run_ids(work)
-        out["changed_values"] = (_has(final, ALPHA), _has(final, BRAVO)) if final.exists() else None
+        # the final disk deleted: everything from ghost-convert would run again (plan reads what
+        # complete() reads); put back, nothing would
+        aside = root / "aside.raw"
+        os.rename(final, aside)
+        out["plan_deleted"] = run_cli(*plan, timeout=300)
+        os.rename(aside, final)
+        out["plan_restored"] = run_cli(*plan, timeout=300)
 
-        final.unlink()
-        out["deleted"] = run_cli(*argv, timeout=1500)
-        out["deleted_ids"] = _run_ids(work)
-        out["deleted_values"] = (_has(final, ALPHA), _has(final, BRAVO)) if final.exists() else None
+        # the user changes the .reg (a different value, the old one dropped) and the run is killed
+        # between the commit into the adopted disk and its rename into place
+        _reg(reg, "Second", BRAVO)
+        out["killed"] = run_cli(*argv, env={"GHO2KVM_INJECT_FAILURE": "convert-commit:kill"}, timeout=1500)
+        out["killed_ids"] = _run_ids(work)
+        out["killed_final"] = receipts.file_stamp(final)
+        out["killed_files"] = sorted(p.name for p in work.iterdir())
+        temps = [p for p in images.iterdir() if p.name.startswith(".xp.raw.tmp-")]
+        out["killed_temps"] = len(temps)
+        out["killed_values"] = (_has(temps[0], ALPHA), _has(temps[0], BRAVO)) if temps else None
+        out["plan_killed"] = run_cli(*plan, timeout=300)
         out["spans_unchanged"] = _stamps(spans) == before
         yield out
     finally:
@@ -247,15 +255,10 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.guestfs
-def test_killed_inside_convert_leaves_no_final_disk(once: dict[str, Any]) -> None:
-    k = once["killed"]
-    assert k["rc"] != 0
-    assert not k["final"] and not k["convert_receipt"]
-    assert not k["ghost_raw"]  # taken by convert: the finishing run decodes again
-    _ok(once["first"])
-    assert once["first_ids"]["ghost-convert"] != k["ghost_run"]
-    assert once["leftovers"] == []  # the killed run's temp was removed
+def _plan(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    _ok(proc)
+    rows = [line.split(None, 2) for line in proc.stdout.splitlines() if line.startswith("xp ")]
+    return {r[1]: r[2] for r in rows}
 
 
 @pytest.mark.guestfs
@@ -285,18 +288,30 @@ def test_rerun_is_a_noop(once: dict[str, Any]) -> None:
 
 
 @pytest.mark.guestfs
-def test_changed_reg_decodes_again_and_drops_the_old_value(once: dict[str, Any]) -> None:
-    _ok(once["changed"])
-    ids, first = once["changed_ids"], once["first_ids"]
-    assert all(ids[s] != first[s] for s in ("ghost-convert", "inspect", "registry-merge", "convert"))
-    assert once["changed_values"] == (False, True)
+def test_deleted_final_disk_decodes_again(once: dict[str, Any]) -> None:
+    deleted = _plan(once["plan_deleted"])
+    assert deleted["ghost-convert"].startswith("RUN:") and "decode again" in deleted["ghost-convert"]
+    assert "output missing" in deleted["ghost-convert"]
+    assert all(v.startswith("skip") for v in _plan(once["plan_restored"]).values())
 
 
 @pytest.mark.guestfs
-def test_deleted_final_disk_is_rebuilt(once: dict[str, Any]) -> None:
-    _ok(once["deleted"])
-    assert once["deleted_ids"]["ghost-convert"] != once["changed_ids"]["ghost-convert"]
-    assert once["deleted_values"] == (False, True)
+def test_changed_reg_killed_inside_convert(once: dict[str, Any]) -> None:
+    assert once["killed"].returncode != 0
+    ids, first = once["killed_ids"], once["first_ids"]
+    # the adopted disk holds the old edits: the changed .reg decoded the image again
+    assert all(ids[s] != first[s] for s in ("ghost-convert", "inspect", "registry-merge"))
+    assert ids["convert"] == first["convert"]  # no receipt for the killed convert
+    assert "ghost.raw" not in once["killed_files"]
+    # the final disk is the previous one, untouched, and nothing trusts it: every step from
+    # ghost-convert (whose disk is now gone) runs again
+    assert once["killed_final"] == once["first_final"]
+    plan = _plan(once["plan_killed"])
+    assert plan["ghost-convert"].startswith("RUN:")
+    assert all(v.startswith("RUN") for v in plan.values())
+    # what the killed run had committed, under the temp name only: the new value and none of the old
+    assert once["killed_temps"] == 1
+    assert once["killed_values"] == (False, True)
 
 
 @pytest.mark.guestfs
