@@ -6,7 +6,7 @@ VMDK), in one module-scoped sequence of runs (each costs one appliance launch, 3
 1. ``--workers 2`` (every step in a forked luigi worker process): inspect launches, registry-merge
    takes the appliance over; 1 launch.
 2. ``extra.reg`` changed: only registry-merge re-runs, with a launch of its own; 1 launch.
-3. the source touched and ``GHO2KVM_INJECT_FAILURE=inspect:kill``: the process dies right after inspect
+3. the source touched and ``inject="inspect:kill"``: the process dies right after inspect
    left its appliance (the worst moment); the appliance dies with it.
 4. re-run: inspect re-runs and hands over again; the result is the one of run 2.
 
@@ -89,9 +89,9 @@ def runs(xp_vmdk: Any, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     work = base / "work" / "xp"
     appliances = Appliances(work)
 
-    def migrate(*args: str, env: dict[str, str] | None = None) -> Run:
+    def migrate(*args: str, inject: str | None = None) -> Run:
         before = len(appliances.events())
-        proc = run_cli("migrate", "--config", str(config), *args, env=env)
+        proc = run_cli("migrate", "--config", str(config), *args, inject=inject)
         events = appliances.events()[before:]
         pids = [p for e in events for p in (e.get("pid"), e.get("qemu_pid")) if isinstance(p, int)]
         left = gone_soon(pids)
@@ -105,7 +105,7 @@ def runs(xp_vmdk: Any, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     reg.write_text(REG.format(2), encoding="utf-8")
     reg_changed = migrate()
     os.utime(source)  # inspect is stale now
-    killed = migrate(env={"GHO2KVM_INJECT_FAILURE": "inspect:kill"})
+    killed = migrate(inject="inspect:kill")
     resumed = migrate()
     return Runs(shared, reg_changed, killed, resumed)
 

@@ -53,6 +53,13 @@ class Hooks:
     #: test seam, never set in production: called with the task after its work, before its receipt
     #: is written (the worst moment for resumability); ``tests/inject_cli.py`` sets it
     after_work: AfterWork | None = None
+    #: test seam, never set in production: called with a point's name at named moments inside a
+    #: step's work (``convert-commit``: the overlay committed, the final disk not yet renamed)
+    point: Callable[[str, ImageTask[Any]], None] | None = None
+
+    def at(self, name: str, task: ImageTask[Any]) -> None:
+        if self.point is not None:
+            self.point(name, task)
 
 
 hooks = Hooks()
@@ -178,6 +185,10 @@ class ImageTask(luigi.Task, Generic[R]):
             why = up.stale_reason()
             if why is not None:
                 return f"{up.step}: {why}"
+        return self.own_stale_reason()
+
+    def own_stale_reason(self) -> str | None:
+        """None when this step's receipt is current for its inputs and outputs (upstream not asked)."""
         raw = self.receipt()
         if raw is not None and self.typed_receipt() is None:
             return "receipt of an older version (result unreadable)"

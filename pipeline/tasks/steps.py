@@ -14,7 +14,7 @@ from typing import Any
 
 import luigi
 
-from pipeline.core import receipts
+from pipeline.core import log, receipts
 from pipeline.core.receipts import Outcome
 from pipeline.steps.convert import ConvertInput, ConvertResult, convert_disk
 from pipeline.steps.define import Defined, DefineInput, define_domain
@@ -22,11 +22,12 @@ from pipeline.steps.ghost_convert import GhostConvertResult, GhostInput, ghost_c
 from pipeline.steps.inspect import InspectFacts, InspectInput, inspect_image
 from pipeline.steps.registry_merge import MergeInput, MergeResult, registry_merge
 from pipeline.steps.xml_render import DomainConfig, DomainXml, RenderInput, render_domain
-from pipeline.tasks.base import ImageTask, get_config
+from pipeline.tasks.base import ImageTask, get_config, hooks
 
 
 class GhostConvert(ImageTask[GhostConvertResult]):
-    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw`` (native reader)."""
+    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw`` (native reader; convert may
+    adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step is then complete)."""
 
     step = "ghost-convert"
     result_type = GhostConvertResult
@@ -38,6 +39,18 @@ class GhostConvert(ImageTask[GhostConvertResult]):
         img = self.image
         return GhostInput(image_id=img.id, source=img.source, image_dir=img.image_dir,
                           spans=tuple(find_spans(img.source)), ghost=img.ghost)
+
+    def own_stale_reason(self) -> str | None:
+        # ghost.raw may have become the final disk (pipeline.steps.adopt: the rule)
+        from pipeline.steps import adopt
+
+        def downstream() -> list[tuple[str, dict[str, Any] | None, dict[str, Any]]]:
+            merge = RegistryMerge(config_path=self.config_path, image_id=self.image_id)
+            tasks: list[ImageTask[Any]] = [merge.upstream(), merge, Convert(config_path=self.config_path,
+                                                                            image_id=self.image_id)]
+            return [(t.step, t.receipt(), t.fingerprint()) for t in tasks]
+
+        return adopt.ghost_stale_reason(self.receipt(), self.fingerprint(), downstream)
 
     def execute(self) -> Outcome[GhostConvertResult]:
         inp = self.step_input()
@@ -70,9 +83,14 @@ class Inspect(ImageTask[InspectFacts]):
                             image_dir=img.image_dir)
 
     def fingerprint(self) -> dict[str, Any]:
+        from pipeline.steps import adopt
+
         # a VMDK's extent files are inputs too, known from the last inspection
         fp = super().fingerprint()
-        fp["extents"] = _extent_stamps(self.result(), self.step_input().disk)
+        disk = self.step_input().disk
+        # ghost-convert's disk by its receipt's stamp: unchanged when convert adopts it (steps/adopt.py)
+        fp["disk"] = adopt.disk_stamp(disk, up.receipt() if (up := self.upstream()) else None)
+        fp["extents"] = _extent_stamps(self.result(), disk)
         return fp
 
     def fingerprint_after(self, fingerprint: dict[str, Any], out: Outcome[InspectFacts]) -> dict[str, Any]:
@@ -129,9 +147,29 @@ class Convert(ImageTask[ConvertResult]):
                             src=src, src_format=fmt)
 
     def execute(self) -> Outcome[ConvertResult]:
+        ghost = self.upstream().upstream().upstream()
+        if ghost is not None and (adopted := self._adopt(ghost.receipt())) is not None:
+            return adopted
         res = convert_disk(self.step_input(), progress=lambda p: self.progress(p, f"converting {p:.0f}%"))
         read = self.upstream_result(Inspect).actual_size or 0
         return Outcome(res, outputs={"disk": res.output}, bytes_read=read)
+
+    def _adopt(self, ghost_receipt: dict[str, Any] | None) -> Outcome[ConvertResult] | None:
+        """ghost-convert's raw disk + the overlay committed into it as the final disk (written once),
+        or None when it cannot be adopted (pipeline.steps.adopt)."""
+        from pipeline.steps import adopt
+
+        why = adopt.why_not(self.image, ghost_receipt)
+        if why is not None or ghost_receipt is None:
+            log.get().info("convert copies the disk", reason=why)
+            return None
+        merged = self.upstream_result(RegistryMerge)
+        result = adopt.adopt_disk(self.image, ghost_receipt, merged.overlay,
+                                  progress=lambda p: self.progress(p, f"committing {p:.0f}%"),
+                                  committed=lambda: hooks.at("convert-commit", self))
+        res = ConvertResult.from_dict(result)
+        moved = int(result["adopted"]["overlay_allocated"])
+        return Outcome(res, outputs={"disk": res.output}, bytes_read=moved, bytes_written=moved)
 
 
 class XmlRender(ImageTask[DomainXml]):

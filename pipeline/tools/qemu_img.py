@@ -90,3 +90,38 @@ def compare(a: Path, a_fmt: str, b: Path, b_fmt: str, *, image_id: str | None, s
         raise ToolError(f"verification failed: {b} differs from {a}: {r.stdout.strip() or r.stderr.strip()}",
                         tool="qemu-img", argv=r.argv, returncode=r.returncode, stderr=r.stderr,
                         image_id=image_id, step=step)
+
+
+def _overlay_opts(overlay: Path, base: Path, base_fmt: str) -> str:
+    """``--image-opts`` for ``overlay`` (qcow2) read over ``base`` instead of its recorded backing file."""
+    def esc(p: Path) -> str:
+        return str(p.absolute()).replace(",", ",,")
+
+    return (f"driver=qcow2,file.driver=file,file.filename={esc(overlay)},"
+            f"backing.driver={base_fmt},backing.file.driver=file,backing.file.filename={esc(base)}")
+
+
+def commit_onto(overlay: Path, base: Path, base_fmt: str, *, image_id: str | None, step: str,
+                progress: Callable[[float], None] | None = None, timeout: float = 24 * 3600) -> None:
+    """Write the clusters of ``overlay`` into ``base`` (taken as its backing file). ``-d``: the overlay
+    itself is left as it was."""
+    def on_out(chunk: str) -> None:
+        m = _PROGRESS_RE.search(chunk)
+        if m and progress:
+            progress(float(m.group(1)))
+
+    run([QEMU_IMG, "commit", "-p", "-d", "--image-opts", _overlay_opts(overlay, base, base_fmt)],
+        step=step, image_id=image_id, timeout=timeout, on_stdout=on_out)
+
+
+def compare_onto(overlay: Path, base: Path, base_fmt: str, *, image_id: str | None, step: str,
+                 timeout: float = 24 * 3600) -> None:
+    """Fail unless ``overlay`` read over ``base`` equals ``base`` (after :func:`commit_onto`)."""
+    b = str(base.absolute()).replace(",", ",,")
+    r = run([QEMU_IMG, "compare", "--image-opts", _overlay_opts(overlay, base, base_fmt),
+             f"driver={base_fmt},file.driver=file,file.filename={b}"], step=step, image_id=image_id,
+            timeout=timeout, check=False)
+    if r.returncode != 0:
+        raise ToolError(f"verification failed: {base} differs from {overlay} committed into it: "
+                        f"{r.stdout.strip() or r.stderr.strip()}", tool="qemu-img", argv=r.argv,
+                        returncode=r.returncode, stderr=r.stderr, image_id=image_id, step=step)

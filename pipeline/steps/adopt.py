@@ -1,0 +1,153 @@
+"""A ``.gho`` is decoded once and written once: convert *adopts* ghost-convert's raw disk as the final disk.
+
+The native reader rebuilds the whole disk as ``<image_dir>/ghost.raw`` (sparse, with the boot chain it
+synthesises); inspect reads it; registry-merge writes its edits to ``overlay.qcow2`` on top of it. The
+copy path would then write the whole disk a second time (``qemu-img convert`` overlay → final disk).
+When the output is raw and ``ghost.raw`` sits on the final disk's filesystem, convert instead:
+
+1. renames ``ghost.raw`` to the final disk's temp name (``.<id>.raw.tmp-<pid>`` next to it);
+2. commits the overlay into it (``qemu-img commit -d``, the overlay's backing redirected to the temp
+   through ``--image-opts``: only the overlay's clusters are written, ``overlay.qcow2`` is not changed);
+3. with ``verify``, compares the overlay (over the temp) with the temp: every edited cluster landed;
+4. fsyncs and renames the temp to the final disk (atomic); its receipt records ``result.adopted``
+   with ghost-convert's ``run_id``.
+
+Bytes written by the migration ≈ the disk once + the overlay twice (merge, commit). Not covered: qcow2
+output, the ``exe`` backend (``ghost.vmdk``), another filesystem: those take the copy path unchanged.
+
+The rule (one place; GhostConvert.stale_reason and Inspect.fingerprint call it):
+
+* While ``ghost.raw`` exists under that name it is exactly ghost-convert's output (its receipt stamps
+  it). Nothing writes it in place: convert renames it away *before* committing into it.
+* ghost-convert with ``ghost.raw`` gone is complete only if it was **adopted**: convert's receipt names
+  ghost-convert's ``run_id`` in ``result.adopted`` and inspect, registry-merge and convert are each
+  current on their own (fingerprint + outputs, the final disk's stamp included). Then the final disk
+  holds exactly ghost-convert's disk + this overlay, and a re-run is a no-op.
+* Anything else re-runs from ghost-convert (decode again), because the adopted disk carries the old
+  edits and cannot serve as a pristine disk: the final disk deleted or changed (a booted guest), a
+  changed ``.reg`` or virtio tree (registry-merge stale), a changed convert setting (verify, format), a
+  kill between the rename and convert's receipt (``ghost.raw`` gone, no receipt naming this run).
+* A kill at any moment leaves the final disk either absent, the previous complete one (whose convert
+  receipt no longer matches the new upstream run, so nothing downstream trusts it), or the new complete
+  one; a half-committed disk only ever lives under the temp name, removed by the next convert.
+* Inspect's fingerprint stamps ghost-convert's disk by the stamp in ghost-convert's receipt (identical
+  to the file's while it exists), so it does not change when the file is adopted.
+
+The user's source and spans are only read (by ghost-convert); nothing here opens them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.core import atomic, receipts
+from pipeline.core.config import ImageConfig
+from pipeline.tools import qemu_img
+
+STEP = "convert"
+DISK = "disk"  # ghost-convert's output name for its disk
+
+
+def _native_disk(ghost_receipt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The output stamp of ghost-convert's raw disk (native backend), else None."""
+    if not ghost_receipt:
+        return None
+    res = ghost_receipt.get("result") or {}
+    out = (ghost_receipt.get("outputs") or {}).get(DISK)
+    if res.get("backend") != "native" or res.get("disk_format") != "raw" or not isinstance(out, dict):
+        return None
+    return out
+
+
+def disk_stamp(disk: Path, ghost_receipt: dict[str, Any] | None) -> dict[str, Any]:
+    """How a downstream fingerprint stamps the disk it reads: ghost-convert's raw disk by the stamp its
+    receipt recorded (equal to the file's while it exists, unchanged once adopted), anything else by
+    :func:`receipts.file_stamp`."""
+    out = _native_disk(ghost_receipt)
+    if out is None or out.get("path") != str(disk):
+        return receipts.file_stamp(disk)
+    return {"path": out["path"], "size": out.get("size"), "mtime_ns": out.get("mtime_ns")}
+
+
+def ghost_stale_reason(ghost_receipt: dict[str, Any] | None, fingerprint: dict[str, Any],
+                       downstream: Callable[[], list[tuple[str, dict[str, Any] | None, dict[str, Any]]]]
+                       ) -> str | None:
+    """ghost-convert's staleness under the rule above. ``downstream()`` gives ``(step, receipt,
+    fingerprint)`` of inspect, registry-merge and convert (in that order), computed without asking
+    their upstream (no recursion)."""
+    out = _native_disk(ghost_receipt)
+    if ghost_receipt is None or out is None or not receipts.file_stamp(out["path"]).get("missing"):
+        return receipts.why_stale(ghost_receipt, fingerprint)
+    others = {k: v for k, v in (ghost_receipt.get("outputs") or {}).items() if k != DISK}
+    why = receipts.why_stale({**ghost_receipt, "outputs": others}, fingerprint)
+    if why is not None:
+        return why
+    chain = downstream()
+    conv = chain[-1][1] or {}
+    adopted = (conv.get("result") or {}).get("adopted") or {}
+    if adopted.get("ghost_run_id") != ghost_receipt.get("run_id"):
+        return f"output missing: {out['path']} (not adopted as a final disk)"
+    for step, rec, fp in chain:
+        w = receipts.why_stale(rec, fp)
+        if w is not None:
+            return f"its disk became the final disk and {step} must run again ({w}): decode again"
+    return None
+
+
+def why_not(image: ImageConfig, ghost_receipt: dict[str, Any] | None) -> str | None:
+    """None when convert can adopt ghost-convert's disk, else the reason it copies instead."""
+    out = _native_disk(ghost_receipt)
+    if out is None:
+        return "the disk is not the native reader's raw disk"
+    if image.format != "raw":
+        return f"output format {image.format} (adoption is for raw output)"
+    disk = Path(out["path"])
+    now = receipts.file_stamp(disk)
+    if now.get("missing") or now.get("size") != out.get("size") or now.get("mtime_ns") != out.get("mtime_ns"):
+        return f"{disk} is not ghost-convert's output any more"
+    final = image.final_disk
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if os.stat(disk).st_dev != os.stat(final.parent).st_dev:
+        return f"{disk} and {final.parent} are on different filesystems"
+    return None
+
+
+def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path | None, *,
+               progress: Callable[[float], None] | None = None,
+               committed: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Make ghost-convert's disk the final disk (steps 1–4 above); return convert's ``result``.
+
+    ``committed`` is called after the commit (and verify), before the final rename (a test hook).
+    """
+    out = _native_disk(ghost_receipt)
+    assert out is not None
+    disk = Path(out["path"])
+    final = image.final_disk
+    atomic.remove_stale_temps(final.parent, final.name)
+    timings: dict[str, float] = {}
+    ino = os.stat(disk).st_ino
+    overlay_bytes = overlay.stat().st_blocks * 512 if overlay is not None else 0
+    with atomic.temporary_path(final) as tmp:
+        os.rename(disk, tmp)  # from here on ghost.raw is gone: only a finished convert makes it adopted
+        if overlay is not None:
+            t0 = time.monotonic()
+            qemu_img.commit_onto(overlay, tmp, "raw", image_id=image.id, step=STEP, progress=progress)
+            timings["commit_seconds"] = round(time.monotonic() - t0, 2)
+            if image.verify:
+                t0 = time.monotonic()
+                qemu_img.compare_onto(overlay, tmp, "raw", image_id=image.id, step=STEP)
+                timings["verify_seconds"] = round(time.monotonic() - t0, 2)
+        if committed is not None:
+            committed()
+    if progress:
+        progress(100.0)
+    return {"input": str(overlay or disk), "input_format": "qcow2" if overlay is not None else "raw",
+            "output": str(final), "format": image.format, "verified": image.verify and overlay is not None,
+            "qemu_img_version": qemu_img.version(), **timings,
+            "adopted": {"from": str(disk), "ghost_run_id": ghost_receipt.get("run_id"), "inode": ino,
+                        "overlay": str(overlay) if overlay is not None else None,
+                        "overlay_allocated": overlay_bytes}}
