@@ -127,7 +127,7 @@ def registry_merge(image: ImageConfig, facts: dict[str, Any], source: Path, sour
             signature = disksig.reconcile(g, image, facts, step=STEP)
             warnings += signature["warnings"]
             drivers = _virtio_fetch(g, tree, facts, Path(td), image.id) if tree is not None else {}
-            planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d))], ccs)
+            planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d, facts))], ccs)
             root = facts.get("root") or g.lines("inspect-os")[0]
             g("mount", root, "/")
             installed = _virtio_install(g, drivers, facts) if drivers else {}
