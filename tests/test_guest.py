@@ -135,7 +135,8 @@ def test_virtio_switch_over_decisions() -> None:
     # Windows 10 without a matching viostor folder: IDE kept, the warning names the folders looked for
     r = guest.decide("x", "virtio", None, W10, virtio_tree=tree, installed=[])
     assert (r.disk_bus, r.nic_model, r.refusals) == ("ide", "e1000", ())
-    assert any("no viostor (w10/w11/amd64) in /srv/virtio-win.iso; disk stays on ide" in w for w in r.warnings)
+    assert any("no viostor (w10/w11/amd64) in /srv/virtio-win.iso; disk stays on ide" in w
+               for w in r.warnings)
     r = guest.decide("x", "ide", None, W2019, virtio_tree=tree, installed=[])
     assert any("no viostor (2k19/amd64)" in w for w in r.warnings)
 
@@ -189,9 +190,10 @@ def test_virtio_registry_data_nt5_nt6() -> None:
     svc = "ControlSet001\\Services\\viostor"
     for f in (XP, W7):
         stor = _virtio_values("viostor", f)
-        for dev in ("pci#ven_1af4&dev_1001", "pci#ven_1af4&dev_1042", "pci#ven_1af4&dev_1001&subsys_00021af4&rev_00"):
-            assert stor[(f"ControlSet001\\Control\\CriticalDeviceDatabase\\{dev}", "Service")] == "viostor"
-            assert stor[(f"ControlSet001\\Control\\CriticalDeviceDatabase\\{dev}", "ClassGUID")] == SCSI_ADAPTER
+        for dev in ("pci#ven_1af4&dev_1001", "pci#ven_1af4&dev_1042",
+                    "pci#ven_1af4&dev_1001&subsys_00021af4&rev_00"):
+            cdd = f"ControlSet001\\Control\\CriticalDeviceDatabase\\{dev}"
+            assert stor[(cdd, "Service")] == "viostor" and stor[(cdd, "ClassGUID")] == SCSI_ADAPTER
         assert stor[(svc, "Start")] == 0 and stor[(svc, "Type")] == 1 and stor[(svc, "ErrorControl")] == 1
         assert stor[(svc, "Group")] == "SCSI miniport"
         assert stor[(svc, "ImagePath")] == r"system32\DRIVERS\viostor.sys"
@@ -209,9 +211,9 @@ VIOSTOR_IDS = ("VEN_1AF4&DEV_1001&SUBSYS_00021AF4&REV_00", "VEN_1AF4&DEV_1001&RE
 VIOSTOR_VERSION = bytes.fromhex("00ff090000000000" "7be9364d25e3ce11bfc108002be10318") + bytes(24)
 
 
-def nt62_viostor_values(arch: str) -> dict[tuple[str, str | None], object]:
+def nt62_viostor_values(arch: str) -> dict[tuple[str, str], object]:
     pkg = f"DriverDatabase\\DriverPackages\\viostor.inf_{arch}_0000000000000000"
-    out: dict[tuple[str, str | None], object] = {
+    out: dict[tuple[str, str], object] = {
         ("DriverDatabase\\DriverInfFiles\\viostor.inf", ""): [f"viostor.inf_{arch}_0000000000000000"],
         ("DriverDatabase\\DriverInfFiles\\viostor.inf", "Active"): f"viostor.inf_{arch}_0000000000000000",
         ("DriverDatabase\\DriverInfFiles\\viostor.inf", "Configurations"): ["scsi_inst"],
