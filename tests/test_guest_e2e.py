@@ -96,7 +96,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, w2003_raw: Path, win7_raw: Pa
     root = tmp_path_factory.mktemp("guest-e2e")
     r = Runs(root=root)
     tree = fakedisk.virtio_tree(root / "virtio-win", [
-        ("viostor", "w7", "amd64"), ("netkvm", "w7", "amd64"), ("viostor", "w10", "amd64"),
+        ("viostor", "w7", "amd64"), ("netkvm", "w7", "amd64"), ("viostor", "w8.1", "amd64"),
         ("viostor", "2k3", "x86"), ("netkvm", "2k3", "x86"), ("viostor", "xp", "x86")])
     iso = fakedisk.iso_of(tree, root / "virtio-win.iso")
     r.w10_tree = fakedisk.virtio_tree(root / "virtio-win-10", [
