@@ -126,10 +126,28 @@ def test_virtio_switch_over_decisions() -> None:
     r = guest.decide("x", "ide", "e1000", XP, virtio_tree=tree, installed=["viostor"])
     assert (r.disk_bus, r.nic_model) == ("virtio", "e1000")
     assert len(r.warnings) == 2 and len(r.virtio_warnings) == 1 and "netkvm" in r.virtio_warnings[0]
-    # Windows 10: no offline switch-over (driver store), IDE kept with a warning
+    # Windows 10: viostor switched over (DriverDatabase), netkvm not: the NIC stays with a warning
     r = guest.decide("x", "ide", "e1000", W10, virtio_tree=tree)
-    assert (r.disk_bus, r.nic_model) == ("ide", "e1000")
-    assert any("driver store" in w for w in r.warnings)
+    assert (r.disk_bus, r.nic_model) == ("virtio", "e1000")
+    r = guest.decide("x", "ide", None, W10, virtio_tree=tree, installed=["viostor"])
+    assert (r.disk_bus, r.nic_model, r.refusals) == ("virtio", "e1000", ())
+    assert r.virtio_warnings == r.warnings and len(r.warnings) == 1
+    assert "Windows 10 sets up a netkvm device through PnP in the running guest" in r.warnings[0]
+    assert "pnputil /add-driver netkvm.inf /install" in r.warnings[0] and "NIC stays e1000" in r.warnings[0]
+    # Windows 10 without a matching viostor folder: IDE kept, the warning names the folders looked for
+    r = guest.decide("x", "virtio", None, W10, virtio_tree=tree, installed=[])
+    assert (r.disk_bus, r.nic_model, r.refusals) == ("ide", "e1000", ())
+    assert any("no viostor (w10/w11/amd64) in /srv/virtio-win.iso; disk stays on ide" in w
+               for w in r.warnings)
+    r = guest.decide("x", "ide", None, W2019, virtio_tree=tree, installed=[])
+    assert any("no viostor (2k19/amd64)" in w for w in r.warnings)
+
+
+def test_virtio_offline_per_family() -> None:
+    assert [guest.virtio_switch_supported(f, "viostor") for f in (XP, VISTA, W7, W81, W10, LINUX)] == [
+        True, True, True, True, True, False]
+    assert [guest.virtio_switch_supported(f, "netkvm") for f in (XP, VISTA, W7, W81, W10, LINUX)] == [
+        True, True, True, False, False, False]
 
 
 @pytest.mark.parametrize(("f", "dirs"), [
@@ -142,30 +160,84 @@ def test_virtio_os_dirs(f: InspectFacts, dirs: tuple[str, ...]) -> None:
 
 def test_find_drivers_in_a_tree_listing(tmp_path: Path) -> None:
     tree = fakedisk.virtio_tree(tmp_path / "vw", [("viostor", "xp", "x86"), ("netkvm", "xp", "x86"),
-                                                  ("viostor", "w7", "amd64"), ("viostor", "2k3", "amd64")])
+                                                  ("viostor", "w7", "amd64"), ("viostor", "2k3", "amd64"),
+                                                  ("viostor", "w10", "amd64"), ("netkvm", "w10", "amd64"),
+                                                  ("viostor", "w8.1", "amd64"), ("viostor", "2k19", "amd64")])
     listing = virtio.list_folder(tree)
     assert "viostor/xp/x86/viostor.sys" in listing
     assert virtio.find_drivers(listing, XP) == {"viostor": "viostor/xp/x86/viostor.sys",
                                                 "netkvm": "netkvm/xp/x86/netkvm.sys"}
     assert virtio.find_drivers(listing, W7) == {"viostor": "viostor/w7/amd64/viostor.sys"}
     assert virtio.find_drivers(listing, W2003) == {}  # 2003 here is x86: only an amd64 build in the tree
+    # 6.2+: viostor only (netkvm cannot be installed offline there), each from its own folder
+    assert virtio.find_drivers(listing, W10) == {"viostor": "viostor/w10/amd64/viostor.sys"}
+    assert virtio.find_drivers(listing, W81) == {"viostor": "viostor/w8.1/amd64/viostor.sys"}
+    assert virtio.find_drivers(listing, W2019) == {"viostor": "viostor/2k19/amd64/viostor.sys"}
+    assert virtio.find_drivers(listing, dataclasses.replace(W10, arch="i386")) == {}
     # ISO listings (upper case, leading folders) match too
     iso = ["/VIRTIO/VIOSTOR/XP/X86/VIOSTOR.SYS", "/VIRTIO/VIOSTOR/XP/X86/VIOSTOR.INF"]
     assert virtio.find_drivers(iso, XP) == {"viostor": "/VIRTIO/VIOSTOR/XP/X86/VIOSTOR.SYS"}
     assert (tree / "viostor/xp/x86/viostor.sys").read_bytes()[:2] == b"MZ"
 
 
-def test_virtio_registry_data() -> None:
-    stor = {(op.key.rsplit("\\", 1)[-1], op.name): op.value for op in builtin.virtio_ops("viostor")}
-    for dev in ("pci#ven_1af4&dev_1001", "pci#ven_1af4&dev_1042"):
-        assert stor[(dev, "Service")] == "viostor"
-        assert stor[(dev, "ClassGUID")] == "{4D36E97B-E325-11CE-BFC1-08002BE10318}"
-    assert stor[("viostor", "Start")] == 0
-    assert stor[("viostor", "ImagePath")] == r"system32\DRIVERS\viostor.sys"
-    net = {(op.key.rsplit("\\", 1)[-1], op.name): op.value for op in builtin.virtio_ops("netkvm")}
-    for dev in ("pci#ven_1af4&dev_1000", "pci#ven_1af4&dev_1041"):
-        assert net[(dev, "Service")] == "netkvm"
-    assert net[("netkvm", "ImagePath")] == r"system32\DRIVERS\netkvm.sys"
+SCSI_ADAPTER = "{4D36E97B-E325-11CE-BFC1-08002BE10318}"
+
+
+def _virtio_values(driver: str, f: dict[str, Any]) -> dict[tuple[str, str | None], object]:
+    ops = plan(builtin.virtio_ops(driver, f), "ControlSet001")["SYSTEM"]
+    return {(op.key.split("SYSTEM\\", 1)[1], op.name): op.value for op in ops if not op.is_key}
+
+
+def test_virtio_registry_data_nt5_nt6() -> None:
+    svc = "ControlSet001\\Services\\viostor"
+    for f in (XP, W7):
+        stor = _virtio_values("viostor", f)
+        for dev in ("pci#ven_1af4&dev_1001", "pci#ven_1af4&dev_1042",
+                    "pci#ven_1af4&dev_1001&subsys_00021af4&rev_00"):
+            cdd = f"ControlSet001\\Control\\CriticalDeviceDatabase\\{dev}"
+            assert stor[(cdd, "Service")] == "viostor" and stor[(cdd, "ClassGUID")] == SCSI_ADAPTER
+        assert stor[(svc, "Start")] == 0 and stor[(svc, "Type")] == 1 and stor[(svc, "ErrorControl")] == 1
+        assert stor[(svc, "Group")] == "SCSI miniport"
+        assert stor[(svc, "ImagePath")] == r"system32\DRIVERS\viostor.sys"
+        assert stor[(svc + "\\Parameters\\PnpInterface", "5")] == 1
+        assert not any(k.startswith("DriverDatabase") for k, _ in stor)
+        net = _virtio_values("netkvm", f)
+        for dev in ("pci#ven_1af4&dev_1000", "pci#ven_1af4&dev_1041"):
+            assert net[(f"ControlSet001\\Control\\CriticalDeviceDatabase\\{dev}", "Service")] == "netkvm"
+        assert net[("ControlSet001\\Services\\netkvm", "ImagePath")] == r"system32\DRIVERS\netkvm.sys"
+
+
+#: what the 6.2+ switch-over writes outside the service key (see virtio_viostor_nt62.reg for sources)
+VIOSTOR_IDS = ("VEN_1AF4&DEV_1001&SUBSYS_00021AF4&REV_00", "VEN_1AF4&DEV_1001&REV_00",
+               "VEN_1AF4&DEV_1042&SUBSYS_11001AF4&REV_01", "VEN_1AF4&DEV_1042&REV_01")
+VIOSTOR_VERSION = bytes.fromhex("00ff090000000000" "7be9364d25e3ce11bfc108002be10318") + bytes(24)
+
+
+def nt62_viostor_values(arch: str) -> dict[tuple[str, str], object]:
+    pkg = f"DriverDatabase\\DriverPackages\\viostor.inf_{arch}_0000000000000000"
+    out: dict[tuple[str, str], object] = {
+        ("DriverDatabase\\DriverInfFiles\\viostor.inf", ""): [f"viostor.inf_{arch}_0000000000000000"],
+        ("DriverDatabase\\DriverInfFiles\\viostor.inf", "Active"): f"viostor.inf_{arch}_0000000000000000",
+        ("DriverDatabase\\DriverInfFiles\\viostor.inf", "Configurations"): ["scsi_inst"],
+        (pkg, "Version"): VIOSTOR_VERSION,
+        (pkg + "\\Configurations\\scsi_inst", "ConfigFlags"): 0,
+        (pkg + "\\Configurations\\scsi_inst", "Service"): "viostor",
+    }
+    for dev in VIOSTOR_IDS:
+        out[(f"DriverDatabase\\DeviceIds\\PCI\\{dev}", "viostor.inf")] = b"\x01\xff\x00\x00"
+        out[(f"{pkg}\\Descriptors\\PCI\\{dev}", "Configuration")] = "scsi_inst"
+    return out
+
+
+def test_virtio_registry_data_nt62() -> None:
+    for f, arch in ((W10, "amd64"), (dataclasses.replace(W81, arch="i386"), "x86"), (W2019, "amd64")):
+        stor = _virtio_values("viostor", f)
+        svc = {k: v for k, v in stor.items() if k[0].startswith("ControlSet001\\Services\\viostor")}
+        assert svc == {k: v for k, v in _virtio_values("viostor", W7).items() if k in svc} and len(svc) == 6
+        assert {k: v for k, v in stor.items() if k not in svc} == nt62_viostor_values(arch)
+        assert not any("CriticalDeviceDatabase" in k for k, _ in stor)  # not read by 6.2+
+        with pytest.raises(ValueError, match="netkvm cannot be installed offline"):
+            builtin.virtio_ops("netkvm", f)
 
 
 # ---------------------------------------------------------------------------------- fix sets

@@ -3,7 +3,12 @@
 Appliance launches are few (each ≈ 20-40 s under TCG); everything runs once in :func:`runs`:
 
 * Windows 10 (NT 10.0): inspect (1 launch): version from CurrentMajorVersionNumber, storahci.sys and
-  its service; registry-merge (1): the 6.2+ set; a virtio tree is given but not used (driver store).
+  its service; registry-merge (1): the 6.2+ set, with a virtio tree that has no w10 folder: IDE kept,
+  with a warning.
+* Windows 10 through the CLI (inspect + registry-merge: 2) with a virtio folder that has w10/amd64
+  viostor and netkvm: viostor.sys copied, its service and DriverDatabase entries written (read back
+  from the final disk with hivexget), netkvm not (NIC warning); domain.xml has a virtio disk and
+  validates with virt-xml-validate.
 * Windows 7 (ControlSet002): registry-merge (1) with ``mergeide`` + a MergeIDE-style file naming
   ControlSet001, ``registry_remap_controlset: true``, ``disk_bus: sata`` and a virtio folder with
   w7/amd64 drivers: viostor.sys/netkvm.sys copied, keys in ControlSet002.
@@ -16,6 +21,7 @@ The phony disks are built once (3 launches) and cached under ``var/testdisks``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import xml.etree.ElementTree as ET
@@ -25,12 +31,14 @@ from typing import Any
 
 import pytest
 from fx_pipeline import make_config, receipt, run_cli
+from test_guest import nt62_viostor_values
 
 from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
 from pipeline.steps.inspect import InspectFacts, guest_facts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
+from pipeline.tools.run import run
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 
@@ -48,6 +56,9 @@ class Runs:
     root: Path
     w10_facts: dict[str, Any] = field(default_factory=dict)
     w10: dict[str, Any] = field(default_factory=dict)
+    w10_tree: Path | None = None
+    w10_cli: subprocess.CompletedProcess[str] | None = None
+    w10_xml: str = ""
     w7: dict[str, Any] = field(default_factory=dict)
     w7_warnings_without_remap: list[str] = field(default_factory=list)
     w2003: subprocess.CompletedProcess[str] | None = None
@@ -85,15 +96,26 @@ def runs(tmp_path_factory: pytest.TempPathFactory, w2003_raw: Path, win7_raw: Pa
     root = tmp_path_factory.mktemp("guest-e2e")
     r = Runs(root=root)
     tree = fakedisk.virtio_tree(root / "virtio-win", [
-        ("viostor", "w7", "amd64"), ("netkvm", "w7", "amd64"), ("viostor", "w10", "amd64"),
+        ("viostor", "w7", "amd64"), ("netkvm", "w7", "amd64"), ("viostor", "w8.1", "amd64"),
         ("viostor", "2k3", "x86"), ("netkvm", "2k3", "x86"), ("viostor", "xp", "x86")])
     iso = fakedisk.iso_of(tree, root / "virtio-win.iso")
+    r.w10_tree = fakedisk.virtio_tree(root / "virtio-win-10", [
+        ("viostor", "w10", "amd64"), ("netkvm", "w10", "amd64"), ("viostor", "w10", "x86"),
+        ("viostor", "w8.1", "amd64")])
 
-    # Windows 10: real inspection, then the 6.2+ set
+    # Windows 10: real inspection, then the 6.2+ set; the tree has no w10 folder: IDE kept
     r.w10_facts = guest_facts(win10_raw, "raw", "w10", force_tcg=True)
     w10 = ImageConfig(id="w10", source=win10_raw, workdir=root / "work", virtio=VirtioConfig(drivers=tree))
     r.w10 = registry_merge(MergeInput.from_config(w10, InspectFacts.from_dict(r.w10_facts), win10_raw, "raw",
                                                   force_tcg=True)).to_dict()
+
+    # Windows 10 through the CLI with w10 drivers in a folder: virtio disk (DriverDatabase), NIC e1000
+    (root / "cli10").mkdir()
+    cfg10 = make_config(root / "cli10", [{"id": "w10", "source": win10_raw, "format": "qcow2",
+                                          "virtio": {"drivers": str(r.w10_tree)}, "verify": False}])
+    r.w10_cli = run_cli("migrate", "--config", str(cfg10))
+    xml10 = root / "cli10" / "work" / "w10" / "domain.xml"
+    r.w10_xml = xml10.read_text() if xml10.exists() else ""
 
     # Windows 7 on ControlSet002: MergeIDE-style file naming ControlSet001, remapped; virtio folder
     reg = root / "mergeide-cs001.reg"
@@ -118,22 +140,65 @@ def runs(tmp_path_factory: pytest.TempPathFactory, w2003_raw: Path, win7_raw: Pa
     r.refused_plan = run_cli("plan", "--config", str(refused_cfg))
     r.refused_migrate = run_cli("migrate", "--config", str(refused_cfg))
 
-    # read back: /dev/sda = w10 overlay, /dev/sdb = w7 overlay, /dev/sdc = final 2003 disk
+    # read back: /dev/sda = w10 overlay, /dev/sdb = w7 overlay, /dev/sdc = final 2003 disk,
+    # /dev/sdd = final Windows 10 disk of the CLI run
     out = root / "back"
     out.mkdir()
     script = []
-    for name, part in (("w10", "/dev/sda1"), ("w7", "/dev/sdb1"), ("w2003", "/dev/sdc1")):
+    for name, part in (("w10", "/dev/sda1"), ("w7", "/dev/sdb1"), ("w2003", "/dev/sdc1"),
+                       ("w10cli", "/dev/sdd1")):
         script += [f"mount-ro {part} /", f"download /WINDOWS/system32/config/system {out}/{name}-system",
-                   "-checksum sha256 /WINDOWS/system32/drivers/viostor.sys",
-                   "-checksum sha256 /WINDOWS/system32/drivers/netkvm.sys", "umount-all"]
+                   f"echo {name}:", "-checksum sha256 /WINDOWS/system32/drivers/viostor.sys",
+                   "-checksum sha256 /WINDOWS/system32/drivers/netkvm.sys",
+                   "is-file /WINDOWS/system32/drivers/viostor.sys",
+                   "is-file /WINDOWS/system32/drivers/netkvm.sys", "umount-all"]
     r.back = _read_back(root, [("qcow2", Path(r.w10["overlay"])), ("qcow2", Path(r.w7["overlay"])),
-                               ("qcow2", root / "cli" / "images" / "srv2003.qcow2")], script)
+                               ("qcow2", root / "cli" / "images" / "srv2003.qcow2"),
+                               ("qcow2", root / "cli10" / "images" / "w10.qcow2")], script)
     return r
 
 
 def hivexget(hive: Path, key: str, value: str) -> str | None:
     p = subprocess.run(["hivexget", str(hive), key, value], capture_output=True, text=True)
     return p.stdout.strip() if p.returncode == 0 else None
+
+
+def hivex_values(hive: Path, key: str) -> dict[str, object] | None:
+    """Every value of ``key`` as hivexget lists it (regedit-like lines), decoded by type: REG_SZ
+    ``"..."`` and REG_EXPAND_SZ ``str(2):"..."`` to str, ``dword:`` to int, ``hex(7):`` (REG_MULTI_SZ)
+    to a list of str, ``hex(3):`` (REG_BINARY) to bytes. None: no such key."""
+    p = subprocess.run(["hivexget", str(hive), key], capture_output=True, text=True)
+    if p.returncode != 0:
+        return None
+    out: dict[str, object] = {}
+    for line in p.stdout.splitlines():
+        name, _, rhs = line.partition("=")
+        name = name.strip('"')
+        name = "" if name == "@" else name
+        if rhs.startswith(('"', 'str(2):"')):
+            out[name] = rhs.split('"', 1)[1][:-1].replace('\\\\', '\\').replace('\\"', '"')
+        elif rhs.startswith("dword:"):
+            out[name] = int(rhs[6:], 16)
+        elif rhs.startswith(("hex(7):", "hex(3):")):
+            data = bytes.fromhex(rhs[7:].replace(",", ""))
+            multi = data.decode("utf-16-le").rstrip("\0").split("\0")
+            out[name] = data if rhs.startswith("hex(3)") else multi
+        else:
+            out[name] = ("unparsed", rhs)
+    return out
+
+
+def _sums(runs: Runs, name: str) -> list[str]:
+    """The read-back output of disk ``name``: sha256 of the driver files that exist, then the
+    is-file answers for viostor.sys and netkvm.sys."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in runs.back["stdout"].splitlines():
+        if line.endswith(":") and " " not in line:
+            current = sections.setdefault(line[:-1], [])
+        elif line.strip():
+            current.append(line.strip())
+    return sections[name]
 
 
 def test_w10_inspected_version_drivers_services(runs: Runs) -> None:
@@ -150,11 +215,58 @@ def test_w10_gets_the_nt62_set(runs: Runs) -> None:
     assert hivexget(hive, r"\ControlSet001\Services\storahci\StartOverride", "0") == "0"
     for svc in ("pciide", "intelide", "atapi"):
         assert hivexget(hive, rf"\ControlSet001\Services\{svc}", "Start") == "0"
-    # no CriticalDeviceDatabase entries (8 and later do not read it), no virtio switch-over offline
+    # no CriticalDeviceDatabase entries (8 and later do not read it)
     cdd = r"\ControlSet001\Control\CriticalDeviceDatabase"
     assert hivexget(hive, cdd + r"\pci#ven_8086&dev_7010", "Service") is None
+
+
+def test_w10_without_a_matching_driver_folder_keeps_ide(runs: Runs) -> None:
     assert runs.w10["virtio"]["installed"] == {}
-    assert any("driver store" in w for w in runs.w10["warnings"])
+    tree = runs.root / "virtio-win"
+    assert (f"image 'w10': virtio.drivers: no viostor (w10/w11/amd64) in {tree}; disk stays on ide"
+            in runs.w10["warnings"])
+    hive = runs.root / "back" / "w10-system"
+    assert hivexget(hive, r"\ControlSet001\Services\viostor", "Start") is None
+    assert hivex_values(hive, r"\DriverDatabase\DriverInfFiles\viostor.inf") is None
+    assert _sums(runs, "w10") == ["false", "false"]  # no viostor.sys, no netkvm.sys
+
+
+def test_w10_cli_switches_to_virtio_through_driverdatabase(runs: Runs, tmp_path: Path) -> None:
+    assert runs.w10_cli is not None
+    assert runs.w10_cli.returncode == 0, runs.w10_cli.stderr[-3000:]
+    merged = receipt(runs.root / "cli10", "w10", "registry-merge")["result"]
+    installed = merged["virtio"]["installed"]
+    assert set(installed) == {"viostor"}  # netkvm is in the tree but cannot be set up offline
+    assert installed["viostor"]["from"] == "viostor/w10/amd64/viostor.sys"
+    assert installed["viostor"]["to"].lower() == "/windows/system32/drivers/viostor.sys"
+    assert _sums(runs, "w10cli") == [installed["viostor"]["sha256"], "true", "false"]
+    assert runs.w10_tree is not None
+    assert installed["viostor"]["sha256"] == hashlib.sha256(
+        (runs.w10_tree / "viostor/w10/amd64/viostor.sys").read_bytes()).hexdigest()
+    nic_warning = [w for w in merged["warnings"] if "netkvm" in w]
+    assert len(nic_warning) == 1 and "pnputil /add-driver netkvm.inf /install" in nic_warning[0]
+    assert "NIC stays e1000" in nic_warning[0]
+    # the service and every DriverDatabase value, read back from the final disk's SYSTEM hive
+    hive = runs.root / "back" / "w10cli-system"
+    assert hivex_values(hive, r"\ControlSet001\Services\viostor") == {
+        "Type": 1, "Start": 0, "ErrorControl": 1, "Group": "SCSI miniport",
+        "ImagePath": r"system32\DRIVERS\viostor.sys"}
+    assert hivex_values(hive, r"\ControlSet001\Services\viostor\Parameters\PnpInterface") == {"5": 1}
+    expected: dict[str, dict[str, object]] = {}
+    for (key, name), value in nt62_viostor_values("amd64").items():
+        expected.setdefault(key, {})[name] = value
+    for key, values in expected.items():
+        assert hivex_values(hive, "\\" + key) == values, key
+    assert hivexget(hive, r"\ControlSet001\Services\netkvm", "Start") is None
+    assert hivexget(hive, r"\ControlSet001\Control\CriticalDeviceDatabase\pci#ven_1af4&dev_1001",
+                    "Service") is None
+    # the domain: virtio disk, the inbox e1000 NIC; valid for libvirt's schema
+    dom = ET.fromstring(runs.w10_xml)
+    assert dom.find("devices/disk[@device='disk']/target").attrib == {"dev": "vda", "bus": "virtio"}  # type: ignore[union-attr]
+    assert dom.find("devices/interface/model").get("type") == "e1000"  # type: ignore[union-attr]
+    xml = tmp_path / "w10.xml"
+    xml.write_text(runs.w10_xml)
+    run(["virt-xml-validate", str(xml), "domain"], step="test-validate", timeout=60)
 
 
 def test_w7_set_and_remap_land_in_controlset002(runs: Runs) -> None:

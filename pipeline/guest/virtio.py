@@ -1,7 +1,7 @@
 """virtio switch-over: find a guest's drivers in a virtio-win tree (ISO or folder).
 
 virtio-win lays drivers out as ``<driver>/<os>/<arch>/<driver>.sys`` (``viostor/w7/amd64/viostor.sys``,
-``netkvm/xp/x86/netkvm.sys``); the ``<os>`` names of a guest come from
+``viostor/w10/amd64/viostor.sys``, ``netkvm/xp/x86/netkvm.sys``); the ``<os>`` names of a guest come from
 :func:`pipeline.guest.windows.virtio_os_dirs`. Which files a tree holds is a list of relative paths: a folder
 is listed here (bounded), an ISO inside registry-merge's appliance (``find`` on the mounted ISO), and
 :func:`find_drivers` picks from either list the same way.
@@ -46,7 +46,9 @@ def find_drivers(paths: Iterable[str], facts: InspectFacts) -> dict[str, str]:
     """``{driver: path}`` (from ``paths``) of viostor/netkvm for this guest's ``<os>/<arch>``.
 
     The first ``<os>`` name of :func:`pipeline.guest.windows.virtio_os_dirs` that has the driver wins; names
-    compare case-insensitively (ISO 9660 readers differ), any leading folders are allowed.
+    compare case-insensitively (ISO 9660 readers differ), any leading folders are allowed. Only drivers
+    the guest can get offline are looked for (:data:`pipeline.guest.windows.VIRTIO_OFFLINE`: no netkvm
+    for Windows 8 and later).
     """
     arch = guest.arch_of(facts)
     by_tail: dict[tuple[str, ...], str] = {}
@@ -56,6 +58,8 @@ def find_drivers(paths: Iterable[str], facts: InspectFacts) -> dict[str, str]:
             by_tail.setdefault(parts[-4:], p)
     found: dict[str, str] = {}
     for driver in guest.VIRTIO_DRIVERS.values():
+        if not guest.virtio_switch_supported(facts, driver):
+            continue
         for os_dir in guest.virtio_os_dirs(facts):
             hit = by_tail.get((driver, os_dir.lower(), arch, f"{driver}.sys"))
             if hit is not None:

@@ -40,6 +40,11 @@ AHCI_DRIVER: dict[str, str | None] = {NT5: None, NT6: "msahci.sys", NT62: "stora
 
 VIRTIO_DRIVERS = {"disk": "viostor", "nic": "netkvm"}
 VIRTIO_FIELD = "virtio.drivers"
+#: the virtio drivers registry-merge can install offline, per family: NT 5.x-6.1 bind both through
+#: CriticalDeviceDatabase; 6.2+ read DriverDatabase instead, which takes the boot-start viostor, but
+#: not netkvm (an NDIS miniport needs the network set-up PnP and the inf do in the running guest)
+VIRTIO_OFFLINE: dict[str, tuple[str, ...]] = {NT5: ("viostor", "netkvm"), NT6: ("viostor", "netkvm"),
+                                              NT62: ("viostor",)}
 
 #: memory (MiB) when ``memory_mib`` is not set: the vendor's recommended minimum, rounded up
 MEMORY_DEFAULT_MIB = {NT5: 512, NT6: 2048, NT62: 4096, None: 512}
@@ -151,10 +156,9 @@ class Readiness:
             raise InputError(self.refusals[0], image_id=image_id, step=step)
 
 
-def virtio_switch_supported(facts: InspectFacts) -> bool:
-    """Offline installation through CriticalDeviceDatabase works up to NT 6.1; Windows 8 and later
-    bind boot drivers through their driver store instead, which cannot be filled offline here."""
-    return facts_family(facts) in (NT5, NT6)
+def virtio_switch_supported(facts: InspectFacts, driver: str = "viostor") -> bool:
+    """registry-merge can install virtio ``driver`` offline in this guest (:data:`VIRTIO_OFFLINE`)."""
+    return driver in VIRTIO_OFFLINE.get(facts_family(facts) or "", ())
 
 
 def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: InspectFacts, *,
@@ -182,7 +186,7 @@ def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: InspectFa
             return True
         if virtio_tree is None:
             return False
-        if not virtio_switch_supported(facts):
+        if not virtio_switch_supported(facts, driver):
             return False
         if done is None:
             return None
@@ -235,9 +239,10 @@ def decide(image_id: str, disk_bus: str, nic_model: str | None, facts: InspectFa
 
 def _virtio_missing(prefix: str, driver: str, name: str, tree: str, tree_note: str,
                     facts: InspectFacts, outcome: str) -> str:
-    if not virtio_switch_supported(facts):
-        why = (f"{name} binds boot drivers through its driver store, which cannot be filled offline; "
-               f"install {driver} in the guest (pnputil) and switch then")
+    if not virtio_switch_supported(facts, driver):
+        why = (f"{name} sets up a {driver} device through PnP in the running guest (its network "
+               f"configuration cannot be written offline); install it there (pnputil /add-driver "
+               f"{driver}.inf /install, e.g. from cdrom: virtio-win.iso) and switch then")
     else:
         why = f"no {driver}{tree_note} in {tree}"
     return f"{prefix}: {VIRTIO_FIELD}: {why}; {outcome}"

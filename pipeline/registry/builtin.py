@@ -11,19 +11,27 @@
   ``storahci`` (which replaced msahci) boot-start with its ``StartOverride`` cleared, and
   ``pciide``/``intelide``/``atapi`` boot-start.
 
-``virtio_viostor``/``virtio_netkvm`` are the service and CriticalDeviceDatabase entries of the
-virtio switch-over (:mod:`pipeline.guest.virtio`), applied with the driver files they point at.
+``virtio_*`` are the virtio switch-over's entries (:mod:`pipeline.guest.virtio`), applied with the
+driver files they point at: the ``viostor`` service for every family, bound to the virtio PCI ids
+through CriticalDeviceDatabase (``nt5``/``nt6``) or DriverDatabase (``nt62``, which no longer reads
+CriticalDeviceDatabase); ``netkvm`` (service + CriticalDeviceDatabase) for ``nt5``/``nt6`` only
+(:data:`pipeline.guest.windows.VIRTIO_OFFLINE`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from dataclasses import replace
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
-from pipeline.registry.regfile import Op, parse_bytes
+from pipeline.registry.regfile import Op, RegType, decode_value, encode_multi_sz, encode_sz, parse_bytes
+
+if TYPE_CHECKING:
+    from pipeline.steps.inspect import InspectFacts
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "mergeide": {
@@ -32,8 +40,17 @@ BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
         guest.NT62: ("mergeide_nt62.reg",),
     },
 }
-#: the virtio switch-over's registry data, per driver (not selectable in ``registry:``)
-VIRTIO_SETS = {"viostor": "virtio_viostor.reg", "netkvm": "virtio_netkvm.reg"}
+#: the virtio switch-over's registry data, per driver and family (not selectable in ``registry:``)
+VIRTIO_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "viostor": {
+        guest.NT5: ("virtio_viostor.reg", "virtio_viostor_cdd.reg"),
+        guest.NT6: ("virtio_viostor.reg", "virtio_viostor_cdd.reg"),
+        guest.NT62: ("virtio_viostor.reg", "virtio_viostor_nt62.reg"),
+    },
+    "netkvm": {guest.NT5: ("virtio_netkvm.reg",), guest.NT6: ("virtio_netkvm.reg",)},
+}
+#: replaced by the guest's architecture (``amd64``/``x86``) in the data's key names and strings
+ARCH_TOKEN = "$ARCH$"
 
 
 def builtin_names() -> list[str]:
@@ -78,9 +95,26 @@ def builtin_ops(name: str, os_major: int | None, os_minor: int | None) -> list[O
     return ops
 
 
-def virtio_ops(driver: str) -> list[Op]:
-    """Service and CriticalDeviceDatabase ops for virtio driver ``viostor`` or ``netkvm``."""
-    return _data_ops("virtio", VIRTIO_SETS[driver])
+def virtio_ops(driver: str, facts: InspectFacts) -> list[Op]:
+    """Ops installing virtio driver ``viostor`` or ``netkvm`` in this guest (family and arch from
+    the inspect ``facts``). Raises ValueError for a driver the family cannot get offline."""
+    fnames = VIRTIO_SETS[driver].get(guest.facts_family(facts) or guest.NT5)
+    if fnames is None:
+        raise ValueError(f"{driver} cannot be installed offline in {guest.guest_name(facts)}")
+    arch = guest.arch_of(facts)
+    return [_with_arch(op, arch) for fname in fnames for op in _data_ops("virtio", fname)]
+
+
+def _with_arch(op: Op, arch: str) -> Op:
+    """``op`` with :data:`ARCH_TOKEN` replaced in its key and in a string value's text."""
+    data = op.data
+    if data is not None and op.type in (RegType.SZ, RegType.EXPAND_SZ, RegType.MULTI_SZ):
+        value = decode_value(op.type, data)
+        if isinstance(value, list) and any(ARCH_TOKEN in v for v in value):
+            data = encode_multi_sz(v.replace(ARCH_TOKEN, arch) for v in value)
+        elif isinstance(value, str) and ARCH_TOKEN in value:
+            data = encode_sz(value.replace(ARCH_TOKEN, arch))
+    return replace(op, key=op.key.replace(ARCH_TOKEN, arch), data=data)
 
 
 def _data_ops(name: str, fname: str) -> list[Op]:

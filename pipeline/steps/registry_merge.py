@@ -198,7 +198,7 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
                                          step=STEP)
             warnings += signature["warnings"]
             drivers = _virtio_fetch(g, tree, facts, Path(td), image_id) if tree is not None else {}
-            planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d))], ccs)
+            planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d, facts))], ccs)
             root = facts.root or g.lines("inspect-os")[0]
             g("mount", root, "/")
             installed = _virtio_install(g, drivers, facts) if drivers else {}
