@@ -38,6 +38,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import drop_caches, emit, load_note, quick, row  # noqa: E402
+
 from pipeline.app import fakedisk  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.steps.convert import convert_disk  # noqa: E402
@@ -61,16 +65,16 @@ def tree_allocated(*folders: Path) -> dict[str, int]:
     return {str(p): allocated(p) for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def drop_file(path: Path) -> None:
-    """Write back and evict ``path`` from the page cache (best effort), so every run reads it cold-ish
-    the same way; fsync also makes the writes of the previous run land before the next timing."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def drop_file(*paths: Path) -> str:
+    """Write back everything and empty the page cache (``drop_caches`` as root; else fsync + fadvise of
+    ``paths``), so every sample reads cold the same way and finds no dirty pages of the one before."""
+    return drop_caches(*paths)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-mib", type=int, default=1024)
     p.add_argument("--format", default="raw", choices=("raw", "qcow2"))
     p.add_argument("--keep", action="store_true", help="keep var/bench/run afterwards")
-    p.add_argument("--repeat", type=int, default=3, help="timed samples of bare and of convert_disk()")
+    p.add_argument("--repeat", type=int, default=2 if quick() else 5,
+                   help="interleaved rounds of bare / bare on the overlay / convert_disk() / with verify")
     a = p.parse_args(argv)
     force_tcg = os.environ.get("GHO2KVM_FORCE_TCG") == "1"
 
@@ -124,19 +129,22 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_out = run_dir / f"bare.{a.format}"
     bare_cmd = ["qemu-img", "convert", "-p", "-f", "vmdk", "-O", a.format, str(src), str(bare_out)]
-    samples: dict[str, list[float]] = {"bare": [], "bare+fsync": [], "ours": [], "ours+verify": []}
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "bare", "bare+fsync", "overlay", "overlay+fsync", "ours", "ours+verify")}
+    parts: dict[str, list[float]] = {"qemu-img": [], "fsync+rename": [], "rest": []}
 
-    def bare() -> None:
+    def bare(argv: list[str], key: str) -> None:
         bare_out.unlink(missing_ok=True)
-        drop_file(src)
+        drop_file(Path(argv[-2]))
         t0 = time.monotonic()
-        sh(bare_cmd, stdout=subprocess.DEVNULL)
-        samples["bare"].append(time.monotonic() - t0)
-        drop_file(bare_out)  # fsync, as our step does before its rename
-        samples["bare+fsync"].append(time.monotonic() - t0)
+        sh(argv, stdout=subprocess.DEVNULL)
+        samples[key].append(time.monotonic() - t0)
+        fsync_file(bare_out)  # as our step does before its rename
+        samples[key + "+fsync"].append(time.monotonic() - t0)
         bare_out.unlink()
 
-    bare()  # warm-up (qemu-img binary, metadata), not counted
+    cache_mode = drop_file(src)
+    bare(bare_cmd, "bare")  # warm-up (qemu-img binary, metadata), not counted
     for v in samples.values():
         v.clear()
 
@@ -161,19 +169,28 @@ def main(argv: list[str] | None = None) -> int:
     # our convert function alone (the code the step runs), interleaved with bare qemu-img
     base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
 
+    overlay_cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", a.format, str(overlay), str(bare_out)]
+
     def ours(verify: bool) -> None:
-        drop_file(src)
-        drop_file(overlay)
+        drop_file(src, overlay)
         t0 = time.monotonic()
-        convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
-        samples["ours+verify" if verify else "ours"].append(time.monotonic() - t0)
+        r = convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
+        took = time.monotonic() - t0
+        samples["ours+verify" if verify else "ours"].append(took)
+        if not verify:
+            parts["qemu-img"].append(r["convert_seconds"])
+            parts["fsync+rename"].append(r.get("sync_seconds", 0.0))
+            parts["rest"].append(took - r["convert_seconds"] - r.get("sync_seconds", 0.0))
         shutil.rmtree(run_dir / "direct")
 
-    for _ in range(a.repeat):
-        bare()
-        ours(False)
-        ours(True)
+    # interleaved: each round runs the four in a rotated order (no variant always first after a drop)
+    variants = [lambda: bare(bare_cmd, "bare"), lambda: bare(overlay_cmd, "overlay"),
+                lambda: ours(False), lambda: ours(True)]
+    for i in range(a.repeat):
+        for k in range(len(variants)):
+            variants[(i + k) % len(variants)]()
     med = {k: statistics.median(v) for k, v in samples.items()}
+    pmed = {k: statistics.median(v) for k, v in parts.items()}
 
     launches = []
     for line in proc.stderr.splitlines():
@@ -202,13 +219,20 @@ def main(argv: list[str] | None = None) -> int:
         return "median of " + ", ".join(f"{t:.2f}" for t in samples[k])
 
     bare_s, synced_s = med["bare"], med["bare+fsync"]
+    ov_synced = med["overlay+fsync"]
+    ratio, ratio_ov = med["ours"] / synced_s, med["ours"] / ov_synced
     rows = [  # (measure, figure, how)
         ("source", f"{src_alloc / mib:.0f} MiB allocated",
-         f"{src.name}, virtual {vsize:.2f} GiB, qemu-img {qv}"),
+         f"{src.name}, virtual {vsize:.2f} GiB, qemu-img {qv}; cache: {cache_mode}, {a.repeat} rounds"),
         ("bare qemu-img convert", f"{bare_s:.2f} s", runs("bare")),
         ("  + fsync of its output", f"{synced_s:.2f} s", runs("bare+fsync")),
-        ("convert_disk() no verify", f"{med['ours']:.2f} s = {med['ours'] / synced_s:.2f}x",
-         f"÷ bare+fsync ({med['ours'] / bare_s:.2f}x ÷ bare); {runs('ours')}"),
+        ("bare on our overlay + fsync", f"{ov_synced:.2f} s = {ov_synced / synced_s:.2f}x",
+         f"same input as our step (qcow2 overlay over the VMDK); {runs('overlay+fsync')}"),
+        ("convert_disk() no verify", f"{med['ours']:.2f} s = {ratio:.2f}x",
+         f"÷ bare+fsync ({ratio_ov:.2f}x ÷ bare on the overlay + fsync); {runs('ours')}"),
+        ("  of which", f"qemu-img {pmed['qemu-img']:.2f} s",
+         f"fsync+rename {pmed['fsync+rename']:.2f} s, rest (mkdir, temps, version, log) {pmed['rest']:.3f} s"
+         " (medians)"),
         ("convert_disk() verify", f"{med['ours+verify']:.2f} s = {med['ours+verify'] / synced_s:.2f}x",
          f"÷ bare+fsync ({med['ours+verify'] / bare_s:.2f}x ÷ bare); {runs('ours+verify')}"),
         ("in the run: convert step", f"{step_s:.2f} s = {step_s / synced_s:.2f}x",
@@ -226,13 +250,30 @@ def main(argv: list[str] | None = None) -> int:
          f"inspect {insp['duration_s']:.1f} s, registry-merge {merge['duration_s']:.1f} s, "
          f"convert {step_s:.1f} s"),
     ]
+    direct = f"pipeline.steps.convert.convert_disk(image, {overlay.name}, 'qcow2')"
+    out_rows = [
+        row("convert_disk() ÷ bare qemu-img convert + fsync", f"{ratio:.2f}×  ({med['ours']:.2f} s ÷ "
+            f"{synced_s:.2f} s, median of {a.repeat}, {a.random_mib} MiB random VMDK → {a.format})", "≤ 1.05",
+            ratio <= 1.05, f"{shlex.join(bare_cmd)}; sync  vs  {direct}"),
+        row("convert_disk() ÷ bare on the same overlay + fsync", f"{ratio_ov:.2f}×  ({ov_synced:.2f} s bare)",
+            "≤ 1.05", ratio_ov <= 1.05, shlex.join(overlay_cmd) + "; sync"),
+        row("  convert_disk() parts (medians)", f"qemu-img {pmed['qemu-img']:.2f} s + fsync/rename "
+            f"{pmed['fsync+rename']:.2f} s + ours {pmed['rest']:.3f} s", command="receipt timings"),
+        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×", command=direct),
+        row("bytes written by the migration ÷ source", f"{total_written / src_alloc:.3f}", "≤ 1.05",
+            total_written / src_alloc <= 1.05, "allocated size of every file left by the migration"),
+        row("appliance launches, 1 GiB XP VMDK", f"{len(launches)} ({sum(s for _, s in launches):.0f} s)",
+            "≤ 1", len(launches) <= 1, "JSON log"),
+    ]
+    emit("convert", out_rows, samples=samples, parts=parts)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"{'measure':<{w0}}  {'figure':<{w1}}  how")
     for m, f, how in rows:
         print(f"{m:<{w0}}  {f:<{w1}}  {how}")
+    print(f"({load_note()})")
     print("\ncommands:")
-    print("  bare:    " + shlex.join(bare_cmd))
+    print("  bare:    " + shlex.join(bare_cmd) + "   (and on the overlay: " + shlex.join(overlay_cmd) + ")")
     print("  ours:    GHO2KVM_FORCE_TCG=1 " + shlex.join(migrate_cmd))
     print(f"  direct:  pipeline.steps.convert.convert_disk(image(verify=False|True), {overlay}, 'qcow2')")
     if not a.keep:

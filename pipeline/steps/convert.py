@@ -37,5 +37,7 @@ def convert_disk(image: ImageConfig, src: Path, src_fmt: str, *,
             t0 = time.monotonic()
             qemu_img.compare(src, src_fmt, tmp, image.format, image_id=image.id, step=STEP)
             timings["verify_seconds"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()  # leaving the block: fsync of the temp, rename, fsync of the folder
+    timings["sync_seconds"] = round(time.monotonic() - t0, 2)
     return {"input": str(src), "input_format": src_fmt, "output": str(final), "format": image.format,
             "verified": image.verify, "qemu_img_version": qemu_img.version(), **timings}
