@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             "≤ 1.05", ratio_ov <= 1.05, shlex.join(overlay_cmd) + "; sync"),
         row("  convert_disk() parts (medians)", f"qemu-img {pmed['qemu-img']:.2f} s + fsync/rename "
             f"{pmed['fsync+rename']:.2f} s + ours {pmed['rest']:.3f} s", command="receipt timings"),
-        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×", command=direct),
+        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×",
+            command=direct),
         row("bytes written by the migration ÷ source", f"{total_written / src_alloc:.3f}", "≤ 1.05",
             total_written / src_alloc <= 1.05, "allocated size of every file left by the migration"),
         row("appliance launches, 1 GiB XP VMDK", f"{len(launches)} ({sum(s for _, s in launches):.0f} s)",

@@ -2,7 +2,7 @@
 
     GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_many.py [--images 20] [--workers 2]
 
-(``BENCH_IMAGES`` / ``WORKERS`` set the defaults; ``BENCH_QUICK=1`` makes it 3 images.) Every image is
+(``BENCH_IMAGES`` / ``BENCH_WORKERS`` set the defaults; ``BENCH_QUICK=1`` makes it 3 images.) Every image is
 its own id over the same fake XP disk (``pipeline.app.fakedisk``, 64 MiB raw, read-only: each image gets
 its own overlay, final disk and domain), raw output, ``verify: true``, ``test:///default``; one fresh
 workdir, page cache dropped first. Reported: wall time, images per hour, and how the worker time
@@ -37,8 +37,9 @@ APPLIANCE_STEPS = ("inspect", "registry-merge")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=int(os.environ.get("BENCH_IMAGES") or (3 if quick() else 20)))
-    p.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS") or 2))
+    n = int(os.environ.get("BENCH_IMAGES") or (3 if quick() else 20))
+    p.add_argument("--images", type=int, default=n)
+    p.add_argument("--workers", type=int, default=int(os.environ.get("BENCH_WORKERS") or 2))
     a = p.parse_args(argv)
 
     src = fakedisk.build(BENCH / "xp.raw", fakedisk.XP, force_tcg=True)

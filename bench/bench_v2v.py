@@ -65,7 +65,8 @@ def ours(src: Path, run_dir: Path) -> dict[str, Any]:
     drop_caches(src)
     proc, wall, argv = migrate(config)
     if proc.returncode != 0:
-        raise SystemExit(f"gho2kvm migrate failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"gho2kvm migrate failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout}\n{proc.stderr[-3000:]}")
     ev = events(proc.stderr)
     launches = [float(e.get("seconds", 0)) for e in ev if e.get("event") == "appliance launched"]
     steps = {}
@@ -85,7 +86,8 @@ def v2v(src: Path, run_dir: Path) -> dict[str, Any]:
     proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, **V2V_ENV))
     wall = time.monotonic() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"virt-v2v failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"virt-v2v failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     phases = []
     for line in proc.stdout.splitlines():
         m = _STAMP.match(line.strip())
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     n_launch = statistics.median(len(r["launches"]) for r in mine)
     launch_s = statistics.median(sum(r["launches"]) for r in mine)
     step_med = {s: statistics.median(r["steps"].get(s, 0.0) for r in mine) for s in STEPS}
+    outside = statistics.median(r["wall"] - sum(r["steps"].values()) for r in mine)
+    guest = statistics.median(r["steps"].get("inspect", 0) + r["steps"].get("registry-merge", 0)
+                              - sum(r["launches"]) for r in mine)
     v2v_version = subprocess.run(["virt-v2v", "--version"], capture_output=True, text=True).stdout.strip()
     last = theirs[len(theirs) // 2]["phases"]
     phase_txt = "; ".join(f"{t:.0f} s {what}" for t, what in last[:8])
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             n_launch <= 1, "JSON log 'appliance launched' lines"),
         row("  its steps (receipt duration_s, medians)",
             ", ".join(f"{s} {v:.1f}" for s, v in step_med.items()) + " s", command="var/.../<step>.json"),
+        row("  appliance steps minus launches (guestfish work)", f"{guest:.1f} s",
+            command="inspect + registry-merge duration_s − launch seconds"),
+        row("  outside any step (python + luigi start-up, scheduling, summary)", f"{outside:.1f} s",
+            command="wall − Σ step duration_s (one worker)"),
         row(f"virt-v2v {v2v_version.split()[-1] if v2v_version else ''} -i disk -o local -of raw",
             f"{m_v2v:.1f} s (median of {len(theirs)}: {walls(theirs)})",
             command=v2v_cmd),

@@ -26,7 +26,8 @@ def quick() -> bool:
     return os.environ.get("BENCH_QUICK", "") not in ("", "0")
 
 
-def row(measure: str, figure: str, goal: str = "", met: bool | None = None, command: str = "") -> dict[str, Any]:
+def row(measure: str, figure: str, goal: str = "", met: bool | None = None,
+        command: str = "") -> dict[str, Any]:
     return {"measure": measure, "figure": figure, "goal": goal, "met": met, "command": command}
 
 
@@ -83,8 +84,10 @@ def events(stderr: str) -> list[dict[str, Any]]:
     return out
 
 
-def migrate(config: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str],
-                                                                                 float, list[str]]:
+Migrated = tuple[subprocess.CompletedProcess[str], float, list[str]]
+
+
+def migrate(config: Path, *extra: str, env: dict[str, str] | None = None) -> Migrated:
     """Run ``python -m pipeline migrate --config CONFIG …``; return (process, wall seconds, argv)."""
     argv = [sys.executable, "-m", "pipeline", "migrate", "--config", str(config), *extra]
     full = dict(os.environ, GHO2KVM_FORCE_TCG="1", **(env or {}))
