@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-mib", type=int, default=1024)
     p.add_argument("--format", default="raw", choices=("raw", "qcow2"))
     p.add_argument("--keep", action="store_true", help="keep var/bench/run afterwards")
+    p.add_argument("--no-migration", dest="migrate", action="store_false", default=not quick(),
+                   help="only the convert samples, on an overlay made by qemu-img create "
+                   "(the default with BENCH_QUICK=1)")
     p.add_argument("--repeat", type=int, default=2 if quick() else 5,
                    help="interleaved rounds of bare / bare on the overlay / convert_disk() / with verify")
     a = p.parse_args(argv)
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         v.clear()
 
     migrate_cmd = [sys.executable, "-m", "pipeline", "migrate", "--config", str(config)]
+    if not a.migrate:
+        return direct_only(a, src, run_dir, config, samples, parts, bare, bare_cmd)
     drop_file(src)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     t0 = time.monotonic()
@@ -169,28 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     # our convert function alone (the code the step runs), interleaved with bare qemu-img
     base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
 
-    overlay_cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", a.format, str(overlay), str(bare_out)]
-
-    def ours(verify: bool) -> None:
-        drop_file(src, overlay)
-        t0 = time.monotonic()
-        r = convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
-        took = time.monotonic() - t0
-        samples["ours+verify" if verify else "ours"].append(took)
-        if not verify:
-            parts["qemu-img"].append(r["convert_seconds"])
-            parts["fsync+rename"].append(r.get("sync_seconds", 0.0))
-            parts["rest"].append(took - r["convert_seconds"] - r.get("sync_seconds", 0.0))
-        shutil.rmtree(run_dir / "direct")
-
-    # interleaved: each round runs the four in a rotated order (no variant always first after a drop)
-    variants = [lambda: bare(bare_cmd, "bare"), lambda: bare(overlay_cmd, "overlay"),
-                lambda: ours(False), lambda: ours(True)]
-    for i in range(a.repeat):
-        for k in range(len(variants)):
-            variants[(i + k) % len(variants)]()
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    pmed = {k: statistics.median(v) for k, v in parts.items()}
+    med, pmed, overlay_cmd = sample(a, src, overlay, run_dir, base_image, samples, parts, bare, bare_cmd)
 
     launches = []
     for line in proc.stderr.splitlines():
@@ -252,15 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     direct = f"pipeline.steps.convert.convert_disk(image, {overlay.name}, 'qcow2')"
     out_rows = [
-        row("convert_disk() ÷ bare qemu-img convert + fsync", f"{ratio:.2f}×  ({med['ours']:.2f} s ÷ "
-            f"{synced_s:.2f} s, median of {a.repeat}, {a.random_mib} MiB random VMDK → {a.format})", "≤ 1.05",
-            ratio <= 1.05, f"{shlex.join(bare_cmd)}; sync  vs  {direct}"),
-        row("convert_disk() ÷ bare on the same overlay + fsync", f"{ratio_ov:.2f}×  ({ov_synced:.2f} s bare)",
-            "≤ 1.05", ratio_ov <= 1.05, shlex.join(overlay_cmd) + "; sync"),
-        row("  convert_disk() parts (medians)", f"qemu-img {pmed['qemu-img']:.2f} s + fsync/rename "
-            f"{pmed['fsync+rename']:.2f} s + ours {pmed['rest']:.3f} s", command="receipt timings"),
-        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×",
-            command=direct),
+        *convert_rows(a, med, pmed, ratio, ratio_ov, bare_cmd, overlay_cmd, direct),
         row("bytes written by the migration ÷ source", f"{total_written / src_alloc:.3f}", "≤ 1.05",
             total_written / src_alloc <= 1.05, "allocated size of every file left by the migration"),
         row("appliance launches, 1 GiB XP VMDK", f"{len(launches)} ({sum(s for _, s in launches):.0f} s)",
@@ -280,6 +256,77 @@ def main(argv: list[str] | None = None) -> int:
     if not a.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+def sample(a: argparse.Namespace, src: Path, overlay: Path, run_dir: Path, base_image: Any,
+           samples: dict[str, list[float]], parts: dict[str, list[float]], bare: Any,
+           bare_cmd: list[str]) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """``--repeat`` rotated rounds of: bare on the VMDK, bare on the overlay, convert_disk(), with verify."""
+    bare_out = Path(bare_cmd[-1])
+    overlay_cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", a.format, str(overlay), str(bare_out)]
+
+    def ours(verify: bool) -> None:
+        drop_file(src, overlay)
+        t0 = time.monotonic()
+        r = convert_disk(replace(base_image, verify=verify), overlay, "qcow2")
+        took = time.monotonic() - t0
+        samples["ours+verify" if verify else "ours"].append(took)
+        if not verify:
+            parts["qemu-img"].append(r["convert_seconds"])
+            parts["fsync+rename"].append(r.get("sync_seconds", 0.0))
+            parts["rest"].append(took - r["convert_seconds"] - r.get("sync_seconds", 0.0))
+        shutil.rmtree(run_dir / "direct")
+
+    # interleaved: each round runs the four in a rotated order (no variant always first after a drop)
+    variants = [lambda: bare(bare_cmd, "bare"), lambda: bare(overlay_cmd, "overlay"),
+                lambda: ours(False), lambda: ours(True)]
+    for i in range(a.repeat):
+        for k in range(len(variants)):
+            variants[(i + k) % len(variants)]()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    pmed = {k: statistics.median(v) for k, v in parts.items()}
+
+    return med, pmed, overlay_cmd
+
+
+def direct_only(a: argparse.Namespace, src: Path, run_dir: Path, config: Path,
+                samples: dict[str, list[float]], parts: dict[str, list[float]], bare: Any,
+                bare_cmd: list[str]) -> int:
+    """The convert samples alone (no migration): the overlay is a bare ``qemu-img create`` over the VMDK."""
+    from pipeline.tools import qemu_img
+
+    overlay = run_dir / "overlay.qcow2"
+    qemu_img.create_overlay(overlay, src, "vmdk", image_id=IMAGE_ID, step="bench")
+    base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
+    med, pmed, overlay_cmd = sample(a, src, overlay, run_dir, base_image, samples, parts, bare, bare_cmd)
+    synced_s, ov_synced = med["bare+fsync"], med["overlay+fsync"]
+    ratio, ratio_ov = med["ours"] / synced_s, med["ours"] / ov_synced
+    direct = f"pipeline.steps.convert.convert_disk(image, {overlay.name}, 'qcow2')"
+    rows = convert_rows(a, med, pmed, ratio, ratio_ov, bare_cmd, overlay_cmd, direct)
+    for r in rows:
+        print(f"{r['measure']:<52} {r['figure']}")
+    print(f"({load_note()}; no migration run: --no-migration / BENCH_QUICK)")
+    emit("convert", rows, samples=samples, parts=parts)
+    if not a.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+def convert_rows(a: argparse.Namespace, med: dict[str, float], pmed: dict[str, float], ratio: float,
+                 ratio_ov: float, bare_cmd: list[str], overlay_cmd: list[str],
+                 direct: str) -> list[dict[str, Any]]:
+    synced_s, ov_synced = med["bare+fsync"], med["overlay+fsync"]
+    return [
+        row("convert_disk() ÷ bare qemu-img convert + fsync", f"{ratio:.2f}×  ({med['ours']:.2f} s ÷ "
+            f"{synced_s:.2f} s, median of {a.repeat}, {a.random_mib} MiB random VMDK → {a.format})", "≤ 1.05",
+            ratio <= 1.05, f"{shlex.join(bare_cmd)}; sync  vs  {direct}"),
+        row("convert_disk() ÷ bare on the same overlay + fsync", f"{ratio_ov:.2f}×  ({ov_synced:.2f} s bare)",
+            "≤ 1.05", ratio_ov <= 1.05, shlex.join(overlay_cmd) + "; sync"),
+        row("  convert_disk() parts (medians)", f"qemu-img {pmed['qemu-img']:.2f} s + fsync/rename "
+            f"{pmed['fsync+rename']:.2f} s + ours {pmed['rest']:.3f} s", command="receipt timings"),
+        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×",
+            command=direct),
+    ]
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = BENCH / "many-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    config = run_dir / "config.yaml"
+    config = BENCH / f"many-{a.images}-config.yaml"  # kept: the command in the table names it
     config.write_text(json.dumps({
         "defaults": {"workdir": str(run_dir / "work"), "output_dir": str(run_dir / "images"), "format": "raw",
                      "verify": True, "libvirt_uri": "test:///default"},
