@@ -1,6 +1,7 @@
 """Benchmark of the registry-merge + convert steps on a >= 1 GiB VMDK full of random data.
 
     GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_convert.py [--random-mib 1024] [--format raw]
+        [--repeat 5] [--no-migration]
 
 Made once under ``var/bench/`` (reused while its stamp matches): the fake XP disk with
 ``--random-mib`` MiB of random data written after its partition (unpartitioned space, so it still
@@ -9,10 +10,14 @@ run (``var/bench/run/``, wiped first):
 
 1. time: the full migration through the CLI (its convert receipt gives one in-pipeline figure:
    ``duration_s`` of the whole step with verify, and ``convert_seconds`` of its qemu-img run), then
-   ``--repeat`` rounds of: bare ``qemu-img convert`` of the VMDK to the same format, and our
-   ``pipeline.steps.convert.convert_disk`` (the function the step runs) on the run's overlay with verify
-   off and on. Page cache of the source/overlay dropped before each. Ratios use medians; the main
-   one divides by bare + fsync of the output, since our step fsyncs before its atomic rename.
+   ``--repeat`` rounds (default 5, 2 with ``BENCH_QUICK=1``), each in a rotated order, of: bare
+   ``qemu-img convert`` of the VMDK to the same format, the same on the run's overlay, and our
+   ``pipeline.steps.convert.convert_disk`` (the function the step runs) on the overlay with verify off
+   and on. Page cache dropped before each (``drop_caches`` as root). Ratios use medians and divide by
+   bare + fsync of the output, since our step fsyncs before its atomic rename; convert_disk's own time
+   is split into qemu-img, fsync + rename (``sync_seconds``) and the rest (our code).
+   ``--no-migration`` (the default with ``BENCH_QUICK=1``) skips the migration and rows 2-3 and makes
+   the overlay with ``qemu-img create``.
 2. bytes written by the migration: allocated size of every file it left in the workdir and the
    output dir (overlay, final disk, receipts, domain XML, logs) ÷ allocated size of the source; and
    the kernel's count (rusage) of bytes written by the CLI process tree.
