@@ -63,8 +63,13 @@ lint: setup
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy
 
+# every benchmark, one table (var/bench/results.md); BENCH_QUICK=1 for a short check run,
+# BENCH_IMAGES / BENCH_WORKERS for the many-images bench, BENCH=NAME… for some of them only
+BENCH_IMAGES ?= $(if $(filter-out 0,$(BENCH_QUICK)),3,20)
+BENCH_WORKERS ?= 2
+BENCH ?=
 bench: setup
-	GHO2KVM_FORCE_TCG=1 $(BIN)/python bench/run.py
+	GHO2KVM_FORCE_TCG=1 BENCH_IMAGES=$(BENCH_IMAGES) BENCH_WORKERS=$(BENCH_WORKERS) $(BIN)/python bench/run.py $(BENCH)
 
 luigid: setup
 	@mkdir -p $(LUIGID_DIR)

@@ -1,6 +1,7 @@
 """Benchmark of the registry-merge + convert steps on a >= 1 GiB VMDK full of random data.
 
     GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_convert.py [--random-mib 1024] [--format raw]
+        [--repeat 5] [--no-migration]
 
 Made once under ``var/bench/`` (reused while its stamp matches): the fake XP disk with
 ``--random-mib`` MiB of random data written after its partition (unpartitioned space, so it still
@@ -9,10 +10,14 @@ run (``var/bench/run/``, wiped first):
 
 1. time: the full migration through the CLI (its convert receipt gives one in-pipeline figure:
    ``duration_s`` of the whole step with verify, and ``convert_seconds`` of its qemu-img run), then
-   ``--repeat`` rounds of: bare ``qemu-img convert`` of the VMDK to the same format, and our
-   ``pipeline.steps.convert.convert_disk`` (the function the step runs) on the run's overlay with verify
-   off and on. Page cache of the source/overlay dropped before each. Ratios use medians; the main
-   one divides by bare + fsync of the output, since our step fsyncs before its atomic rename.
+   ``--repeat`` rounds (default 5, 2 with ``BENCH_QUICK=1``), each in a rotated order, of: bare
+   ``qemu-img convert`` of the VMDK to the same format, the same on the run's overlay, and our
+   ``pipeline.steps.convert.convert_disk`` (the function the step runs) on the overlay with verify off
+   and on. Page cache dropped before each (``drop_caches`` as root). Ratios use medians and divide by
+   bare + fsync of the output, since our step fsyncs before its atomic rename; convert_disk's own time
+   is split into qemu-img, fsync + rename (``sync_seconds``) and the rest (our code).
+   ``--no-migration`` (the default with ``BENCH_QUICK=1``) skips the migration and rows 2-3 and makes
+   the overlay with ``qemu-img create``.
 2. bytes written by the migration: allocated size of every file it left in the workdir and the
    output dir (overlay, final disk, receipts, domain XML, logs) ÷ allocated size of the source; and
    the kernel's count (rusage) of bytes written by the CLI process tree.
@@ -37,6 +42,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import drop_caches, emit, load_note, quick, row  # noqa: E402
 
 from pipeline.app import fakedisk  # noqa: E402
 from pipeline.core.choices import DiskFormat, values  # noqa: E402
@@ -63,16 +72,16 @@ def tree_allocated(*folders: Path) -> dict[str, int]:
     return {str(p): allocated(p) for d in folders if d.exists() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def drop_file(path: Path) -> None:
-    """Write back and evict ``path`` from the page cache (best effort), so every run reads it cold-ish
-    the same way; fsync also makes the writes of the previous run land before the next timing."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def drop_file(*paths: Path) -> str:
+    """Write back everything and empty the page cache (``drop_caches`` as root; else fsync + fadvise of
+    ``paths``), so every sample reads cold the same way and finds no dirty pages of the one before."""
+    return drop_caches(*paths)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -108,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-mib", type=int, default=1024)
     p.add_argument("--format", default="raw", choices=values(DiskFormat))
     p.add_argument("--keep", action="store_true", help="keep var/bench/run afterwards")
-    p.add_argument("--repeat", type=int, default=3, help="timed samples of bare and of convert_disk()")
+    p.add_argument("--no-migration", dest="migrate", action="store_false", default=not quick(),
+                   help="only the convert samples, on an overlay made by qemu-img create "
+                   "(the default with BENCH_QUICK=1)")
+    p.add_argument("--repeat", type=int, default=2 if quick() else 5,
+                   help="interleaved rounds of bare / bare on the overlay / convert_disk() / with verify")
     a = p.parse_args(argv)
     force_tcg = resolve().force_tcg  # GHO2KVM_FORCE_TCG, read the pipeline's way
 
@@ -126,23 +139,28 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_out = run_dir / f"bare.{a.format}"
     bare_cmd = ["qemu-img", "convert", "-p", "-f", "vmdk", "-O", a.format, str(src), str(bare_out)]
-    samples: dict[str, list[float]] = {"bare": [], "bare+fsync": [], "ours": [], "ours+verify": []}
+    samples: dict[str, list[float]] = {k: [] for k in (
+        "bare", "bare+fsync", "overlay", "overlay+fsync", "ours", "ours+verify")}
+    parts: dict[str, list[float]] = {"qemu-img": [], "fsync+rename": [], "rest": []}
 
-    def bare() -> None:
+    def bare(argv: list[str], key: str) -> None:
         bare_out.unlink(missing_ok=True)
-        drop_file(src)
+        drop_file(Path(argv[-2]))
         t0 = time.monotonic()
-        sh(bare_cmd, stdout=subprocess.DEVNULL)
-        samples["bare"].append(time.monotonic() - t0)
-        drop_file(bare_out)  # fsync, as our step does before its rename
-        samples["bare+fsync"].append(time.monotonic() - t0)
+        sh(argv, stdout=subprocess.DEVNULL)
+        samples[key].append(time.monotonic() - t0)
+        fsync_file(bare_out)  # as our step does before its rename
+        samples[key + "+fsync"].append(time.monotonic() - t0)
         bare_out.unlink()
 
-    bare()  # warm-up (qemu-img binary, metadata), not counted
+    cache_mode = drop_file(src)
+    bare(bare_cmd, "bare")  # warm-up (qemu-img binary, metadata), not counted
     for v in samples.values():
         v.clear()
 
     migrate_cmd = [sys.executable, "-m", "pipeline", "migrate", "--config", str(config)]
+    if not a.migrate:
+        return direct_only(a, src, run_dir, config, samples, parts, bare, bare_cmd)
     drop_file(src)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     t0 = time.monotonic()
@@ -163,20 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # our convert function alone (the code the step runs), interleaved with bare qemu-img
     base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
 
-    def ours(verify: bool) -> None:
-        drop_file(src)
-        drop_file(overlay)
-        t0 = time.monotonic()
-        convert_disk(ConvertInput(image_id=IMAGE_ID, final_disk=base_image.final_disk,
-                                  format=base_image.format, verify=verify, src=overlay, src_format="qcow2"))
-        samples["ours+verify" if verify else "ours"].append(time.monotonic() - t0)
-        shutil.rmtree(run_dir / "direct")
-
-    for _ in range(a.repeat):
-        bare()
-        ours(False)
-        ours(True)
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    med, pmed, overlay_cmd = sample(a, src, overlay, run_dir, base_image, samples, parts, bare, bare_cmd)
 
     launches = []
     for line in proc.stderr.splitlines():
@@ -205,13 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         return "median of " + ", ".join(f"{t:.2f}" for t in samples[k])
 
     bare_s, synced_s = med["bare"], med["bare+fsync"]
+    ov_synced = med["overlay+fsync"]
+    ratio, ratio_ov = med["ours"] / synced_s, med["ours"] / ov_synced
     rows = [  # (measure, figure, how)
         ("source", f"{src_alloc / mib:.0f} MiB allocated",
-         f"{src.name}, virtual {vsize:.2f} GiB, qemu-img {qv}"),
+         f"{src.name}, virtual {vsize:.2f} GiB, qemu-img {qv}; cache: {cache_mode}, {a.repeat} rounds"),
         ("bare qemu-img convert", f"{bare_s:.2f} s", runs("bare")),
         ("  + fsync of its output", f"{synced_s:.2f} s", runs("bare+fsync")),
-        ("convert_disk() no verify", f"{med['ours']:.2f} s = {med['ours'] / synced_s:.2f}x",
-         f"÷ bare+fsync ({med['ours'] / bare_s:.2f}x ÷ bare); {runs('ours')}"),
+        ("bare on our overlay + fsync", f"{ov_synced:.2f} s = {ov_synced / synced_s:.2f}x",
+         f"same input as our step (qcow2 overlay over the VMDK); {runs('overlay+fsync')}"),
+        ("convert_disk() no verify", f"{med['ours']:.2f} s = {ratio:.2f}x",
+         f"÷ bare+fsync ({ratio_ov:.2f}x ÷ bare on the overlay + fsync); {runs('ours')}"),
+        ("  of which", f"qemu-img {pmed['qemu-img']:.2f} s",
+         f"fsync+rename {pmed['fsync+rename']:.2f} s, rest (mkdir, temps, version, log) {pmed['rest']:.3f} s"
+         " (medians)"),
         ("convert_disk() verify", f"{med['ours+verify']:.2f} s = {med['ours+verify'] / synced_s:.2f}x",
          f"÷ bare+fsync ({med['ours+verify'] / bare_s:.2f}x ÷ bare); {runs('ours+verify')}"),
         ("in the run: convert step", f"{step_s:.2f} s = {step_s / synced_s:.2f}x",
@@ -229,18 +241,101 @@ def main(argv: list[str] | None = None) -> int:
          f"inspect {insp['duration_s']:.1f} s, registry-merge {merge['duration_s']:.1f} s, "
          f"convert {step_s:.1f} s"),
     ]
+    direct = f"pipeline.steps.convert.convert_disk(image, {overlay.name}, 'qcow2')"
+    out_rows = [
+        *convert_rows(a, med, pmed, ratio, ratio_ov, bare_cmd, overlay_cmd, direct),
+        row("bytes written by the migration ÷ source", f"{total_written / src_alloc:.3f}", "≤ 1.05",
+            total_written / src_alloc <= 1.05, "allocated size of every file left by the migration"),
+        row("appliance launches, 1 GiB XP VMDK", f"{len(launches)} ({sum(s for _, s in launches):.0f} s)",
+            "≤ 1", len(launches) <= 1, "JSON log"),
+    ]
+    emit("convert", out_rows, samples=samples, parts=parts)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"{'measure':<{w0}}  {'figure':<{w1}}  how")
     for m, f, how in rows:
         print(f"{m:<{w0}}  {f:<{w1}}  {how}")
+    print(f"({load_note()})")
     print("\ncommands:")
-    print("  bare:    " + shlex.join(bare_cmd))
+    print("  bare:    " + shlex.join(bare_cmd) + "   (and on the overlay: " + shlex.join(overlay_cmd) + ")")
     print("  ours:    GHO2KVM_FORCE_TCG=1 " + shlex.join(migrate_cmd))
     print(f"  direct:  pipeline.steps.convert.convert_disk(image(verify=False|True), {overlay}, 'qcow2')")
     if not a.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+def sample(a: argparse.Namespace, src: Path, overlay: Path, run_dir: Path, base_image: Any,
+           samples: dict[str, list[float]], parts: dict[str, list[float]], bare: Any,
+           bare_cmd: list[str]) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """``--repeat`` rotated rounds of: bare on the VMDK, bare on the overlay, convert_disk(), with verify."""
+    bare_out = Path(bare_cmd[-1])
+    overlay_cmd = ["qemu-img", "convert", "-p", "-f", "qcow2", "-O", a.format, str(overlay), str(bare_out)]
+
+    def ours(verify: bool) -> None:
+        drop_file(src, overlay)
+        t0 = time.monotonic()
+        r = convert_disk(ConvertInput(image_id=IMAGE_ID, final_disk=base_image.final_disk,
+                                      format=base_image.format, verify=verify, src=overlay, src_format="qcow2"))
+        took = time.monotonic() - t0
+        samples["ours+verify" if verify else "ours"].append(took)
+        if not verify:
+            conv, sync = r.convert_seconds or 0.0, r.sync_seconds or 0.0
+            parts["qemu-img"].append(conv)
+            parts["fsync+rename"].append(sync)
+            parts["rest"].append(took - conv - sync)
+        shutil.rmtree(run_dir / "direct")
+
+    # interleaved: each round runs the four in a rotated order (no variant always first after a drop)
+    variants = [lambda: bare(bare_cmd, "bare"), lambda: bare(overlay_cmd, "overlay"),
+                lambda: ours(False), lambda: ours(True)]
+    for i in range(a.repeat):
+        for k in range(len(variants)):
+            variants[(i + k) % len(variants)]()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    pmed = {k: statistics.median(v) for k, v in parts.items()}
+
+    return med, pmed, overlay_cmd
+
+
+def direct_only(a: argparse.Namespace, src: Path, run_dir: Path, config: Path,
+                samples: dict[str, list[float]], parts: dict[str, list[float]], bare: Any,
+                bare_cmd: list[str]) -> int:
+    """The convert samples alone (no migration): the overlay is a bare ``qemu-img create`` over the VMDK."""
+    from pipeline.tools import qemu_img
+
+    overlay = run_dir / "overlay.qcow2"
+    qemu_img.create_overlay(overlay, src, "vmdk", image_id=IMAGE_ID, step="bench")
+    base_image = replace(load_config(config).image(IMAGE_ID), output_dir=run_dir / "direct")
+    med, pmed, overlay_cmd = sample(a, src, overlay, run_dir, base_image, samples, parts, bare, bare_cmd)
+    synced_s, ov_synced = med["bare+fsync"], med["overlay+fsync"]
+    ratio, ratio_ov = med["ours"] / synced_s, med["ours"] / ov_synced
+    direct = f"pipeline.steps.convert.convert_disk(image, {overlay.name}, 'qcow2')"
+    rows = convert_rows(a, med, pmed, ratio, ratio_ov, bare_cmd, overlay_cmd, direct)
+    for r in rows:
+        print(f"{r['measure']:<52} {r['figure']}")
+    print(f"({load_note()}; no migration run: --no-migration / BENCH_QUICK)")
+    emit("convert", rows, samples=samples, parts=parts)
+    if not a.keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+def convert_rows(a: argparse.Namespace, med: dict[str, float], pmed: dict[str, float], ratio: float,
+                 ratio_ov: float, bare_cmd: list[str], overlay_cmd: list[str],
+                 direct: str) -> list[dict[str, Any]]:
+    synced_s, ov_synced = med["bare+fsync"], med["overlay+fsync"]
+    return [
+        row("convert_disk() ÷ bare qemu-img convert + fsync", f"{ratio:.2f}×  ({med['ours']:.2f} s ÷ "
+            f"{synced_s:.2f} s, median of {a.repeat}, {a.random_mib} MiB random VMDK → {a.format})", "≤ 1.05",
+            ratio <= 1.05, f"{shlex.join(bare_cmd)}; sync  vs  {direct}"),
+        row("convert_disk() ÷ bare on the same overlay + fsync", f"{ratio_ov:.2f}×  ({ov_synced:.2f} s bare)",
+            "≤ 1.05", ratio_ov <= 1.05, shlex.join(overlay_cmd) + "; sync"),
+        row("  convert_disk() parts (medians)", f"qemu-img {pmed['qemu-img']:.2f} s + fsync/rename "
+            f"{pmed['fsync+rename']:.2f} s + ours {pmed['rest']:.3f} s", command="receipt timings"),
+        row("convert_disk() with verify ÷ bare + fsync", f"{med['ours+verify'] / synced_s:.2f}×",
+            command=direct),
+    ]
 
 
 if __name__ == "__main__":

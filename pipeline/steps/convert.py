@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.core import atomic, log
 from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
@@ -37,6 +38,9 @@ class ConvertResult(JsonRecord):
     qemu_img_version: str | None = None
     convert_seconds: float | None = None
     verify_seconds: float | None = None
+    sync_seconds: float | None = None
+    commit_seconds: float | None = None  # adopted (steps/adopt.py)
+    adopted: dict[str, Any] | None = None
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -67,5 +71,7 @@ def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None 
             t0 = time.monotonic()
             qemu_img.compare(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP)
             timings["verify_seconds"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()  # leaving the block: fsync of the temp, rename, fsync of the folder
+    timings["sync_seconds"] = round(time.monotonic() - t0, 2)
     return ConvertResult(input=src, input_format=src_fmt, output=final, format=inp.format,
                          verified=inp.verify, qemu_img_version=qemu_img.version(), **timings)
