@@ -276,7 +276,8 @@ def sample(a: argparse.Namespace, src: Path, overlay: Path, run_dir: Path, base_
         drop_file(src, overlay)
         t0 = time.monotonic()
         r = convert_disk(ConvertInput(image_id=IMAGE_ID, final_disk=base_image.final_disk,
-                                      format=base_image.format, verify=verify, src=overlay, src_format="qcow2"))
+                                      format=base_image.format, verify=verify, src=overlay,
+                                      src_format="qcow2"))
         took = time.monotonic() - t0
         samples["ours+verify" if verify else "ours"].append(took)
         if not verify:

@@ -61,17 +61,17 @@ def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None 
         if progress:
             progress(pct)
 
-    timings: dict[str, float] = {}
+    verify_s: float | None = None
     with atomic.temporary_path(final) as tmp:
         t0 = time.monotonic()
         qemu_img.convert(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP,
                          progress=on_progress)
-        timings["convert_seconds"] = round(time.monotonic() - t0, 2)
+        convert_s = round(time.monotonic() - t0, 2)
         if inp.verify:
             t0 = time.monotonic()
             qemu_img.compare(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP)
-            timings["verify_seconds"] = round(time.monotonic() - t0, 2)
+            verify_s = round(time.monotonic() - t0, 2)
         t0 = time.monotonic()  # leaving the block: fsync of the temp, rename, fsync of the folder
-    timings["sync_seconds"] = round(time.monotonic() - t0, 2)
     return ConvertResult(input=src, input_format=src_fmt, output=final, format=inp.format,
-                         verified=inp.verify, qemu_img_version=qemu_img.version(), **timings)
+                         verified=inp.verify, qemu_img_version=qemu_img.version(), convert_seconds=convert_s,
+                         verify_seconds=verify_s, sync_seconds=round(time.monotonic() - t0, 2))
