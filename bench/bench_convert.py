@@ -1,6 +1,6 @@
 """Benchmark of the registry-merge + convert steps on a >= 1 GiB VMDK full of random data.
 
-    GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_convert.py [--random-mib 1024] [--format raw]
+    GHO2KVM_FORCE_TCG=1 .venv/bin/python -m bench.bench_convert [--random-mib 1024] [--format raw]
 
 Made once under ``var/bench/`` (reused while its stamp matches): the fake XP disk with
 ``--random-mib`` MiB of random data written after its partition (unpartitioned space, so it still
@@ -35,12 +35,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pipeline.app import fakedisk
+from pipeline.core.config import load_config
+from pipeline.steps.convert import convert_disk
 
-from pipeline.app import fakedisk  # noqa: E402
-from pipeline.core.config import load_config  # noqa: E402
-from pipeline.steps.convert import convert_disk  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BENCH = REPO / "var" / "bench"
 IMAGE_ID = "bench"

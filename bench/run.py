@@ -1,7 +1,7 @@
 """``make bench``: run every benchmark script in this folder, one after the other.
 
 Each script measures gho2kvm against the bare tool in the same run and prints its own table.
-``python bench/run.py NAME…`` runs only the named ones (e.g. ``gho``, ``convert``, ``noop``).
+``python -m bench.run NAME…`` runs only the named ones (e.g. ``gho``, ``convert``, ``noop``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         script = HERE / f"bench_{name}.py"
         print(f"\n=== bench {name} ({script.name}) ===", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.call([sys.executable, str(script)], cwd=HERE.parent)
+        rc = subprocess.call([sys.executable, "-m", f"bench.{script.stem}"], cwd=HERE.parent)
         print(f"=== bench {name}: exit {rc}, {time.monotonic() - t0:.0f} s ===", flush=True)
         if rc != 0:
             failed.append(name)

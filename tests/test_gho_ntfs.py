@@ -13,13 +13,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from gho_checks import carve, mbr_partitions
-from gho_ntfs_writer import NtfsOptions, NtfsSource, Part, make_volume, mounted, write_ntfs_image
-from gho_writer import split_spans
 
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info
+from tests.support.gho_checks import carve, mbr_partitions
+from tests.support.gho_ntfs_writer import (
+    NtfsOptions,
+    NtfsSource,
+    Part,
+    make_volume,
+    mounted,
+    write_ntfs_image,
+)
+from tests.support.gho_writer import split_spans
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("mkntfs", "ntfs-3g", "ntfsfix", "fusermount"))

@@ -1,4 +1,4 @@
-"""ghost-convert through Ghost's executable, exercised with tests/fakes/ghost64_standin.py."""
+"""ghost-convert through Ghost's executable, exercised with tests/support/fakes/ghost64_standin.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pipeline.core.errors import InputError, ToolError
 from pipeline.tools import ghost_exe
 from pipeline.tools.ghost_exe import GhostResult, build_argv, convert, parse_error_file, translate_path
 
-STANDIN = Path(__file__).parent / "fakes" / "ghost64_standin.py"
+STANDIN = Path(__file__).parent / "support" / "fakes" / "ghost64_standin.py"
 PASSWORD = "s3cr3t-Pa55"
 MB = 1024 * 1024
 

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_pipeline import make_config, receipt, run_cli
 
 from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
 from pipeline.steps.inspect import guest_facts
 from pipeline.steps.registry_merge import collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
+from tests.support.fx_pipeline import make_config, receipt, run_cli
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fx_pipeline import make_config
 
 from pipeline.tasks import steps
 from pipeline.tools import virt
+from tests.support.fx_pipeline import make_config
 
 
 def _xml_render(tmp: Path, settings: dict[str, object] | None) -> steps.XmlRender:

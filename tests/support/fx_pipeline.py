@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_config(tmp: Path, images: list[dict[str, Any]], defaults: dict[str, Any] | None = None,
