@@ -235,7 +235,7 @@ def test_copy_elsewhere_works(tmp_path: Path) -> None:
 
 
 def test_fixture_split_into_spans_extracts_the_same(tmp_path: Path, disks: dict) -> None:
-    import gho_writer as gw
+    from tests.support import gho_writer as gw
 
     img = tmp_path / "11comp.GHO"
     shutil.copy(HIGH, img)
