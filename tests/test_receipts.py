@@ -1,8 +1,8 @@
 """Receipts and staleness: what makes a step complete, stale or incomplete (no appliance, no tools).
 
 Two toy steps on the real base task (pipeline/tasks/base.py) and the real receipt code
-(pipeline/core/receipts.py): ``Copy`` copies the image's source to an artifact, ``Label`` (after
-``Copy``) writes a file from a config field. A run is ``task.run()``, as a Luigi worker calls it.
+(pipeline/core/receipts.py): ``ToyCopy`` copies the image's source to an artifact, ``ToyLabel`` (after
+``ToyCopy``) writes a file from a config field. A run is ``task.run()``, as a Luigi worker calls it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.tasks.base import ImageTask
 from tests.support.fx_pipeline import make_config
 
 
-class Copy(ImageTask):
+class ToyCopy(ImageTask):
     step = "toy-copy"
 
     def fingerprint(self) -> dict[str, Any]:
@@ -33,11 +33,11 @@ class Copy(ImageTask):
         return {"result": {"copied": True}, "outputs": {"copy": out}}
 
 
-class Label(ImageTask):
+class ToyLabel(ImageTask):
     step = "toy-label"
 
     def upstream(self) -> ImageTask:
-        return Copy(config_path=self.config_path, image_id=self.image_id)
+        return ToyCopy(config_path=self.config_path, image_id=self.image_id)
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
@@ -50,8 +50,8 @@ class Label(ImageTask):
         return {"result": {}, "outputs": {"label": out}}
 
 
-def chain(config: Path) -> tuple[Copy, Label]:
-    return Copy(config_path=str(config), image_id="toy"), Label(config_path=str(config), image_id="toy")
+def chain(config: Path) -> tuple[ToyCopy, ToyLabel]:
+    return ToyCopy(config_path=str(config), image_id="toy"), ToyLabel(config_path=str(config), image_id="toy")
 
 
 def run_all(*tasks: ImageTask) -> None:
@@ -177,7 +177,7 @@ def test_unreadable_config_is_incomplete_without_exception(config: Path) -> None
 
 
 def test_failed_step_writes_an_error_record_and_no_receipt(config: Path) -> None:
-    class Broken(Copy):
+    class Broken(ToyCopy):
         step = "toy-broken"
 
         def execute(self) -> dict[str, Any]:
