@@ -44,10 +44,12 @@ plan: setup
 report: setup
 	$(BIN)/gho2kvm report --config $(CONFIG)
 
+# the whole suite on the real tools (CI): appliance, libvirtd and the long fuzz runs included
 test: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 
-# the inner loop: no libguestfs appliance, no libvirtd (tests/conftest.py marks those "slow")
+# the inner loop (< 2 min): no libguestfs appliance, no libvirtd, and only a small fixed-seed
+# sample of the fuzz runs (tests/conftest.py marks the rest "slow")
 test-fast: setup
 	GHO2KVM_FORCE_TCG=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -56,7 +58,7 @@ test-fast: setup
 FUZZ_CASES ?= 300
 GHO_FUZZ_CASES ?= 2000
 fuzz: setup
-	GHO_FUZZ_CASES=$(GHO_FUZZ_CASES) $(BIN)/python tests/fuzz_gho.py
+	GHO_FUZZ_CASES=$(GHO_FUZZ_CASES) $(BIN)/python -m tests.support.fuzz_gho
 	GHO2KVM_FORCE_TCG=1 GHO2KVM_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/pytest -q tests/test_fuzz_inputs.py
 
 lint: setup
@@ -69,7 +71,7 @@ BENCH_IMAGES ?= $(if $(filter-out 0,$(BENCH_QUICK)),3,20)
 BENCH_WORKERS ?= 2
 BENCH ?=
 bench: setup
-	GHO2KVM_FORCE_TCG=1 BENCH_IMAGES=$(BENCH_IMAGES) BENCH_WORKERS=$(BENCH_WORKERS) $(BIN)/python bench/run.py $(BENCH)
+	GHO2KVM_FORCE_TCG=1 BENCH_IMAGES=$(BENCH_IMAGES) BENCH_WORKERS=$(BENCH_WORKERS) $(BIN)/python -m bench.run $(BENCH)
 
 luigid: setup
 	@mkdir -p $(LUIGID_DIR)

@@ -1,6 +1,6 @@
 """Benchmark of the registry-merge + convert steps on a >= 1 GiB VMDK full of random data.
 
-    GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_convert.py [--random-mib 1024] [--format raw]
+    GHO2KVM_FORCE_TCG=1 .venv/bin/python -m bench.bench_convert [--random-mib 1024] [--format raw]
         [--repeat 5] [--no-migration]
 
 Made once under ``var/bench/`` (reused while its stamp matches): the fake XP disk with
@@ -40,18 +40,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from bench.common import drop_caches, emit, load_note, quick, row
+from pipeline.app import fakedisk
+from pipeline.core.choices import DiskFormat, values
+from pipeline.core.config import load_config
+from pipeline.core.settings import resolve
+from pipeline.steps.convert import ConvertInput, convert_disk
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-sys.path.insert(0, str(REPO / "bench"))
-
-from common import drop_caches, emit, load_note, quick, row  # noqa: E402
-
-from pipeline.app import fakedisk  # noqa: E402
-from pipeline.core.choices import DiskFormat, values  # noqa: E402
-from pipeline.core.config import load_config  # noqa: E402
-from pipeline.core.settings import resolve  # noqa: E402
-from pipeline.steps.convert import ConvertInput, convert_disk  # noqa: E402
 
 BENCH = REPO / "var" / "bench"
 IMAGE_ID = "bench"

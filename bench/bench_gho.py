@@ -1,12 +1,14 @@
 """Benchmark of the native GHO reader.
 
-Run: ``.venv/bin/python bench/bench_gho.py`` (about a minute on 2 cores; needs ~1.2 GiB free, sparse).
+Run from the repo root: ``.venv/bin/python -m bench.bench_gho`` (about a minute on 2 cores; needs
+~1.2 GiB free, sparse).
 
 * High (zlib) block decode throughput vs stdlib ``zlib.decompress`` on the same blocks, same run.
 * Fast block decode throughput: the C extension (pipeline.gho._native, built at install) and pure Python.
-* End-to-end ``extract`` of synthetic sector images made with the test writer (``tests/gho_writer.py``)
-  in a child process: wall time, output MB/s and peak RSS (``ru_maxrss``), for a small and a ≥ 1 GiB
-  image, to show memory does not grow with image size. Files go to ``var/bench/`` and are deleted.
+* End-to-end ``extract`` of synthetic sector images made with the test writer
+  (``tests/support/gho_writer.py``) in a child process: wall time, output MB/s and peak RSS
+  (``ru_maxrss``), for a small and a ≥ 1 GiB image, to show memory does not grow with image size.
+  Files go to ``var/bench/`` and are deleted.
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ import time
 import zlib
 from pathlib import Path
 
+from pipeline.gho.codecs import BlockDecoder, fast_decode
+from pipeline.gho.native import fast_decoder
+from tests.support import gho_writer as gw
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import gho_writer as gw  # noqa: E402
-
-from pipeline.gho.codecs import BlockDecoder, fast_decode  # noqa: E402
-from pipeline.gho.native import fast_decoder  # noqa: E402
 
 BLOCK = 32768
 MB = 1e6
@@ -133,7 +132,6 @@ def make_sector_image(path: Path, disk_bytes: int, data_blocks: list[bytes]) -> 
 
 CHILD = """
 import sys, time
-sys.path.insert(0, sys.argv[3])
 from pipeline.gho import extract
 if sys.argv[1] == "-":
     print(0, 0, 0)
@@ -148,7 +146,7 @@ def run_child(args: list[str], log: Path) -> tuple[str, int]:
     """Run the extract child with posix_spawn (vfork-style: the child's peak RSS is its own, not a copy
     of this process) and return (its stdout, its ru_maxrss in KiB)."""
     actions = [(os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
-    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", CHILD, *args, str(ROOT)], os.environ,
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", CHILD, *args], os.environ,
                          file_actions=actions)
     _pid, status, ru = os.wait4(pid, 0)
     if status != 0:
@@ -176,9 +174,8 @@ def bench_extract(rows: list[tuple[str, str, str]], work: Path) -> None:
 NTFS_MAKER = """
 import sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[2])
-import bench_gho
-import gho_ntfs_writer as nw
+from bench import bench_gho
+from tests.support import gho_ntfs_writer as nw
 work = Path(sys.argv[1])
 chunk = b"".join(bench_gho.corpus(200 * bench_gho.BLOCK))  # ~6.5 MB of real-world bytes
 
@@ -202,8 +199,7 @@ def bench_ntfs(rows: list[tuple[str, str, str]], work: Path) -> None:
         return
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    subprocess.run([sys.executable, "-c", NTFS_MAKER, str(work), str(ROOT / "bench")], check=True, env=env)
+    subprocess.run([sys.executable, "-c", NTFS_MAKER, str(work)], check=True, cwd=ROOT)
     img = work / "NTFS.GHO"
     out = work / "ntfs.raw"
     line, maxrss = run_child([str(img), str(out)], work / "child.log")
@@ -235,8 +231,7 @@ def main() -> int:
     for a, b, c in rows:
         print(f"{a:<{w0}}  {b:>{w1}}  {c}")
     print(f"(total {time.perf_counter() - t0:.0f} s, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import emit, row
+    from bench.common import emit, row
 
     cmd = ".venv/bin/python bench/bench_gho.py"
     out = []

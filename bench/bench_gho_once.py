@@ -31,11 +31,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from pipeline.app import fakedisk
 
-from pipeline.app import fakedisk  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BENCH = REPO / "var" / "bench" / "gho-once"
 IMAGE_ID = "ghoonce"
@@ -55,8 +53,8 @@ def drop_file(path: Path) -> None:
 
 
 def make_source(data_mib: int, compression: str, force_tcg: bool) -> Path:
-    from gho_checks import carve, mbr_partitions
-    from gho_ntfs_writer import Part, mounted, write_ntfs_image
+    from tests.support.gho_checks import carve, mbr_partitions
+    from tests.support.gho_ntfs_writer import Part, mounted, write_ntfs_image
 
     BENCH.mkdir(parents=True, exist_ok=True)
     src = BENCH / f"XP{data_mib}{compression[0].upper()}.GHO"
@@ -83,7 +81,6 @@ def make_source(data_mib: int, compression: str, force_tcg: bool) -> Path:
 
 DECODE = """
 import sys, time
-sys.path.insert(0, sys.argv[3])
 from pipeline.gho import extract
 t = time.monotonic()
 extract(sys.argv[1], sys.argv[2])
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     drop_file(src)
     decoded, bare = run_dir / "decoded.raw", run_dir / "bare.raw"
     t0 = time.monotonic()
-    decode_s = float(subprocess.run([sys.executable, "-c", DECODE, str(src), str(decoded), str(REPO)],
+    decode_s = float(subprocess.run([sys.executable, "-c", DECODE, str(src), str(decoded)], cwd=REPO,
                                     check=True, capture_output=True, text=True).stdout.strip())
     decode_wall = time.monotonic() - t0
     drop_file(decoded)

@@ -24,13 +24,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from bench.common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row
+from pipeline.app import fakedisk
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row  # noqa: E402
-
-from pipeline.app import fakedisk  # noqa: E402
 
 APPLIANCE_STEPS = ("inspect", "registry-merge")
 

@@ -1,6 +1,6 @@
 """Benchmark: a full ``gho2kvm migrate`` re-run with nothing to do, over 20 migrated images.
 
-    GHO2KVM_FORCE_TCG=1 .venv/bin/python bench/bench_noop.py [--images 20] [--runs 3] [--goal 2.0]
+    GHO2KVM_FORCE_TCG=1 .venv/bin/python -m bench.bench_noop [--images 20] [--runs 3] [--goal 2.0]
 
 Set-up (once; kept under ``var/bench/noop/`` and reused while ``gho2kvm plan`` says it is up to date):
 one small non-Windows raw disk (32 MiB, built by ``pipeline.app.fakedisk``) is the source of all 20
@@ -33,13 +33,10 @@ from typing import Any
 
 import yaml
 
+from pipeline.app import fakedisk
+from tests.support.fx_pipeline import path_shim
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from fx_pipeline import path_shim  # noqa: E402
-
-from pipeline.app import fakedisk  # noqa: E402
 
 BENCH = REPO / "var" / "bench" / "noop"
 TOOLS = ("qemu-img", "guestfish", "hivexregedit", "virsh", "qemu-system-x86_64", "qemu-system-i386")
@@ -153,8 +150,7 @@ def main() -> int:
     print(f"  GHO2KVM_FORCE_TCG=1 {shlex.join([*py, 'plan', '--config', str(config)])}")
     print(f"  GHO2KVM_FORCE_TCG=1 PATH={BENCH / 'shim'}:$PATH "
           f"{shlex.join([*py, *migrate])}")
-    sys.path.insert(0, str(REPO / "bench"))
-    from common import emit, row
+    from bench.common import emit, row
 
     cmd = f"GHO2KVM_FORCE_TCG=1 {shlex.join([Path(py[0]).name, *py[1:], *migrate])}"
     emit("noop", [

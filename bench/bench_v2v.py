@@ -33,13 +33,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row
+from pipeline.app import fakedisk
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row  # noqa: E402
-
-from pipeline.app import fakedisk  # noqa: E402
 
 GOAL = 0.8
 STEPS = ("inspect", "registry-merge", "convert", "xml-render", "define")

@@ -5,7 +5,7 @@ leaves its rows in ``var/bench/results.d/<name>.json`` (see ``bench/common.py``)
 prints one table (figure, goal, met, the command that produced it) and writes it to
 ``var/bench/results.json`` and ``var/bench/results.md``.
 
-``python bench/run.py NAME…`` runs only the named ones (``gho``, ``convert``, ``v2v``, ``many``,
+``python -m bench.run NAME…`` runs only the named ones (``gho``, ``convert``, ``v2v``, ``many``,
 ``noop``). ``BENCH_QUICK=1`` runs fewer rounds and images (checks that the benches work; the figures
 are then not the ones to quote). ``BENCH_IMAGES`` / ``BENCH_WORKERS`` set bench_many's image and worker count.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "var" / "bench"
-ORDER = ("gho", "convert", "v2v", "many", "noop")
+ORDER = ("gho", "convert", "gho_once", "v2v", "many", "noop")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         script = HERE / f"bench_{name}.py"
         print(f"\n=== bench {name} ({script.name}) ===", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.call([sys.executable, str(script)], cwd=HERE.parent, env=env)
+        rc = subprocess.call([sys.executable, "-m", f"bench.{script.stem}"], cwd=HERE.parent, env=env)
         took[name] = round(time.monotonic() - t0)
         print(f"=== bench {name}: exit {rc}, {took[name]} s ===", flush=True)
         if rc != 0:

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_disks import private_copy
-from fx_pipeline import REPO, log_events, make_config, run_cli
 
 from pipeline.core.errors import ToolError
 from pipeline.tools import run
 from pipeline.tools.guestfs import HANDOFF, Appliances
+from tests.support.fx_disks import private_copy
+from tests.support.fx_pipeline import REPO, log_events, make_config, run_cli
 
 REG = ("Windows Registry Editor Version 5.00\r\n\r\n"
        "[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Services\\Gho2kvmShare]\r\n\"Round\"=dword:{:08x}\r\n")

@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 import pytest
-from fx_pipeline import REPO, make_config, run_cli
 
 from pipeline.domain import DomainSpec, build_domain, render
 from pipeline.tools import bootcheck, ocr, virt
 from pipeline.tools.run import run
+from tests.support.fx_pipeline import REPO, make_config, run_cli
 
 pytestmark = pytest.mark.libvirtd
 

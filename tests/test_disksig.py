@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_disks import _build, private_copy
-from fx_pipeline import make_config
 
 from pipeline.app.fakedisk import XP
 from pipeline.core.config import ImageConfig, load_config
 from pipeline.guest import disksig
 from pipeline.steps.inspect import InspectInput, inspect_image
 from pipeline.steps.registry_merge import MergeInput, registry_merge
+from tests.support.fx_disks import build_disk, private_copy
+from tests.support.fx_pipeline import make_config
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 EXPECTED = 0x0BADC0DE  # what the guest's registry says; the disk itself carries parted's signature
@@ -56,7 +56,7 @@ def _image(tmp: Path, source: str, image_id: str) -> ImageConfig:
 
 @pytest.fixture(scope="module")
 def phony(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    cached = _build("xp-mounted-c.raw", replace(XP, mounted_c_signature=EXPECTED))
+    cached = build_disk("xp-mounted-c.raw", replace(XP, mounted_c_signature=EXPECTED))
     tmp = tmp_path_factory.mktemp("disksig")
     raw = private_copy(cached, tmp / "src")
     facts = inspect_image(InspectInput(raw, "sig", force_tcg=True))

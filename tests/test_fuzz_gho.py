@@ -1,18 +1,32 @@
-"""The seeded fuzz run of ``make test``: a few hundred mutated fixtures through ``gho info``/``extract``.
+"""Seeded fuzzing of the GHO reader: mutated fixtures through ``gho info``/``extract``.
 
-``make fuzz`` runs the same generator with thousands of cases (``GHO_FUZZ_CASES``).
+The fast tier runs a small fixed-seed sample (every mutation class on every fixture); the long run
+(``make test``, marked ``fuzz``) a few hundred cases, and ``make fuzz`` thousands (``GHO_FUZZ_CASES``).
 """
 
 from __future__ import annotations
 
 import os
 
-from fuzz_gho import CLASSES, run
+import pytest
 
+from tests.support.fuzz_gho import CLASSES, FIXTURE_NAMES, run
+
+SEED = 2026
 CASES = int(os.environ.get("GHO_FUZZ_TEST_CASES", "216"))
+SAMPLE = len(CLASSES) * len(FIXTURE_NAMES)  # every mutation class on every fixture, once
 
 
-def test_fuzz_gho_every_case_is_clean() -> None:
-    per_class, fails, notes = run(seed=2026, n=CASES)
-    assert sum(per_class.values()) == CASES and set(per_class) == set(CLASSES)
+def check(n: int) -> None:
+    per_class, fails, notes = run(seed=SEED, n=n)
+    assert sum(per_class.values()) == n and set(per_class) == set(CLASSES)
     assert not fails, "\n".join(notes[:20])
+
+
+def test_fuzz_gho_sample_is_clean() -> None:
+    check(SAMPLE)
+
+
+@pytest.mark.fuzz
+def test_fuzz_gho_every_case_is_clean() -> None:
+    check(CASES)

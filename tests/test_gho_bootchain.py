@@ -8,13 +8,13 @@ import struct
 import subprocess
 from pathlib import Path
 
-import gho_writer as gw
 import pytest
 
 from pipeline.core.errors import Gho2KvmError
 from pipeline.gho import bootchain as bc
 from pipeline.gho import extract
 from pipeline.gho.disk import MBR_LIMIT, Placement, TableError, chs, table_sectors
+from tests.support import gho_writer as gw
 
 
 def _fat_volume(tmp: Path, name: str, kib: int = 512) -> bytes:

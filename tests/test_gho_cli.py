@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from gho_checks import FIXTURES
 
 from pipeline.gho.cli import register
+from tests.support.gho_checks import FIXTURES
 
 
 def run(argv: list[str]) -> int:

@@ -10,13 +10,13 @@ import sys
 import zlib
 from pathlib import Path
 
-import gho_writer as gw
 import pytest
-from gho_checks import FIXTURES
 
 from pipeline.gho import native
 from pipeline.gho.codecs import BlockDecoder, CodecError, fast_decode, fast_hash, zlib_decode
 from pipeline.gho.crypto import KEY_TABLE, crc32_msb, decrypt, decrypt_py, seed_from_password
+from tests.support import gho_writer as gw
+from tests.support.gho_checks import FIXTURES
 
 
 def spec_fast_decode(payload: bytes) -> bytes:
@@ -227,7 +227,7 @@ def test_crc32_msb_matches_bitwise_definition() -> None:
     rnd = random.Random(9)
     for n in (0, 1, 5, 31, 32, 1000):
         d = bytes(rnd.randrange(256) for _ in range(n))
-        assert crc32_msb(d) == gw._crc32_msb_bytes(d)
+        assert crc32_msb(d) == gw.crc32_msb_bytes(d)
     assert crc32_msb(b"THIS IS A TEST\r\n") == 0x4D176E6E
 
 

@@ -8,11 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import gho_writer as gw
 import pytest
-from gho_checks import carve, fsck, mbr_partitions, mcopy
 
 from pipeline.gho import extract, read_info
+from tests.support import gho_writer as gw
+from tests.support.gho_checks import carve, fsck, mbr_partitions, mcopy
 
 ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
 T0 = 1_000_000_000  # 2001-09-09

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from gho_checks import FIXTURES, carve, fsck, mbr_partitions, mcopy
 
 from pipeline.core.errors import InputError
 from pipeline.gho import GhoError, extract, read_info
@@ -17,6 +16,7 @@ from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import crc32_msb, decrypt, seed_from_password
 from pipeline.gho.fat import FatSection
 from pipeline.gho.image import Image
+from tests.support.gho_checks import FIXTURES, carve, fsck, mbr_partitions, mcopy
 
 NONE, HIGH, HIGH_PW = FIXTURES / "75_none.gho", FIXTURES / "11_high.gho", FIXTURES / "11_high_pw.gho"
 ALL = [NONE, HIGH, HIGH_PW]
@@ -235,7 +235,7 @@ def test_copy_elsewhere_works(tmp_path: Path) -> None:
 
 
 def test_fixture_split_into_spans_extracts_the_same(tmp_path: Path, disks: dict) -> None:
-    import gho_writer as gw
+    from tests.support import gho_writer as gw
 
     img = tmp_path / "11comp.GHO"
     shutil.copy(HIGH, img)

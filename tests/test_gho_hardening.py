@@ -10,12 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-import gho_writer as gw
 import pytest
-from fuzz_gho import RSS_LIMIT_MIB, Layout, _bomb, _replace_record, crc32_msb, layout, run_cli
-from gho_checks import FIXTURES
 
 from pipeline.gho.errors import MAX_CATALOGUE_ENTRIES, MAX_ENTRIES, WARNINGS_SHOWN
+from tests.support import gho_writer as gw
+from tests.support.fuzz_gho import (
+    RSS_LIMIT_MIB,
+    Layout,
+    crc32_msb,
+    layout,
+    replace_record,
+    run_cli,
+    zlib_bomb,
+)
+from tests.support.gho_checks import FIXTURES
 
 NONE = FIXTURES / "75_none.gho"
 
@@ -320,8 +328,8 @@ def test_opening_a_span_does_not_read_the_whole_first_file(tmp_path: Path) -> No
 def test_catalogue_bomb_is_capped(tmp_path: Path) -> None:
     lay: Layout = layout(NONE.read_bytes())
     entry = struct.pack("<IQHHH", 16, 1234, 0, 0, 0x20) + b"A.B\0"
-    body = _bomb(64 << 20, entry)[:65535]  # 3.5 million entries from 64 KiB
-    src = copy(tmp_path, _replace_record(lay, lay.catalogues[0], body, fix_trailer=True))
+    body = zlib_bomb(64 << 20, entry)[:65535]  # 3.5 million entries from 64 KiB
+    src = copy(tmp_path, replace_record(lay, lay.catalogues[0], body, fix_trailer=True))
     t0 = time.monotonic()
     rc, out, err, _ = cli(tmp_path, "info", str(src))
     # each entry up to the cap is a mismatch, then the cap itself: summarised as first 20 + a count

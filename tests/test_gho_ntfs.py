@@ -13,13 +13,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from gho_checks import carve, mbr_partitions
-from gho_ntfs_writer import NtfsOptions, NtfsSource, Part, make_volume, mounted, write_ntfs_image
-from gho_writer import split_spans
 
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info
+from tests.support.gho_checks import carve, mbr_partitions
+from tests.support.gho_ntfs_writer import (
+    NtfsOptions,
+    NtfsSource,
+    Part,
+    make_volume,
+    mounted,
+    write_ntfs_image,
+)
+from tests.support.gho_writer import split_spans
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("mkntfs", "ntfs-3g", "ntfsfix", "fusermount"))
@@ -408,7 +415,7 @@ def test_info_lists_ntfs_partition(vols: dict[str, Path], tmp_path: Path,
 # -- end to end: the phony XP disk as an NTFS file-aware image through the whole pipeline ------------------
 @pytest.mark.guestfs
 def test_xp_ntfs_image_through_the_pipeline(xp_raw: Path, tmp_path: Path) -> None:
-    from fx_pipeline import make_config, receipt, run_cli
+    from tests.support.fx_pipeline import make_config, receipt, run_cli
 
     ((_ptype, start, count),) = mbr_partitions(xp_raw)
     vol = carve(xp_raw, start * 512, count * 512, tmp_path / "xp-ntfs.img")
@@ -477,8 +484,8 @@ def test_partition_start_and_hidden_sectors(hidden: int, tmp_path: Path) -> None
 
 def test_ntfs_then_sector_section(vols: dict[str, Path], manifests: dict, tmp_path: Path) -> None:
     """§11.8: the NTFS chain ends right before the next partition header (here a sector section)."""
-    from gho_ntfs_writer import write_ntfs_section
-    from gho_writer import ImageWriter, blocks_of
+    from tests.support.gho_ntfs_writer import write_ntfs_section
+    from tests.support.gho_writer import ImageWriter, blocks_of
 
     fat = tmp_path / "fat16.img"
     subprocess.run(["mkfs.fat", "-C", "-F", "16", "-n", "SECTORS", "-h", "82046", str(fat), str(16 * 1024)],

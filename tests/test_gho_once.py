@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_pipeline import log_events, make_config, receipt, run_cli
 
 from pipeline.core import receipts
 from pipeline.core.config import load_config
 from pipeline.steps import adopt
 from pipeline.tools import qemu_img
+from tests.support.fx_pipeline import log_events, make_config, receipt, run_cli
 
 MIB = 1 << 20
 DATA_MIB = 24
@@ -186,9 +186,9 @@ def _run_ids(work: Path) -> dict[str, str]:
 def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
     """Four appliance launches in all (this machine's launches take minutes under load): the first run,
     a no-op, the final disk moved away and back (``plan`` only), a changed ``.reg`` killed inside convert."""
-    from gho_checks import carve, mbr_partitions
-    from gho_ntfs_writer import Part, mounted, write_ntfs_image
-    from gho_writer import split_spans
+    from tests.support.gho_checks import carve, mbr_partitions
+    from tests.support.gho_ntfs_writer import Part, mounted, write_ntfs_image
+    from tests.support.gho_writer import split_spans
 
     root = Path(tempfile.mkdtemp(prefix="gho2kvm-gho-once-"))
     try:

@@ -7,12 +7,12 @@ import random
 import subprocess
 from pathlib import Path
 
-import gho_writer as gw
 import pytest
-from gho_checks import FIXTURES, mbr_partitions
 
 from pipeline.gho import GhoError, extract, read_info
 from pipeline.gho.bootchain import MBR_BIN
+from tests.support import gho_writer as gw
+from tests.support.gho_checks import FIXTURES, mbr_partitions
 
 P1 = (0x01, 2048, 2048)  # FAT12 volume, 1 MiB
 P2 = (0x83, 4096, 301)  # odd size: the last block of its chain is short

@@ -15,7 +15,7 @@ from pipeline.core.errors import InputError, ToolError
 from pipeline.tools import ghost_exe
 from pipeline.tools.ghost_exe import GhostOptions, GhostResult, parse_error_file, translate_path
 
-STANDIN = Path(__file__).parent / "fakes" / "ghost64_standin.py"
+STANDIN = Path(__file__).parent / "support" / "fakes" / "ghost64_standin.py"
 PASSWORD = "s3cr3t-Pa55"
 MB = 1024 * 1024
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from fx_pipeline import make_config, receipt, run_cli
 
-STANDIN = Path(__file__).parent / "fakes" / "ghost64_standin.py"
+from tests.support.fx_pipeline import make_config, receipt, run_cli
+
+STANDIN = Path(__file__).parent / "support" / "fakes" / "ghost64_standin.py"
 
 
 def _calls(log: Path) -> int:

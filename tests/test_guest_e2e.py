@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_pipeline import make_config, receipt, run_cli
-from test_guest import nt62_viostor_values
 
 from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
@@ -39,6 +37,8 @@ from pipeline.steps.inspect import InspectFacts, guest_facts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
 from pipeline.tools.run import run
+from tests.support.fx_pipeline import make_config, receipt, run_cli
+from tests.test_guest import nt62_viostor_values
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_disks import private_copy, vmdk_files
 
 from pipeline.app.fakedisk import VMDK_SUBFORMATS
 from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
 from pipeline.steps import inspect as insp
 from pipeline.tools import guestfs
+from tests.support.fx_disks import private_copy, vmdk_files
 
 pytestmark = pytest.mark.guestfs
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_pipeline import REPO, log_events, make_config, run_cli
 
 from pipeline.tools.guestfs import force_tcg_env
+from tests.support.fx_pipeline import REPO, log_events, make_config, run_cli
 
 pytestmark = pytest.mark.usefixtures("force_tcg_env")
 

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_disks import private_copy
-from fx_pipeline import REPO, log_events, make_config, path_shim, run_cli
+
+from tests.support.fx_disks import private_copy
+from tests.support.fx_pipeline import REPO, log_events, make_config, path_shim, run_cli
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 

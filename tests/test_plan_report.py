@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_disks import private_copy
-from fx_pipeline import log_events, make_config, run_cli
 
 from pipeline.app.report import human_bytes
+from tests.support.fx_disks import private_copy
+from tests.support.fx_pipeline import log_events, make_config, run_cli
 
 pytestmark = [pytest.mark.guestfs, pytest.mark.usefixtures("force_tcg_env")]
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fx_pipeline import make_config
 
 from pipeline.app.cli import main
 from pipeline.core.choices import Scheduler
 from pipeline.core.config import ConfigError, GhostConfig, load_config
 from pipeline.core.errors import InputError
 from pipeline.core.settings import Settings, env_bool, password_from_env, resolve
+from tests.support.fx_pipeline import make_config
 
 
 def _config(tmp: Path, settings: dict[str, object] | None) -> Path:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fx_pipeline import make_config
-from fx_receipts import write_chain
 
 from pipeline.tasks import steps
 from pipeline.tools import virt
+from tests.support.fx_pipeline import make_config
+from tests.support.fx_receipts import write_chain
 
 
 def _xml_render(tmp: Path, settings: dict[str, object] | None) -> steps.XmlRender:

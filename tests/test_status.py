@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from fx_pipeline import REPO, make_config
 
 from pipeline.app import plan, report, runner
 from pipeline.app.status import StepState, chain_status, image_chains, step_status
@@ -16,6 +15,7 @@ from pipeline.core import atomic, receipts
 from pipeline.core.config import load_config
 from pipeline.tasks import chain
 from pipeline.tasks.base import ImageTask
+from tests.support.fx_pipeline import REPO, make_config
 
 EARLY, LATE = "2026-01-01T10:00:00+00:00", "2026-01-01T11:00:00+00:00"
 

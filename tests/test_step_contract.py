@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fx_pipeline import make_config
-from fx_receipts import XP_FACTS, write_chain
 
 from pipeline.core import receipts
 from pipeline.core.config import ImageConfig
@@ -22,6 +20,8 @@ from pipeline.steps.inspect import InspectFacts, VmdkExtent
 from pipeline.steps.registry_merge import MergeResult
 from pipeline.steps.xml_render import DomainXml
 from pipeline.tasks import Convert, chain
+from tests.support.fx_pipeline import make_config
+from tests.support.fx_receipts import XP_FACTS, write_chain
 
 STEPS = ("inspect", "registry-merge", "convert", "xml-render", "define")
 

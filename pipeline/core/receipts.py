@@ -74,7 +74,7 @@ def why_stale(receipt: dict[str, Any] | None, fingerprint: dict[str, Any]) -> st
         more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
         return "input changed: " + "; ".join(changed[:3]) + more
     for out in receipt.get("outputs", {}).values():
-        if not isinstance(out, dict) or "path" not in out:
+        if not isinstance(out, dict) or not isinstance(out.get("path"), str):
             continue
         now = file_stamp(out["path"])
         if now.get("missing"):

@@ -51,7 +51,7 @@ class Hooks:
     #: progress events for the terminal display (:func:`pipeline.app.runner.migrate` sets it)
     progress: ProgressSink | None = None
     #: test seam, never set in production: called with the task after its work, before its receipt
-    #: is written (the worst moment for resumability); ``tests/inject_cli.py`` sets it
+    #: is written (the worst moment for resumability); ``tests/support/inject_cli.py`` sets it
     after_work: AfterWork | None = None
     #: test seam, never set in production: called with a point's name at named moments inside a
     #: step's work (``convert-commit``: the overlay committed, the final disk not yet renamed)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gho_writer import ImageWriter, encrypt, with_subtype, write_fat_section
+from tests.support.gho_writer import ImageWriter, encrypt, with_subtype, write_fat_section
 
 PIECE = 32768
 ESCAPE = b"\x01\x00\x00\x00"

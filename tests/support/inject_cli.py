@@ -1,4 +1,4 @@
-"""``python tests/inject_cli.py STEP[:kill] ARGS...``: the gho2kvm CLI with a failure injected into
+"""``python tests/support/inject_cli.py STEP[:kill] ARGS...``: the gho2kvm CLI with a failure injected into
 STEP after its work, before its receipt is written (the worst moment for resumability), or at a named
 point inside a step's work (``convert-commit``: pipeline.tasks.base.hooks.at).
 

@@ -10,9 +10,9 @@ timeout) and is judged as a user would see it:
 * on a refusal no output and no temp file is left; the source is never modified;
 * ``gho extract`` that exits 0 yields the fixture's 3 partitions, each passing ``fsck.fat -n``.
 
-``python tests/fuzz_gho.py [--cases N] [--seed S]`` (also ``make fuzz``, ``GHO_FUZZ_CASES``) prints
-case and failure counts per class. Structure offsets are found by a walk written here from
-FORMAT.md, independent of the reader under test.
+``python -m tests.support.fuzz_gho [--cases N] [--seed S]`` from the repo root (also ``make fuzz``,
+``GHO_FUZZ_CASES``) prints case and failure counts per class. Structure offsets are found by a walk
+written here from FORMAT.md, independent of the reader under test.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import gho_writer as gw  # noqa: E402
-from gho_checks import FIXTURES, carve, mbr_partitions  # noqa: E402
-
-from pipeline.gho.crypto import crc32_msb, decrypt, seed_from_password  # noqa: E402
+from pipeline.gho.crypto import crc32_msb, decrypt, seed_from_password
+from tests.support import gho_writer as gw
+from tests.support.gho_checks import FIXTURES, carve, mbr_partitions
 
 FIXTURE_NAMES = ("75_none.gho", "11_high.gho", "11_high_pw.gho")
 PASSWORD = "password"
@@ -142,7 +140,7 @@ def _edit_body(lay: Layout, fixture: str, rec: Rec, fn: Callable[[bytearray], No
     return bytes(buf)
 
 
-def _replace_record(lay: Layout, rec: Rec, body: bytes, fix_trailer: bool) -> bytes:
+def replace_record(lay: Layout, rec: Rec, body: bytes, fix_trailer: bool) -> bytes:
     d = lay.data
     new = d[:rec.offset + 8] + struct.pack("<H", len(body)) + body + d[rec.offset + 10 + rec.length:]
     if fix_trailer:  # a catalogue changed size: keep A and B of the end record consistent
@@ -153,7 +151,7 @@ def _replace_record(lay: Layout, rec: Rec, body: bytes, fix_trailer: bool) -> by
     return new
 
 
-def _bomb(n_out: int, unit: bytes) -> bytes:
+def zlib_bomb(n_out: int, unit: bytes) -> bytes:
     c = zlib.compressobj(9)
     chunk = unit * (65536 // len(unit))
     out = []
@@ -280,13 +278,13 @@ def make_case(rng: random.Random, klass: str, fixture: str, lay: Layout) -> Case
         if rng.random() < 0.5 or not plain_body:
             cat = rng.choice(lay.catalogues)
             entry = struct.pack("<IQHHH", rng.choice([0, 16]), rng.randrange(1 << 20), 0, 0, 0x20) + b"A.B\0"
-            body = _bomb(rng.choice([8, 64, 256]) << 20, entry)[:65535]
+            body = zlib_bomb(rng.choice([8, 64, 256]) << 20, entry)[:65535]
             return Case(klass, fixture, f"catalogue at {cat.offset}: zlib bomb of {len(body)} bytes",
-                        _replace_record(lay, cat, body, fix_trailer=True))
+                        replace_record(lay, cat, body, fix_trailer=True))
         r = rng.choice([r for r in recs if r.kind == 0x02])
-        body = _bomb(64 << 20, b"\0")[:65535]
+        body = zlib_bomb(64 << 20, b"\0")[:65535]
         return Case(klass, fixture, f"data record at {r.offset}: zlib bomb",
-                    _replace_record(lay, r, body, fix_trailer=False))
+                    replace_record(lay, r, body, fix_trailer=False))
     raise AssertionError(klass)
 
 

@@ -19,7 +19,7 @@ COMP = {"none": 0, "fast": 2, "high": 3, "high0a": 0x0A}
 
 
 # -- cipher (§9) ---------------------------------------------------------------------------------
-def _crc32_msb_bytes(data: bytes) -> int:
+def crc32_msb_bytes(data: bytes) -> int:
     crc = 0
     for b in data:
         crc ^= b << 24
@@ -29,7 +29,7 @@ def _crc32_msb_bytes(data: bytes) -> int:
 
 
 def password_seed(pw: str) -> int:
-    crc = _crc32_msb_bytes(pw.upper().encode()[:11])
+    crc = crc32_msb_bytes(pw.upper().encode()[:11])
     return (crc ^ (crc >> 16)) & 0xFFFF
 
 
@@ -337,7 +337,7 @@ def write_fat_section(w: ImageWriter, vol: bytes) -> None:
 
     def walk(first: int | None, src: FatSource = src) -> None:
         for s in src.dir_slots(first):
-            crc = 0x12EED357 if s == bytes(32) else _crc32_msb_bytes(s)
+            crc = 0x12EED357 if s == bytes(32) else crc32_msb_bytes(s)
             w.raw(record(0x04, body(s + struct.pack("<I", crc) + bytes(20))))
             if s[0] in (0, 0xE5) or s[11] & 0x3F == 0x0F or s[11] & 0x08 or s[0:2] in (b". ", b".."):
                 continue
@@ -352,7 +352,7 @@ def write_fat_section(w: ImageWriter, vol: bytes) -> None:
             for k, c in enumerate(chunks):
                 w.raw(record(0x02, body(w.payload(c)), flags=1 if k == len(chunks) - 1 else 0))
             if chunks:
-                c = _crc32_msb_bytes(data)
+                c = crc32_msb_bytes(data)
                 w.raw(record(0x03, body(struct.pack("<II", c, c) + bytes(12))))
 
     walk(src.root_clus if src.bits == 32 else None)

@@ -7,7 +7,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-FIXTURES = Path(__file__).parent / "fixtures" / "gho"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gho"
 
 
 def carve(disk: Path, offset: int, size: int, dest: Path) -> Path:

@@ -151,7 +151,7 @@ def write_error_file(path: str, failure: GhostFailure, argv: list[str]) -> None:
             f.write(f"Date   : {time.ctime()}\n")
             f.write(f"Error Number: ({failure.number})\n")
             f.write(f"Message: {failure.message}\n")
-            f.write("Version: ghost64 stand-in (tests/fakes/ghost64_standin.py)\n")
+            f.write("Version: ghost64 stand-in (tests/support/fakes/ghost64_standin.py)\n")
             f.write(f"Command line arguments: {' '.join(argv)}\n")
     except OSError as e:
         print(f"cannot write abort log {path}: {e}", file=sys.stderr)

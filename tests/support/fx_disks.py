@@ -24,7 +24,7 @@ import pytest
 from pipeline.app import fakedisk
 from pipeline.app.fakedisk import VMDK_SUBFORMATS, W2003, WIN7, WIN7_UEFI, WIN10, XP, DiskSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "var" / "testdisks"
 LINUX = DiskSpec(windows=False, hostname="", size_mib=32)
 
@@ -41,7 +41,8 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build(name: str, spec: DiskSpec, raw_cache: Path | None = None) -> Path:
+def build_disk(name: str, spec: DiskSpec, raw_cache: Path | None = None) -> Path:
+    """The fake disk ``spec`` cached as ``var/testdisks/<name>`` (built once, under a lock; read-only)."""
     out = CACHE / name
     with _locked(out.parent.name + "-" + out.name):
         return fakedisk.build(out, spec, force_tcg=True, raw_cache=raw_cache)
@@ -69,37 +70,37 @@ def force_tcg_env() -> None:
 @pytest.fixture(scope="session")
 def xp_raw(force_tcg_env: None) -> Path:
     """Windows XP, MBR, one NTFS partition, ControlSet001, hostname XPDEMO."""
-    return _build("xp.raw", XP)
+    return build_disk("xp.raw", XP)
 
 
 @pytest.fixture(scope="session")
 def win7_uefi_raw(force_tcg_env: None) -> Path:
     """Windows 7 x86_64, GPT with an EFI system partition, current control set 2."""
-    return _build("win7-uefi.raw", WIN7_UEFI)
+    return build_disk("win7-uefi.raw", WIN7_UEFI)
 
 
 @pytest.fixture(scope="session")
 def w2003_raw(force_tcg_env: None) -> Path:
     """Windows Server 2003 (NT 5.2, x86), MBR, ControlSet001."""
-    return _build("w2003.raw", W2003)
+    return build_disk("w2003.raw", W2003)
 
 
 @pytest.fixture(scope="session")
 def win7_raw(force_tcg_env: None) -> Path:
     """Windows 7 x86_64, MBR (BIOS), current control set 2, msahci off (Start=3)."""
-    return _build("win7.raw", WIN7)
+    return build_disk("win7.raw", WIN7)
 
 
 @pytest.fixture(scope="session")
 def win10_raw(force_tcg_env: None) -> Path:
     """Windows 10 x86_64 (CurrentMajorVersionNumber 10), MBR, storahci off with a StartOverride."""
-    return _build("win10.raw", WIN10)
+    return build_disk("win10.raw", WIN10)
 
 
 @pytest.fixture(scope="session")
 def linux_raw(force_tcg_env: None) -> Path:
     """A disk with a partition and a file system but no operating system."""
-    return _build("nonwindows.raw", LINUX)
+    return build_disk("nonwindows.raw", LINUX)
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +112,7 @@ def xp_vmdk(xp_raw: Path) -> Callable[[str], Path]:
         if subformat not in VMDK_SUBFORMATS:
             raise ValueError(f"unknown subformat {subformat!r}; one of {VMDK_SUBFORMATS}")
         if subformat not in made:
-            made[subformat] = _build(f"vmdk-{subformat}/xp.vmdk", replace(XP, output=subformat),
+            made[subformat] = build_disk(f"vmdk-{subformat}/xp.vmdk", replace(XP, output=subformat),
                                      raw_cache=xp_raw)
         return made[subformat]
 

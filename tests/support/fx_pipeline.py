@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_config(tmp: Path, images: list[dict[str, Any]], defaults: dict[str, Any] | None = None,
@@ -34,12 +34,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900,
             cwd: Path | None = None, inject: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m pipeline ARGS`` as a user would; JSON logs (not a TTY).
 
-    ``inject="STEP"`` (or ``"STEP:kill"``) runs the same CLI through ``tests/inject_cli.py``, which
+    ``inject="STEP"`` (or ``"STEP:kill"``) runs the same CLI through ``tests/support/inject_cli.py``, which
     fails (or SIGKILLs) STEP after its work, before its receipt."""
     full = dict(os.environ)
     full["GHO2KVM_FORCE_TCG"] = "1"
     full.update(env or {})
-    entry = [str(REPO / "tests" / "inject_cli.py"), inject] if inject else ["-m", "pipeline"]
+    entry = [str(REPO / "tests" / "support" / "inject_cli.py"), inject] if inject else ["-m", "pipeline"]
     return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True,
                           timeout=timeout, env=full, cwd=str(cwd or REPO))
 
