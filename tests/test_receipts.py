@@ -9,45 +9,66 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.core import receipts
+from pipeline.core.receipts import NAMED, JsonRecord, Outcome
 from pipeline.tasks.base import ImageTask
 from tests.support.fx_pipeline import make_config
 
 
-class ToyCopy(ImageTask):
+@dataclass(frozen=True)
+class CopyInput:
+    source: Path
+    image_dir: Path = field(metadata=NAMED)
+
+
+@dataclass(frozen=True)
+class LabelInput:
+    memory_mib: int | None
+    image_dir: Path = field(metadata=NAMED)
+
+
+@dataclass(frozen=True)
+class Done(JsonRecord):
+    copied: bool = False
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+
+class ToyCopy(ImageTask[Done]):
     step = "toy-copy"
+    result_type = Done
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["source"] = receipts.file_stamp(self.image.source)
-        return fp
+    def step_input(self) -> CopyInput:
+        return CopyInput(source=Path(self.image.source), image_dir=self.image.image_dir)
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> Outcome[Done]:
         out = self.image.image_dir / "copy.bin"
         out.write_bytes(Path(self.image.source).read_bytes())
-        return {"result": {"copied": True}, "outputs": {"copy": out}}
+        return Outcome(Done(copied=True), outputs={"copy": out})
 
 
-class ToyLabel(ImageTask):
+class ToyLabel(ImageTask[Done]):
     step = "toy-label"
+    result_type = Done
 
-    def upstream(self) -> ImageTask:
+    def upstream(self) -> ImageTask[Done]:
         return ToyCopy(config_path=self.config_path, image_id=self.image_id)
 
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp["memory_mib"] = self.image.memory_mib
-        return fp
+    def step_input(self) -> LabelInput:
+        return LabelInput(memory_mib=self.image.memory_mib, image_dir=self.image.image_dir)
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> Outcome[Done]:
         out = self.image.image_dir / "label.txt"
         out.write_text(f"{self.image.id} {self.image.memory_mib}\n")
-        return {"result": {}, "outputs": {"label": out}}
+        return Outcome(Done(), outputs={"label": out})
 
 
 def chain(config: Path) -> tuple[ToyCopy, ToyLabel]:
@@ -156,7 +177,8 @@ def test_corrupt_or_partial_receipt_is_incomplete_without_exception(config: Path
     label.receipt_path.write_bytes(content)
     assert label.complete() is False
     why = label.stale_reason()
-    assert why in ("no receipt (never ran, or did not finish)", "receipt has no fingerprint")
+    assert why in ("no receipt (never ran, or did not finish)", "receipt has no fingerprint",
+                   "receipt of an older version (result unreadable)")
     assert copy.complete()  # the step before is not affected
     run_all(label)
     assert label.complete()

@@ -16,6 +16,7 @@ from pipeline.core.config import load_config
 from pipeline.tasks import chain
 from pipeline.tasks.base import ImageTask
 from tests.support.fx_pipeline import REPO, make_config
+from tests.support.fx_receipts import XP_FACTS, stand_in
 
 EARLY, LATE = "2026-01-01T10:00:00+00:00", "2026-01-01T11:00:00+00:00"
 
@@ -33,9 +34,13 @@ def steps(cfg_path: Path) -> list[ImageTask]:
 
 def done(task: ImageTask, finished: str = EARLY) -> None:
     task.image.image_dir.mkdir(parents=True, exist_ok=True)
-    receipts.write(task.receipt_path, {"step": task.step, "run_id": receipts.new_run_id(),
-                                       "finished": finished, "duration_s": 1.5,
-                                       "fingerprint": task.fingerprint(), "outputs": {}})
+    result = stand_in(task, XP_FACTS)  # a typed result the next step can read
+    fp = task.fingerprint()
+    if task.step == "inspect":
+        fp = task.fingerprint_after(fp, receipts.Outcome(result))
+    receipts.write(task.receipt_path, receipts.Receipt(
+        step=task.step, image_id="a", run_id=receipts.new_run_id(), started=finished, finished=finished,
+        duration_s=1.5, fingerprint=fp, outputs={}, bytes_read=0, bytes_written=0, result=result).to_dict())
 
 
 def failed(task: ImageTask, finished: str) -> None:
@@ -97,7 +102,7 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     reasons = {step: why for _i, step, why in plan.plan_rows(cfg)}
     assert reasons["inspect"] == plan.UP_TO_DATE
     assert reasons["registry-merge"] == "no receipt (never ran, or did not finish); last attempt failed: boom"
-    assert reasons["convert"] == "no receipt (never ran, or did not finish)"  # its own reason first
+    assert reasons["convert"] == plan.EARLIER  # its input needs registry-merge's result
     rows = {r["step"]: r["status"] for r in report.rows(cfg)}
     assert rows == {"inspect": "done", "registry-merge": "failed", "convert": "not run",
                     "xml-render": "not run", "define": "not run"}
