@@ -260,3 +260,14 @@ def test_digest_is_order_independent_and_run_ids_are_unique() -> None:
     assert receipts.digest({"a": 1, "b": 2}) == receipts.digest({"b": 2, "a": 1})
     assert receipts.digest({"a": 1}) != receipts.digest({"a": 2})
     assert receipts.new_run_id() != receipts.new_run_id()
+
+
+def test_a_killed_runs_receipt_temp_is_removed_by_the_next_run(config: Path) -> None:
+    copy, _label = chain(config)
+    copy.image.image_dir.mkdir(parents=True, exist_ok=True)
+    left = copy.receipt_path.with_name(f".{copy.receipt_path.name}.tmp-999999")  # killed mid-write
+    left.write_text('{"step": "toy-copy", "fingerp')
+    assert not copy.complete()
+    copy.run()
+    assert copy.complete() and not left.exists()
+    assert sorted(p.name for p in copy.image.image_dir.iterdir() if ".tmp-" in p.name) == []
