@@ -239,8 +239,8 @@ class ImageTask(luigi.Task, Generic[R]):
         logger.info("step started")
         _report(image.id, self.step, "start")
         # receipt/error-record temps of a killed run of this step (we hold the step's lock)
-        for record in (self.receipt_path, self.error_path):
-            atomic.remove_stale_temps(image.image_dir, f"{record.name}{atomic.TMP_MARK}")
+        for made in (self.receipt_path, self.error_path):
+            atomic.remove_stale_temps(image.image_dir, f"{made.name}{atomic.TMP_MARK}")
         fingerprint = self.fingerprint()
         try:
             out = self.execute()
