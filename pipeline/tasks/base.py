@@ -90,6 +90,7 @@ def now_iso() -> str:
 
 
 U = TypeVar("U", bound=receipts.StepResult)
+T = TypeVar("T", bound="ImageTask[Any]")
 
 
 class ImageTask(luigi.Task, Generic[R]):
@@ -149,11 +150,16 @@ class ImageTask(luigi.Task, Generic[R]):
         r = self.typed_receipt()
         return r.result if r is not None else None
 
-    def upstream_result(self, task: type[ImageTask[U]]) -> U:
-        """The typed result of the earlier step ``task`` of this image (raises when it has none)."""
+    def upstream_task(self, task: type[T]) -> T | None:
+        """The earlier step ``task`` of this image's chain, or None when the chain has none."""
         up = self.upstream()
         while up is not None and not isinstance(up, task):
             up = up.upstream()
+        return up
+
+    def upstream_result(self, task: type[ImageTask[U]]) -> U:
+        """The typed result of the earlier step ``task`` of this image (raises when it has none)."""
+        up = self.upstream_task(task)
         if up is None:
             raise InputError(f"no {task.step} step before {self.step}", image_id=str(self.image_id),
                              step=self.step)

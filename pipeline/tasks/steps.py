@@ -147,7 +147,7 @@ class Convert(ImageTask[ConvertResult]):
                             src=src, src_format=fmt)
 
     def execute(self) -> Outcome[ConvertResult]:
-        ghost = self.upstream().upstream().upstream()
+        ghost = self.upstream_task(GhostConvert)
         if ghost is not None and (adopted := self._adopt(ghost.receipt())) is not None:
             return adopted
         res = convert_disk(self.step_input(), progress=lambda p: self.progress(p, f"converting {p:.0f}%"))
