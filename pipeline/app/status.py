@@ -61,7 +61,7 @@ def chain_status(tasks: list[ImageTask]) -> list[StepStatus]:
         receipt = task.receipt()
         unknown = False
         try:
-            own = receipts.why_stale(receipt, task.fingerprint())
+            own = task.own_stale_reason()  # the task's own rule (an adopted .gho disk, an old receipt)
         except Exception as e:  # e.g. the disk ghost-convert will produce is not known yet
             own, unknown = f"{type(e).__name__}: {e}", True
         done = upstream_done and own is None
