@@ -328,21 +328,47 @@ def test_missing_password_variable(tmp_path: Path, gho: Path, standin_env: Path,
 # descriptor normalisation (should Ghost ever write a path into the extent line)
 
 
-def test_descriptor_extent_path_reduced_to_name(tmp_path: Path, payload: Path):
-    d = tmp_path / "t"
-    d.mkdir()
+def copying_ghost(prepared: Path, wait_for: Path | None = None) -> tuple[str, ...]:
+    """A "Ghost" that (once ``wait_for`` exists) copies the files of ``prepared`` next to its dst."""
+    code = ("import os, shutil, sys, time\n"
+            "prepared, wait_for, clone = sys.argv[1:4]\n"
+            "dst = clone.split(',dst=')[1].split(',')[0]\n"
+            "while wait_for and not os.path.exists(wait_for):\n"
+            "    time.sleep(0.02)\n"
+            "for name in os.listdir(prepared):\n"
+            "    shutil.copy(os.path.join(prepared, name), os.path.join(os.path.dirname(dst), name))\n")
+    return (sys.executable, "-c", code, str(prepared), str(wait_for or ""))
+
+
+def flat_with_windows_extent_path(folder: Path, payload: Path) -> Path:
+    """What Ghost would write if it named the extent by its full Windows path, upper-cased."""
+    folder.mkdir()
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
-                    str(payload), str(d / "ghost.vmdk")], check=True)
-    (d / "ghost-flat.vmdk").rename(d / "ghost-s001.vmdk")
-    desc = (d / "ghost.vmdk").read_bytes()
+                    str(payload), str(folder / "ghost.vmdk")], check=True)
+    (folder / "ghost-flat.vmdk").rename(folder / "ghost-s001.vmdk")
+    desc = (folder / "ghost.vmdk").read_bytes()
     windows_ref = b'"Z:\\work\\.ghost.tmp-1\\GHOST-S001.VMDK"'
-    (d / "ghost.vmdk").write_bytes(desc.replace(b'"ghost-flat.vmdk"', windows_ref))
-    assert ghost_exe._normalize_descriptor(d / "ghost.vmdk") == ["ghost-s001.vmdk"]
-    assert b'FLAT "ghost-s001.vmdk" 0' in (d / "ghost.vmdk").read_bytes()
-    compare(d / "ghost.vmdk", payload)
-    (d / "ghost-s001.vmdk").unlink()
-    with pytest.raises(ValueError, match="did not write"):
-        ghost_exe._normalize_descriptor(d / "ghost.vmdk")
+    (folder / "ghost.vmdk").write_bytes(desc.replace(b'"ghost-flat.vmdk"', windows_ref))
+    return folder
+
+
+def test_descriptor_extent_path_reduced_to_name(tmp_path: Path, gho: Path, payload: Path):
+    prepared = flat_with_windows_extent_path(tmp_path / "t", payload)
+    out = tmp_path / "out"
+    res = convert(cfg(command=copying_ghost(prepared), vmdk_type="flat"), gho, out, image_id="xp")
+    assert sorted(p.name for p in out.iterdir()) == ["ghost-s001.vmdk", "ghost.vmdk"]
+    assert b'FLAT "ghost-s001.vmdk" 0' in (out / "ghost.vmdk").read_bytes()
+    compare(out / "ghost.vmdk", payload)
+    assert [Path(o["path"]).name for o in res.outputs] == ["ghost-s001.vmdk", "ghost.vmdk"]
+
+
+def test_descriptor_naming_an_extent_ghost_did_not_write(tmp_path: Path, gho: Path, payload: Path):
+    prepared = flat_with_windows_extent_path(tmp_path / "t", payload)
+    (prepared / "ghost-s001.vmdk").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(ToolError, match=r"unusable: .*GHOST-S001.VMDK.*which Ghost did not write"):
+        convert(cfg(command=copying_ghost(prepared), vmdk_type="flat"), gho, out, image_id="xp")
+    assert list(out.iterdir()) == []
 
 
 def test_result_is_a_dataclass_with_the_fields():
@@ -357,11 +383,18 @@ def test_bad_paths_rejected_before_anything_is_written(tmp_path: Path, gho: Path
     assert not out.exists() and calls(standin_env) == []
 
 
-def test_scrub_is_case_insensitive_and_catches_pwd_switch():
-    text = "Command line arguments: -CLONE,MODE=RESTORE -PWD=S3CR3T-PA55 -pwd=other -pwd=*** x"
-    got = ghost_exe._scrub(text, [PASSWORD])
-    assert PASSWORD.lower() not in got.lower() and "other" not in got
-    assert got.count("=***") == 3
+def test_error_text_scrubbed_case_insensitively_and_every_pwd_switch(
+        tmp_path: Path, gho: Path, standin_env: Path, monkeypatch: pytest.MonkeyPatch):
+    # Ghost may upper-case its command line and could echo any -pwd= switch in its message
+    monkeypatch.setenv("XP_GHOST_PW", PASSWORD)
+    monkeypatch.setenv("GHOST_STANDIN_FAIL", "10030")
+    monkeypatch.setenv("GHOST_STANDIN_MESSAGE", f"key {PASSWORD.upper()} refused -PWD=other")
+    with pytest.raises(ToolError) as ei:
+        convert(cfg(password_env="XP_GHOST_PW"), gho, tmp_path / "out", image_id="xp")
+    e = ei.value
+    assert "Ghost error 10030: key *** refused -PWD=***" in e.message
+    for text in (str(e), e.message, e.stderr, e.stdout):
+        assert PASSWORD.lower() not in text.lower() and "other" not in text
 
 
 def test_concurrent_temp_of_this_process_is_kept(tmp_path: Path):
