@@ -102,7 +102,7 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     reasons = {step: why for _i, step, why in plan.plan_rows(cfg)}
     assert reasons["inspect"] == plan.UP_TO_DATE
     assert reasons["registry-merge"] == "no receipt (never ran, or did not finish); last attempt failed: boom"
-    assert reasons["convert"] == plan.EARLIER  # its input needs registry-merge's result
+    assert reasons["convert"] == "no receipt (never ran, or did not finish)"  # its own reason first
     rows = {r["step"]: r["status"] for r in report.rows(cfg)}
     assert rows == {"inspect": "done", "registry-merge": "failed", "convert": "not run",
                     "xml-render": "not run", "define": "not run"}

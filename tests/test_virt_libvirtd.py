@@ -14,6 +14,7 @@ import libvirt
 import pytest
 
 from pipeline.core.errors import InputError
+from pipeline.core.settings import resolve
 from pipeline.domain import DomainSpec, HostCaps, build_domain, render
 from pipeline.tools import bootcheck, virt
 from pipeline.tools.run import run
@@ -53,8 +54,9 @@ def test_host_caps_tcg(host: HostCaps, monkeypatch: pytest.MonkeyPatch, uri: str
     assert x.domain_type == "qemu"
     assert x.machine.startswith("pc-i440fx-")
     assert x.emulator and Path(x.emulator).exists()
-    monkeypatch.setenv("GHO2KVM_FORCE_TCG", "1")
-    assert virt.host_caps_for_uri(uri).arch("x86_64").domain_type == "qemu"
+    monkeypatch.setenv("GHO2KVM_FORCE_TCG", "1")  # read once, by the settings, and passed down
+    prefer_kvm = not resolve().force_tcg
+    assert virt.host_caps_for_uri(uri, prefer_kvm=prefer_kvm).arch("x86_64").domain_type == "qemu"
 
 
 def test_define_lifecycle(uri: str, host: HostCaps, spec: DomainSpec) -> None:

@@ -61,7 +61,8 @@ def chain_status(tasks: list[ImageTask]) -> list[StepStatus]:
         receipt = task.receipt()
         unknown = False
         try:
-            own = task.own_stale_reason()  # the task's own rule (an adopted .gho disk, an old receipt)
+            # the task's own rule (an adopted .gho disk, an old receipt); no receipt needs no fingerprint
+            own = receipts.why_stale(None, {}) if receipt is None else task.own_stale_reason()
         except Exception as e:  # e.g. the disk ghost-convert will produce is not known yet
             own, unknown = f"{type(e).__name__}: {e}", True
         done = upstream_done and own is None
