@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pipeline.core.errors import ToolError
 
@@ -71,32 +72,34 @@ def run(
     argv = [str(a) for a in argv]
     shown = redact(argv, secrets)
     tool = os.path.basename(argv[0])
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
     start = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,  # its own process group: a timeout kills the tool's children too
-            preexec_fn=_die_with_parent,
-        )
-    except FileNotFoundError as e:
-        raise ToolError(
-            f"{tool}: not found ({e.strerror}); is it installed?",
-            tool=tool, argv=shown, returncode=None, image_id=image_id, step=step,
-        ) from None
-    _children.add(proc.pid)
+    proc = _spawn(argv, shown=shown, step=step, image_id=image_id, env=env, cwd=cwd,
+                  stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         return _finish(proc, argv=argv, shown=shown, tool=tool, step=step, image_id=image_id, timeout=timeout,
                        input=input, secrets=secrets, check=check, on_stdout=on_stdout, start=start)
     finally:
         _children.discard(proc.pid)
+
+
+def _spawn(argv: list[str], *, shown: list[str], step: str, image_id: str | None,
+           env: Mapping[str, str] | None, cwd: str | None, stdin: int,
+           stderr: int | IO[bytes]) -> subprocess.Popen:
+    """Start ``argv`` the one way every tool starts: ``env`` added to the environment, its own session
+    (a timeout kills the tool's children too), PR_SET_PDEATHSIG, tracked in ``_children``; a missing
+    program is a :class:`ToolError` naming image and step."""
+    tool = os.path.basename(argv[0])
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=full_env,
+                                cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+    except FileNotFoundError as e:
+        raise ToolError(f"{tool}: not found ({e.strerror}); is it installed?", tool=tool, argv=shown,
+                        returncode=None, image_id=image_id, step=step) from None
+    _children.add(proc.pid)
+    return proc
 
 
 def _finish(proc: subprocess.Popen, *, argv: list[str], shown: list[str], tool: str, step: str,
@@ -347,18 +350,10 @@ def start_daemon(argv: Sequence[str], *, step: str, image_id: str | None = None,
 
     argv = [str(a) for a in argv]
     tool = os.path.basename(argv[0])
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
     deadline = time.monotonic() + timeout
     with open(log, "ab") as err:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    env=full_env, start_new_session=True, preexec_fn=_die_with_parent)
-        except FileNotFoundError as e:
-            raise ToolError(f"{tool}: not found ({e.strerror}); is it installed?", tool=tool, argv=argv,
-                            returncode=None, image_id=image_id, step=step) from None
-    _children.add(proc.pid)
+        proc = _spawn(argv, shown=argv, step=step, image_id=image_id, env=env, cwd=None,
+                      stdin=subprocess.DEVNULL, stderr=err)
     assert proc.stdout is not None
     line = b""
     try:
