@@ -40,7 +40,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import drop_caches, emit, load_note, quick, row
+from bench.common import drop_caches, emit, fsync_file, load_note, quick, row
 from pipeline.app import fakedisk
 from pipeline.core.choices import DiskFormat, values
 from pipeline.core.config import load_config
@@ -72,14 +72,6 @@ def drop_file(*paths: Path) -> str:
     """Write back everything and empty the page cache (``drop_caches`` as root; else fsync + fadvise of
     ``paths``), so every sample reads cold the same way and finds no dirty pages of the one before."""
     return drop_caches(*paths)
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_source(random_mib: int, force_tcg: bool) -> Path:

@@ -24,8 +24,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row
+from bench.common import BENCH, drop_caches, emit, load_note, migrate, quick, row
 from pipeline.app import fakedisk
+from tests.support.fx_pipeline import json_events as events
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,19 +21,17 @@ Exit 1 if an assertion fails or the best time misses the goal.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from pipeline.app import fakedisk
+from tests.support.fx_pipeline import json_events as events
 from tests.support.fx_pipeline import path_shim
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,15 +62,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Compl
     proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full,
                           cwd=str(REPO))
     return proc, time.perf_counter() - t0
-
-
-def events(stderr: str) -> list[dict[str, Any]]:
-    out = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
 
 
 def interpreter_startup() -> float:

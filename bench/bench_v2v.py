@@ -33,8 +33,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import BENCH, drop_caches, emit, events, load_note, migrate, quick, row
+from bench.common import BENCH, drop_caches, emit, load_note, migrate, quick, row
 from pipeline.app import fakedisk
+from tests.support.fx_pipeline import json_events as events
 
 REPO = Path(__file__).resolve().parent.parent
 

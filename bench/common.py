@@ -74,16 +74,6 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def events(stderr: str) -> list[dict[str, Any]]:
-    """The JSON log lines of a gho2kvm child (its stderr is not a TTY, so it logs JSON)."""
-    out = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
 Migrated = tuple[subprocess.CompletedProcess[str], float, list[str]]
 
 

@@ -48,15 +48,21 @@ def receipt(tmp: Path, image_id: str, step: str) -> dict[str, Any]:
     return json.loads((tmp / "work" / image_id / f"{step}.json").read_text())
 
 
-def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
-    """The JSON log lines a run printed on stderr."""
+def json_events(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log lines in a gho2kvm child's stderr (not a TTY, so it logs JSON)."""
     out = []
-    for line in proc.stderr.splitlines():
+    for line in stderr.splitlines():
         line = line.strip()
         if line.startswith("{"):
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
     return out
+
+
+def log_events(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """The JSON log lines a run printed on stderr."""
+    return json_events(proc.stderr)
+
 
 def path_shim(folder: Path, calls: Path, tools: tuple[str, ...] = ("qemu-img", "guestfish", "virsh",
                                                                     "hivexregedit", "qemu-system-x86_64")
