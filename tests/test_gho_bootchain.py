@@ -14,6 +14,7 @@ from pipeline.core.errors import Gho2KvmError
 from pipeline.gho import bootchain as bc
 from pipeline.gho import extract
 from pipeline.gho.disk import MBR_LIMIT, Placement, TableError, chs, table_sectors
+from pipeline.gho.sparse import FileDisk
 from tests.support import gho_writer as gw
 
 
@@ -125,7 +126,7 @@ def test_ntfs_boot_sector_and_its_backup_get_the_start(tmp_path: Path) -> None:
             os.pwrite(fd, data, lba * 512)
         os.pwrite(fd, bytes(boot), start * 512)
         os.pwrite(fd, bytes(boot), (start + sectors - 1) * 512)
-        res = bc.finish_boot_chain(fd, places, bc.mbr_code(None))
+        res = bc.finish_boot_chain(FileDisk(fd, (start + sectors) * 512), places, bc.mbr_code(None))
     finally:
         os.close(fd)
     data = disk.read_bytes()

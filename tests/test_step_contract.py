@@ -178,6 +178,22 @@ def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],
                  if receipts.why_stale(t.receipt(), t.fingerprint()) is not None) == expected
 
 
+@pytest.mark.parametrize(("ghost", "expected"), [
+    ({"backend": "native"}, ("ghost-convert", "convert", "xml-render")),  # it writes the final format
+    ({"backend": "exe", "command": ["ghost32.exe"]}, ("convert", "xml-render")),  # Ghost: a VMDK always
+])
+def test_format_of_a_gho_marks_ghost_convert_when_the_native_reader_writes_it(
+        tmp_path: Path, ghost: dict[str, Any], expected: tuple[str, ...]) -> None:
+    gho = tmp_path / "src" / "XP.GHO"
+    gho.parent.mkdir()
+    gho.write_bytes(b"\xfe\xef" + b"\0" * 510)
+    write_chain(make_config(tmp_path, [{"id": "a", "source": gho, "ghost": ghost}]), "a")
+    changed = make_config(tmp_path, [{"id": "a", "source": gho, "ghost": ghost, "format": "qcow2"}],
+                          name="changed.yaml")
+    assert tuple(t.step for t in chain(str(changed), "a")
+                 if receipts.why_stale(t.receipt(), t.fingerprint()) is not None) == expected
+
+
 def test_an_upstream_rerun_marks_the_later_steps(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
     tasks = write_chain(cfg, "a")

@@ -16,7 +16,6 @@ sector's hidden sectors (and its backup copy's) set to its partition's start. Ev
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from pipeline.core.errors import Gho2KvmError
 from pipeline.gho.bootsector import detect_fs
 from pipeline.gho.disk import DEFAULT_GEOMETRY, EXTENDED_TYPES, SECTOR, Placement, parse_mbr
+from pipeline.gho.sparse import Disk
 
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
 MBR_PACKAGE = "syslinux-common"
@@ -91,17 +91,12 @@ def _backup_lbas(boot: bytes, fs: str, p: Placement) -> list[int]:
     return [p.start + rel] if 0 < rel < p.sectors else []
 
 
-def _pread(fd: int, lba: int) -> bytes:
-    return os.pread(fd, SECTOR, lba * SECTOR).ljust(SECTOR, b"\0")
+def _pread(disk: Disk, lba: int) -> bytes:
+    return disk.pread(SECTOR, lba * SECTOR)
 
 
-def _pwrite(fd: int, lba: int, data: bytes) -> None:
-    mv = memoryview(data)
-    off = lba * SECTOR
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        off += n
-        mv = mv[n:]
+def _pwrite(disk: Disk, lba: int, data: bytes) -> None:
+    disk.pwrite(data, lba * SECTOR)
 
 
 def choose_active(places: list[Placement], bootable: list[bool], mbr: bytes) -> int | None:
@@ -117,8 +112,8 @@ def choose_active(places: list[Placement], bootable: list[bool], mbr: bytes) -> 
     return next((k for k in primaries if bootable[k]), primaries[0])
 
 
-def finish_boot_chain(fd: int, places: list[Placement], code: MbrCode) -> dict[str, Any]:
-    """Finish the disk open read-write on ``fd`` (its MBR and volumes written); return what was done.
+def finish_boot_chain(disk: Disk, places: list[Placement], code: MbrCode) -> dict[str, Any]:
+    """Finish ``disk`` (its MBR and volumes written); return what was done.
 
     ``places`` are the partitions in the caller's order (reported 1-based). The result is
     ``{mbr_code, active_partition, hidden_sectors_fixed: [{partition, was, now}]}``.
@@ -126,7 +121,7 @@ def finish_boot_chain(fd: int, places: list[Placement], code: MbrCode) -> dict[s
     fixes: list[dict[str, int]] = []
     bootable: list[bool] = []
     for k, p in enumerate(places, 1):
-        boot = _pread(fd, p.start)
+        boot = _pread(disk, p.start)
         fs = detect_fs(boot)[0]
         bootable.append(has_boot_code(boot))
         if not fs:
@@ -135,13 +130,13 @@ def finish_boot_chain(fd: int, places: list[Placement], code: MbrCode) -> dict[s
         if was == p.start:
             continue
         for lba in [p.start, *_backup_lbas(boot, fs, p)]:
-            copy = bytearray(_pread(fd, lba))
+            copy = bytearray(_pread(disk, lba))
             if copy[3:11] == boot[3:11] and copy[510:512] == b"\x55\xaa" and \
                     struct.unpack_from("<I", copy, HIDDEN_OFFSET)[0] == was:
                 struct.pack_into("<I", copy, HIDDEN_OFFSET, p.start)
-                _pwrite(fd, lba, bytes(copy))
+                _pwrite(disk, lba, bytes(copy))
         fixes.append({"partition": k, "was": was, "now": p.start})
-    mbr = bytearray(_pread(fd, 0))
+    mbr = bytearray(_pread(disk, 0))
     if code.source != IMAGE:
         mbr[:CODE_BYTES] = code.data
     active = choose_active(places, bootable, bytes(mbr))
@@ -150,6 +145,6 @@ def finish_boot_chain(fd: int, places: list[Placement], code: MbrCode) -> dict[s
         o = 446 + 16 * slot
         ptype, start = mbr[o + 4], struct.unpack_from("<I", mbr, o + 8)[0]
         mbr[o] = 0x80 if ptype and ptype not in EXTENDED_TYPES and start == active_start else 0x00
-    _pwrite(fd, 0, bytes(mbr))
+    _pwrite(disk, 0, bytes(mbr))
     return {"mbr_code": code.source, "active_partition": None if active is None else active + 1,
             "hidden_sectors_fixed": fixes}

@@ -1,11 +1,13 @@
-"""Rebuild a whole raw disk from an image: sparse, atomic, bounded memory."""
+"""Rebuild a whole disk from an image: sparse, atomic, bounded memory (a raw file, or any disk the
+caller opens: :data:`OpenDisk`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,22 @@ from pipeline.gho.fat import FatSection
 from pipeline.gho.image import EXT_UNSUPPORTED, Image, Volume, generation
 from pipeline.gho.ntfs import NtfsSection
 from pipeline.gho.sector import SectorSection
-from pipeline.gho.sparse import SparseWriter
+from pipeline.gho.sparse import Bounded, Disk, FileDisk, OutsideDisk, SparseWriter
 
 Progress = Callable[[int, int], None]
+#: ``open_disk(temp_path, size)``: a new disk of ``size`` bytes at ``temp_path``, closed (complete) on
+#: leaving the block; the default is a sparse raw file
+OpenDisk = Callable[[Path, int], AbstractContextManager[Disk]]
+
+
+@contextlib.contextmanager
+def raw_file(path: Path, size: int) -> Iterator[Disk]:
+    """A new sparse raw file of ``size`` bytes (read-write: the rebuild reads back what it wrote)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        yield FileDisk(fd, size)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -143,8 +158,10 @@ def check_output(out: Path, inputs: list[Path], name: str) -> None:
 
 
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
-            progress: Progress | None = None, strict: bool = False) -> ExtractResult:
-    """Rebuild the disk held by the image at ``path`` as a sparse raw file ``out_path``.
+            progress: Progress | None = None, strict: bool = False,
+            open_disk: OpenDisk = raw_file) -> ExtractResult:
+    """Rebuild the disk held by the image at ``path`` as ``out_path`` (a sparse raw file, or what
+    ``open_disk`` makes).
 
     ``strict`` turns advisory mismatches (checksums, catalogue, header copies) into refusals.
     """
@@ -185,11 +202,11 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
         files: list[dict[str, Any]] = []
         nfiles = 0
         ntfs_notes = Advisories()  # what the NTFS rebuild did (not advisory checks; bounded list)
-        with atomic.temporary_path(out) as tmp:
-            # read-write: finish_boot_chain and the NTFS rebuild read back what was written
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        size = disk_sectors * SECTOR
+        with atomic.temporary_path(out) as tmp, open_disk(tmp, size) as opened:
+            disk = Bounded(opened)
             try:
-                w = SparseWriter(fd)
+                w = SparseWriter(disk)
                 if track0:
                     w.write_at(0, track0)
                 for lba, data in tables:
@@ -225,13 +242,12 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                     elif isinstance(reader, SectorSection):
                         reader.write(w, p.start * SECTOR, step)
                     parts.append(part)
-                os.ftruncate(fd, disk_sectors * SECTOR)
-                chain = finish_boot_chain(fd, places, code)
-            finally:
-                os.close(fd)
+                chain = finish_boot_chain(disk, places, code)
+            except OutsideDisk as e:
+                raise GhoError(f"{img.name}: the rebuilt disk is {size} bytes but {e}") from None
         step(total)
         return ExtractResult(
-            source=str(img.path), output=str(out), disk_size=disk_sectors * SECTOR,
+            source=str(img.path), output=str(out), disk_size=size,
             bytes_written=w.written,
             generation=generation(layout.descriptor_size), compression=img.header.compression_name,
             partitions=parts, files=files, files_total=nfiles,

@@ -1,32 +1,34 @@
-"""A ``.gho`` is decoded once and written once: convert *adopts* ghost-convert's raw disk as the final disk.
+"""A ``.gho`` is decoded once and written once: convert *adopts* ghost-convert's disk as the final disk.
 
-The native reader rebuilds the whole disk as ``<image_dir>/ghost.raw`` (sparse, with the boot chain it
-synthesises); inspect reads it; registry-merge writes its edits to ``overlay.qcow2`` on top of it. The
+The native reader rebuilds the whole disk in the final disk's format, ``<image_dir>/ghost.raw``
+(sparse) or ``ghost.qcow2`` (written in place through ``qemu-nbd``), with the boot chain it
+synthesises; inspect reads it; registry-merge writes its edits to ``overlay.qcow2`` on top of it. The
 copy path would then write the whole disk a second time (``qemu-img convert`` overlay → final disk).
-When the output is raw and ``ghost.raw`` sits on the final disk's filesystem, convert instead:
+When ``ghost.<format>`` sits on the final disk's filesystem, convert instead:
 
-1. renames ``ghost.raw`` to the final disk's temp name (``.<id>.raw.tmp-<pid>`` next to it);
+1. renames ``ghost.<format>`` to the final disk's temp name (``.<id>.<format>.tmp-<pid>`` next to it);
 2. commits the overlay into it (``qemu-img commit -d``, the overlay's backing redirected to the temp
    through ``--image-opts``: only the overlay's clusters are written, ``overlay.qcow2`` is not changed);
 3. with ``verify``, compares the overlay (over the temp) with the temp: every edited cluster landed;
 4. fsyncs and renames the temp to the final disk (atomic); its receipt records ``result.adopted``
    with ghost-convert's ``run_id``.
 
-Bytes written by the migration ≈ the disk once + the overlay twice (merge, commit). Not covered: qcow2
-output, the ``exe`` backend (``ghost.vmdk``), another filesystem: those take the copy path unchanged.
+Bytes written by the migration ≈ the disk once + the overlay twice (merge, commit). Not covered: the
+``exe`` backend (Ghost writes a VMDK), a receipt whose disk is in another format than the final disk
+(an older run), another filesystem: those take the copy path unchanged.
 
 The rule (one place; GhostConvert.stale_reason and Inspect.fingerprint call it):
 
-* While ``ghost.raw`` exists under that name it is exactly ghost-convert's output (its receipt stamps
+* While ``ghost.<format>`` exists under that name it is exactly ghost-convert's output (its receipt stamps
   it). Nothing writes it in place: convert renames it away *before* committing into it.
-* ghost-convert with ``ghost.raw`` gone is complete only if it was **adopted**: convert's receipt names
+* ghost-convert with its disk gone is complete only if it was **adopted**: convert's receipt names
   ghost-convert's ``run_id`` in ``result.adopted`` and inspect, registry-merge and convert are each
   current on their own (fingerprint + outputs, the final disk's stamp included). Then the final disk
   holds exactly ghost-convert's disk + this overlay, and a re-run is a no-op.
 * Anything else re-runs from ghost-convert (decode again), because the adopted disk carries the old
   edits and cannot serve as a pristine disk: the final disk deleted or changed (a booted guest), a
   changed ``.reg`` or virtio tree (registry-merge stale), a changed convert setting (verify, format), a
-  kill between the rename and convert's receipt (``ghost.raw`` gone, no receipt naming this run).
+  kill between the rename and convert's receipt (the disk gone, no receipt naming this run).
 * A kill at any moment leaves the final disk either absent, the previous complete one (whose convert
   receipt no longer matches the new upstream run, so nothing downstream trusts it), or the new complete
   one; a half-committed disk only ever lives under the temp name, removed by the next convert.
@@ -46,6 +48,7 @@ from typing import Any
 
 from pipeline.core import atomic, receipts
 from pipeline.core.config import ImageConfig
+from pipeline.steps.ghost_convert import NATIVE_FORMATS
 from pipeline.tools import qemu_img
 
 STEP = "convert"
@@ -53,18 +56,19 @@ DISK = "disk"  # ghost-convert's output name for its disk
 
 
 def _native_disk(ghost_receipt: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The output stamp of ghost-convert's raw disk (native backend), else None."""
+    """The output stamp of ghost-convert's disk (native backend) with its ``format``, else None."""
     if not ghost_receipt:
         return None
     res = ghost_receipt.get("result") or {}
     out = (ghost_receipt.get("outputs") or {}).get(DISK)
-    if res.get("backend") != "native" or res.get("disk_format") != "raw" or not isinstance(out, dict):
+    fmt = res.get("disk_format")
+    if res.get("backend") != "native" or fmt not in NATIVE_FORMATS or not isinstance(out, dict):
         return None
-    return out
+    return {**out, "format": fmt}
 
 
 def disk_stamp(disk: Path, ghost_receipt: dict[str, Any] | None) -> dict[str, Any]:
-    """How a downstream fingerprint stamps the disk it reads: ghost-convert's raw disk by the stamp its
+    """How a downstream fingerprint stamps the disk it reads: ghost-convert's disk by the stamp its
     receipt recorded (equal to the file's while it exists, unchanged once adopted), anything else by
     :func:`receipts.file_stamp`."""
     out = _native_disk(ghost_receipt)
@@ -102,9 +106,9 @@ def why_not(image: ImageConfig, ghost_receipt: dict[str, Any] | None) -> str | N
     """None when convert can adopt ghost-convert's disk, else the reason it copies instead."""
     out = _native_disk(ghost_receipt)
     if out is None:
-        return "the disk is not the native reader's raw disk"
-    if image.format != "raw":
-        return f"output format {image.format} (adoption is for raw output)"
+        return "the disk is not the native reader's (Ghost's VMDK, or no ghost-convert)"
+    if image.format != out["format"]:
+        return f"ghost-convert's disk is {out['format']}, the output format {image.format}"
     disk = Path(out["path"])
     now = receipts.file_stamp(disk)
     if now.get("missing") or now.get("size") != out.get("size") or now.get("mtime_ns") != out.get("mtime_ns"):
@@ -131,21 +135,22 @@ def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path 
     timings: dict[str, float] = {}
     ino = os.stat(disk).st_ino
     overlay_bytes = overlay.stat().st_blocks * 512 if overlay is not None else 0
+    fmt = out["format"]
     with atomic.temporary_path(final) as tmp:
-        os.rename(disk, tmp)  # from here on ghost.raw is gone: only a finished convert makes it adopted
+        os.rename(disk, tmp)  # from here on ghost's disk is gone: only a finished convert makes it adopted
         if overlay is not None:
             t0 = time.monotonic()
-            qemu_img.commit_onto(overlay, tmp, "raw", image_id=image.id, step=STEP, progress=progress)
+            qemu_img.commit_onto(overlay, tmp, fmt, image_id=image.id, step=STEP, progress=progress)
             timings["commit_seconds"] = round(time.monotonic() - t0, 2)
             if image.verify:
                 t0 = time.monotonic()
-                qemu_img.compare_onto(overlay, tmp, "raw", image_id=image.id, step=STEP)
+                qemu_img.compare_onto(overlay, tmp, fmt, image_id=image.id, step=STEP)
                 timings["verify_seconds"] = round(time.monotonic() - t0, 2)
         if committed is not None:
             committed()
     if progress:
         progress(100.0)
-    return {"input": str(overlay or disk), "input_format": "qcow2" if overlay is not None else "raw",
+    return {"input": str(overlay or disk), "input_format": "qcow2" if overlay is not None else fmt,
             "output": str(final), "format": image.format, "verified": image.verify and overlay is not None,
             "qemu_img_version": qemu_img.version(), **timings,
             "adopted": {"from": str(disk), "ghost_run_id": ghost_receipt.get("run_id"), "inode": ino,

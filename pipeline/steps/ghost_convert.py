@@ -1,9 +1,12 @@
-"""The ghost-convert step: ``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw``
-(the native reader, strict: an advisory mismatch stops the migration here)."""
+"""The ghost-convert step: ``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or, with the native
+reader (strict: an advisory mismatch stops the migration here), ``ghost.raw`` / ``ghost.qcow2`` in
+the final disk's format, so that convert can adopt it (:mod:`pipeline.steps.adopt`): a qcow2 is
+written in place through ``qemu-nbd`` (:mod:`pipeline.tools.nbd`), never as a raw copy first."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from pipeline.core.config import GhostConfig
 from pipeline.core.receipts import NAMED
 
 STEP = "ghost-convert"
+NATIVE_FORMATS = ("raw", "qcow2")  # what the native reader writes (the final disk's format)
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class GhostInput:
     image_dir: Path = field(metadata=NAMED)  # where the disk is written
     spans: tuple[Path, ...] = ()
     ghost: GhostConfig = field(default_factory=GhostConfig)
+    disk_format: str = "raw"  # native backend: the final disk's format (raw | qcow2); exe: vmdk
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class GhostConvertResult:
     and outputs, or the native reader's partitions, files and warnings)."""
 
     disk: Path
-    disk_format: str  # vmdk | raw
+    disk_format: str  # vmdk | raw | qcow2
     backend: str  # exe | native
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -68,14 +73,25 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
         return GhostConvertResult(disk=inp.image_dir / "ghost.vmdk", disk_format="vmdk", backend="exe",
                                   details=res.to_dict())
     from pipeline.gho import extract
+    from pipeline.gho.extract import raw_file
 
     password = g.password(inp.image_id, STEP)
-    disk = inp.image_dir / "ghost.raw"
+    fmt = inp.disk_format if inp.disk_format in NATIVE_FORMATS else "raw"
+    disk = inp.image_dir / f"ghost.{fmt}"
 
     def on_progress(done: int, total: int) -> None:
         if total:
             say(100.0 * done / total)
 
+    def qcow2_file(path: Path, size: int) -> AbstractContextManager[Any]:
+        from pipeline.tools import nbd
+
+        return nbd.create_qcow2(path, size, image_id=inp.image_id, step=STEP)
+
     # strict: an advisory mismatch (checksum, catalogue, header copy) stops the migration here
-    native = extract(inp.source, disk, password=password, progress=on_progress, strict=True)
-    return GhostConvertResult(disk=disk, disk_format="raw", backend="native", details=native.to_dict())
+    native = extract(inp.source, disk, password=password, progress=on_progress, strict=True,
+                     open_disk=qcow2_file if fmt == "qcow2" else raw_file)
+    for other in NATIVE_FORMATS:  # an earlier run's disk in the other format is not an output any more
+        if other != fmt:
+            (inp.image_dir / f"ghost.{other}").unlink(missing_ok=True)
+    return GhostConvertResult(disk=disk, disk_format=fmt, backend="native", details=native.to_dict())

@@ -26,8 +26,9 @@ from pipeline.tasks.base import ImageTask, get_config, hooks
 
 
 class GhostConvert(ImageTask[GhostConvertResult]):
-    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw`` (native reader; convert may
-    adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step is then complete)."""
+    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw``/``ghost.qcow2`` (native
+    reader, in the final disk's format; convert may adopt it as the final disk, see
+    :mod:`pipeline.steps.adopt` for when this step is then complete)."""
 
     step = "ghost-convert"
     result_type = GhostConvertResult
@@ -37,8 +38,10 @@ class GhostConvert(ImageTask[GhostConvertResult]):
         from pipeline.gho.spans import find_spans
 
         img = self.image
+        # the native reader writes the final disk's format (convert adopts it); Ghost writes a VMDK
+        fmt = "vmdk" if img.ghost.backend == "exe" else str(img.format)
         return GhostInput(image_id=img.id, source=img.source, image_dir=img.image_dir,
-                          spans=tuple(find_spans(img.source)), ghost=img.ghost)
+                          spans=tuple(find_spans(img.source)), ghost=img.ghost, disk_format=fmt)
 
     def own_stale_reason(self) -> str | None:
         # ghost.raw may have become the final disk (pipeline.steps.adopt: the rule)

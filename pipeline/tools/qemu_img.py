@@ -61,6 +61,12 @@ def check(path: Path, fmt: str, *, image_id: str | None, step: str) -> dict[str,
                      f"{' | '.join(msg[-2:]) if msg else 'no details'}", image_id=image_id, step=step)
 
 
+def create(path: Path, fmt: str, size: int, *, image_id: str | None, step: str) -> None:
+    """A new empty image of ``size`` bytes (qemu-img's default options for ``fmt``)."""
+    run([QEMU_IMG, "create", "-q", "-f", fmt, str(path), str(size)], step=step, image_id=image_id,
+        timeout=120)
+
+
 def create_overlay(overlay: Path, backing: Path, backing_fmt: str, *, image_id: str | None,
                    step: str) -> None:
     run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", str(backing.absolute()),

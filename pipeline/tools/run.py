@@ -363,7 +363,7 @@ def start_daemon(argv: Sequence[str], *, step: str, image_id: str | None = None,
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 _kill_group(proc)
                 raise ToolError(f"{tool} timed out after {timeout:g} s without starting its server; its "
-                                f"last output: {_log_tail(log) or '(none)'}", tool=tool, argv=argv,
+                                f"last output: {log_tail(log) or '(none)'}", tool=tool, argv=argv,
                                 returncode=None, image_id=image_id, step=step)
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -383,14 +383,14 @@ def start_daemon(argv: Sequence[str], *, step: str, image_id: str | None = None,
         _children.discard(proc.pid)
     pid = pid_from(line.decode("utf-8", "replace")) if rc == 0 else None
     if pid is None:
-        raise ToolError(f"{tool} failed to start its server (exit {rc}): {_log_tail(log) or '(no output)'}",
-                        tool=tool, argv=argv, returncode=rc, stderr=_log_tail(log), image_id=image_id,
+        raise ToolError(f"{tool} failed to start its server (exit {rc}): {log_tail(log) or '(no output)'}",
+                        tool=tool, argv=argv, returncode=rc, stderr=log_tail(log), image_id=image_id,
                         step=step)
     watch_daemon(pid)
     return pid
 
 
-def _log_tail(log: Path) -> str:
+def log_tail(log: Path) -> str:
     try:
         text = log.read_text(encoding="utf-8", errors="replace")
     except OSError:

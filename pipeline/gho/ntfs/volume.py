@@ -10,7 +10,6 @@ window and per-run bookkeeping; nothing volume-sized.
 from __future__ import annotations
 
 import bisect
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from pipeline.gho.ntfs.mft import (
     volume_facts,
 )
 from pipeline.gho.records import Section, Walker
-from pipeline.gho.sparse import SparseWriter
+from pipeline.gho.sparse import Disk, SparseWriter
 
 BITMAP_WINDOW = 1 << 20  # bitmap bytes built at once (8 Mi clusters)
 ATTR_NAMES = {0x20: "$ATTRIBUTE_LIST", 0x80: "$DATA", 0xA0: "$INDEX_ALLOCATION", 0xB0: "$BITMAP",
@@ -352,12 +351,12 @@ class NtfsSection:
         if out is None:
             return None
         try:
-            raw = self._mft_read(sm, out.fd, base, n)
+            raw = self._mft_read(sm, out.disk, base, n)
             return parse_record(apply_fixups(raw), n).nonresident() if raw else None
         except NtfsFormatError:
             return None
 
-    def _mft_read(self, sm: Summary, fd: int, base: int, n: int) -> bytes | None:
+    def _mft_read(self, sm: Summary, disk: Disk, base: int, n: int) -> bytes | None:
         rs = self.geometry.record_size
         k = self.geometry.cluster_size
         off = n * rs
@@ -374,15 +373,15 @@ class NtfsSection:
                     continue
                 s = max(lo, off)
                 e = min(hi, off + want)
-                out += os.pread(fd, e - s, base + r.lcn * k + (s - lo)).ljust(e - s, b"\0")
+                out += disk.pread(e - s, base + r.lcn * k + (s - lo))
         return bytes(out) if len(out) == rs else None
 
-    def mft_records(self, fd: int, base: int) -> Iterator[FileRecord]:
+    def mft_records(self, disk: Disk, base: int) -> Iterator[FileRecord]:
         sm = self.summary
         assert sm is not None
         rs = self.geometry.record_size
         for n in range(sm.mft_size // rs):
-            raw = self._mft_read(sm, fd, base, n)
+            raw = self._mft_read(sm, disk, base, n)
             if not raw or raw[:4] != b"FILE":
                 continue
             try:
@@ -393,10 +392,10 @@ class NtfsSection:
 
     # -- writing the volume ---------------------------------------------------------------------
     def write(self, out: SparseWriter, base: int, progress: Callable[[int], None] | None = None) -> Summary:
-        """The whole volume at byte ``base`` of ``out`` (§11.7); ``out.fd`` must be readable."""
+        """The whole volume at byte ``base`` of ``out`` (§11.7); ``out.disk`` must be readable."""
         sm = self.walk(out, base, progress)
         geo = self.geometry
-        fd = out.fd
+        disk = out.disk
         self.warnings = list(sm.warnings)
         boot = bytearray(self.layout.boot)
         if sm.boot_stored is None:
@@ -404,7 +403,7 @@ class NtfsSection:
                                  "of $Boot is zero (the volume mounts but may not boot)")
             out.write_at(base, bytes(boot))
         else:
-            stored = os.pread(fd, geo.bytes_per_sector, base)
+            stored = disk.pread(geo.bytes_per_sector, base)
             if stored[:512] != bytes(boot[:512]):
                 self.warnings.append("the boot sector stored at LCN 0 differs from the metadata-area copy; "
                                      "the stored one is used")
@@ -414,22 +413,22 @@ class NtfsSection:
             self.warnings.append(f"hidden sectors {struct.unpack_from('<I', boot, 0x1C)[0]} set to the "
                                  f"partition start {start}")
             struct.pack_into("<I", boot, 0x1C, start)
-            os.pwrite(fd, bytes(boot), base)
-        os.pwrite(fd, bytes(boot), base + geo.total_sectors * geo.bytes_per_sector)  # backup boot sector
+            disk.pwrite(bytes(boot), base)
+        disk.pwrite(bytes(boot), base + geo.total_sectors * geo.bytes_per_sector)  # backup boot sector
         if sm.dirty:
             self.warnings.append("the volume is marked dirty (as it was when imaged); Windows will check it")
         if REC_MFTMIRR in sm.special:
-            self._mirror(sm, fd, base)
+            self._mirror(sm, disk, base)
         if REC_LOGFILE in sm.special:
-            self._fill_attr(fd, base, sm.special[REC_LOGFILE], lambda rel, n: b"\xff" * n)
+            self._fill_attr(disk, base, sm.special[REC_LOGFILE], lambda rel, n: b"\xff" * n)
             self.warnings.append("$LogFile was not stored: written as an empty journal (0xFF)")
         if REC_BITMAP in sm.special:
-            self._bitmap(sm, fd, base)
+            self._bitmap(sm, disk, base)
         for n, name in sorted(sm.skipped_names.items()):
             self.warnings.append(f"{name} (MFT record {n}): data not stored in the image, reads as zeros")
         return sm
 
-    def _fill_attr(self, fd: int, base: int, attr: Attribute, data: Callable[[int, int], bytes],
+    def _fill_attr(self, disk: Disk, base: int, attr: Attribute, data: Callable[[int, int], bytes],
                    start: int = 0, stop: int | None = None) -> None:
         """Write ``data(rel, n)`` over bytes [start, stop) (default: to the data size) of ``attr``."""
         k = self.geometry.cluster_size
@@ -442,13 +441,13 @@ class NtfsSection:
                 pos = lo
                 while pos < hi:
                     n = min(UNIT, hi - pos)
-                    os.pwrite(fd, data(pos, n), base + r.lcn * k + (pos - rel))
+                    disk.pwrite(data(pos, n), base + r.lcn * k + (pos - rel))
                     pos += n
             rel += span
             if rel >= stop:
                 break
 
-    def _mirror(self, sm: Summary, fd: int, base: int) -> None:
+    def _mirror(self, sm: Summary, disk: Disk, base: int) -> None:
         """§11.7 step 5: the first D bytes of the $MFT data into $MFTMirr's clusters."""
         attr = sm.special[REC_MFTMIRR]
         rs = self.geometry.record_size
@@ -456,13 +455,13 @@ class NtfsSection:
         def mft_bytes(rel: int, n: int) -> bytes:
             out = bytearray()
             for r in range(rel // rs, -(-(rel + n) // rs)):
-                out += self._mft_read(sm, fd, base, r) or bytes(rs)
+                out += self._mft_read(sm, disk, base, r) or bytes(rs)
             skip = rel - (rel // rs) * rs
             return bytes(out[skip:skip + n])
 
-        self._fill_attr(fd, base, attr, mft_bytes)
+        self._fill_attr(disk, base, attr, mft_bytes)
 
-    def _bitmap(self, sm: Summary, fd: int, base: int) -> None:
+    def _bitmap(self, sm: Summary, disk: Disk, base: int) -> None:
         """§11.7 step 6: $Bitmap from every run of every in-use record, in 1 MiB windows."""
         attr = sm.special[REC_BITMAP]
         n_clusters = self.geometry.clusters
@@ -472,7 +471,7 @@ class NtfsSection:
             wlen = min(BITMAP_WINDOW, nbytes - w0)
             bm = bytearray(wlen)
             lo, hi = w0 * 8, (w0 + wlen) * 8
-            for fr in self.mft_records(fd, base):
+            for fr in self.mft_records(disk, base):
                 if not fr.in_use:
                     continue
                 for a in fr.nonresident():
@@ -489,7 +488,7 @@ class NtfsSection:
             def window(rel: int, n: int, chunk: bytes = chunk, first: int = first) -> bytes:
                 return chunk[rel - first:rel - first + n]
 
-            self._fill_attr(fd, base, attr, window, w0, w0 + wlen)
+            self._fill_attr(disk, base, attr, window, w0, w0 + wlen)
             w0 += wlen
 
     # -- public helpers for info/extract --------------------------------------------------------
