@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,27 @@ def test_extract_with_password_env(tmp_path: Path, capsys: pytest.CaptureFixture
     assert run(["gho", "extract", src, str(out), "--password-env", "GHO_PW"]) == 0
     assert "3 partitions, 7 files" in capsys.readouterr().out
     assert out.stat().st_size == 16771860 * 512
+
+
+@pytest.mark.parametrize(("name", "flag", "fmt"), [
+    ("d.qcow2", [], "qcow2"),  # by its suffix
+    ("d.img", ["--format", "qcow2"], "qcow2"),
+    ("d.qcow2", ["--format", "raw"], "raw"),  # the flag wins
+])
+def test_extract_format(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, flag: list[str],
+                        fmt: str) -> None:
+    out, ref = tmp_path / name, tmp_path / "ref.raw"
+    src = str(FIXTURES / "75_none.gho")
+    assert run(["gho", "extract", src, str(ref), "--quiet"]) == 0
+    assert run(["gho", "extract", src, str(out), "--quiet", *flag]) == 0
+    capsys.readouterr()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(out)], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert info["format"] == fmt and info["virtual-size"] == ref.stat().st_size
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(ref), str(out)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name, "ref.raw"})  # no temp left
 
 
 @pytest.mark.parametrize(("argv", "expect"), [

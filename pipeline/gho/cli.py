@@ -1,4 +1,5 @@
-"""``gho`` sub-command: ``gho info FILE [--json]`` and ``gho extract FILE OUT.raw [--password-env VAR]``."""
+"""``gho`` sub-command: ``gho info FILE [--json]`` and ``gho extract FILE OUT [--format raw|qcow2]
+[--password-env VAR]`` (the format follows OUT's suffix: ``.qcow2`` is written as qcow2 in place)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pipeline.core import atomic
 from pipeline.core.errors import Gho2KvmError, InputError
 from pipeline.core.settings import password_from_env
 from pipeline.gho.errors import GhoError
-from pipeline.gho.extract import extract
+from pipeline.gho.extract import OpenDisk, extract, raw_file
 from pipeline.gho.info import read_info
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -50,9 +51,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     pi.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     pi.add_argument("--strict", action="store_true", help="refuse advisory mismatches (checksums, catalogue)")
     pi.set_defaults(func=cmd_info)
-    px = sub.add_parser("extract", help="rebuild the whole disk as a sparse raw file")
+    px = sub.add_parser("extract", help="rebuild the whole disk as a sparse raw file or a qcow2")
     px.add_argument("file", help="the .GHO file")
-    px.add_argument("out", help="output raw disk (written atomically)")
+    px.add_argument("out", help="output disk (written atomically)")
+    px.add_argument("--format", choices=("raw", "qcow2"),
+                    help="output format (default: qcow2 for a .qcow2 name, else raw)")
     px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     px.add_argument("--quiet", action="store_true", help="no progress on stderr")
     px.add_argument("--strict", action="store_true",
@@ -111,6 +114,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _opener(args: argparse.Namespace) -> OpenDisk:
+    fmt = args.format or ("qcow2" if Path(args.out).suffix.lower() == ".qcow2" else "raw")
+    if fmt == "raw":
+        return raw_file
+    from pipeline.tools import nbd  # a qcow2 is written through qemu-nbd (the only tool this command runs)
+
+    return lambda path, size: nbd.create_qcow2(path, size, image_id=None, step="gho extract")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     last = [-1]
 
@@ -124,7 +136,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         with _terminate_as_interrupt():
             atomic.remove_dead_temps(Path(args.out))
             result = extract(args.file, args.out, password=_password(args), progress=progress,
-                             strict=args.strict)
+                             strict=args.strict, open_disk=_opener(args))
     except (Gho2KvmError, OSError) as e:
         if last[0] >= 0 and not args.quiet:
             print(file=sys.stderr)
