@@ -145,9 +145,12 @@ class Convert(ImageTask[ConvertResult]):
         img = self.image
         merged = self.upstream_result(RegistryMerge)
         facts = self.upstream_result(Inspect)
-        src, fmt = (merged.overlay, "qcow2") if merged.overlay else (Path(facts.source), facts.format)
+        disk = Path(facts.source)
+        if merged.overlay is None:
+            return ConvertInput(image_id=img.id, final_disk=img.final_disk, format=img.format,
+                                verify=img.verify, src=disk, src_format=facts.format)
         return ConvertInput(image_id=img.id, final_disk=img.final_disk, format=img.format, verify=img.verify,
-                            src=src, src_format=fmt)
+                            src=merged.overlay, src_format="qcow2", base=disk, base_format=facts.format)
 
     def execute(self) -> Outcome[ConvertResult]:
         ghost = self.upstream_task(GhostConvert)
