@@ -11,8 +11,8 @@ The client speaks the fixed-newstyle NBD handshake with ``NBD_OPT_EXPORT_NAME`` 
 :data:`CHUNK`) and pipelined (up to :data:`WINDOW` in flight); reads go through a small cache of
 :data:`RBLOCK` blocks (the NTFS rebuild reads its $MFT back a record at a time), fetched after every
 write in flight is done and dropped when a write touches them, so a read sees what was written.
-``qemu-nbd`` runs through :func:`pipeline.tools.run.start_daemon` (``--fork``: it exits once the
-server listens) and dies with gho2kvm.
+``qemu-nbd`` is our own child (:func:`pipeline.tools.run.start_server`): it dies with gho2kvm, and it
+exits by itself when the one client disconnects.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from collections import OrderedDict
@@ -61,11 +62,11 @@ class NbdDisk:
         self.path, self.fmt, self.image_id, self.step = Path(path), fmt, image_id, step
         self.written = 0
         self._sock: socket.socket | None = None
-        self._pid: int | None = None
+        self._proc: subprocess.Popen | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="gho2kvm-nbd-"))  # short path: sockets have 107 bytes
         self._log = self._dir / "qemu-nbd.log"
         self._handle = 0
-        self._inflight: set[int] = set()
+        self._inflight: dict[int, tuple[int, int]] = {}  # handle → (offset, length) of a write
         self._pend_off = 0
         self._pend = bytearray()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -77,21 +78,24 @@ class NbdDisk:
 
     # -- set-up and tear-down -----------------------------------------------------------------------
     def _start(self, timeout: float) -> None:
-        sock_path, pid_file = self._dir / "s", self._dir / "pid"
-        argv = [QEMU_NBD, "--fork", f"--pid-file={pid_file}", f"--socket={sock_path}", "-f", self.fmt,
-                "--cache=writeback", "--aio=threads", str(self.path.absolute())]
-
-        def pid_from(_line: str) -> int | None:
-            try:
-                return int(pid_file.read_text().strip())
-            except (OSError, ValueError):
-                return None
-
-        self._pid = runner.start_daemon(argv, step=self.step, image_id=self.image_id, log=self._log,
-                                        pid_from=pid_from, timeout=timeout)
+        sock_path = self._dir / "s"
+        argv = [QEMU_NBD, f"--socket={sock_path}", "-f", self.fmt, "--cache=writeback", "--aio=threads",
+                str(self.path.absolute())]
+        self._proc = runner.start_server(argv, step=self.step, image_id=self.image_id, log=self._log,
+                                         ready=sock_path.exists, timeout=timeout)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(str(sock_path))
+        deadline = time.monotonic() + timeout
+        while True:  # the socket file exists from bind(); listen() follows at once
+            try:
+                s.connect(str(sock_path))
+                break
+            except ConnectionRefusedError:
+                rc = self._proc.poll()
+                if rc is not None or time.monotonic() > deadline:
+                    why = "connection refused" if rc is None else f"it exited (exit {rc})"
+                    raise self._error(why) from None
+                time.sleep(0.01)
         self._sock = s
         magic, opt, hflags = struct.unpack(">QQH", self._recv(18))
         if magic != NBDMAGIC or opt != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
@@ -104,7 +108,7 @@ class NbdDisk:
         if tflags & TFLAG_READ_ONLY:
             raise self._error("the export is read-only")
         self._can_flush = bool(tflags & TFLAG_SEND_FLUSH)
-        s.settimeout(None if timeout is None else max(timeout, 600))
+        s.settimeout(max(timeout, 600))
 
     def close(self) -> None:
         """Flush, disconnect and wait for ``qemu-nbd`` to exit (the file is then complete)."""
@@ -114,32 +118,20 @@ class NbdDisk:
             self._sock.sendall(_REQ.pack(REQUEST_MAGIC, 0, CMD_DISC, self._next(), 0, 0))
             self._sock.close()
             self._sock = None
-            self._wait_exit(120)
+            proc, self._proc = self._proc, None
+            if proc is not None:  # it exits when its one client is gone (no --persistent)
+                runner.stop_server(proc, step=self.step, image_id=self.image_id, log=self._log)
         finally:
             self._stop()
-
-    def _wait_exit(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self._pid is not None and runner.process_start(self._pid) is not None:
-            if time.monotonic() > deadline:
-                raise self._error(f"qemu-nbd did not exit within {timeout:g} s after the disconnect")
-            time.sleep(0.02)
-        if self._pid is not None:
-            runner.unwatch_daemon(self._pid)
-            self._pid = None
 
     def _stop(self) -> None:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
             self._sock = None
-        if self._pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self._pid, 9)
-            with contextlib.suppress(ToolError):
-                self._wait_exit(10)
-            runner.unwatch_daemon(self._pid)
-            self._pid = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            runner.stop_server(proc, step=self.step, image_id=self.image_id, log=self._log, kill=True)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- I/O ------------------------------------------------------------------------------------------
@@ -226,7 +218,7 @@ class NbdDisk:
         except OSError as e:
             raise self._error(f"the connection broke ({e.strerror or e})") from None
         if cmd == CMD_WRITE:
-            self._inflight.add(h)
+            self._inflight[h] = (offset, length)
         return h
 
     def _reply(self, want: int | None = None) -> None:
@@ -234,10 +226,12 @@ class NbdDisk:
         magic, err, h = _REPLY.unpack(self._recv(_REPLY.size))
         if magic != REPLY_MAGIC:
             raise self._error(f"bad reply magic {magic:#x}")
-        self._inflight.discard(h)
+        what = self._inflight.pop(h, None)
         if err:
             name = errno.errorcode.get(err, str(err))
-            raise self._error(f"the server refused a request: {name} ({os.strerror(err)})")
+            req = f"a write of {what[1]} bytes at offset {what[0]}" if what else "a request"
+            raise self._error(f"the server refused {req} of the {self.size}-byte disk: {name} "
+                              f"({os.strerror(err)})")
         if want is not None and h != want:
             raise self._error(f"reply for request {h} while waiting for {want}")
 

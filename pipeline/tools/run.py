@@ -84,7 +84,7 @@ def run(
 
 def _spawn(argv: list[str], *, shown: list[str], step: str, image_id: str | None,
            env: Mapping[str, str] | None, cwd: str | None, stdin: int,
-           stderr: int | IO[bytes]) -> subprocess.Popen:
+           stderr: int | IO[bytes], stdout: int | IO[bytes] = subprocess.PIPE) -> subprocess.Popen:
     """Start ``argv`` the one way every tool starts: ``env`` added to the environment, its own session
     (a timeout kills the tool's children too), PR_SET_PDEATHSIG, tracked in ``_children``; a missing
     program is a :class:`ToolError` naming image and step."""
@@ -93,7 +93,7 @@ def _spawn(argv: list[str], *, shown: list[str], step: str, image_id: str | None
     if env:
         full_env.update(env)
     try:
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=full_env,
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env,
                                 cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
     except FileNotFoundError as e:
         raise ToolError(f"{tool}: not found ({e.strerror}); is it installed?", tool=tool, argv=shown,
@@ -388,6 +388,60 @@ def start_daemon(argv: Sequence[str], *, step: str, image_id: str | None = None,
                         step=step)
     watch_daemon(pid)
     return pid
+
+
+def start_server(argv: Sequence[str], *, step: str, image_id: str | None = None, log: Path,
+                 ready: Callable[[], bool], timeout: float = 60) -> subprocess.Popen:
+    """Start a tool that serves in the foreground (``qemu-nbd``) as our own child, started as
+    :func:`run` starts tools (own session, PR_SET_PDEATHSIG, killed with us, counted in our rusage once
+    waited for); its output goes to ``log``. Returns once ``ready()`` is true; a :class:`ToolError`
+    with the tool's words if it exits first or ``timeout`` passes. End it with :func:`stop_server`."""
+    argv = [str(a) for a in argv]
+    tool = os.path.basename(argv[0])
+    with open(log, "ab") as out:
+        proc = _spawn(argv, shown=argv, step=step, image_id=image_id, env=None, cwd=None,
+                      stdin=subprocess.DEVNULL, stderr=out, stdout=out)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            rc = proc.poll()
+            if rc is not None:
+                said = log_tail(log) or "(no output)"
+                raise ToolError(f"{tool} exited (exit {rc}) before it served: {said}", tool=tool, argv=argv,
+                                returncode=rc, stderr=log_tail(log), image_id=image_id, step=step)
+            if time.monotonic() > deadline:
+                raise ToolError(f"{tool} was not serving after {timeout:g} s; its last output: "
+                                f"{log_tail(log) or '(none)'}", tool=tool, argv=argv, returncode=None,
+                                image_id=image_id, step=step)
+            time.sleep(0.01)
+    except BaseException:
+        _kill_group(proc)
+        _children.discard(proc.pid)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen, *, step: str, image_id: str | None = None, log: Path,
+                timeout: float = 120, kill: bool = False) -> None:
+    """Wait for a server of :func:`start_server` to exit by itself (a :class:`ToolError` unless it
+    exits 0 within ``timeout``), or with ``kill`` end it at once."""
+    argv = [str(a) for a in proc.args] if isinstance(proc.args, list | tuple) else [str(proc.args)]
+    tool = os.path.basename(argv[0])
+    try:
+        if kill:
+            _kill_group(proc)
+            return
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ToolError(f"{tool} did not exit within {timeout:g} s", tool=tool, argv=argv,
+                            returncode=None, image_id=image_id, step=step) from None
+    finally:
+        _children.discard(proc.pid)
+    if rc != 0:
+        raise ToolError(f"{tool} failed (exit {rc}): {log_tail(log) or '(no output)'}", tool=tool, argv=argv,
+                        returncode=rc, stderr=log_tail(log), image_id=image_id, step=step)
 
 
 def log_tail(log: Path) -> str:
