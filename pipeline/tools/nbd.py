@@ -54,6 +54,24 @@ _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 
 
+DIR_PREFIX = "gho2kvm-nbd-"
+
+
+def sweep_dead_dirs() -> list[Path]:
+    """Remove the socket folders of killed runs (SIGKILL leaves them: its ``owner`` process is gone)."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(DIR_PREFIX + "*"):
+        try:
+            pid, start = (d / "owner").read_text().split()
+            if d.stat().st_uid != os.getuid() or runner.process_start(int(pid)) == start:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
 class NbdDisk:
     """A disk image served by our own ``qemu-nbd``; see the module text."""
 
@@ -63,7 +81,9 @@ class NbdDisk:
         self.written = 0
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="gho2kvm-nbd-"))  # short path: sockets have 107 bytes
+        sweep_dead_dirs()
+        self._dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))  # short path: sockets have 107 bytes
+        (self._dir / "owner").write_text(f"{os.getpid()} {runner.process_start(os.getpid())}\n")
         self._log = self._dir / "qemu-nbd.log"
         self._handle = 0
         self._inflight: dict[int, tuple[int, int]] = {}  # handle → (offset, length) of a write
