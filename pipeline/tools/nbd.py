@@ -65,7 +65,7 @@ class NbdDisk:
         self._dir = Path(tempfile.mkdtemp(prefix="gho2kvm-nbd-"))  # short path: sockets have 107 bytes
         self._log = self._dir / "qemu-nbd.log"
         self._handle = 0
-        self._inflight: set[int] = set()
+        self._inflight: dict[int, tuple[int, int]] = {}  # handle -> (start, end) of a write in flight
         self._pend_off = 0
         self._pend = bytearray()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -154,8 +154,10 @@ class NbdDisk:
             self._pend += data
         else:
             self._send_pending()
-            if n >= CHUNK:
-                self._write(offset, data)
+            if n >= CHUNK:  # in CHUNK pieces: qemu-nbd drops the connection on a request over 32 MiB
+                mv = memoryview(data)
+                for k in range(0, n, CHUNK):
+                    self._write(offset + k, mv[k:k + CHUNK])
                 return
             self._pend_off, self._pend = offset, bytearray(data)
         if len(self._pend) >= CHUNK:
@@ -202,7 +204,9 @@ class NbdDisk:
             self._write(self._pend_off, data)
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        while len(self._inflight) >= WINDOW:
+        end = offset + len(data)
+        # qemu-nbd may complete writes in flight in any order: one over bytes still in flight waits
+        while len(self._inflight) >= WINDOW or any(s < end and offset < e for s, e in self._inflight.values()):
             self._reply()
         self._request(CMD_WRITE, offset, len(data), data)
         self.written += len(data)
@@ -226,7 +230,7 @@ class NbdDisk:
         except OSError as e:
             raise self._error(f"the connection broke ({e.strerror or e})") from None
         if cmd == CMD_WRITE:
-            self._inflight.add(h)
+            self._inflight[h] = (offset, offset + length)
         return h
 
     def _reply(self, want: int | None = None) -> None:
@@ -234,7 +238,7 @@ class NbdDisk:
         magic, err, h = _REPLY.unpack(self._recv(_REPLY.size))
         if magic != REPLY_MAGIC:
             raise self._error(f"bad reply magic {magic:#x}")
-        self._inflight.discard(h)
+        self._inflight.pop(h, None)
         if err:
             name = errno.errorcode.get(err, str(err))
             raise self._error(f"the server refused a request: {name} ({os.strerror(err)})")
