@@ -11,6 +11,7 @@ final disk untouched and no longer trusted; the committed disk has the new value
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import resource
@@ -25,9 +26,11 @@ import pytest
 
 from pipeline.core import receipts
 from pipeline.core.config import load_config
+from pipeline.gho.extract import extract
 from pipeline.steps import adopt
 from pipeline.tools import qemu_img
 from tests.support.fx_pipeline import log_events, make_config, receipt, run_cli
+from tests.support.gho_checks import FIXTURES, extract_raw_and_qcow2
 
 MIB = 1 << 20
 DATA_MIB = 24
@@ -45,24 +48,29 @@ def _image(tmp: Path, **extra: Any) -> Any:
     return load_config(cfg).image("d")
 
 
-def _ghost_receipt(disk: Path, run_id: str = "ghost-run-1") -> dict[str, Any]:
-    return {"run_id": run_id, "fingerprint": {"k": 1}, "result": {"backend": "native", "disk_format": "raw"},
+def _ghost_receipt(disk: Path, run_id: str = "ghost-run-1", fmt: str = "raw") -> dict[str, Any]:
+    return {"run_id": run_id, "fingerprint": {"k": 1}, "result": {"backend": "native", "disk_format": fmt},
             "outputs": {"disk": receipts.output_stamp(disk)}}
+
+
+def _disk_and_overlay(tmp: Path, fmt: str) -> tuple[Any, Path, Path]:
+    """ghost-convert's disk ``ghost.<fmt>`` (16 MiB: 0x11 at 0, 0x22 at 8 MiB) and registry-merge's
+    overlay on it (0x33 over the head of the 0x22 MiB), for an image whose output format is ``fmt``."""
+    image = _image(tmp, format=fmt)
+    image.image_dir.mkdir(parents=True)
+    disk = image.image_dir / f"ghost.{fmt}"
+    qemu_img.create(disk, fmt, 16 * MIB, image_id="d", step="test")
+    _qemu_io(disk, fmt, "write -P 0x11 0 1M")
+    _qemu_io(disk, fmt, "write -P 0x22 8M 1M")
+    overlay = image.image_dir / "overlay.qcow2"
+    qemu_img.create_overlay(overlay, disk, fmt, image_id="d", step="test")
+    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
+    return image, disk, overlay
 
 
 @pytest.fixture
 def disk_and_overlay(tmp_path: Path) -> tuple[Any, Path, Path]:
-    image = _image(tmp_path)
-    image.image_dir.mkdir(parents=True)
-    disk = image.image_dir / "ghost.raw"
-    with open(disk, "wb") as f:
-        f.truncate(16 * MIB)
-    _qemu_io(disk, "raw", "write -P 0x11 0 1M")
-    _qemu_io(disk, "raw", "write -P 0x22 8M 1M")
-    overlay = image.image_dir / "overlay.qcow2"
-    qemu_img.create_overlay(overlay, disk, "raw", image_id="d", step="test")
-    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
-    return image, disk, overlay
+    return _disk_and_overlay(tmp_path, "raw")
 
 
 def _read(path: Path, offset: int, n: int) -> bytes:
@@ -112,6 +120,166 @@ def test_why_not_adopt(tmp_path: Path, disk_and_overlay: tuple[Any, Path, Path])
     assert adopt.why_not(image, exe) is not None
     os.utime(disk, ns=(1, 1))  # touched since ghost-convert stamped it
     assert "not ghost-convert's output" in (adopt.why_not(image, r) or "")
+
+
+def _as_raw(img: Path, fmt: str, tmp: Path) -> bytes:
+    out = tmp / f"{img.name}.as.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(img), str(out)], check=True,
+                   capture_output=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _info(img: Path) -> dict[str, Any]:
+    r = subprocess.run(["qemu-img", "info", "--output=json", str(img)], capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _check_clean(img: Path) -> None:
+    r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_adopt_commits_the_overlay_into_a_qcow2_ghost_disk(tmp_path: Path) -> None:
+    image, disk, overlay = _disk_and_overlay(tmp_path / "q", "qcow2")
+    ino = disk.stat().st_ino
+    ov_before = (hashlib.sha256(overlay.read_bytes()).hexdigest(), overlay.stat().st_mtime_ns)
+    res = adopt.adopt_disk(image, _ghost_receipt(disk, fmt="qcow2"), overlay)
+    final = image.final_disk
+    assert final.name == "d.qcow2" and res["output"] == str(final) and res["format"] == "qcow2"
+    assert res["verified"] is True and res["adopted"]["from"] == str(disk)
+    # the same file, renamed: no second copy of the disk was written
+    assert final.stat().st_ino == ino == res["adopted"]["inode"] and not disk.exists()
+    info = _info(final)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 16 * MIB
+    assert "backing-filename" not in info  # the overlay's edits are in it, not on top of it
+    _check_clean(final)
+    data = _as_raw(final, "qcow2", tmp_path)
+    assert data[:MIB] == b"\x11" * MIB
+    assert data[8 * MIB:8 * MIB + 65536] == b"\x33" * 65536  # the overlay's edit
+    assert data[8 * MIB + 65536:9 * MIB] == b"\x22" * (MIB - 65536)  # the disk around it
+    assert data[MIB:8 * MIB] == bytes(7 * MIB)
+    # the overlay (registry-merge's artifact) is left exactly as it was
+    assert (hashlib.sha256(overlay.read_bytes()).hexdigest(), overlay.stat().st_mtime_ns) == ov_before
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_why_not_adopt_a_disk_of_another_format(tmp_path: Path) -> None:
+    image_q, disk_q, _ov = _disk_and_overlay(tmp_path / "q", "qcow2")
+    image_r, disk_r, _ov = _disk_and_overlay(tmp_path / "r", "raw")
+    rq, rr = _ghost_receipt(disk_q, fmt="qcow2"), _ghost_receipt(disk_r, fmt="raw")
+    assert adopt.why_not(image_q, rq) is None and adopt.why_not(image_r, rr) is None
+    # an older run's disk in the other format: convert copies it (qemu-img convert), says why
+    assert adopt.why_not(image_r, rq) == "ghost-convert's disk is qcow2, the output format raw"
+    assert adopt.why_not(image_q, rr) == "ghost-convert's disk is raw, the output format qcow2"
+    vmdk = {**rq, "result": {"backend": "native", "disk_format": "vmdk"}}
+    assert adopt.why_not(image_q, vmdk) is not None
+    os.utime(disk_q, ns=(1, 1))  # touched since ghost-convert stamped it
+    assert "not ghost-convert's output" in (adopt.why_not(image_q, rq) or "")
+
+
+# -- the native reader writes the final disk's format (a qcow2 through qemu-nbd) ---------------------------
+FIXTURE_PW = {"75_none.gho": None, "11_high.gho": None, "11_high_pw.gho": "password"}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_PW))
+def test_real_ghost_image_rebuilds_the_same_as_raw_and_qcow2(name: str, tmp_path: Path) -> None:
+    raw, _qcow, a, b = extract_raw_and_qcow2(FIXTURES / name, tmp_path, FIXTURE_PW[name])
+    assert a == b  # partitions, files, boot chain, warnings, bytes written
+    assert [p["fs"] for p in a["partitions"]] == ["FAT32", "FAT16", "FAT32"]
+    assert a["boot_chain"]["active_partition"] == 1
+    assert a["bytes_written"] > 0 and raw.stat().st_blocks * 512 < raw.stat().st_size
+
+
+def _ghost_input(tmp: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pipeline.core.config import GhostConfig
+    from pipeline.steps.ghost_convert import GhostInput
+
+    monkeypatch.setenv("ONCE_GHO_PW", "password")
+    work = tmp / "work" / "fx"
+    work.mkdir(parents=True, exist_ok=True)
+    return GhostInput(image_id="fx", source=FIXTURES / "11_high_pw.gho", image_dir=work,
+                      ghost=GhostConfig(password_env="ONCE_GHO_PW"), disk_format=fmt)
+
+
+def test_ghost_convert_step_writes_the_final_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.steps.ghost_convert import ghost_convert
+
+    inp = _ghost_input(tmp_path, "qcow2", monkeypatch)
+    work = inp.image_dir
+    (work / "ghost.raw").write_bytes(b"an earlier run's raw disk")
+    seen: list[float] = []
+    res = ghost_convert(inp, progress=seen.append)
+    qcow = work / "ghost.qcow2"
+    assert (res.disk, res.disk_format, res.backend) == (qcow, "qcow2", "native")
+    assert res.outputs == {"disk": qcow} and res.to_dict()["disk_format"] == "qcow2"
+    assert sorted(p.name for p in work.iterdir()) == ["ghost.qcow2"]  # the old raw disk, no temp
+    assert seen and seen[-1] == 100.0
+    assert _info(qcow)["format"] == "qcow2"
+    _check_clean(qcow)
+    ref = tmp_path / "ref.raw"  # the same image rebuilt as a raw file
+    want = extract(FIXTURES / "11_high_pw.gho", ref, password="password")
+    _same(ref, qcow, "qcow2")
+    assert res.details["partitions"] == want.to_dict()["partitions"]
+    # and back: a raw run removes the qcow2
+    back = ghost_convert(_ghost_input(tmp_path, "raw", monkeypatch))
+    assert (back.disk, back.disk_format) == (work / "ghost.raw", "raw")
+    assert sorted(p.name for p in work.iterdir()) == ["ghost.raw"]
+    _same(ref, work / "ghost.raw", "raw")
+
+
+def _same(raw: Path, other: Path, fmt: str) -> None:
+    """``qemu-img compare`` (reads only what is allocated: these disks are 8 GiB, almost all holes)."""
+    assert _info(other)["virtual-size"] == raw.stat().st_size
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(raw), str(other)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_write_outside_the_disk_is_refused(tmp_path: Path) -> None:
+    from pipeline.gho.sparse import Bounded, FileDisk, OutsideDisk
+
+    f = tmp_path / "d.raw"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        disk = Bounded(FileDisk(fd, MIB))
+        disk.pwrite(b"\x01" * 512, MIB - 512)  # the last sector: inside
+        for off, n in [(MIB - 511, 512), (MIB, 1), (-512, 512), (5 * MIB, 4096)]:
+            with pytest.raises(OutsideDisk, match=f"a write of {n} bytes at offset {off} falls outside the "
+                                                  f"{MIB}-byte disk"):
+                disk.pwrite(b"\x02" * n, off)
+    finally:
+        os.close(fd)
+    assert f.stat().st_size == MIB and f.read_bytes() == bytes(MIB - 512) + b"\x01" * 512
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_section_writing_past_the_disk_is_one_line(fmt: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume that claims more than the disk has (a bad image, or a reader bug) is a one-line refusal
+    and leaves no output, no temp and no qemu-nbd behind."""
+    from pipeline.gho.errors import GhoError
+    from pipeline.gho.fat import FatSection
+    from pipeline.tools import nbd
+
+    def past_the_end(self: Any, out: Any, base: int, progress: Any = None) -> None:
+        out.write_at(out.disk.size - 1024, b"\x01" * 4096)
+
+    monkeypatch.setattr(FatSection, "write", past_the_end)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # qemu-nbd's socket folder, to see it go
+    out = tmp_path / "out" / f"disk.{fmt}"
+    out.parent.mkdir()
+    opener = (lambda p, n: nbd.create_qcow2(p, n, image_id="fx", step="test")) if fmt == "qcow2" else None
+    with pytest.raises(GhoError) as ei:
+        extract(FIXTURES / "11_high.gho", out, **({"open_disk": opener} if opener else {}))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("11_high.gho: the rebuilt disk is "), msg
+    size = int(msg.split("the rebuilt disk is ")[1].split()[0])
+    assert f"a write of 4096 bytes at offset {size - 1024} falls outside the {size}-byte disk" in msg, msg
+    assert list(out.parent.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("gho2kvm-nbd-")]
 
 
 def _current(fp: dict[str, Any], outputs: dict[str, Any] | None = None, **result: Any) -> dict[str, Any]:
