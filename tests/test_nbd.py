@@ -137,8 +137,7 @@ def test_overlapping_writes_in_flight_land_in_the_order_written(tmp_path: Path, 
                 disk.pwrite(bytes([0x40 + rnd]) * piece, off)  # the earlier write
                 disk.pwrite(bytes([0x80 + rnd]) * piece, off)  # the later one, over it
                 disk.pwrite(b"\x07" * 512, off + piece)  # not contiguous: sends the later one
-    got = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(qcow), str(tmp_path / "o.raw")],
-                         capture_output=True, text=True)
+    got = _qemu_img("convert", "-f", "qcow2", "-O", "raw", str(qcow), str(tmp_path / "o.raw"))
     assert got.returncode == 0, got.stderr
     data = (tmp_path / "o.raw").read_bytes()
     lost = [off for off in range(0, size, 2 * piece) if data[off:off + piece] != b"\x82" * piece]
@@ -179,7 +178,8 @@ def test_error_inside_the_block_leaves_no_server(tmp_path: Path, tmpdir_short: P
 
 def test_write_past_the_end_is_refused_with_one_line(tmp_path: Path, tmpdir_short: Path) -> None:
     qcow = tmp_path / "p.qcow2"
-    with pytest.raises(ToolError) as ei, nbd.create_qcow2(qcow, MIB, image_id="img7", step="ghost-convert") as d:
+    with pytest.raises(ToolError) as ei, \
+            nbd.create_qcow2(qcow, MIB, image_id="img7", step="ghost-convert") as d:
         d.pwrite(b"ok" * 256, 0)
         d.pwrite(b"x" * 4096, MIB - 1024)  # 3 KiB past the end
     msg = str(ei.value)

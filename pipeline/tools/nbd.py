@@ -206,7 +206,8 @@ class NbdDisk:
     def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         end = offset + len(data)
         # qemu-nbd may complete writes in flight in any order: one over bytes still in flight waits
-        while len(self._inflight) >= WINDOW or any(s < end and offset < e for s, e in self._inflight.values()):
+        while len(self._inflight) >= WINDOW or any(s < end and offset < e
+                                                   for s, e in self._inflight.values()):
             self._reply()
         self._request(CMD_WRITE, offset, len(data), data)
         self.written += len(data)
