@@ -202,3 +202,22 @@ def test_qemu_nbd_refusing_the_file_says_why(tmp_path: Path, tmpdir_short: Path)
         assert str(path) in msg
         assert _servers(path) == [] and _socket_dirs(tmpdir_short) == []
     assert junk.read_bytes() == b"not an image at all\n" * 100
+
+
+def test_server_gone_before_the_connection_is_one_line(tmp_path: Path, tmpdir_short: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server said it listens but is not there (died, socket removed): a ToolError, and the process
+    it had named is killed."""
+    stand_in = subprocess.Popen(["sleep", "600"])  # the "server": a process that never listens
+    try:
+        monkeypatch.setattr(nbd.runner, "start_daemon", lambda argv, **kw: stand_in.pid)
+        with pytest.raises(ToolError) as ei:
+            nbd.NbdDisk(tmp_path / "g.qcow2", "qcow2", image_id="g", step="test")
+        msg = str(ei.value)
+        assert msg.startswith("[image g, step test] qemu-nbd serving ") and "\n" not in msg, msg
+        assert "cannot connect to its socket (No such file or directory)" in msg, msg
+        assert stand_in.wait(timeout=30) == -9
+        assert _socket_dirs(tmpdir_short) == []
+    finally:
+        stand_in.kill()
+        stand_in.wait()

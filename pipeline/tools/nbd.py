@@ -91,8 +91,11 @@ class NbdDisk:
                                         pid_from=pid_from, timeout=timeout)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
-        s.connect(str(sock_path))
         self._sock = s
+        try:
+            s.connect(str(sock_path))
+        except OSError as e:
+            raise self._error(f"cannot connect to its socket ({e.strerror or e})") from None
         magic, opt, hflags = struct.unpack(">QQH", self._recv(18))
         if magic != NBDMAGIC or opt != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
             raise self._error(f"not a fixed-newstyle NBD server (magic {magic:#x}, {opt:#x}, flags {hflags})")
