@@ -1,11 +1,15 @@
-"""A ``.gho`` is decoded once and written once: convert adopts ghost-convert's raw disk (issue 14, goal 2).
+"""A ``.gho`` is decoded once and written once: convert adopts ghost-convert's disk (issue 14, goal 2).
 
-Fast tier: :func:`pipeline.steps.adopt.adopt_disk` on a small raw disk + a qcow2 overlay written by
-qemu-io (qemu-img only), a failure inside it, and the completeness rule on receipts. Slow tier: the phony
-XP disk with 24 MiB of data as an NTFS file-aware ``.gho`` (two spans) through the real CLI: the first run
-(one copy of the disk: the final disk is ghost-convert's file), a no-op re-run, the final disk deleted
-(``plan``: decode again), a changed ``.reg`` killed between the commit and the final rename (the old
-final disk untouched and no longer trusted; the committed disk has the new value and none of the old).
+Fast tier: :func:`pipeline.steps.adopt.adopt_disk` on a small raw or qcow2 disk + a qcow2 overlay written
+by qemu-io (qemu-img only), a failure inside it, the completeness rule on receipts, why convert copies a
+disk of another format; the native reader writing the final disk's format (the real Ghost fixtures
+rebuilt as raw and as qcow2 through qemu-nbd are the same disk; the ghost-convert step's ``ghost.qcow2``)
+and refusing a write outside the disk. Slow tier: the phony XP disk with 24 MiB of data as an NTFS
+file-aware ``.gho`` (two spans) through the real CLI: the first run (one copy of the disk: the final disk
+is ghost-convert's file), a no-op re-run, the final disk deleted (``plan``: decode again), a changed
+``.reg`` killed between the commit and the final rename (the old final disk untouched and no longer
+trusted; the committed disk has the new value and none of the old); and one run with ``format: qcow2``
+(ghost-convert's qcow2, written through qemu-nbd, is the final disk).
 """
 
 from __future__ import annotations
