@@ -17,7 +17,7 @@ import pytest
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import extract
 from pipeline.gho.info import read_info
-from tests.support.gho_checks import carve, mbr_partitions
+from tests.support.gho_checks import carve, extract_raw_and_qcow2, mbr_partitions
 from tests.support.gho_ntfs_writer import (
     NtfsOptions,
     NtfsSource,
@@ -294,6 +294,23 @@ def test_two_partitions_second_logical(order: str, vols: dict[str, Path], manife
         _check_volume(tmp_path / "d.raw", 63, small, first, omitted[0], tmp_path)
     else:
         assert p1.label == "FATSIDE" and p1.files == 1
+
+
+@pytest.mark.parametrize("case", ["ntfs", "fat32-ntfs"])
+def test_rebuilds_the_same_as_raw_and_qcow2(case: str, vols: dict[str, Path], tmp_path: Path) -> None:
+    """ghost-convert writes a qcow2 output in place through qemu-nbd: the NTFS rebuild reads back what
+    it wrote ($MFT, boot sector, the boot chain), so the qcow2 must hold exactly the raw file's disk."""
+    gho = tmp_path / "EQ.GHO"
+    if case == "ntfs":
+        write_ntfs_image(gho, [Part("ntfs", vols["rich"], NtfsOptions(cipher="a"))], "high", password=PW)
+    else:
+        write_ntfs_image(gho, [Part("fat", vols["fat32"]), Part("ntfs", vols["ntfs_after_fat"])], "high",
+                         password=PW)
+    _raw, _qcow, a, b = extract_raw_and_qcow2(gho, tmp_path, PW)
+    assert a == b  # partitions, runs placed, files, boot chain, warnings, bytes written
+    want = ["NTFS"] if case == "ntfs" else ["FAT32", "NTFS"]
+    assert [p["fs"] for p in a["partitions"]] == want
+    assert a["boot_chain"]["active_partition"] == 1
 
 
 # -- the $MFT fallback and the refusals ------------------------------------------------------------------

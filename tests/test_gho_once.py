@@ -1,22 +1,29 @@
-"""A ``.gho`` is decoded once and written once: convert adopts ghost-convert's raw disk (issue 14, goal 2).
+"""A ``.gho`` is decoded once and written once: convert adopts ghost-convert's disk (issue 14, goal 2).
 
-Fast tier: :func:`pipeline.steps.adopt.adopt_disk` on a small raw disk + a qcow2 overlay written by
-qemu-io (qemu-img only), a failure inside it, and the completeness rule on receipts. Slow tier: the phony
-XP disk with 24 MiB of data as an NTFS file-aware ``.gho`` (two spans) through the real CLI: the first run
-(one copy of the disk: the final disk is ghost-convert's file), a no-op re-run, the final disk deleted
-(``plan``: decode again), a changed ``.reg`` killed between the commit and the final rename (the old
-final disk untouched and no longer trusted; the committed disk has the new value and none of the old).
+Fast tier: :func:`pipeline.steps.adopt.adopt_disk` on a small raw or qcow2 disk + a qcow2 overlay written
+by qemu-io (qemu-img only), a failure inside it, the completeness rule on receipts, why convert copies a
+disk of another format; the native reader writing the final disk's format (the real Ghost fixtures
+rebuilt as raw and as qcow2 through qemu-nbd are the same disk; the ghost-convert step's ``ghost.qcow2``)
+and refusing a write outside the disk. Slow tier: the phony XP disk with 24 MiB of data as an NTFS
+file-aware ``.gho`` (two spans) through the real CLI: the first run (one copy of the disk: the final disk
+is ghost-convert's file), a no-op re-run, the final disk deleted (``plan``: decode again), a changed
+``.reg`` killed between the commit and the final rename (the old final disk untouched and no longer
+trusted; the committed disk has the new value and none of the old); and one run with ``format: qcow2``
+(ghost-convert's qcow2, written through qemu-nbd, is the final disk).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import json
 import mmap
 import os
 import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +32,11 @@ import pytest
 
 from pipeline.core import receipts
 from pipeline.core.config import load_config
+from pipeline.gho.extract import extract
 from pipeline.steps import adopt
 from pipeline.tools import qemu_img
 from tests.support.fx_pipeline import log_events, make_config, receipt, run_cli
+from tests.support.gho_checks import FIXTURES, extract_raw_and_qcow2
 
 MIB = 1 << 20
 DATA_MIB = 24
@@ -45,24 +54,29 @@ def _image(tmp: Path, **extra: Any) -> Any:
     return load_config(cfg).image("d")
 
 
-def _ghost_receipt(disk: Path, run_id: str = "ghost-run-1") -> dict[str, Any]:
-    return {"run_id": run_id, "fingerprint": {"k": 1}, "result": {"backend": "native", "disk_format": "raw"},
+def _ghost_receipt(disk: Path, run_id: str = "ghost-run-1", fmt: str = "raw") -> dict[str, Any]:
+    return {"run_id": run_id, "fingerprint": {"k": 1}, "result": {"backend": "native", "disk_format": fmt},
             "outputs": {"disk": receipts.output_stamp(disk)}}
+
+
+def _disk_and_overlay(tmp: Path, fmt: str) -> tuple[Any, Path, Path]:
+    """ghost-convert's disk ``ghost.<fmt>`` (16 MiB: 0x11 at 0, 0x22 at 8 MiB) and registry-merge's
+    overlay on it (0x33 over the head of the 0x22 MiB), for an image whose output format is ``fmt``."""
+    image = _image(tmp, format=fmt)
+    image.image_dir.mkdir(parents=True)
+    disk = image.image_dir / f"ghost.{fmt}"
+    qemu_img.create(disk, fmt, 16 * MIB, image_id="d", step="test")
+    _qemu_io(disk, fmt, "write -P 0x11 0 1M")
+    _qemu_io(disk, fmt, "write -P 0x22 8M 1M")
+    overlay = image.image_dir / "overlay.qcow2"
+    qemu_img.create_overlay(overlay, disk, fmt, image_id="d", step="test")
+    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
+    return image, disk, overlay
 
 
 @pytest.fixture
 def disk_and_overlay(tmp_path: Path) -> tuple[Any, Path, Path]:
-    image = _image(tmp_path)
-    image.image_dir.mkdir(parents=True)
-    disk = image.image_dir / "ghost.raw"
-    with open(disk, "wb") as f:
-        f.truncate(16 * MIB)
-    _qemu_io(disk, "raw", "write -P 0x11 0 1M")
-    _qemu_io(disk, "raw", "write -P 0x22 8M 1M")
-    overlay = image.image_dir / "overlay.qcow2"
-    qemu_img.create_overlay(overlay, disk, "raw", image_id="d", step="test")
-    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
-    return image, disk, overlay
+    return _disk_and_overlay(tmp_path, "raw")
 
 
 def _read(path: Path, offset: int, n: int) -> bytes:
@@ -112,6 +126,166 @@ def test_why_not_adopt(tmp_path: Path, disk_and_overlay: tuple[Any, Path, Path])
     assert adopt.why_not(image, exe) is not None
     os.utime(disk, ns=(1, 1))  # touched since ghost-convert stamped it
     assert "not ghost-convert's output" in (adopt.why_not(image, r) or "")
+
+
+def _as_raw(img: Path, fmt: str, tmp: Path) -> bytes:
+    out = tmp / f"{img.name}.as.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(img), str(out)], check=True,
+                   capture_output=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _info(img: Path) -> dict[str, Any]:
+    r = subprocess.run(["qemu-img", "info", "--output=json", str(img)], capture_output=True, text=True,
+                       check=True)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _check_clean(img: Path) -> None:
+    r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_adopt_commits_the_overlay_into_a_qcow2_ghost_disk(tmp_path: Path) -> None:
+    image, disk, overlay = _disk_and_overlay(tmp_path / "q", "qcow2")
+    ino = disk.stat().st_ino
+    ov_before = (hashlib.sha256(overlay.read_bytes()).hexdigest(), overlay.stat().st_mtime_ns)
+    res = adopt.adopt_disk(image, _ghost_receipt(disk, fmt="qcow2"), overlay)
+    final = image.final_disk
+    assert final.name == "d.qcow2" and res["output"] == str(final) and res["format"] == "qcow2"
+    assert res["verified"] is True and res["adopted"]["from"] == str(disk)
+    # the same file, renamed: no second copy of the disk was written
+    assert final.stat().st_ino == ino == res["adopted"]["inode"] and not disk.exists()
+    info = _info(final)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 16 * MIB
+    assert "backing-filename" not in info  # the overlay's edits are in it, not on top of it
+    _check_clean(final)
+    data = _as_raw(final, "qcow2", tmp_path)
+    assert data[:MIB] == b"\x11" * MIB
+    assert data[8 * MIB:8 * MIB + 65536] == b"\x33" * 65536  # the overlay's edit
+    assert data[8 * MIB + 65536:9 * MIB] == b"\x22" * (MIB - 65536)  # the disk around it
+    assert data[MIB:8 * MIB] == bytes(7 * MIB)
+    # the overlay (registry-merge's artifact) is left exactly as it was
+    assert (hashlib.sha256(overlay.read_bytes()).hexdigest(), overlay.stat().st_mtime_ns) == ov_before
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_why_not_adopt_a_disk_of_another_format(tmp_path: Path) -> None:
+    image_q, disk_q, _ov = _disk_and_overlay(tmp_path / "q", "qcow2")
+    image_r, disk_r, _ov = _disk_and_overlay(tmp_path / "r", "raw")
+    rq, rr = _ghost_receipt(disk_q, fmt="qcow2"), _ghost_receipt(disk_r, fmt="raw")
+    assert adopt.why_not(image_q, rq) is None and adopt.why_not(image_r, rr) is None
+    # an older run's disk in the other format: convert copies it (qemu-img convert), says why
+    assert adopt.why_not(image_r, rq) == "ghost-convert's disk is qcow2, the output format raw"
+    assert adopt.why_not(image_q, rr) == "ghost-convert's disk is raw, the output format qcow2"
+    vmdk = {**rq, "result": {"backend": "native", "disk_format": "vmdk"}}
+    assert adopt.why_not(image_q, vmdk) is not None
+    os.utime(disk_q, ns=(1, 1))  # touched since ghost-convert stamped it
+    assert "not ghost-convert's output" in (adopt.why_not(image_q, rq) or "")
+
+
+# -- the native reader writes the final disk's format (a qcow2 through qemu-nbd) ---------------------------
+FIXTURE_PW = {"75_none.gho": None, "11_high.gho": None, "11_high_pw.gho": "password"}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_PW))
+def test_real_ghost_image_rebuilds_the_same_as_raw_and_qcow2(name: str, tmp_path: Path) -> None:
+    raw, _qcow, a, b = extract_raw_and_qcow2(FIXTURES / name, tmp_path, FIXTURE_PW[name])
+    assert a == b  # partitions, files, boot chain, warnings, bytes written
+    assert [p["fs"] for p in a["partitions"]] == ["FAT32", "FAT16", "FAT32"]
+    assert a["boot_chain"]["active_partition"] == 1
+    assert a["bytes_written"] > 0 and raw.stat().st_blocks * 512 < raw.stat().st_size
+
+
+def _ghost_input(tmp: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pipeline.core.config import GhostConfig
+    from pipeline.steps.ghost_convert import GhostInput
+
+    monkeypatch.setenv("ONCE_GHO_PW", "password")
+    work = tmp / "work" / "fx"
+    work.mkdir(parents=True, exist_ok=True)
+    return GhostInput(image_id="fx", source=FIXTURES / "11_high_pw.gho", image_dir=work,
+                      ghost=GhostConfig(password_env="ONCE_GHO_PW"), disk_format=fmt)
+
+
+def test_ghost_convert_step_writes_the_final_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.steps.ghost_convert import ghost_convert
+
+    inp = _ghost_input(tmp_path, "qcow2", monkeypatch)
+    work = inp.image_dir
+    (work / "ghost.raw").write_bytes(b"an earlier run's raw disk")
+    seen: list[float] = []
+    res = ghost_convert(inp, progress=seen.append)
+    qcow = work / "ghost.qcow2"
+    assert (res.disk, res.disk_format, res.backend) == (qcow, "qcow2", "native")
+    assert res.outputs == {"disk": qcow} and res.to_dict()["disk_format"] == "qcow2"
+    assert sorted(p.name for p in work.iterdir()) == ["ghost.qcow2"]  # the old raw disk, no temp
+    assert seen and seen[-1] == 100.0
+    assert _info(qcow)["format"] == "qcow2"
+    _check_clean(qcow)
+    ref = tmp_path / "ref.raw"  # the same image rebuilt as a raw file
+    want = extract(FIXTURES / "11_high_pw.gho", ref, password="password")
+    _same(ref, qcow, "qcow2")
+    assert res.details["partitions"] == want.to_dict()["partitions"]
+    # and back: a raw run removes the qcow2
+    back = ghost_convert(_ghost_input(tmp_path, "raw", monkeypatch))
+    assert (back.disk, back.disk_format) == (work / "ghost.raw", "raw")
+    assert sorted(p.name for p in work.iterdir()) == ["ghost.raw"]
+    _same(ref, work / "ghost.raw", "raw")
+
+
+def _same(raw: Path, other: Path, fmt: str) -> None:
+    """``qemu-img compare`` (reads only what is allocated: these disks are 8 GiB, almost all holes)."""
+    assert _info(other)["virtual-size"] == raw.stat().st_size
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, str(raw), str(other)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_write_outside_the_disk_is_refused(tmp_path: Path) -> None:
+    from pipeline.gho.sparse import Bounded, FileDisk, OutsideDisk
+
+    f = tmp_path / "d.raw"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        disk = Bounded(FileDisk(fd, MIB))
+        disk.pwrite(b"\x01" * 512, MIB - 512)  # the last sector: inside
+        for off, n in [(MIB - 511, 512), (MIB, 1), (-512, 512), (5 * MIB, 4096)]:
+            with pytest.raises(OutsideDisk, match=f"a write of {n} bytes at offset {off} falls outside the "
+                                                  f"{MIB}-byte disk"):
+                disk.pwrite(b"\x02" * n, off)
+    finally:
+        os.close(fd)
+    assert f.stat().st_size == MIB and f.read_bytes() == bytes(MIB - 512) + b"\x01" * 512
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_section_writing_past_the_disk_is_one_line(fmt: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume that claims more than the disk has (a bad image, or a reader bug) is a one-line refusal
+    and leaves no output, no temp and no qemu-nbd behind."""
+    from pipeline.gho.errors import GhoError
+    from pipeline.gho.fat import FatSection
+    from pipeline.tools import nbd
+
+    def past_the_end(self: Any, out: Any, base: int, progress: Any = None) -> None:
+        out.write_at(out.disk.size - 1024, b"\x01" * 4096)
+
+    monkeypatch.setattr(FatSection, "write", past_the_end)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # qemu-nbd's socket folder, to see it go
+    out = tmp_path / "out" / f"disk.{fmt}"
+    out.parent.mkdir()
+    opener = (lambda p, n: nbd.create_qcow2(p, n, image_id="fx", step="test")) if fmt == "qcow2" else None
+    with pytest.raises(GhoError) as ei:
+        extract(FIXTURES / "11_high.gho", out, **({"open_disk": opener} if opener else {}))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("11_high.gho: the rebuilt disk is "), msg
+    size = int(msg.split("the rebuilt disk is ")[1].split()[0])
+    assert f"a write of 4096 bytes at offset {size - 1024} falls outside the {size}-byte disk" in msg, msg
+    assert list(out.parent.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("gho2kvm-nbd-")]
 
 
 def _current(fp: dict[str, Any], outputs: dict[str, Any] | None = None, **result: Any) -> dict[str, Any]:
@@ -170,11 +344,49 @@ def _stamps(files: list[Path]) -> dict[str, tuple[str, int]]:
     return {str(f): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files}
 
 
-def _written_by(argv: tuple[str, ...]) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the CLI; bytes its process tree wrote (the kernel's count of dirtied blocks)."""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+
+
+def _reap_orphans(seconds: float = 60) -> dict[str, int]:
+    """Reap the daemons of the CLI's tree that forked away (re-parented to this process, the subreaper):
+    bytes each wrote (its kernel count, its own waited children included), by program name."""
+    out: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break  # none left
+        if info is None:
+            time.sleep(0.1)  # one still running (a watchdog seeing its owner gone)
+            continue
+        try:
+            name = Path(f"/proc/{info.si_pid}/stat").read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except OSError:
+            name = "?"
+        _pid, _status, usage = os.wait4(info.si_pid, 0)
+        out[name] = out.get(name, 0) + usage.ru_oublock * 512
+    return out
+
+
+def _written_by(argv: tuple[str, ...]) -> tuple[subprocess.CompletedProcess[str], int, dict[str, int]]:
+    """Run the CLI; bytes its process tree wrote (the kernel's count of dirtied blocks), and apart from
+    them the bytes of the daemons that forked away from it (``guestfish --listen``:
+    re-parented, they are not the tree's children), by name: this process is the subreaper meanwhile."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
-    proc = run_cli(*argv, timeout=1500)
-    return proc, (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - before) * 512
+    _subreaper(True)
+    try:
+        proc = run_cli(*argv, timeout=1500)
+        daemons = _reap_orphans()
+    finally:
+        _subreaper(False)
+    tree = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - before) * 512 - sum(daemons.values())
+    return proc, tree, daemons
 
 
 def _run_ids(work: Path) -> dict[str, str]:
@@ -182,28 +394,35 @@ def _run_ids(work: Path) -> dict[str, str]:
             if not p.name.endswith(".error.json")}
 
 
-@pytest.fixture(scope="module")
-def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
-    """Four appliance launches in all (this machine's launches take minutes under load): the first run,
-    a no-op, the final disk moved away and back (``plan`` only), a changed ``.reg`` killed inside convert."""
+def _xp_ntfs_gho(xp_raw: Path, root: Path) -> tuple[Path, list[Path]]:
+    """The phony XP disk's NTFS volume, with DATA_MIB of random data added, as an NTFS file-aware image
+    ``root/src/WINXP.GHO`` in two spans; returns the image and its spans."""
     from tests.support.gho_checks import carve, mbr_partitions
     from tests.support.gho_ntfs_writer import Part, mounted, write_ntfs_image
     from tests.support.gho_writer import split_spans
 
+    ((_ptype, start, count),) = mbr_partitions(xp_raw)
+    vol = carve(xp_raw, start * 512, count * 512, root / "xp-ntfs.img")
+    # data that dominates the disk, as on a real one (the phony XP holds ~2 MiB): the bytes written
+    # are then mostly the disk's, once or twice
+    with mounted(vol, root / "vol.mnt", plain=True) as m:
+        (m / "data.bin").write_bytes(os.urandom(DATA_MIB * MIB))
+    src = root / "src" / "WINXP.GHO"
+    src.parent.mkdir()
+    write_ntfs_image(src, [Part("ntfs", vol)], "high")
+    vol.unlink()
+    spans = split_spans(src, src.stat().st_size // 2 + 4096)
+    assert len(spans) == 2
+    return src, spans
+
+
+@pytest.fixture(scope="module")
+def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
+    """Four appliance launches in all (this machine's launches take minutes under load): the first run,
+    a no-op, the final disk moved away and back (``plan`` only), a changed ``.reg`` killed inside convert."""
     root = Path(tempfile.mkdtemp(prefix="gho2kvm-gho-once-"))
     try:
-        ((_ptype, start, count),) = mbr_partitions(xp_raw)
-        vol = carve(xp_raw, start * 512, count * 512, root / "xp-ntfs.img")
-        # data that dominates the disk, as on a real one (the phony XP holds ~2 MiB): the bytes written
-        # are then mostly the disk's, once or twice
-        with mounted(vol, root / "vol.mnt", plain=True) as m:
-            (m / "data.bin").write_bytes(os.urandom(DATA_MIB * MIB))
-        src = root / "src" / "WINXP.GHO"
-        src.parent.mkdir()
-        write_ntfs_image(src, [Part("ntfs", vol)], "high")
-        vol.unlink()
-        spans = split_spans(src, src.stat().st_size // 2 + 4096)
-        assert len(spans) == 2
+        src, spans = _xp_ntfs_gho(xp_raw, root)
         before = _stamps(spans)
         reg = root / "once.reg"
         _reg(reg, "First", ALPHA)
@@ -215,7 +434,7 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         final = images / "xp.raw"
         out: dict[str, Any] = {"root": root, "work": work, "final": final}
 
-        out["first"], out["first_written"] = _written_by(argv)
+        out["first"], out["first_written"], _daemons = _written_by(argv)
         out["first_ids"] = _run_ids(work)
         out["first_final"] = receipts.file_stamp(final)
         out["first_alloc"] = final.stat().st_blocks * 512 if final.exists() else 0
@@ -317,3 +536,64 @@ def test_changed_reg_killed_inside_convert(once: dict[str, Any]) -> None:
 @pytest.mark.guestfs
 def test_source_and_spans_never_written(once: dict[str, Any]) -> None:
     assert once["spans_unchanged"]
+
+
+# -- qcow2 output: ghost-convert writes the qcow2 in place (qemu-nbd), convert adopts it -----------------
+@pytest.fixture(scope="module")
+def once_qcow2(xp_raw: Path) -> Iterator[dict[str, Any]]:
+    """One migration (two appliance launches) of the same image with ``format: qcow2``."""
+    root = Path(tempfile.mkdtemp(prefix="gho2kvm-gho-once-q-"))
+    try:
+        src, _spans = _xp_ntfs_gho(xp_raw, root)
+        reg = root / "once.reg"
+        _reg(reg, "First", ALPHA)
+        image = {"id": "xp", "source": src, "format": "qcow2", "registry": ["mergeide", str(reg)]}
+        cfg = make_config(root, [image], defaults={"ghost": {"backend": "native"}})
+        work, final = root / "work" / "xp", root / "images" / "xp.qcow2"
+        out: dict[str, Any] = {"root": root, "work": work, "final": final}
+        out["proc"], out["written"], out["daemons"] = _written_by(("migrate", "--config", str(cfg)))
+        out["ids"] = _run_ids(work)
+        out["files"] = sorted(p.name for p in work.iterdir())
+        if final.exists():
+            out["alloc"] = final.stat().st_blocks * 512
+            out["ino"] = final.stat().st_ino
+            out["info"] = _info(final)
+            out["check"] = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(final)],
+                                          capture_output=True, text=True)
+            flat = root / "final-as.raw"  # the guest's disk as bytes, to look for the .reg value
+            subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(final), str(flat)],
+                           check=True, capture_output=True)
+            out["alpha"] = _has(flat, ALPHA)
+            flat.unlink()
+        yield out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.guestfs
+def test_qcow2_final_disk_is_ghost_converts_disk(once_qcow2: dict[str, Any]) -> None:
+    q = once_qcow2
+    _ok(q["proc"])
+    gc = receipt(q["root"], "xp", "ghost-convert")["result"]
+    assert (gc["backend"], gc["disk_format"]) == ("native", "qcow2")
+    assert gc["disk"] == str(q["work"] / "ghost.qcow2")
+    conv = receipt(q["root"], "xp", "convert")["result"]
+    adopted = conv["adopted"]
+    assert adopted["ghost_run_id"] == q["ids"]["ghost-convert"]
+    assert adopted["from"] == str(q["work"] / "ghost.qcow2")
+    assert q["ino"] == adopted["inode"]  # the final disk is the file ghost-convert wrote
+    assert "ghost.qcow2" not in q["files"] and "ghost.raw" not in q["files"]
+    assert conv["verified"] is True and conv["format"] == "qcow2"
+    assert q["check"].returncode == 0, q["check"].stdout + q["check"].stderr
+    assert q["info"]["format"] == "qcow2" and "backing-filename" not in q["info"]
+    assert q["alpha"]  # registry-merge's edit, committed into it
+    # one copy of the disk, written by qemu-nbd: a child of the CLI (run.start_server), so its writes are
+    # in the tree's count; a qemu-nbd that forked away would not be, and the count would miss the disk
+    written = q["written"]
+    assert "qemu-nbd" not in q["daemons"]
+    print(f"\nMEASURED qcow2: written by the CLI tree (qemu-nbd included) {written}, allocated {q['alloc']}, "
+          f"ratio {written / q['alloc']:.3f}; daemons that forked away (appliances, not counted): "
+          f"{dict(sorted(q['daemons'].items()))}")
+    assert q["alloc"] > DATA_MIB * MIB
+    assert written > q["alloc"] * 0.95  # the disk's bytes are counted: the ratio below means something
+    assert written < 1.5 * q["alloc"]

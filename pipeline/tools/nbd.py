@@ -86,7 +86,7 @@ class NbdDisk:
         (self._dir / "owner").write_text(f"{os.getpid()} {runner.process_start(os.getpid())}\n")
         self._log = self._dir / "qemu-nbd.log"
         self._handle = 0
-        self._inflight: dict[int, tuple[int, int]] = {}  # handle → (offset, length) of a write
+        self._inflight: dict[int, tuple[int, int]] = {}  # handle -> (start, end) of a write in flight
         self._pend_off = 0
         self._pend = bytearray()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -105,6 +105,7 @@ class NbdDisk:
                                          ready=sock_path.exists, timeout=timeout)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
+        self._sock = s
         deadline = time.monotonic() + timeout
         while True:  # the socket file exists from bind(); listen() follows at once
             try:
@@ -116,7 +117,8 @@ class NbdDisk:
                     why = "connection refused" if rc is None else f"it exited (exit {rc})"
                     raise self._error(why) from None
                 time.sleep(0.01)
-        self._sock = s
+            except OSError as e:
+                raise self._error(f"cannot connect to its socket ({e.strerror or e})") from None
         magic, opt, hflags = struct.unpack(">QQH", self._recv(18))
         if magic != NBDMAGIC or opt != IHAVEOPT or not hflags & FLAG_FIXED_NEWSTYLE:
             raise self._error(f"not a fixed-newstyle NBD server (magic {magic:#x}, {opt:#x}, flags {hflags})")
@@ -166,8 +168,10 @@ class NbdDisk:
             self._pend += data
         else:
             self._send_pending()
-            if n >= CHUNK:
-                self._write(offset, data)
+            if n >= CHUNK:  # in CHUNK pieces: qemu-nbd drops the connection on a request over 32 MiB
+                mv = memoryview(data)
+                for k in range(0, n, CHUNK):
+                    self._write(offset + k, mv[k:k + CHUNK])
                 return
             self._pend_off, self._pend = offset, bytearray(data)
         if len(self._pend) >= CHUNK:
@@ -214,7 +218,10 @@ class NbdDisk:
             self._write(self._pend_off, data)
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        while len(self._inflight) >= WINDOW:
+        end = offset + len(data)
+        # qemu-nbd may complete writes in flight in any order: one over bytes still in flight waits
+        while len(self._inflight) >= WINDOW or any(s < end and offset < e
+                                                   for s, e in self._inflight.values()):
             self._reply()
         self._request(CMD_WRITE, offset, len(data), data)
         self.written += len(data)
@@ -238,7 +245,7 @@ class NbdDisk:
         except OSError as e:
             raise self._error(f"the connection broke ({e.strerror or e})") from None
         if cmd == CMD_WRITE:
-            self._inflight[h] = (offset, length)
+            self._inflight[h] = (offset, offset + length)
         return h
 
     def _reply(self, want: int | None = None) -> None:
@@ -249,7 +256,7 @@ class NbdDisk:
         what = self._inflight.pop(h, None)
         if err:
             name = errno.errorcode.get(err, str(err))
-            req = f"a write of {what[1]} bytes at offset {what[0]}" if what else "a request"
+            req = f"a write of {what[1] - what[0]} bytes at offset {what[0]}" if what else "a request"
             raise self._error(f"the server refused {req} of the {self.size}-byte disk: {name} "
                               f"({os.strerror(err)})")
         if want is not None and h != want:

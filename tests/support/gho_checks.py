@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -80,3 +81,28 @@ def mdir_names(disk: Path, offset: int, path: str = "/") -> str:
                        timeout=60, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def extract_raw_and_qcow2(gho: Path, tmp: Path, password: str | None = None) -> tuple[Path, Path, dict, dict]:
+    """``gho`` rebuilt twice, as ``tmp/disk.raw`` and as ``tmp/disk.qcow2`` (written through qemu-nbd, as
+    ghost-convert writes a qcow2 output); the two disks must be identical for ``qemu-img compare`` and
+    the qcow2 clean for ``qemu-img check``. Returns both paths and both results (``output`` left out)."""
+    from pipeline.gho.extract import extract
+    from pipeline.tools import nbd
+
+    raw, qcow = tmp / "disk.raw", tmp / "disk.qcow2"
+    a = extract(gho, raw, password=password).to_dict()
+    b = extract(gho, qcow, password=password,
+                open_disk=lambda p, n: nbd.create_qcow2(p, n, image_id="eq", step="test")).to_dict()
+    r = subprocess.run(["qemu-img", "info", "--output=json", str(qcow)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert raw.stat().st_size == a["disk_size"] == b["disk_size"]
+    assert (info["format"], info["virtual-size"]) == ("qcow2", a["disk_size"]), info
+    r = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(qcow)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(qcow)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (a.pop("output"), b.pop("output")) == (str(raw), str(qcow))
+    return raw, qcow, a, b
