@@ -6,7 +6,8 @@ synthesises; inspect reads it; registry-merge writes its edits to ``overlay.qcow
 copy path would then write the whole disk a second time (``qemu-img convert`` overlay → final disk).
 When ``ghost.<format>`` sits on the final disk's filesystem, convert instead:
 
-1. renames ``ghost.<format>`` (or Ghost's flat extent, below) to the final disk's temp name (``.<id>.<format>.tmp-<pid>`` next to it);
+1. renames ``ghost.<format>`` (or Ghost's flat extent, below) to the final disk's temp name
+   (``.<id>.<format>.tmp-<pid>`` next to it);
 2. commits the overlay into it (``qemu-img commit -d``, the overlay's backing redirected to the temp
    through ``--image-opts``: only the overlay's clusters are written, ``overlay.qcow2`` is not changed);
 3. with ``verify``, compares the overlay (over the temp) with the temp: every edited cluster landed;
