@@ -317,3 +317,148 @@ def test_changed_reg_killed_inside_convert(once: dict[str, Any]) -> None:
 @pytest.mark.guestfs
 def test_source_and_spans_never_written(once: dict[str, Any]) -> None:
     assert once["spans_unchanged"]
+
+
+# -- the exe backend: Ghost's one flat extent is the final raw disk (adopted, not copied) ----------------
+# Fast tier: the stand-in (tests/support/fakes/ghost64_standin.py, Ghost's CLI) writes ghost.vmdk +
+# ghost-s001.vmdk with ``vmdk_type: auto`` (the default); the rule on receipts; the whole chain's
+# completeness on receipts. Slow tier (one migrate + a no-op): the same through the real CLI.
+STANDIN = Path(__file__).parent / "support" / "fakes" / "ghost64_standin.py"
+
+
+def _exe_config(tmp: Path, name: str = "config.yaml", ghost: dict[str, Any] | None = None,
+                **extra: Any) -> Path:
+    import sys
+
+    src = tmp / "src" / "DISK.GHO"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    if not src.exists():
+        src.write_bytes(b"\xfe\xef\x01\x00 the stand-in does not read it\n")
+    g = {"backend": "exe", "command": [sys.executable, str(STANDIN)], "path_style": "posix", **(ghost or {})}
+    return make_config(tmp, [{"id": "d", "source": src, "ghost": g, **extra}], name=name)
+
+
+def _run_ghost(cfg: Path, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Ghost (the stand-in) run as ghost-convert runs it on a 16 MiB payload: (image, result, receipt)."""
+    from pipeline.steps.ghost_convert import ghost_convert
+    from pipeline.tasks import GhostConvert
+
+    payload = tmp / "payload.raw"
+    with open(payload, "wb") as f:
+        f.truncate(16 * MIB)
+    _qemu_io(payload, "raw", "write -P 0x11 0 1M")
+    _qemu_io(payload, "raw", "write -P 0x22 8M 1M")
+    monkeypatch.setenv("GHOST_STANDIN_PAYLOAD", str(payload))
+    task = GhostConvert(config_path=str(cfg), image_id="d")
+    res = ghost_convert(task.step_input())
+    rec = {"run_id": "ghost-run-1", "fingerprint": task.fingerprint(), "result": res.to_dict(),
+           "outputs": {k: receipts.output_stamp(p) for k, p in res.outputs.items()}}
+    return task.image, res, rec
+
+
+def test_exe_flat_extent_is_adopted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image, res, gr = _run_ghost(_exe_config(tmp_path), monkeypatch, tmp_path)
+    desc, extent = image.image_dir / "ghost.vmdk", image.image_dir / "ghost-s001.vmdk"
+    assert "-VMDKTYPE=flat" in res.details["argv"]  # auto, for a raw final disk
+    assert res.disk == desc and gr["result"]["raw_extent"] == str(extent)
+    assert adopt.why_not(image, gr) is None
+    overlay = image.image_dir / "overlay.qcow2"  # registry-merge's overlay is over the descriptor
+    qemu_img.create_overlay(overlay, desc, "vmdk", image_id="d", step="test")
+    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
+    ino = extent.stat().st_ino
+    stamp = {k: gr["outputs"]["ghost-s001.vmdk"][k] for k in ("path", "size", "mtime_ns")}
+    out = adopt.adopt_disk(image, gr, overlay)
+    final = image.final_disk
+    assert out["verified"] is True and out["adopted"]["from"] == str(extent)
+    assert final.stat().st_ino == ino and not extent.exists() and desc.exists()
+    assert (_read(final, 0, 4), _read(final, 8 * MIB, 4), _read(final, 8 * MIB + 64 * 1024, 4)) == (
+        b"\x11" * 4, b"\x33" * 4, b"\x22" * 4)
+    assert final.stat().st_size == 16 * MIB
+    # downstream stamps of the extent: as ghost-convert recorded it, gone or not; the descriptor: as is
+    assert adopt.disk_stamp(extent, gr) == stamp
+    assert adopt.disk_stamp(desc, gr) == receipts.file_stamp(desc)
+
+    def chain(convert: dict[str, Any]) -> Any:
+        return lambda: [("inspect", _current({"i": 1}), {"i": 1}),
+                        ("registry-merge", _current({"m": 1}), {"m": 1}), ("convert", convert, {"c": 1})]
+
+    fp, adopted = gr["fingerprint"], _current({"c": 1}, adopted={"ghost_run_id": "ghost-run-1"})
+    assert adopt.ghost_stale_reason(gr, fp, chain(adopted)) is None
+    killed = _current({"c": 1})  # killed between the rename and convert's receipt
+    assert "not adopted" in (adopt.ghost_stale_reason(gr, fp, chain(killed)) or "")
+    desc.unlink()  # the rest of ghost-convert's outputs still count
+    assert adopt.ghost_stale_reason(gr, fp, chain(adopted)) == f"output missing: {desc}"
+
+
+@pytest.mark.parametrize(("ghost", "fmt", "why"), [
+    ({"vmdk_type": "sparse"}, "raw", "wrote no disk convert can adopt"),  # an explicit type is obeyed
+    ({}, "qcow2", "wrote no disk convert can adopt"),  # auto: sparse for qcow2
+    ({"vmdk_type": "flat"}, "qcow2", "ghost-convert's disk is raw, the output format qcow2"),
+])
+def test_exe_why_not_adopt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ghost: dict[str, Any],
+                           fmt: str, why: str) -> None:
+    image, _res, gr = _run_ghost(_exe_config(tmp_path, ghost=ghost, format=fmt), monkeypatch, tmp_path)
+    assert why in (adopt.why_not(image, gr) or "")
+
+
+def test_exe_raw_extent_must_be_the_receipts_output(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    image, _res, gr = _run_ghost(_exe_config(tmp_path), monkeypatch, tmp_path)
+    other = {**gr, "result": {**gr["result"], "raw_extent": str(tmp_path / "ghost-s001.vmdk")}}
+    assert "wrote no disk convert can adopt" in (adopt.why_not(image, other) or "")
+    os.utime(image.image_dir / "ghost-s001.vmdk", ns=(1, 1))  # touched since ghost-convert stamped it
+    assert "not ghost-convert's output" in (adopt.why_not(image, gr) or "")
+
+
+def test_exe_adopted_chain_is_a_noop_and_the_rule_holds(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receipts of a whole exe chain (ghost-convert's from a real stand-in run), the extent then
+    adopted: every step complete (a no-op re-run); the final disk gone → decode again; a changed .reg
+    → decode again; ``vmdk_type: flat`` written out = auto (nothing to do), ``sparse`` → ghost-convert
+    runs again."""
+    from dataclasses import replace
+
+    from pipeline.steps.convert import ConvertResult
+    from pipeline.steps.inspect import VmdkExtent
+    from pipeline.tasks import GhostConvert, chain
+    from tests.support import fx_receipts
+
+    cfg = _exe_config(tmp_path)
+    image, res, _gr = _run_ghost(cfg, monkeypatch, tmp_path)
+    extent = image.image_dir / "ghost-s001.vmdk"
+    facts = replace(fx_receipts.XP_FACTS, format="vmdk", create_type="monolithicFlat", extents=(
+        VmdkExtent("RW", 16 * MIB // 512, "FLAT", extent.name, str(extent.resolve())),))
+    stand_in = fx_receipts.stand_in
+    monkeypatch.setattr(fx_receipts, "stand_in",
+                        lambda t, f: res if t.step == "ghost-convert" else stand_in(t, f))
+    tasks = fx_receipts.write_chain(cfg, "d", facts=facts)
+    ghost, conv = tasks[0], tasks[3]
+    assert (ghost.step, conv.step) == ("ghost-convert", "convert")
+    g = ghost.receipt()
+    assert g is not None
+    g["outputs"] = {k: receipts.output_stamp(p) for k, p in res.outputs.items()}  # as the task records them
+    receipts.write(ghost.receipt_path, g)
+    assert [t.step for t in tasks if t.stale_reason() is not None] == []
+    # convert adopts Ghost's extent (no overlay here: the rename alone) and records it
+    result = adopt.adopt_disk(image, g, None)
+    c = conv.receipt()
+    assert c is not None
+    c["result"] = ConvertResult.from_dict(result).to_dict()
+    c["outputs"] = {"disk": receipts.output_stamp(image.final_disk)}
+    receipts.write(conv.receipt_path, c)
+    assert not extent.exists()
+    assert {t.step: t.stale_reason() for t in chain(str(cfg), "d")} == {t.step: None for t in tasks}
+    aside = tmp_path / "aside.raw"
+    os.rename(image.final_disk, aside)
+    why = GhostConvert(config_path=str(cfg), image_id="d").stale_reason() or ""
+    assert "convert must run again (output missing" in why and "decode again" in why
+    os.rename(aside, image.final_disk)
+    reg = tmp_path / "src" / "extra.reg"
+    _reg(reg, "First", ALPHA)
+    changed = _exe_config(tmp_path, "changed.yaml", registry=["mergeide", str(reg)])
+    why = GhostConvert(config_path=str(changed), image_id="d").stale_reason() or ""
+    assert "registry-merge must run again" in why and "decode again" in why
+    same = _exe_config(tmp_path, "flat.yaml", ghost={"vmdk_type": "flat"})
+    assert all(t.stale_reason() is None for t in chain(str(same), "d"))
+    sparse = _exe_config(tmp_path, "sparse.yaml", ghost={"vmdk_type": "sparse"})
+    assert "vmdk_type" in (GhostConvert(config_path=str(sparse), image_id="d").stale_reason() or "")

@@ -413,9 +413,7 @@ def convert(
 
         # Commit: extents first, descriptor last (its presence marks a complete disk).
         outputs: list[dict[str, Any]] = []
-        for name in [*extents, FINAL_NAME]:
-            if name == FINAL_NAME and name in extents:
-                continue
+        for name in dict.fromkeys([*extents, FINAL_NAME]):  # each file once (extents may share one)
             final = out_dir / name
             os.replace(tmp_dir / name, final)
             st = final.stat()
