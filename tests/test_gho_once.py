@@ -462,3 +462,139 @@ def test_exe_adopted_chain_is_a_noop_and_the_rule_holds(tmp_path: Path,
     assert all(t.stale_reason() is None for t in chain(str(same), "d"))
     sparse = _exe_config(tmp_path, "sparse.yaml", ghost={"vmdk_type": "sparse"})
     assert "vmdk_type" in (GhostConvert(config_path=str(sparse), image_id="d").stale_reason() or "")
+
+
+# -- the exe backend end to end: Ghost's stand-in through the real CLI (two appliance launches) ----------
+GHOST_WRAPPER = """import os, subprocess, sys
+# Ghost's stand-in, then: the inode of the extent it wrote (before the pipeline touches it)
+rc = subprocess.run([sys.executable, {standin!r}, *sys.argv[1:]]).returncode
+dst = sys.argv[1].split(",dst=")[1].split(",")[0]
+extent = os.path.join(os.path.dirname(dst), "ghost-s001.vmdk")
+if rc == 0 and os.path.exists(extent):
+    with open({record!r}, "a") as f:
+        f.write("%d\\n" % os.stat(extent).st_ino)
+sys.exit(rc)
+"""
+
+
+def _splice(vol: Path, disk: Path, offset: int) -> None:
+    """Write the data extents of ``vol`` into ``disk`` at ``offset`` (holes stay holes)."""
+    fi, fo = os.open(vol, os.O_RDONLY), os.open(disk, os.O_WRONLY)
+    try:
+        pos, end = 0, os.fstat(fi).st_size
+        while pos < end:
+            try:
+                pos = os.lseek(fi, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(fi, pos, os.SEEK_HOLE)
+            while pos < stop:
+                chunk = os.pread(fi, min(stop - pos, 4 * MIB), pos)
+                os.pwrite(fo, chunk, offset + pos)
+                pos += len(chunk)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+@pytest.fixture(scope="module")
+def exe_once(xp_raw: Path) -> Iterator[dict[str, Any]]:
+    """One migration with the exe backend and ``vmdk_type`` left at its default, a no-op re-run, then
+    ``plan`` only: the final disk moved away and back, the ``.reg`` changed."""
+    import sys
+
+    from tests.support.gho_checks import carve, mbr_partitions
+    from tests.support.gho_ntfs_writer import mounted
+
+    root = Path(tempfile.mkdtemp(prefix="gho2kvm-exe-once-"))
+    try:
+        # Ghost's payload: the phony XP disk with 24 MiB of data in its NTFS volume (the disk dominates)
+        payload = root / "payload.raw"
+        subprocess.run(["cp", "--sparse=always", str(xp_raw), str(payload)], check=True)
+        ((_ptype, start, count),) = mbr_partitions(payload)
+        vol = carve(payload, start * 512, count * 512, root / "xp-ntfs.img")
+        with mounted(vol, root / "vol.mnt", plain=True) as m:
+            (m / "data.bin").write_bytes(os.urandom(DATA_MIB * MIB))
+        _splice(vol, payload, start * 512)
+        vol.unlink()
+        src = root / "src" / "WINXP.GHO"
+        src.parent.mkdir()
+        src.write_bytes(b"\xfe\xef\x01\x00 the stand-in does not read it\n")
+        inodes, calls = root / "ghost-inodes.txt", root / "ghost-calls.jsonl"
+        wrapper = root / "ghost64.py"
+        wrapper.write_text(GHOST_WRAPPER.format(standin=str(STANDIN), record=str(inodes)))
+        reg = root / "once.reg"
+        _reg(reg, "First", ALPHA)
+        image = {"id": "xp", "source": src, "format": "raw", "registry": ["mergeide", str(reg)]}
+        cfg = make_config(root, [image], defaults={"ghost": {
+            "backend": "exe", "command": [sys.executable, str(wrapper)], "path_style": "posix"}})
+        argv = ("migrate", "--config", str(cfg))
+        plan = ("plan", "--config", str(cfg))
+        work, final = root / "work" / "xp", root / "images" / "xp.raw"
+        out: dict[str, Any] = {"root": root, "work": work, "final": final, "inodes": inodes}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("GHOST_STANDIN_PAYLOAD", str(payload))
+            mp.setenv("GHOST_STANDIN_LOG", str(calls))
+            out["first"], out["first_written"] = _written_by(argv)
+            out["first_ids"] = _run_ids(work)
+            out["first_final"] = receipts.file_stamp(final)
+            out["first_ino"] = final.stat().st_ino if final.exists() else None
+            out["first_alloc"] = final.stat().st_blocks * 512 if final.exists() else 0
+            out["first_alpha"] = final.exists() and _has(final, ALPHA)
+            out["first_files"] = sorted(p.name for p in work.iterdir())
+
+            out["noop"] = run_cli(*argv, timeout=600)
+            out["noop_ids"] = _run_ids(work)
+            out["noop_final"] = receipts.file_stamp(final)
+            out["ghost_calls"] = len(calls.read_text().splitlines()) if calls.exists() else 0
+
+            aside = root / "aside.raw"
+            os.rename(final, aside)
+            out["plan_deleted"] = run_cli(*plan, timeout=300)
+            os.rename(aside, final)
+            out["plan_restored"] = run_cli(*plan, timeout=300)
+            _reg(reg, "Second", BRAVO)
+            out["plan_reg"] = run_cli(*plan, timeout=300)
+        yield out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.guestfs
+def test_exe_final_disk_is_ghosts_extent(exe_once: dict[str, Any]) -> None:
+    _ok(exe_once["first"])
+    root, work = exe_once["root"], exe_once["work"]
+    ghost = receipt(root, "xp", "ghost-convert")
+    assert "-VMDKTYPE=flat" in ghost["result"]["argv"]  # the default (auto) for a raw final disk
+    assert ghost["result"]["raw_extent"] == str(work / "ghost-s001.vmdk")
+    conv = receipt(root, "xp", "convert")["result"]
+    assert conv["adopted"]["ghost_run_id"] == exe_once["first_ids"]["ghost-convert"]
+    assert conv["verified"] is True
+    # the final disk is the very file Ghost wrote (its inode, as Ghost's wrapper saw it)
+    assert exe_once["inodes"].read_text().split() == [str(exe_once["first_ino"])]
+    assert "ghost-s001.vmdk" not in exe_once["first_files"] and "ghost.vmdk" in exe_once["first_files"]
+    assert exe_once["first_alpha"]  # the .reg value, committed into it
+    ratio = exe_once["first_written"] / exe_once["first_alloc"]
+    print(f"\nMEASURED exe written {exe_once['first_written']} allocated {exe_once['first_alloc']} "
+          f"ratio {ratio:.3f}")
+    assert exe_once["first_alloc"] > DATA_MIB * MIB
+    assert exe_once["first_written"] < 1.5 * exe_once["first_alloc"]
+
+
+@pytest.mark.guestfs
+def test_exe_rerun_is_a_noop(exe_once: dict[str, Any]) -> None:
+    _ok(exe_once["noop"])
+    assert exe_once["noop_ids"] == exe_once["first_ids"]
+    assert exe_once["noop_final"] == exe_once["first_final"]
+    assert exe_once["ghost_calls"] == 1
+    assert not [e for e in log_events(exe_once["noop"]) if e.get("event") == "step started"]
+
+
+@pytest.mark.guestfs
+def test_exe_deleted_final_disk_or_changed_reg_runs_ghost_again(exe_once: dict[str, Any]) -> None:
+    deleted = _plan(exe_once["plan_deleted"])
+    assert deleted["ghost-convert"].startswith("RUN:") and "decode again" in deleted["ghost-convert"]
+    assert all(v.startswith("skip") for v in _plan(exe_once["plan_restored"]).values())
+    changed = _plan(exe_once["plan_reg"])
+    assert "registry-merge must run again" in changed["ghost-convert"]
+    assert all(v.startswith("RUN") for v in changed.values())
