@@ -505,3 +505,21 @@ def test_vmdk_rename_extents_keeps_other_bytes(tmp_path: Path, payload: Path):
     sparse = d / "s.vmdk"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(payload), str(sparse)], check=True)
     assert vmdk.rename_extents(sparse, str.upper) == []  # embedded descriptor: its own extent
+
+
+@pytest.mark.parametrize(("line", "size", "raw"), [
+    ('RW 8192 FLAT "ghost-s001.vmdk" 0', 4 * MB, "ghost-s001.vmdk"),
+    ('RW 8192 VMFS "ghost-s001.vmdk"', 4 * MB, "ghost-s001.vmdk"),  # no offset written: 0
+    ('RW 8192 FLAT "ghost-s001.vmdk" 0', 8 * MB, None),  # the disk is larger than the extent
+    ('RW 8192 FLAT "ghost-s001.vmdk" 2048', 4 * MB, None),
+    ('RDONLY 8192 FLAT "ghost-s001.vmdk" 0', 4 * MB, None),
+    ('RW 8192 SPARSE "ghost-s001.vmdk"', 4 * MB, None),
+    ('RW 4096 FLAT "ghost-s001.vmdk" 0\nRW 4096 FLAT "ghost-s002.vmdk" 0', 4 * MB, None),
+])
+def test_whole_raw_extent_from_the_descriptor(tmp_path: Path, line: str, size: int, raw: str | None):
+    from pipeline import vmdk
+
+    desc = tmp_path / "ghost.vmdk"
+    desc.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                    f'createType="monolithicFlat"\n\n# Extent description\n{line}\n')
+    assert vmdk.whole_raw_extent(vmdk.parse_descriptor(desc), size) == raw

@@ -26,9 +26,10 @@ from pipeline.tasks.base import ImageTask, get_config, hooks
 
 
 class GhostConvert(ImageTask[GhostConvertResult]):
-    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw``/``ghost.qcow2`` (native
-    reader, in the final disk's format; convert may adopt it as the final disk, see
-    :mod:`pipeline.steps.adopt` for when this step is then complete)."""
+    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable; for a raw final disk a flat one, whose
+    extent convert may adopt) or ``ghost.raw``/``ghost.qcow2`` (native reader, in the final disk's
+    format; convert may adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step
+    is then complete)."""
 
     step = "ghost-convert"
     result_type = GhostConvertResult
