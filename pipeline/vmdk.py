@@ -47,6 +47,7 @@ class Extent:
     sectors: int
     type: str
     file: str
+    offset: int = 0  # sectors into ``file`` where the extent starts (flat extents)
 
 
 @dataclass(frozen=True)
@@ -152,9 +153,26 @@ def parse_descriptor(path: Path, *, image_id: str | None = None, step: str | Non
         if len(extents) >= MAX_EXTENTS:
             raise InputError(f"{name}: VMDK descriptor lists more than {MAX_EXTENTS} extents; refused",
                              **where)
-        _, sectors, kind, file, _ = em.groups()
-        extents.append(Extent(line.split()[0].upper(), int(sectors), kind, file))
+        _, sectors, kind, file, tail = em.groups()
+        offset = tail.strip('" \t')
+        extents.append(Extent(line.split()[0].upper(), int(sectors), kind, file, int(offset or 0)))
     return Descriptor(text, embedded, values["createType"] or "?", parent, extents)
+
+
+FLAT_TYPES = ("FLAT", "VMFS")  # extent types qemu reads as plain raw data
+
+
+def whole_raw_extent(desc: Descriptor, virtual_size: int | None) -> str | None:
+    """The file name of the descriptor's only extent when that extent IS the whole disk as a raw
+    image: exactly one extent, ``RW <n> FLAT "<file>" 0`` (or VMFS), ``n`` sectors = ``virtual_size``.
+    None for anything else (a sparse VMDK, several extents, an offset, a size that differs). The
+    caller checks that the file itself is exactly that long."""
+    if desc.embedded or len(desc.extents) != 1 or virtual_size is None:
+        return None
+    (ext,) = desc.extents
+    if ext.access != "RW" or ext.type.upper() not in FLAT_TYPES or ext.offset != 0:
+        return None
+    return ext.file if ext.sectors * 512 == virtual_size else None
 
 
 def rename_extents(path: Path, rename: Callable[[str], str]) -> list[str]:

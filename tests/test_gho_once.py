@@ -597,3 +597,284 @@ def test_qcow2_final_disk_is_ghost_converts_disk(once_qcow2: dict[str, Any]) -> 
     assert q["alloc"] > DATA_MIB * MIB
     assert written > q["alloc"] * 0.95  # the disk's bytes are counted: the ratio below means something
     assert written < 1.5 * q["alloc"]
+
+
+# -- the exe backend: Ghost's one flat extent is the final raw disk (adopted, not copied) ----------------
+# Fast tier: the stand-in (tests/support/fakes/ghost64_standin.py, Ghost's CLI) writes ghost.vmdk +
+# ghost-s001.vmdk with ``vmdk_type: auto`` (the default); the rule on receipts; the whole chain's
+# completeness on receipts. Slow tier (one migrate + a no-op): the same through the real CLI.
+STANDIN = Path(__file__).parent / "support" / "fakes" / "ghost64_standin.py"
+
+
+def _exe_config(tmp: Path, name: str = "config.yaml", ghost: dict[str, Any] | None = None,
+                **extra: Any) -> Path:
+    import sys
+
+    src = tmp / "src" / "DISK.GHO"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    if not src.exists():
+        src.write_bytes(b"\xfe\xef\x01\x00 the stand-in does not read it\n")
+    g = {"backend": "exe", "command": [sys.executable, str(STANDIN)], "path_style": "posix", **(ghost or {})}
+    return make_config(tmp, [{"id": "d", "source": src, "ghost": g, **extra}], name=name)
+
+
+def _run_ghost(cfg: Path, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Ghost (the stand-in) run as ghost-convert runs it on a 16 MiB payload: (image, result, receipt)."""
+    from pipeline.steps.ghost_convert import ghost_convert
+    from pipeline.tasks import GhostConvert
+
+    payload = tmp / "payload.raw"
+    with open(payload, "wb") as f:
+        f.truncate(16 * MIB)
+    _qemu_io(payload, "raw", "write -P 0x11 0 1M")
+    _qemu_io(payload, "raw", "write -P 0x22 8M 1M")
+    monkeypatch.setenv("GHOST_STANDIN_PAYLOAD", str(payload))
+    task = GhostConvert(config_path=str(cfg), image_id="d")
+    res = ghost_convert(task.step_input())
+    rec = {"run_id": "ghost-run-1", "fingerprint": task.fingerprint(), "result": res.to_dict(),
+           "outputs": {k: receipts.output_stamp(p) for k, p in res.outputs.items()}}
+    return task.image, res, rec
+
+
+def test_exe_flat_extent_is_adopted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image, res, gr = _run_ghost(_exe_config(tmp_path), monkeypatch, tmp_path)
+    desc, extent = image.image_dir / "ghost.vmdk", image.image_dir / "ghost-s001.vmdk"
+    assert "-VMDKTYPE=flat" in res.details["argv"]  # auto, for a raw final disk
+    assert res.disk == desc and gr["result"]["raw_extent"] == str(extent)
+    assert adopt.why_not(image, gr) is None
+    overlay = image.image_dir / "overlay.qcow2"  # registry-merge's overlay is over the descriptor
+    qemu_img.create_overlay(overlay, desc, "vmdk", image_id="d", step="test")
+    _qemu_io(overlay, "qcow2", "write -P 0x33 8M 64k")
+    ino = extent.stat().st_ino
+    stamp = {k: gr["outputs"]["ghost-s001.vmdk"][k] for k in ("path", "size", "mtime_ns")}
+    out = adopt.adopt_disk(image, gr, overlay)
+    final = image.final_disk
+    assert out["verified"] is True and out["adopted"]["from"] == str(extent)
+    assert final.stat().st_ino == ino and not extent.exists() and desc.exists()
+    assert (_read(final, 0, 4), _read(final, 8 * MIB, 4), _read(final, 8 * MIB + 64 * 1024, 4)) == (
+        b"\x11" * 4, b"\x33" * 4, b"\x22" * 4)
+    assert final.stat().st_size == 16 * MIB
+    # downstream stamps of the extent: as ghost-convert recorded it, gone or not; the descriptor: as is
+    assert adopt.disk_stamp(extent, gr) == stamp
+    assert adopt.disk_stamp(desc, gr) == receipts.file_stamp(desc)
+
+    def chain(convert: dict[str, Any]) -> Any:
+        return lambda: [("inspect", _current({"i": 1}), {"i": 1}),
+                        ("registry-merge", _current({"m": 1}), {"m": 1}), ("convert", convert, {"c": 1})]
+
+    fp, adopted = gr["fingerprint"], _current({"c": 1}, adopted={"ghost_run_id": "ghost-run-1"})
+    assert adopt.ghost_stale_reason(gr, fp, chain(adopted)) is None
+    killed = _current({"c": 1})  # killed between the rename and convert's receipt
+    assert "not adopted" in (adopt.ghost_stale_reason(gr, fp, chain(killed)) or "")
+    desc.unlink()  # the rest of ghost-convert's outputs still count
+    assert adopt.ghost_stale_reason(gr, fp, chain(adopted)) == f"output missing: {desc}"
+
+
+@pytest.mark.parametrize(("ghost", "fmt", "why"), [
+    ({"vmdk_type": "sparse"}, "raw", "wrote no disk convert can adopt"),  # an explicit type is obeyed
+    ({}, "qcow2", "wrote no disk convert can adopt"),  # auto: sparse for qcow2
+    ({"vmdk_type": "flat"}, "qcow2", "ghost-convert's disk is raw, the output format qcow2"),
+])
+def test_exe_why_not_adopt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ghost: dict[str, Any],
+                           fmt: str, why: str) -> None:
+    image, _res, gr = _run_ghost(_exe_config(tmp_path, ghost=ghost, format=fmt), monkeypatch, tmp_path)
+    assert why in (adopt.why_not(image, gr) or "")
+
+
+def test_exe_raw_extent_must_be_the_receipts_output(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    image, _res, gr = _run_ghost(_exe_config(tmp_path), monkeypatch, tmp_path)
+    other = {**gr, "result": {**gr["result"], "raw_extent": str(tmp_path / "ghost-s001.vmdk")}}
+    assert "wrote no disk convert can adopt" in (adopt.why_not(image, other) or "")
+    os.utime(image.image_dir / "ghost-s001.vmdk", ns=(1, 1))  # touched since ghost-convert stamped it
+    assert "not ghost-convert's output" in (adopt.why_not(image, gr) or "")
+
+
+def test_exe_adopted_chain_is_a_noop_and_the_rule_holds(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receipts of a whole exe chain (ghost-convert's from a real stand-in run), the extent then
+    adopted: every step complete (a no-op re-run); the final disk gone → decode again; a changed .reg
+    → decode again; ``vmdk_type: flat`` written out = auto (nothing to do), ``sparse`` → ghost-convert
+    runs again."""
+    from dataclasses import replace
+
+    from pipeline.steps.convert import ConvertResult
+    from pipeline.steps.inspect import VmdkExtent
+    from pipeline.tasks import GhostConvert, chain
+    from tests.support import fx_receipts
+
+    cfg = _exe_config(tmp_path)
+    image, res, _gr = _run_ghost(cfg, monkeypatch, tmp_path)
+    extent = image.image_dir / "ghost-s001.vmdk"
+    facts = replace(fx_receipts.XP_FACTS, format="vmdk", create_type="monolithicFlat", extents=(
+        VmdkExtent("RW", 16 * MIB // 512, "FLAT", extent.name, str(extent.resolve())),))
+    stand_in = fx_receipts.stand_in
+    monkeypatch.setattr(fx_receipts, "stand_in",
+                        lambda t, f: res if t.step == "ghost-convert" else stand_in(t, f))
+    tasks = fx_receipts.write_chain(cfg, "d", facts=facts)
+    ghost, conv = tasks[0], tasks[3]
+    assert (ghost.step, conv.step) == ("ghost-convert", "convert")
+    g = ghost.receipt()
+    assert g is not None
+    g["outputs"] = {k: receipts.output_stamp(p) for k, p in res.outputs.items()}  # as the task records them
+    receipts.write(ghost.receipt_path, g)
+    assert [t.step for t in tasks if t.stale_reason() is not None] == []
+    # convert adopts Ghost's extent (no overlay here: the rename alone) and records it
+    result = adopt.adopt_disk(image, g, None)
+    c = conv.receipt()
+    assert c is not None
+    c["result"] = ConvertResult.from_dict(result).to_dict()
+    c["outputs"] = {"disk": receipts.output_stamp(image.final_disk)}
+    receipts.write(conv.receipt_path, c)
+    assert not extent.exists()
+    assert {t.step: t.stale_reason() for t in chain(str(cfg), "d")} == {t.step: None for t in tasks}
+    aside = tmp_path / "aside.raw"
+    os.rename(image.final_disk, aside)
+    why = GhostConvert(config_path=str(cfg), image_id="d").stale_reason() or ""
+    assert "convert must run again (output missing" in why and "decode again" in why
+    os.rename(aside, image.final_disk)
+    reg = tmp_path / "src" / "extra.reg"
+    _reg(reg, "First", ALPHA)
+    changed = _exe_config(tmp_path, "changed.yaml", registry=["mergeide", str(reg)])
+    why = GhostConvert(config_path=str(changed), image_id="d").stale_reason() or ""
+    assert "registry-merge must run again" in why and "decode again" in why
+    same = _exe_config(tmp_path, "flat.yaml", ghost={"vmdk_type": "flat"})
+    assert all(t.stale_reason() is None for t in chain(str(same), "d"))
+    sparse = _exe_config(tmp_path, "sparse.yaml", ghost={"vmdk_type": "sparse"})
+    assert "vmdk_type" in (GhostConvert(config_path=str(sparse), image_id="d").stale_reason() or "")
+
+
+# -- the exe backend end to end: Ghost's stand-in through the real CLI (two appliance launches) ----------
+GHOST_WRAPPER = """import os, subprocess, sys
+# Ghost's stand-in, then: the inode of the extent it wrote (before the pipeline touches it)
+rc = subprocess.run([sys.executable, {standin!r}, *sys.argv[1:]]).returncode
+dst = sys.argv[1].split(",dst=")[1].split(",")[0]
+extent = os.path.join(os.path.dirname(dst), "ghost-s001.vmdk")
+if rc == 0 and os.path.exists(extent):
+    with open({record!r}, "a") as f:
+        f.write("%d\\n" % os.stat(extent).st_ino)
+sys.exit(rc)
+"""
+
+
+def _splice(vol: Path, disk: Path, offset: int) -> None:
+    """Write the data extents of ``vol`` into ``disk`` at ``offset`` (holes stay holes)."""
+    fi, fo = os.open(vol, os.O_RDONLY), os.open(disk, os.O_WRONLY)
+    try:
+        pos, end = 0, os.fstat(fi).st_size
+        while pos < end:
+            try:
+                pos = os.lseek(fi, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(fi, pos, os.SEEK_HOLE)
+            while pos < stop:
+                chunk = os.pread(fi, min(stop - pos, 4 * MIB), pos)
+                os.pwrite(fo, chunk, offset + pos)
+                pos += len(chunk)
+    finally:
+        os.close(fi)
+        os.close(fo)
+
+
+@pytest.fixture(scope="module")
+def exe_once(xp_raw: Path) -> Iterator[dict[str, Any]]:
+    """One migration with the exe backend and ``vmdk_type`` left at its default, a no-op re-run, then
+    ``plan`` only: the final disk moved away and back, the ``.reg`` changed."""
+    import sys
+
+    from tests.support.gho_checks import carve, mbr_partitions
+    from tests.support.gho_ntfs_writer import mounted
+
+    root = Path(tempfile.mkdtemp(prefix="gho2kvm-exe-once-"))
+    try:
+        # Ghost's payload: the phony XP disk with 24 MiB of data in its NTFS volume (the disk dominates)
+        payload = root / "payload.raw"
+        subprocess.run(["cp", "--sparse=always", str(xp_raw), str(payload)], check=True)
+        ((_ptype, start, count),) = mbr_partitions(payload)
+        vol = carve(payload, start * 512, count * 512, root / "xp-ntfs.img")
+        with mounted(vol, root / "vol.mnt", plain=True) as m:
+            (m / "data.bin").write_bytes(os.urandom(DATA_MIB * MIB))
+        _splice(vol, payload, start * 512)
+        vol.unlink()
+        src = root / "src" / "WINXP.GHO"
+        src.parent.mkdir()
+        src.write_bytes(b"\xfe\xef\x01\x00 the stand-in does not read it\n")
+        inodes, calls = root / "ghost-inodes.txt", root / "ghost-calls.jsonl"
+        wrapper = root / "ghost64.py"
+        wrapper.write_text(GHOST_WRAPPER.format(standin=str(STANDIN), record=str(inodes)))
+        reg = root / "once.reg"
+        _reg(reg, "First", ALPHA)
+        image = {"id": "xp", "source": src, "format": "raw", "registry": ["mergeide", str(reg)]}
+        cfg = make_config(root, [image], defaults={"ghost": {
+            "backend": "exe", "command": [sys.executable, str(wrapper)], "path_style": "posix"}})
+        argv = ("migrate", "--config", str(cfg))
+        plan = ("plan", "--config", str(cfg))
+        work, final = root / "work" / "xp", root / "images" / "xp.raw"
+        out: dict[str, Any] = {"root": root, "work": work, "final": final, "inodes": inodes}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("GHOST_STANDIN_PAYLOAD", str(payload))
+            mp.setenv("GHOST_STANDIN_LOG", str(calls))
+            out["first"], out["first_written"], _daemons = _written_by(argv)
+            out["first_ids"] = _run_ids(work)
+            out["first_final"] = receipts.file_stamp(final)
+            out["first_ino"] = final.stat().st_ino if final.exists() else None
+            out["first_alloc"] = final.stat().st_blocks * 512 if final.exists() else 0
+            out["first_alpha"] = final.exists() and _has(final, ALPHA)
+            out["first_files"] = sorted(p.name for p in work.iterdir())
+
+            out["noop"] = run_cli(*argv, timeout=600)
+            out["noop_ids"] = _run_ids(work)
+            out["noop_final"] = receipts.file_stamp(final)
+            out["ghost_calls"] = len(calls.read_text().splitlines()) if calls.exists() else 0
+
+            aside = root / "aside.raw"
+            os.rename(final, aside)
+            out["plan_deleted"] = run_cli(*plan, timeout=300)
+            os.rename(aside, final)
+            out["plan_restored"] = run_cli(*plan, timeout=300)
+            _reg(reg, "Second", BRAVO)
+            out["plan_reg"] = run_cli(*plan, timeout=300)
+        yield out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.guestfs
+def test_exe_final_disk_is_ghosts_extent(exe_once: dict[str, Any]) -> None:
+    _ok(exe_once["first"])
+    root, work = exe_once["root"], exe_once["work"]
+    ghost = receipt(root, "xp", "ghost-convert")
+    assert "-VMDKTYPE=flat" in ghost["result"]["argv"]  # the default (auto) for a raw final disk
+    assert ghost["result"]["raw_extent"] == str(work / "ghost-s001.vmdk")
+    conv = receipt(root, "xp", "convert")["result"]
+    assert conv["adopted"]["ghost_run_id"] == exe_once["first_ids"]["ghost-convert"]
+    assert conv["verified"] is True
+    # the final disk is the very file Ghost wrote (its inode, as Ghost's wrapper saw it)
+    assert exe_once["inodes"].read_text().split() == [str(exe_once["first_ino"])]
+    assert "ghost-s001.vmdk" not in exe_once["first_files"] and "ghost.vmdk" in exe_once["first_files"]
+    assert exe_once["first_alpha"]  # the .reg value, committed into it
+    ratio = exe_once["first_written"] / exe_once["first_alloc"]
+    print(f"\nMEASURED exe written {exe_once['first_written']} allocated {exe_once['first_alloc']} "
+          f"ratio {ratio:.3f}")
+    assert exe_once["first_alloc"] > DATA_MIB * MIB
+    assert exe_once["first_written"] < 1.5 * exe_once["first_alloc"]
+
+
+@pytest.mark.guestfs
+def test_exe_rerun_is_a_noop(exe_once: dict[str, Any]) -> None:
+    _ok(exe_once["noop"])
+    assert exe_once["noop_ids"] == exe_once["first_ids"]
+    assert exe_once["noop_final"] == exe_once["first_final"]
+    assert exe_once["ghost_calls"] == 1
+    assert not [e for e in log_events(exe_once["noop"]) if e.get("event") == "step started"]
+
+
+@pytest.mark.guestfs
+def test_exe_deleted_final_disk_or_changed_reg_runs_ghost_again(exe_once: dict[str, Any]) -> None:
+    deleted = _plan(exe_once["plan_deleted"])
+    assert deleted["ghost-convert"].startswith("RUN:") and "decode again" in deleted["ghost-convert"]
+    assert all(v.startswith("skip") for v in _plan(exe_once["plan_restored"]).values())
+    changed = _plan(exe_once["plan_reg"])
+    assert "registry-merge must run again" in changed["ghost-convert"]
+    assert all(v.startswith("RUN") for v in changed.values())

@@ -56,6 +56,7 @@ def cfg(**kw) -> GhostConfig:
     kw.setdefault("backend", "exe")
     kw.setdefault("command", (sys.executable, str(STANDIN)))
     kw.setdefault("timeout_s", 120)
+    kw.setdefault("vmdk_type", "sparse")  # the default, auto, is resolved by ghost-convert (for_format)
     return GhostConfig(**kw)
 
 
@@ -109,10 +110,33 @@ def test_argv_shape_exact():
 
 def test_argv_defaults_posix_no_password():
     c = GhostConfig(backend="exe", command=("ghost64",))
-    argv = build_argv(c, Path("/d/x.GHO"), Path("/o/x.vmdk"), Path("/o/a.txt"), None)
+    assert c.vmdk_type == "auto"
+    # auto, for a raw final disk: a flat VMDK (its one extent becomes the final disk), else sparse
+    argv = build_argv(c.for_format("raw"), Path("/d/x.GHO"), Path("/o/x.vmdk"), Path("/o/a.txt"), None)
     assert argv == ["ghost64", "-clone,mode=restore,src=/d/x.GHO,dst=/o/x.vmdk", "-batch", "-sure",
-                    "-VMDKTYPE=sparse", "-VMDKADAPTER=ide", "-afile=/o/a.txt"]
+                    "-VMDKTYPE=flat", "-VMDKADAPTER=ide", "-afile=/o/a.txt"]
     assert not any(a.lower().startswith(("-pwd", "-vmdksize", "-vmdksplit")) for a in argv)
+    qcow2 = build_argv(c.for_format("qcow2"), Path("/d/x.GHO"), Path("/o/x.vmdk"), Path("/o/a.txt"), None)
+    assert "-VMDKTYPE=sparse" in qcow2
+
+
+@pytest.mark.parametrize(("ghost", "fmt", "asked"), [
+    ({}, "raw", "flat"),
+    ({}, "qcow2", "sparse"),
+    ({"vmdk_split_mb": 2000}, "raw", "sparse"),  # split: several extents, none of them the disk
+    ({"vmdk_type": "sparse"}, "raw", "sparse"),  # an explicit type is obeyed
+    ({"vmdk_type": "flat"}, "qcow2", "flat"),
+])
+def test_vmdk_type_auto_resolves_by_final_format(ghost: dict, fmt: str, asked: str):
+    c = GhostConfig(backend="exe", command=("ghost64",), **ghost)
+    argv = build_argv(c.for_format(fmt), Path("/d/x.GHO"), Path("/o/x.vmdk"), Path("/o/a.txt"), None)
+    assert [a for a in argv if a.startswith("-VMDKTYPE=")] == [f"-VMDKTYPE={asked}"]
+
+
+def test_vmdk_type_auto_is_never_passed_to_ghost():
+    with pytest.raises(InputError, match="expected one of sparse, flat, got 'auto'"):
+        build_argv(GhostConfig(backend="exe", command=("ghost64",)), Path("/d/x.GHO"), Path("/o/x.vmdk"),
+                   Path("/o/a.txt"), None)
 
 
 def test_argv_needs_command_and_rejects_commas():
@@ -163,6 +187,7 @@ def test_sparse(tmp_path: Path, gho: Path, payload: Path, standin_env: Path):
     assert res.virtual_size == 4 * MB and res.create_type == "monolithicSparse"
     assert res.source["path"] == str(gho) and res.source["size"] == gho.stat().st_size
     assert res.seconds >= 0 and seen and seen[-1] == 100.0
+    assert res.raw_extent is None  # a sparse VMDK holds no raw disk
     assert len(calls(standin_env)) == 1
     json.dumps(res.to_dict())
 
@@ -184,6 +209,7 @@ def test_flat_descriptor_points_at_renamed_extent(tmp_path: Path, gho: Path, pay
     assert [o["path"] for o in res.outputs] == [str(extent), str(disk)]  # descriptor renamed last
     assert res.outputs[0]["size"] == 4 * MB
     assert res.vmdk_type == "flat" and res.create_type == "monolithicFlat"
+    assert res.raw_extent == str(extent)  # one FLAT extent at offset 0, the whole disk: a raw disk
     clone, afile = calls(standin_env)[0][0], calls(standin_env)[0][-1]
     if style == "wine":
         assert clone.startswith("-clone,mode=restore,src=Z:\\") and ",dst=Z:\\" in clone
@@ -362,6 +388,41 @@ def test_descriptor_extent_path_reduced_to_name(tmp_path: Path, gho: Path, paylo
     assert [Path(o["path"]).name for o in res.outputs] == ["ghost-s001.vmdk", "ghost.vmdk"]
 
 
+def _prepared_flat(folder: Path, payload: Path, extents: list[tuple[int, int]], grow: int = 0) -> Path:
+    """A flat VMDK whose descriptor lists ``extents`` (sectors, offset) of one file ``ghost-s001.vmdk``
+    holding the payload (and ``grow`` more bytes)."""
+    prepared = flat_with_windows_extent_path(folder, payload)
+    desc = (prepared / "ghost.vmdk").read_bytes()
+    head, _, tail = desc.partition(b'RW ')
+    tail = tail.split(b"\n", 1)[1]
+    lines = b"".join(b'RW %d FLAT "ghost-s001.vmdk" %d\n' % e for e in extents)
+    (prepared / "ghost.vmdk").write_bytes(head + lines + tail)
+    with open(prepared / "ghost-s001.vmdk", "ab") as f:
+        f.write(b"\0" * grow)
+    return prepared
+
+
+@pytest.mark.parametrize(("extents", "grow"), [
+    ([(4 * MB // 512 // 2, 0), (4 * MB // 512 // 2, 4 * MB // 512 // 2)], 0),  # two extents of one file
+    ([(4 * MB // 512, 1)], 512),  # the disk starts one sector into the file
+    ([(4 * MB // 512, 0)], 512),  # the file is longer than the disk
+])
+def test_flat_vmdk_that_is_no_raw_disk(tmp_path: Path, gho: Path, payload: Path,
+                                       extents: list[tuple[int, int]], grow: int):
+    prepared = _prepared_flat(tmp_path / "t", payload, extents, grow)
+    out = tmp_path / "out"
+    res = convert(cfg(command=copying_ghost(prepared), vmdk_type="flat"), gho, out, image_id="xp")
+    assert qemu_info(out / "ghost.vmdk")["virtual-size"] == 4 * MB  # a valid VMDK, read by qemu ...
+    assert res.raw_extent is None  # ... but its extent file is not the disk as it stands
+
+
+def test_flat_vmdk_rebuilt_exactly_is_a_raw_disk(tmp_path: Path, gho: Path, payload: Path):
+    prepared = _prepared_flat(tmp_path / "t", payload, [(4 * MB // 512, 0)])  # the helper itself is sound
+    out = tmp_path / "out"
+    res = convert(cfg(command=copying_ghost(prepared), vmdk_type="flat"), gho, out, image_id="xp")
+    assert res.raw_extent == str(out / "ghost-s001.vmdk")
+
+
 def test_descriptor_naming_an_extent_ghost_did_not_write(tmp_path: Path, gho: Path, payload: Path):
     prepared = flat_with_windows_extent_path(tmp_path / "t", payload)
     (prepared / "ghost-s001.vmdk").unlink()
@@ -444,3 +505,21 @@ def test_vmdk_rename_extents_keeps_other_bytes(tmp_path: Path, payload: Path):
     sparse = d / "s.vmdk"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(payload), str(sparse)], check=True)
     assert vmdk.rename_extents(sparse, str.upper) == []  # embedded descriptor: its own extent
+
+
+@pytest.mark.parametrize(("line", "size", "raw"), [
+    ('RW 8192 FLAT "ghost-s001.vmdk" 0', 4 * MB, "ghost-s001.vmdk"),
+    ('RW 8192 VMFS "ghost-s001.vmdk"', 4 * MB, "ghost-s001.vmdk"),  # no offset written: 0
+    ('RW 8192 FLAT "ghost-s001.vmdk" 0', 8 * MB, None),  # the disk is larger than the extent
+    ('RW 8192 FLAT "ghost-s001.vmdk" 2048', 4 * MB, None),
+    ('RDONLY 8192 FLAT "ghost-s001.vmdk" 0', 4 * MB, None),
+    ('RW 8192 SPARSE "ghost-s001.vmdk"', 4 * MB, None),
+    ('RW 4096 FLAT "ghost-s001.vmdk" 0\nRW 4096 FLAT "ghost-s002.vmdk" 0', 4 * MB, None),
+])
+def test_whole_raw_extent_from_the_descriptor(tmp_path: Path, line: str, size: int, raw: str | None):
+    from pipeline import vmdk
+
+    desc = tmp_path / "ghost.vmdk"
+    desc.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                    f'createType="monolithicFlat"\n\n# Extent description\n{line}\n')
+    assert vmdk.whole_raw_extent(vmdk.parse_descriptor(desc), size) == raw

@@ -165,6 +165,7 @@ def test_a_config_field_marks_exactly_the_steps_that_use_it(tmp_path: Path, name
     ({"password_env": "GHO_PW"}, ("ghost-convert",)),
     ({"backend": "exe", "command": ["ghost32.exe"]}, ("ghost-convert", "registry-merge")),  # disk signature
     ({"timeout_s": 60}, ()),  # how long Ghost may take changes nothing it makes
+    ({"vmdk_type": "auto"}, ()),  # the default
 ])
 def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],
                                          expected: tuple[str, ...]) -> None:
@@ -180,7 +181,10 @@ def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],
 
 @pytest.mark.parametrize(("ghost", "expected"), [
     ({"backend": "native"}, ("ghost-convert", "convert", "xml-render")),  # it writes the final format
-    ({"backend": "exe", "command": ["ghost32.exe"]}, ("convert", "xml-render")),  # Ghost: a VMDK always
+    # vmdk_type auto: Ghost writes a flat VMDK for raw (its extent is adopted), a sparse one for qcow2
+    ({"backend": "exe", "command": ["ghost32.exe"]}, ("ghost-convert", "convert", "xml-render")),
+    ({"backend": "exe", "command": ["ghost32.exe"], "vmdk_type": "sparse"}, ("convert", "xml-render")),
+    ({"backend": "exe", "command": ["ghost32.exe"], "vmdk_split_mb": 2000}, ("convert", "xml-render")),
 ])
 def test_format_of_a_gho_marks_ghost_convert_when_the_native_reader_writes_it(
         tmp_path: Path, ghost: dict[str, Any], expected: tuple[str, ...]) -> None:

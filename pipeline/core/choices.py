@@ -93,6 +93,10 @@ class PathStyle(Choice):
 
 
 class VmdkType(Choice):
+    """``ghost.vmdk_type``: what Ghost writes; ``auto`` = flat when the final disk is raw and no split
+    is asked (its one extent is then adopted as the final disk: written once), sparse otherwise."""
+
+    AUTO = "auto"
     SPARSE = "sparse"
     FLAT = "flat"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,23 @@ class GhostConfig:
     backend: GhostBackend = GhostBackend.NATIVE
     command: tuple[str, ...] = ()
     path_style: PathStyle = PathStyle.POSIX
-    vmdk_type: VmdkType = VmdkType.SPARSE
+    vmdk_type: VmdkType = VmdkType.AUTO  # resolved by for_format
     vmdk_size_mb: int | None = None
     vmdk_split_mb: int | None = None
     adapter: Adapter = Adapter.IDE
     password_env: str | None = None
     timeout_s: int = field(default=14400, metadata=RUNTIME)  # not an input: changes nothing made
+
+    def for_format(self, final_format: str) -> GhostConfig:
+        """This section as Ghost runs it for a final disk in ``final_format``: ``vmdk_type: auto``
+        becomes ``flat`` when that disk is raw and no split is asked (the flat VMDK's one extent is
+        then a raw disk convert adopts: written once, :mod:`pipeline.steps.adopt`), else ``sparse``
+        (qcow2 is a copy of the VMDK either way, and a sparse VMDK is the smaller one). An explicit
+        type is kept."""
+        if self.vmdk_type != VmdkType.AUTO:
+            return self
+        raw = final_format == DiskFormat.RAW and self.vmdk_split_mb is None
+        return replace(self, vmdk_type=VmdkType.FLAT if raw else VmdkType.SPARSE)
 
     def password(self, image_id: str, step: str = "ghost-convert") -> str | None:
         """The image password from the environment variable named by ``password_env`` (None if none)."""

@@ -6,21 +6,36 @@ synthesises; inspect reads it; registry-merge writes its edits to ``overlay.qcow
 copy path would then write the whole disk a second time (``qemu-img convert`` overlay → final disk).
 When ``ghost.<format>`` sits on the final disk's filesystem, convert instead:
 
-1. renames ``ghost.<format>`` to the final disk's temp name (``.<id>.<format>.tmp-<pid>`` next to it);
+1. renames ``ghost.<format>`` (or Ghost's flat extent, below) to the final disk's temp name
+   (``.<id>.<format>.tmp-<pid>`` next to it);
 2. commits the overlay into it (``qemu-img commit -d``, the overlay's backing redirected to the temp
    through ``--image-opts``: only the overlay's clusters are written, ``overlay.qcow2`` is not changed);
 3. with ``verify``, compares the overlay (over the temp) with the temp: every edited cluster landed;
 4. fsyncs and renames the temp to the final disk (atomic); its receipt records ``result.adopted``
    with ghost-convert's ``run_id``.
 
-Bytes written by the migration ≈ the disk once + the overlay twice (merge, commit). Not covered: the
-``exe`` backend (Ghost writes a VMDK), a receipt whose disk is in another format than the final disk
-(an older run), another filesystem: those take the copy path unchanged.
+The ``exe`` backend (Ghost's own executable) is adopted the same way when Ghost wrote a flat VMDK
+whose descriptor ``ghost.vmdk`` has exactly one extent, ``RW <n> FLAT "ghost-s001.vmdk" 0`` covering
+the whole virtual size (checked from the descriptor and the file's length by
+:mod:`pipeline.tools.ghost_exe`, recorded as ``result.raw_extent``): that extent IS a raw disk.
+``ghost.vmdk_type: auto`` asks Ghost for it when the final disk is raw and no split is asked
+(:meth:`~pipeline.core.config.GhostConfig.for_format`). Inspect and registry-merge read the descriptor
+as before (the overlay's backing is ``ghost.vmdk``; the commit redirects it to the extent's new name);
+after adoption the descriptor names a missing extent, which nothing reads any more.
+
+*The adoptable disk* of ghost-convert's receipt below is ``ghost.<format>`` (native, output ``disk``) or
+that extent (exe, raw, the output named ``ghost-s001.vmdk``); every other output of the receipt (the
+descriptor) must stay as stamped.
+
+Bytes written by the migration ≈ the disk once + the overlay twice (merge, commit). Not covered, and
+taking the copy path unchanged: the exe backend with qcow2 output or a sparse or split VMDK (Ghost
+writes a VMDK, convert copies it: the disk is written twice), a receipt whose disk is in another format
+than the final disk (an older run), another filesystem.
 
 The rule (one place; GhostConvert.stale_reason and Inspect.fingerprint call it):
 
-* While ``ghost.<format>`` exists under that name it is exactly ghost-convert's output (its receipt stamps
-  it). Nothing writes it in place: convert renames it away *before* committing into it.
+* While the adoptable disk exists under its name it is exactly ghost-convert's output (its receipt
+  stamps it). Nothing writes it in place: convert renames it away *before* committing into it.
 * ghost-convert with its disk gone is complete only if it was **adopted**: convert's receipt names
   ghost-convert's ``run_id`` in ``result.adopted`` and inspect, registry-merge and convert are each
   current on their own (fingerprint + outputs, the final disk's stamp included). Then the final disk
@@ -32,8 +47,9 @@ The rule (one place; GhostConvert.stale_reason and Inspect.fingerprint call it):
 * A kill at any moment leaves the final disk either absent, the previous complete one (whose convert
   receipt no longer matches the new upstream run, so nothing downstream trusts it), or the new complete
   one; a half-committed disk only ever lives under the temp name, removed by the next convert.
-* Inspect's fingerprint stamps ghost-convert's disk by the stamp in ghost-convert's receipt (identical
-  to the file's while it exists), so it does not change when the file is adopted.
+* Inspect's fingerprint stamps the adoptable disk (as its disk, or as an extent of Ghost's VMDK) by
+  the stamp in ghost-convert's receipt (identical to the file's while it exists), so it does not
+  change when the file is adopted.
 
 The user's source and spans are only read (by ghost-convert); nothing here opens them.
 """
@@ -55,26 +71,35 @@ STEP = "convert"
 DISK = "disk"  # ghost-convert's output name for its disk
 
 
-def _native_disk(ghost_receipt: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The output stamp of ghost-convert's disk (native backend) with its ``format``, else None."""
+def _adoptable(ghost_receipt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The adoptable disk of ghost-convert's receipt: its output stamp with its ``format`` and
+    ``output`` (its name among the receipt's outputs), else None (a sparse or split VMDK, none)."""
     if not ghost_receipt:
         return None
     res = ghost_receipt.get("result") or {}
-    out = (ghost_receipt.get("outputs") or {}).get(DISK)
-    fmt = res.get("disk_format")
-    if res.get("backend") != "native" or fmt not in NATIVE_FORMATS or not isinstance(out, dict):
+    backend, fmt, extent = res.get("backend"), res.get("disk_format"), res.get("raw_extent")
+    if backend == "native" and fmt in NATIVE_FORMATS:
+        name = DISK
+    elif backend == "exe" and isinstance(extent, str):
+        name, fmt = Path(extent).name, "raw"
+    else:
         return None
-    return {**out, "format": fmt}
+    out = (ghost_receipt.get("outputs") or {}).get(name)
+    if not isinstance(out, dict) or not isinstance(out.get("path"), str):
+        return None
+    if backend == "exe" and out["path"] != extent:
+        return None
+    return {**out, "format": fmt, "output": name}
 
 
 def disk_stamp(disk: Path, ghost_receipt: dict[str, Any] | None) -> dict[str, Any]:
-    """How a downstream fingerprint stamps the disk it reads: ghost-convert's disk by the stamp its
-    receipt recorded (equal to the file's while it exists, unchanged once adopted), anything else by
-    :func:`receipts.file_stamp`."""
-    out = _native_disk(ghost_receipt)
-    if out is None or out.get("path") != str(disk):
+    """How a downstream fingerprint stamps a file it reads (a disk, a VMDK's extent): the adoptable
+    disk by the stamp ghost-convert's receipt recorded (equal to the file's while it exists,
+    unchanged once adopted), anything else by :func:`receipts.file_stamp`."""
+    out = _adoptable(ghost_receipt)
+    if out is None or Path(out["path"]).resolve() != Path(disk).resolve():
         return receipts.file_stamp(disk)
-    return {"path": out["path"], "size": out.get("size"), "mtime_ns": out.get("mtime_ns")}
+    return {"path": str(disk), "size": out.get("size"), "mtime_ns": out.get("mtime_ns")}
 
 
 def ghost_stale_reason(ghost_receipt: dict[str, Any] | None, fingerprint: dict[str, Any],
@@ -83,10 +108,10 @@ def ghost_stale_reason(ghost_receipt: dict[str, Any] | None, fingerprint: dict[s
     """ghost-convert's staleness under the rule above. ``downstream()`` gives ``(step, receipt,
     fingerprint)`` of inspect, registry-merge and convert (in that order), computed without asking
     their upstream (no recursion)."""
-    out = _native_disk(ghost_receipt)
+    out = _adoptable(ghost_receipt)
     if ghost_receipt is None or out is None or not receipts.file_stamp(out["path"]).get("missing"):
         return receipts.why_stale(ghost_receipt, fingerprint)
-    others = {k: v for k, v in (ghost_receipt.get("outputs") or {}).items() if k != DISK}
+    others = {k: v for k, v in (ghost_receipt.get("outputs") or {}).items() if k != out["output"]}
     why = receipts.why_stale({**ghost_receipt, "outputs": others}, fingerprint)
     if why is not None:
         return why
@@ -104,9 +129,10 @@ def ghost_stale_reason(ghost_receipt: dict[str, Any] | None, fingerprint: dict[s
 
 def why_not(image: ImageConfig, ghost_receipt: dict[str, Any] | None) -> str | None:
     """None when convert can adopt ghost-convert's disk, else the reason it copies instead."""
-    out = _native_disk(ghost_receipt)
+    out = _adoptable(ghost_receipt)
     if out is None:
-        return "the disk is not the native reader's (Ghost's VMDK, or no ghost-convert)"
+        return ("ghost-convert wrote no disk convert can adopt (a sparse or split VMDK from Ghost, "
+                "or no ghost-convert)")
     if image.format != out["format"]:
         return f"ghost-convert's disk is {out['format']}, the output format {image.format}"
     disk = Path(out["path"])
@@ -127,7 +153,7 @@ def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path 
 
     ``committed`` is called after the commit (and verify), before the final rename (a test hook).
     """
-    out = _native_disk(ghost_receipt)
+    out = _adoptable(ghost_receipt)
     assert out is not None
     disk = Path(out["path"])
     final = image.final_disk

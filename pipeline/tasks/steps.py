@@ -14,7 +14,7 @@ from typing import Any
 
 import luigi
 
-from pipeline.core import log, receipts
+from pipeline.core import log
 from pipeline.core.receipts import Outcome
 from pipeline.steps.convert import ConvertInput, ConvertResult, convert_disk
 from pipeline.steps.define import Defined, DefineInput, define_domain
@@ -26,9 +26,10 @@ from pipeline.tasks.base import ImageTask, get_config, hooks
 
 
 class GhostConvert(ImageTask[GhostConvertResult]):
-    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable) or ``ghost.raw``/``ghost.qcow2`` (native
-    reader, in the final disk's format; convert may adopt it as the final disk, see
-    :mod:`pipeline.steps.adopt` for when this step is then complete)."""
+    """``.gho`` → ``ghost.vmdk`` (Ghost's own executable; for a raw final disk a flat one, whose
+    extent convert may adopt) or ``ghost.raw``/``ghost.qcow2`` (native reader, in the final disk's
+    format; convert may adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step
+    is then complete)."""
 
     step = "ghost-convert"
     result_type = GhostConvertResult
@@ -38,13 +39,17 @@ class GhostConvert(ImageTask[GhostConvertResult]):
         from pipeline.gho.spans import find_spans
 
         img = self.image
-        # the native reader writes the final disk's format (convert adopts it); Ghost writes a VMDK
-        fmt = "vmdk" if img.ghost.backend == "exe" else str(img.format)
+        # the native reader writes the final disk's format (convert adopts it); Ghost writes a VMDK,
+        # of the type vmdk_type: auto resolves to for that format (a flat one convert adopts for raw)
+        exe = img.ghost.backend == "exe"
+        fmt = "vmdk" if exe else str(img.format)
+        ghost = img.ghost.for_format(img.format) if exe else img.ghost
         return GhostInput(image_id=img.id, source=img.source, image_dir=img.image_dir,
-                          spans=tuple(find_spans(img.source)), ghost=img.ghost, disk_format=fmt)
+                          spans=tuple(find_spans(img.source)), ghost=ghost, disk_format=fmt)
 
     def own_stale_reason(self) -> str | None:
-        # ghost.raw may have become the final disk (pipeline.steps.adopt: the rule)
+        # its disk (ghost.<format>, or Ghost's one flat extent) may have become the final disk
+        # (pipeline.steps.adopt: the rule)
         from pipeline.steps import adopt
 
         def downstream() -> list[tuple[str, dict[str, Any] | None, dict[str, Any]]]:
@@ -91,14 +96,17 @@ class Inspect(ImageTask[InspectFacts]):
         # a VMDK's extent files are inputs too, known from the last inspection
         fp = super().fingerprint()
         disk = self.step_input().disk
-        # ghost-convert's disk by its receipt's stamp: unchanged when convert adopts it (steps/adopt.py)
-        fp["disk"] = adopt.disk_stamp(disk, up.receipt() if (up := self.upstream()) else None)
-        fp["extents"] = _extent_stamps(self.result(), disk)
+        # ghost-convert's disk (or Ghost's flat extent) by its receipt's stamp: unchanged when convert
+        # adopts it (steps/adopt.py)
+        ghost = up.receipt() if (up := self.upstream()) else None
+        fp["disk"] = adopt.disk_stamp(disk, ghost)
+        fp["extents"] = _extent_stamps(self.result(), disk, ghost)
         return fp
 
     def fingerprint_after(self, fingerprint: dict[str, Any], out: Outcome[InspectFacts]) -> dict[str, Any]:
         # ... and once inspected: the receipt covers them
-        return {**fingerprint, "extents": _extent_stamps(out.result, self.step_input().disk)}
+        ghost = up.receipt() if (up := self.upstream()) else None
+        return {**fingerprint, "extents": _extent_stamps(out.result, self.step_input().disk, ghost)}
 
     def execute(self) -> Outcome[InspectFacts]:
         inp = self.step_input()
@@ -106,8 +114,11 @@ class Inspect(ImageTask[InspectFacts]):
         return Outcome(inspect_image(inp))
 
 
-def _extent_stamps(facts: InspectFacts | None, disk: Path) -> list[dict[str, Any]]:
-    return [receipts.file_stamp(e.path) for e in (facts.extents if facts else ())
+def _extent_stamps(facts: InspectFacts | None, disk: Path,
+                   ghost_receipt: dict[str, Any] | None) -> list[dict[str, Any]]:
+    from pipeline.steps import adopt
+
+    return [adopt.disk_stamp(Path(e.path), ghost_receipt) for e in (facts.extents if facts else ())
             if e.path and e.path != str(disk)]
 
 
@@ -161,7 +172,7 @@ class Convert(ImageTask[ConvertResult]):
         return Outcome(res, outputs={"disk": res.output}, bytes_read=read)
 
     def _adopt(self, ghost_receipt: dict[str, Any] | None) -> Outcome[ConvertResult] | None:
-        """ghost-convert's raw disk + the overlay committed into it as the final disk (written once),
+        """ghost-convert's disk + the overlay committed into it as the final disk (written once),
         or None when it cannot be adopted (pipeline.steps.adopt)."""
         from pipeline.steps import adopt
 

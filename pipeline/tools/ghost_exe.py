@@ -18,6 +18,13 @@ error number, the output exists and ``qemu-img info`` (:mod:`pipeline.tools.qemu
 VMDK of the requested type. Should Ghost put a path in an extent line, it is reduced to the bare file
 name (:func:`pipeline.vmdk.rename_extents`, an atomic rewrite).
 
+``-VMDKTYPE=`` is ``sparse`` or ``flat``: ``ghost.vmdk_type: auto`` is resolved before this module
+(:meth:`pipeline.core.config.GhostConfig.for_format`). When the descriptor of a flat VMDK has exactly
+one extent, ``RW <n> FLAT "ghost-s001.vmdk" 0`` with ``n`` sectors = the virtual size = the file's
+length, that extent IS the disk as a raw image: :attr:`GhostResult.raw_extent` names it and convert
+may adopt it as the final raw disk (:mod:`pipeline.steps.adopt`); ``ghost.vmdk`` then names a
+missing extent, which nothing reads any more.
+
 The caller passes what this module needs from the settings (:class:`GhostOptions`) and the password
 (``-pwd=``), which is redacted from every argv, message, stderr and error-file text handed out.
 """
@@ -50,7 +57,7 @@ FINAL_NAME = f"{FINAL_STEM}.vmdk"
 TMP_PREFIX = ".ghost.tmp-"
 AFILE_NAME = "ghost-abort.txt"
 PATH_STYLES = values(PathStyle)
-VMDK_TYPES = values(VmdkType)
+VMDK_TYPES = tuple(t for t in values(VmdkType) if t != VmdkType.AUTO)  # what Ghost is asked for
 ADAPTERS = values(Adapter)
 
 _ERRNO_RE = re.compile(r"Error\s+Number\s*:?\s*\(?\s*(\d+)\s*\)?", re.I)
@@ -93,6 +100,7 @@ class GhostResult:
     disk: str = ""  # out_dir/ghost.vmdk (open this one)
     virtual_size: int | None = None
     create_type: str | None = None
+    raw_extent: str | None = None  # the one extent that is the whole disk as raw (convert adopts it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +141,7 @@ def build_argv(cfg: GhostOptions, src: Path, dst: Path, afile: Path, password: s
     if not cfg.command:
         raise InputError("ghost.command is empty; set it to e.g. [wine64, /opt/ghost/ghost64.exe]",
                          step=STEP)
-    if cfg.vmdk_type not in VMDK_TYPES:
+    if cfg.vmdk_type not in VMDK_TYPES:  # ``auto`` is resolved before (GhostConfig.for_format)
         raise InputError(f"ghost.vmdk_type: expected one of {', '.join(VMDK_TYPES)}, got {cfg.vmdk_type!r}",
                          step=STEP)
     if cfg.adapter not in ADAPTERS:
@@ -284,10 +292,23 @@ def _normalize_descriptor(desc: Path) -> list[str]:
     return vmdk.rename_extents(desc, bare)
 
 
+def _raw_extent(desc: Path, virtual_size: int | None) -> str | None:
+    """The name of the one extent of ``desc`` that is the whole disk as a raw image, read from the
+    descriptor (:func:`pipeline.vmdk.whole_raw_extent`) and the file's length; else None (also for a
+    descriptor :mod:`pipeline.vmdk` refuses: inspect's safety check reports it, as before)."""
+    try:
+        if not vmdk.is_text_descriptor(desc):
+            return None
+        name = vmdk.whole_raw_extent(vmdk.parse_descriptor(desc, step=STEP), virtual_size)
+        if name is None or (desc.parent / name).stat().st_size != virtual_size:
+            return None
+    except (OSError, InputError):
+        return None
+    return name
+
+
 # ---------------------------------------------------------------------------------------------
 # convert
-
-
 
 
 def convert(
@@ -302,8 +323,9 @@ def convert(
     """Restore ``src`` (a .GHO, with its .GHS spans beside it) into ``out_dir/ghost.vmdk``.
 
     For ``vmdk_type: flat`` the raw extent is ``out_dir/ghost-s001.vmdk`` (more with
-    ``vmdk_split_mb``). ``password`` is the image's (None: none). ``progress`` gets Ghost's
-    percentage (0-100) when it prints one.
+    ``vmdk_split_mb``); when the descriptor shows that one extent is the whole disk,
+    ``raw_extent`` names it (convert may adopt it as the final raw disk). ``password`` is the
+    image's (None: none). ``progress`` gets Ghost's percentage (0-100) when it prints one.
     Raises :class:`InputError` for bad input, :class:`ToolError` when Ghost or the check fails.
     """
     src = Path(src)
@@ -388,12 +410,11 @@ def convert(
             raise fail(f"Ghost output is {fmt!r}, not a VMDK", res.returncode)
         if create_type and not any(w in str(create_type).lower() for w in _TYPE_WORDS[cfg.vmdk_type]):
             raise fail(f"asked Ghost for a {cfg.vmdk_type} VMDK but it wrote {create_type}", res.returncode)
+        raw_name = _raw_extent(tmp_dst, info.get("virtual-size"))
 
         # Commit: extents first, descriptor last (its presence marks a complete disk).
         outputs: list[dict[str, Any]] = []
-        for name in [*extents, FINAL_NAME]:
-            if name == FINAL_NAME and name in extents:
-                continue
+        for name in dict.fromkeys([*extents, FINAL_NAME]):  # each file once (extents may share one)
             final = out_dir / name
             os.replace(tmp_dir / name, final)
             st = final.stat()
@@ -419,6 +440,7 @@ def convert(
         disk=str(out_dir / FINAL_NAME),
         virtual_size=info.get("virtual-size"),
         create_type=create_type,
+        raw_extent=str(out_dir / raw_name) if raw_name else None,
     )
 
 
