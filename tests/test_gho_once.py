@@ -281,8 +281,9 @@ def test_a_section_writing_past_the_disk_is_one_line(fmt: str, tmp_path: Path,
     with pytest.raises(GhoError) as ei:
         extract(FIXTURES / "11_high.gho", out, **({"open_disk": opener} if opener else {}))
     msg = str(ei.value)
-    assert "\n" not in msg and msg.startswith("11_high.gho: the rebuilt disk is "), msg
-    size = int(msg.split("the rebuilt disk is ")[1].split()[0])
+    # the file, the partition being written (the first FAT one of 11_high: partition 1 at LBA 63), the write
+    assert "\n" not in msg and msg.startswith("11_high.gho: partition 1 (LBA 63, "), msg
+    size = int(msg.split("falls outside the ")[1].split("-byte")[0])
     assert f"a write of 4096 bytes at offset {size - 1024} falls outside the {size}-byte disk" in msg, msg
     assert list(out.parent.iterdir()) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("gho2kvm-nbd-")]

@@ -205,6 +205,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
         size = disk_sectors * SECTOR
         with atomic.temporary_path(out) as tmp, open_disk(tmp, size) as opened:
             disk = Bounded(opened)
+            where = "track 0 and the partition tables"  # what is being written (for OutsideDisk)
             try:
                 w = SparseWriter(disk)
                 if track0:
@@ -212,6 +213,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                 for lba, data in tables:
                     w.write_at(lba * SECTOR, data)
                 for v, p in zip(vols, places, strict=True):
+                    where = f"partition {v.index + 1} (LBA {p.start}, {p.sectors} sectors)"
                     reader = v.reader
                     assert reader is not None
                     part = ExtractedPartition(v.index + 1, v.kind, v.fs, v.label, p.start, p.sectors,
@@ -242,9 +244,10 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
                     elif isinstance(reader, SectorSection):
                         reader.write(w, p.start * SECTOR, step)
                     parts.append(part)
+                where = "the boot chain"
                 chain = finish_boot_chain(disk, places, code)
             except OutsideDisk as e:
-                raise GhoError(f"{img.name}: the rebuilt disk is {size} bytes but {e}") from None
+                raise GhoError(f"{img.name}: {where}: {e}") from None
         step(total)
         return ExtractResult(
             source=str(img.path), output=str(out), disk_size=size,
