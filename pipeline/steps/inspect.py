@@ -248,47 +248,65 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
     with inspect_session(source, fmt, appliances=appliances, image_id=image_id, step=STEP,
                          force_tcg=force_tcg) as g:
         facts["appliance_seconds"] = round(g.launch_seconds, 1)
-        devices = g.lines("list-devices")
+        # commands in batches (one guestfish process each, see Guestfish.batch)
+        listed, found = g.batch(("list-devices",), ("inspect-os",))
+        devices = [ln for ln in listed.splitlines() if ln.strip()]
+        roots = [ln for ln in found.splitlines() if ln.strip()]
         dev = devices[0] if devices else "/dev/sda"
         try:
             ptable = g("part-get-parttype", dev).strip()
-        except ToolError:
+        except ToolError:  # no partition table (a blank or superfloppy disk)
             ptable = "none"
         facts["partition_table"] = ptable
-        roots = g.lines("inspect-os")
         facts["firmware"] = _firmware(g, dev, ptable)
         if not roots:
             return facts
         root = roots[0]
-        ostype = g("inspect-get-type", root).strip()
+        ostype, product, major, minor, arch, distro, hostname = (v.strip() for v in g.batch(
+            *((f"inspect-get-{what}", root) for what in
+              ("type", "product-name", "major-version", "minor-version", "arch", "distro", "hostname"))))
         facts["os_type"] = ostype
         facts["root"] = root
-        facts["product_name"] = g("inspect-get-product-name", root).strip()
-        facts["major_version"] = int(g("inspect-get-major-version", root).strip() or 0)
-        facts["minor_version"] = int(g("inspect-get-minor-version", root).strip() or 0)
-        facts["arch"] = g("inspect-get-arch", root).strip()
-        facts["distro"] = g("inspect-get-distro", root).strip()
-        hostname = g("inspect-get-hostname", root).strip()
+        facts["product_name"] = product
+        facts["major_version"] = int(major or 0)
+        facts["minor_version"] = int(minor or 0)
+        facts["arch"] = arch
+        facts["distro"] = distro
         facts["hostname"] = None if hostname in ("", "unknown") else hostname
         if ostype != "windows":
             return facts
         facts["os"] = "windows"
-        facts["systemroot"] = g("inspect-get-windows-systemroot", root).strip()
-        facts["current_control_set"] = g("inspect-get-windows-current-control-set", root).strip()
-        g("mount-ro", root, "/")
-        drivers = {}
-        for name in guest.DRIVER_FILES:
-            try:
-                path = g("case-sensitive-path", f"{facts['systemroot']}/System32/drivers/{name}").strip()
-                drivers[name] = g("is-file", path).strip() == "true"
-            except ToolError:
-                drivers[name] = False
-        facts["drivers_present"] = drivers
+        sysroot, ccs, _mounted = g.batch(("inspect-get-windows-systemroot", root),
+                                         ("inspect-get-windows-current-control-set", root),
+                                         ("mount-ro", root, "/"))
+        facts["systemroot"], facts["current_control_set"] = sysroot.strip(), ccs.strip()
+        facts["drivers_present"] = _drivers(g, facts["systemroot"])
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
         facts["services"] = _services(g, facts, image_id)
         g.offer()
     return facts
+
+
+def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
+    """Which of :data:`guest.DRIVER_FILES` are files in ``System32/drivers`` (two batches; one
+    command at a time when a batch fails, so that one odd path does not hide the others)."""
+    names = list(guest.DRIVER_FILES)
+    try:
+        paths = [p.strip() for p in g.batch(*(("case-sensitive-path", f"{systemroot}/System32/drivers/{n}")
+                                              for n in names))]
+        return {n: v.strip() == "true" for n, v in zip(names, g.batch(*(("is-file", p) for p in paths)),
+                                                      strict=True)}
+    except ToolError:
+        pass
+    out = {}
+    for name in names:
+        try:
+            path = g("case-sensitive-path", f"{systemroot}/System32/drivers/{name}").strip()
+            out[name] = g("is-file", path).strip() == "true"
+        except ToolError:
+            out[name] = False
+    return out
 
 
 def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, int | None]:

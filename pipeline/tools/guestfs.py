@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,15 +164,35 @@ class Guestfish:
             time.sleep(0.1)
 
     def __call__(self, *args: str, timeout: float | None = None) -> str:
-        assert self.pid is not None
-        mark = _size(self.errlog)
-        r = run([GUESTFISH, f"--remote={self.pid}", "--", *args], step=self.step, image_id=self.image_id,
+        return self.batch(args, timeout=timeout)[0]
+
+    def batch(self, *commands: Sequence[str], timeout: float | None = None) -> list[str]:
+        """Run ``commands`` in order through ONE ``guestfish --remote`` process (``-cmd1 : echo M :
+        -cmd2 : echo M …``, M a random marker that splits the output): one process start instead of one
+        per command (0.1–0.5 s each on a loaded machine); their outputs in order.
+
+        Every command carries guestfish's ``-`` prefix: without it a failing command makes the
+        ``--listen`` server exit (guestfish exits on the first error), so a failure the caller handles
+        (``part-get-parttype`` of a disk without a partition table) would kill the appliance for every
+        later command. A failure is then known by what the server wrote to its stderr (our log): any
+        line but a ``libguestfs: warning:``; the :class:`ToolError` names the first command without
+        output (a failed one prints nothing) and carries the server's words."""
+        assert self.pid is not None and commands
+        marker = f"--gho2kvm-{secrets.token_hex(8)}--"
+        argv: list[str] = []
+        for cmd in commands:
+            argv += [*(argv and [":"]), "-" + cmd[0], *cmd[1:], ":", "echo", marker]
+        since = _size(self.errlog)
+        r = run([GUESTFISH, f"--remote={self.pid}", "--", *argv], step=self.step, image_id=self.image_id,
                 timeout=timeout or self.timeout, env=self.env, check=False)
-        if r.returncode != 0:
-            msg = self._stderr_tail(since=mark) or r.stderr.strip() or "(no message)"
-            raise ToolError(f"guestfish {args[0]} failed: {msg}", tool=GUESTFISH, argv=r.argv,
+        parts = (r.stdout.split(marker + "\n") + [""] * len(commands))[:len(commands)]
+        said = self._errors(since)
+        if r.returncode != 0 or said:
+            failed = next((c for c, out in zip(commands, parts, strict=True) if not out), commands[-1])
+            msg = said or r.stderr.strip() or "(no message)"
+            raise ToolError(f"guestfish {failed[0]} failed: {msg}", tool=GUESTFISH, argv=r.argv,
                             returncode=r.returncode, stderr=msg, image_id=self.image_id, step=self.step)
-        return r.stdout
+        return parts
 
     def lines(self, *args: str) -> list[str]:
         return [ln for ln in self(*args).splitlines() if ln.strip()]
@@ -181,14 +202,15 @@ class Guestfish:
         (only an :func:`inspect_session` within a :func:`sharing` run does; elsewhere a no-op)."""
         self.offered = True
 
-    def _stderr_tail(self, since: int = 0) -> str:
+    def _errors(self, since: int) -> str:
+        """What the server wrote to stderr since byte ``since`` of its log, warnings left out."""
         try:
             with open(self.errlog, encoding="utf-8", errors="replace") as fh:
                 fh.seek(since)
                 text = fh.read()
         except OSError:
             return ""
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ": warning:" not in ln]
         return " | ".join(lines[-3:])
 
     def close(self) -> None:
