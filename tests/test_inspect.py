@@ -2,8 +2,8 @@
 
 Appliance launches are what cost time here (≈ 35 s each under TCG), so each guest inspection runs
 once per module in a fixture and several tests read its result: XP raw, Windows 7 UEFI raw, one VMDK
-(twoGbMaxExtentSparse, copied and renamed) and the non-Windows disk — four launches in all. Everything
-else (VMDK safety, damaged images, backing files) needs qemu-img at most.
+(twoGbMaxExtentSparse, copied and renamed), the non-Windows disk and a blank disk — five launches in
+all. Everything else (VMDK safety, damaged images, backing files) needs qemu-img at most.
 """
 
 from __future__ import annotations
@@ -145,6 +145,17 @@ def test_non_windows_disk_is_os_unknown(linux_facts: dict[str, Any]) -> None:
     assert f["firmware"] == "bios"
     assert f["product_name"] is None and f["drivers_present"] is None
     assert f["_launches"] == 1
+
+
+def test_disk_without_a_partition_table_is_os_unknown(tmp_path: Path) -> None:
+    """A blank data disk: part-get-parttype fails on it (handled), and the appliance must live on for
+    inspect-os and the rest (it used to die with the failed command: 'server is not running')."""
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(64 << 20)
+    f = inspected(blank, "blank")
+    assert (f["os"], f["partition_table"], f["firmware"]) == ("unknown", "none", "bios")
+    assert f["_launches"] == 1 and f["_unchanged"]
 
 
 @pytest.mark.parametrize("which", ["xp_facts", "win7_facts", "vmdk_facts", "linux_facts"])

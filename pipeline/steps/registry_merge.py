@@ -204,26 +204,27 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             installed = _virtio_install(g, drivers, facts) if drivers else {}
             config_dir = g("case-sensitive-path", f"{facts.systemroot or '/Windows'}/System32/config")
             config_dir = config_dir.strip()
-            guest_paths: dict[str, str] = {}
+            # each phase's guestfish commands in one batch (one guestfish process, Guestfish.batch)
+            names = list(planned)
+            found = [p.strip() for p in g.batch(*(("case-sensitive-path", f"{config_dir}/{n}")
+                                                  for n in names))]
+            guest_paths = dict(zip(names, found, strict=True))
+            for name, is_file in zip(names, g.batch(*(("is-file", p) for p in found)), strict=True):
+                if is_file.strip() != "true":
+                    raise InputError(f"hive {guest_paths[name]} not found in the guest", image_id=image_id,
+                                     step=STEP)
+            g.batch(*(("download", guest_paths[n], str(Path(td) / n)) for n in names))
             for name, hive_ops in planned.items():
                 say(f"merging {name}")
-                guest_hive = g("case-sensitive-path", f"{config_dir}/{name}").strip()
-                if g("is-file", guest_hive).strip() != "true":
-                    raise InputError(f"hive {guest_hive} not found in the guest", image_id=image_id,
-                                     step=STEP)
-                local = Path(td) / name
-                g("download", guest_hive, str(local))
-                hive.apply_reg(local, regfile.to_reg_text(hive_ops), HIVE_PREFIXES[name],
+                hive.apply_reg(Path(td) / name, regfile.to_reg_text(hive_ops), HIVE_PREFIXES[name],
                                image_id=image_id, step=STEP)
-                g("upload", str(local), guest_hive)
-                guest_paths[name] = guest_hive
+            g.batch(*(("upload", str(Path(td) / n), guest_paths[n]) for n in names))
             # read back from the overlay through a fresh mount
-            g("umount-all")
-            g("mount-ro", root, "/")
             say("verifying")
+            g.batch(("umount-all",), ("mount-ro", root, "/"),
+                    *(("download", guest_paths[n], str(Path(td) / f"{n}.readback")) for n in names))
             for name, hive_ops in planned.items():
                 back = Path(td) / f"{name}.readback"
-                g("download", guest_paths[name], str(back))
                 mismatches = verify(back, hive_ops, image_id=image_id, step=STEP)
                 if mismatches:
                     raise ToolError(f"{name} hive read back from the overlay differs: "

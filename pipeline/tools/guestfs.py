@@ -177,7 +177,9 @@ class Guestfish:
         later command. A failure is then known by what the server wrote to its stderr (our log): any
         line but a ``libguestfs: warning:``; the :class:`ToolError` names the first command without
         output (a failed one prints nothing) and carries the server's words."""
-        assert self.pid is not None and commands
+        assert self.pid is not None
+        if not commands:
+            return []
         marker = f"--gho2kvm-{secrets.token_hex(8)}--"
         argv: list[str] = []
         for cmd in commands:
