@@ -54,3 +54,10 @@ def test_a_failure_inside_a_batch_names_the_command(server: Guestfish) -> None:
         server("no-such-command")
     assert "guestfish no-such-command failed: " in str(ei.value) and "unknown command" in str(ei.value)
     assert server("echo", "alive") == "alive\n"
+
+
+def test_an_unchecked_batch_gives_no_output_for_a_failed_query(server: Guestfish) -> None:
+    """``check=False``: the queries that worked give their output, the failed one nothing; nothing
+    raised, and the server still answers."""
+    assert server.batch(("echo", "a"), ("list-devices",), ("echo", "b"), check=False) == ["a\n", "", "b\n"]
+    assert server("echo", "alive") == "alive\n"

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic
+from pipeline.core.choices import DiskFormat, values
 from pipeline.core.errors import Gho2KvmError, InputError
 from pipeline.core.settings import password_from_env
 from pipeline.gho.errors import GhoError
-from pipeline.gho.extract import OpenDisk, extract, raw_file
+from pipeline.gho.extract import OpenDisk, extract
 from pipeline.gho.info import read_info
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -54,7 +55,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     px = sub.add_parser("extract", help="rebuild the whole disk as a sparse raw file or a qcow2")
     px.add_argument("file", help="the .GHO file")
     px.add_argument("out", help="output disk (written atomically)")
-    px.add_argument("--format", choices=("raw", "qcow2"),
+    px.add_argument("--format", choices=values(DiskFormat),
                     help="output format (default: qcow2 for a .qcow2 name, else raw)")
     px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     px.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -115,12 +116,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _opener(args: argparse.Namespace) -> OpenDisk:
-    fmt = args.format or ("qcow2" if Path(args.out).suffix.lower() == ".qcow2" else "raw")
-    if fmt == "raw":
-        return raw_file
-    from pipeline.tools import nbd  # a qcow2 is written through qemu-nbd (the only tool this command runs)
+    # the same choice as the ghost-convert step's (a qcow2 through qemu-nbd: the one tool this runs)
+    from pipeline.steps.ghost_convert import disk_opener
 
-    return lambda path, size: nbd.create_qcow2(path, size, image_id=None, step="gho extract")
+    fmt = args.format or ("qcow2" if Path(args.out).suffix.lower() == ".qcow2" else "raw")
+    return disk_opener(fmt, image_id=None, step="gho extract")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

@@ -9,13 +9,17 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.core.choices import DiskFormat, values
 from pipeline.core.config import GhostConfig
 from pipeline.core.receipts import NAMED
 
+if TYPE_CHECKING:
+    from pipeline.gho.extract import OpenDisk
+
 STEP = "ghost-convert"
-NATIVE_FORMATS = ("raw", "qcow2")  # what the native reader writes (the final disk's format)
+NATIVE_FORMATS = values(DiskFormat)  # the native reader writes the final disk's format, any of them
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,6 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
         return GhostConvertResult(disk=inp.image_dir / "ghost.vmdk", disk_format="vmdk", backend="exe",
                                   details=res.to_dict())
     from pipeline.gho import extract
-    from pipeline.gho.extract import raw_file
 
     password = g.password(inp.image_id, STEP)
     fmt = inp.disk_format if inp.disk_format in NATIVE_FORMATS else "raw"
@@ -83,15 +86,26 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
         if total:
             say(100.0 * done / total)
 
-    def qcow2_file(path: Path, size: int) -> AbstractContextManager[Any]:
-        from pipeline.tools import nbd
-
-        return nbd.create_qcow2(path, size, image_id=inp.image_id, step=STEP)
-
     # strict: an advisory mismatch (checksum, catalogue, header copy) stops the migration here
     native = extract(inp.source, disk, password=password, progress=on_progress, strict=True,
-                     open_disk=qcow2_file if fmt == "qcow2" else raw_file)
+                     open_disk=disk_opener(fmt, image_id=inp.image_id, step=STEP))
     for other in NATIVE_FORMATS:  # an earlier run's disk in the other format is not an output any more
         if other != fmt:
             (inp.image_dir / f"ghost.{other}").unlink(missing_ok=True)
     return GhostConvertResult(disk=disk, disk_format=fmt, backend="native", details=native.to_dict())
+
+
+def disk_opener(fmt: str, *, image_id: str | None, step: str) -> OpenDisk:
+    """How the native reader opens a new disk of format ``fmt`` (``pipeline.gho.extract.OpenDisk``): a
+    sparse raw file, or a qcow2 written in place through ``qemu-nbd`` (:mod:`pipeline.tools.nbd`)."""
+    from pipeline.gho.extract import raw_file
+
+    if fmt == DiskFormat.RAW:
+        return raw_file
+
+    def qcow2_file(path: Path, size: int) -> AbstractContextManager[Any]:
+        from pipeline.tools import nbd
+
+        return nbd.create_qcow2(path, size, image_id=image_id, step=step)
+
+    return qcow2_file

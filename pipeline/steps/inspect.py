@@ -24,7 +24,7 @@ from pipeline.guest import disksig
 from pipeline.guest import windows as guest
 from pipeline.registry import hive
 from pipeline.tools import qemu_img
-from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session
+from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
 
 STEP = "inspect"
 FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
@@ -249,9 +249,7 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
                          force_tcg=force_tcg) as g:
         facts["appliance_seconds"] = round(g.launch_seconds, 1)
         # commands in batches (one guestfish process each, see Guestfish.batch)
-        listed, found = g.batch(("list-devices",), ("inspect-os",))
-        devices = [ln for ln in listed.splitlines() if ln.strip()]
-        roots = [ln for ln in found.splitlines() if ln.strip()]
+        devices, roots = map(lines, g.batch(("list-devices",), ("inspect-os",)))
         dev = devices[0] if devices else "/dev/sda"
         try:
             ptable = g("part-get-parttype", dev).strip()
@@ -289,24 +287,15 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
 
 
 def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
-    """Which of :data:`guest.DRIVER_FILES` are files in ``System32/drivers`` (two batches; one
-    command at a time when a batch fails, so that one odd path does not hide the others)."""
+    """Which of :data:`guest.DRIVER_FILES` are files in ``System32/drivers`` (two batches; a path
+    that cannot be resolved is no file)."""
     names = list(guest.DRIVER_FILES)
-    try:
-        paths = [p.strip() for p in g.batch(*(("case-sensitive-path", f"{systemroot}/System32/drivers/{n}")
-                                              for n in names))]
-        return {n: v.strip() == "true" for n, v in zip(names, g.batch(*(("is-file", p) for p in paths)),
-                                                      strict=True)}
-    except ToolError:
-        pass
-    out = {}
-    for name in names:
-        try:
-            path = g("case-sensitive-path", f"{systemroot}/System32/drivers/{name}").strip()
-            out[name] = g("is-file", path).strip() == "true"
-        except ToolError:
-            out[name] = False
-    return out
+    paths = [p.strip() for p in g.batch(*(("case-sensitive-path", f"{systemroot}/System32/drivers/{n}")
+                                          for n in names), check=False)]
+    found = [p for p in paths if p]
+    is_file = dict(zip(found, (v.strip() == "true" for v in g.batch(*(("is-file", p) for p in found),
+                                                                     check=False)), strict=True))
+    return {n: bool(p) and is_file[p] for n, p in zip(names, paths, strict=True)}
 
 
 def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, int | None]:

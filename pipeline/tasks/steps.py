@@ -156,12 +156,10 @@ class Convert(ImageTask[ConvertResult]):
         img = self.image
         merged = self.upstream_result(RegistryMerge)
         facts = self.upstream_result(Inspect)
-        disk = Path(facts.source)
-        if merged.overlay is None:
-            return ConvertInput(image_id=img.id, final_disk=img.final_disk, format=img.format,
-                                verify=img.verify, src=disk, src_format=facts.format)
+        disk, overlay = Path(facts.source), merged.overlay  # with an overlay: copy the disk, commit it
         return ConvertInput(image_id=img.id, final_disk=img.final_disk, format=img.format, verify=img.verify,
-                            src=merged.overlay, src_format="qcow2", base=disk, base_format=facts.format)
+                            src=overlay or disk, src_format="qcow2" if overlay else facts.format,
+                            base=disk if overlay else None, base_format=facts.format)
 
     def execute(self) -> Outcome[ConvertResult]:
         ghost = self.upstream_task(GhostConvert)

@@ -95,6 +95,11 @@ class Appliances:
         return [e for e in self.events() if e.get("event") == "launch"]
 
 
+def lines(output: str) -> list[str]:
+    """The non-blank lines of a command's output (``list-devices``, ``inspect-os``, …)."""
+    return [ln for ln in output.splitlines() if ln.strip()]
+
+
 class Guestfish:
     """``with Guestfish([(path, fmt, readonly)], ...) as g: g("inspect-os")``."""
 
@@ -166,7 +171,7 @@ class Guestfish:
     def __call__(self, *args: str, timeout: float | None = None) -> str:
         return self.batch(args, timeout=timeout)[0]
 
-    def batch(self, *commands: Sequence[str], timeout: float | None = None) -> list[str]:
+    def batch(self, *commands: Sequence[str], timeout: float | None = None, check: bool = True) -> list[str]:
         """Run ``commands`` in order through ONE ``guestfish --remote`` process (``-cmd1 : echo M :
         -cmd2 : echo M …``, M a random marker that splits the output): one process start instead of one
         per command (0.1–0.5 s each on a loaded machine); their outputs in order.
@@ -176,7 +181,9 @@ class Guestfish:
         (``part-get-parttype`` of a disk without a partition table) would kill the appliance for every
         later command. A failure is then known by what the server wrote to its stderr (our log): any
         line but a ``libguestfs: warning:``; the :class:`ToolError` names the first command without
-        output (a failed one prints nothing) and carries the server's words."""
+        output (a failed one prints nothing) and carries the server's words. ``check=False``: failed
+        commands just give no output (for queries that print a value when they succeed); a server
+        that does not answer is still an error."""
         assert self.pid is not None
         if not commands:
             return []
@@ -189,7 +196,7 @@ class Guestfish:
                 timeout=timeout or self.timeout, env=self.env, check=False)
         parts = (r.stdout.split(marker + "\n") + [""] * len(commands))[:len(commands)]
         said = self._errors(since)
-        if r.returncode != 0 or said:
+        if r.returncode != 0 or (said and check):
             failed = next((c for c, out in zip(commands, parts, strict=True) if not out), commands[-1])
             msg = said or r.stderr.strip() or "(no message)"
             raise ToolError(f"guestfish {failed[0]} failed: {msg}", tool=GUESTFISH, argv=r.argv,
@@ -197,7 +204,7 @@ class Guestfish:
         return parts
 
     def lines(self, *args: str) -> list[str]:
-        return [ln for ln in self(*args).splitlines() if ln.strip()]
+        return lines(self(*args))
 
     def offer(self) -> None:
         """Leave this appliance for the next step of the image when the session ends without an error

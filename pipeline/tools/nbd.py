@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.core.errors import ToolError
+from pipeline.tools import qemu_img
 from pipeline.tools import run as runner
 
 QEMU_NBD = "qemu-nbd"
@@ -78,7 +79,6 @@ class NbdDisk:
     def __init__(self, path: Path, fmt: str, *, image_id: str | None, step: str,
                  timeout: float = 60) -> None:
         self.path, self.fmt, self.image_id, self.step = Path(path), fmt, image_id, step
-        self.written = 0
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
         sweep_dead_dirs()
@@ -224,7 +224,6 @@ class NbdDisk:
                                                    for s, e in self._inflight.values()):
             self._reply()
         self._request(CMD_WRITE, offset, len(data), data)
-        self.written += len(data)
 
     def _drain(self) -> None:
         self._send_pending()
@@ -300,8 +299,6 @@ def open_disk(path: Path, fmt: str, *, image_id: str | None, step: str) -> Itera
 def create_qcow2(path: Path, size: int, *, image_id: str | None, step: str) -> Iterator[NbdDisk]:
     """A new qcow2 of ``size`` bytes at ``path`` (qemu-img's defaults, as ``qemu-img convert -O qcow2``
     makes them), open as :func:`open_disk` does."""
-    from pipeline.tools import qemu_img
-
     qemu_img.create(path, "qcow2", size, image_id=image_id, step=step)
     with open_disk(path, "qcow2", image_id=image_id, step=step) as disk:
         yield disk
