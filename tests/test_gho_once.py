@@ -471,6 +471,14 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _assert_one_copy(label: str, written: int, alloc: int) -> None:
+    """One copy of the disk: the whole migration (decode, the appliance, the commit) wrote far less
+    than the two copies the copy path writes (ratio figures: bench/bench_gho_once.py)."""
+    print(f"\nMEASURED {label}: written {written} allocated {alloc} ratio {written / alloc:.3f}")
+    assert alloc > DATA_MIB * MIB
+    assert written < 1.5 * alloc
+
+
 def _ok(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -491,12 +499,7 @@ def test_final_disk_is_ghost_converts_disk(once: dict[str, Any]) -> None:
     assert os.stat(once["final"]).st_ino == adopted["inode"]
     assert "ghost.raw" not in once["first_files"]
     assert conv["result"]["verified"] is True and once["first_alpha"]
-    # one copy of the disk: the whole migration (decode, two appliance launches, the commit) wrote far
-    # less than the two copies the copy path writes (ratio figures: bench/bench_gho_once.py)
-    print(f"\nMEASURED written {once['first_written']} allocated {once['first_alloc']} "
-          f"ratio {once['first_written'] / once['first_alloc']:.3f}")
-    assert once["first_alloc"] > DATA_MIB * MIB
-    assert once["first_written"] < 1.5 * once["first_alloc"]
+    _assert_one_copy("raw", once["first_written"], once["first_alloc"])
 
 
 @pytest.mark.guestfs
@@ -590,14 +593,10 @@ def test_qcow2_final_disk_is_ghost_converts_disk(once_qcow2: dict[str, Any]) -> 
     assert q["alpha"]  # registry-merge's edit, committed into it
     # one copy of the disk, written by qemu-nbd: a child of the CLI (run.start_server), so its writes are
     # in the tree's count; a qemu-nbd that forked away would not be, and the count would miss the disk
-    written = q["written"]
     assert "qemu-nbd" not in q["daemons"]
-    print(f"\nMEASURED qcow2: written by the CLI tree (qemu-nbd included) {written}, allocated {q['alloc']}, "
-          f"ratio {written / q['alloc']:.3f}; daemons that forked away (appliances, not counted): "
-          f"{dict(sorted(q['daemons'].items()))}")
-    assert q["alloc"] > DATA_MIB * MIB
-    assert written > q["alloc"] * 0.95  # the disk's bytes are counted: the ratio below means something
-    assert written < 1.5 * q["alloc"]
+    print(f"\ndaemons that forked away (appliances, not counted): {dict(sorted(q['daemons'].items()))}")
+    assert q["written"] > q["alloc"] * 0.95  # the disk's bytes are counted: the ratio means something
+    _assert_one_copy("qcow2 (qemu-nbd included)", q["written"], q["alloc"])
 
 
 # -- the exe backend: Ghost's one flat extent is the final raw disk (adopted, not copied) ----------------
@@ -855,11 +854,7 @@ def test_exe_final_disk_is_ghosts_extent(exe_once: dict[str, Any]) -> None:
     assert exe_once["inodes"].read_text().split() == [str(exe_once["first_ino"])]
     assert "ghost-s001.vmdk" not in exe_once["first_files"] and "ghost.vmdk" in exe_once["first_files"]
     assert exe_once["first_alpha"]  # the .reg value, committed into it
-    ratio = exe_once["first_written"] / exe_once["first_alloc"]
-    print(f"\nMEASURED exe written {exe_once['first_written']} allocated {exe_once['first_alloc']} "
-          f"ratio {ratio:.3f}")
-    assert exe_once["first_alloc"] > DATA_MIB * MIB
-    assert exe_once["first_written"] < 1.5 * exe_once["first_alloc"]
+    _assert_one_copy("exe", exe_once["first_written"], exe_once["first_alloc"])
 
 
 @pytest.mark.guestfs

@@ -91,6 +91,14 @@ def _config(tmp: Path, file: str = "config.yaml", **fields_: Any) -> Path:
     return make_config(tmp, [{"id": "a", "source": src, **fields_}], name=file)
 
 
+def _gho(tmp: Path) -> Path:
+    """A stand-in ``.gho`` source (never read: receipts are written by ``write_chain``)."""
+    gho = tmp / "src" / "XP.GHO"
+    gho.parent.mkdir()
+    gho.write_bytes(b"\xfe\xef" + b"\0" * 510)
+    return gho
+
+
 def _stale_steps(cfg: Path) -> tuple[str, ...]:
     """The steps whose own inputs changed (upstream aside)."""
     return tuple(t.step for t in chain(str(cfg), "a")
@@ -169,14 +177,10 @@ def test_a_config_field_marks_exactly_the_steps_that_use_it(tmp_path: Path, name
 ])
 def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],
                                          expected: tuple[str, ...]) -> None:
-    gho = tmp_path / "src" / "XP.GHO"
-    gho.parent.mkdir()
-    gho.write_bytes(b"\xfe\xef" + b"\0" * 510)
-    cfg = make_config(tmp_path, [{"id": "a", "source": gho}])
-    write_chain(cfg, "a")
+    gho = _gho(tmp_path)
+    write_chain(make_config(tmp_path, [{"id": "a", "source": gho}]), "a")
     changed = make_config(tmp_path, [{"id": "a", "source": gho, "ghost": ghost}], name="changed.yaml")
-    assert tuple(t.step for t in chain(str(changed), "a")
-                 if receipts.why_stale(t.receipt(), t.fingerprint()) is not None) == expected
+    assert _stale_steps(changed) == expected
 
 
 @pytest.mark.parametrize(("ghost", "expected"), [
@@ -188,14 +192,11 @@ def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],
 ])
 def test_format_of_a_gho_marks_ghost_convert_when_the_native_reader_writes_it(
         tmp_path: Path, ghost: dict[str, Any], expected: tuple[str, ...]) -> None:
-    gho = tmp_path / "src" / "XP.GHO"
-    gho.parent.mkdir()
-    gho.write_bytes(b"\xfe\xef" + b"\0" * 510)
+    gho = _gho(tmp_path)
     write_chain(make_config(tmp_path, [{"id": "a", "source": gho, "ghost": ghost}]), "a")
     changed = make_config(tmp_path, [{"id": "a", "source": gho, "ghost": ghost, "format": "qcow2"}],
                           name="changed.yaml")
-    assert tuple(t.step for t in chain(str(changed), "a")
-                 if receipts.why_stale(t.receipt(), t.fingerprint()) is not None) == expected
+    assert _stale_steps(changed) == expected
 
 
 def test_an_upstream_rerun_marks_the_later_steps(tmp_path: Path) -> None:
