@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.core.errors import ToolError
 from pipeline.gho.sparse import FileDisk
-from pipeline.tools import nbd
+from pipeline.tools import nbd, run
 
 MIB = 1 << 20
 PREFIX = "gho2kvm-nbd-"
@@ -223,3 +223,18 @@ def test_server_gone_before_the_connection_is_one_line(tmp_path: Path, tmpdir_sh
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def test_socket_folders_of_killed_runs_are_swept(tmp_path: Path, tmpdir_short: Path) -> None:
+    """A SIGKILLed run leaves its socket folder; the next disk opened removes it, and keeps the folder
+    of a run that is still alive (its owner process, by pid and start time)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed, alive = tmpdir_short / f"{PREFIX}killed", tmpdir_short / f"{PREFIX}alive"
+    for d, pid in ((killed, dead.pid), (alive, os.getpid())):
+        d.mkdir()
+        (d / "s").write_bytes(b"")
+        (d / "owner").write_text(f"{pid} {run.process_start(pid) or 'gone'}\n")
+    with nbd.create_qcow2(tmp_path / "d.qcow2", 1 << 20, image_id="sw", step="test") as disk:
+        disk.pwrite(b"x" * 512, 0)
+    assert _socket_dirs(tmpdir_short) == [f"{PREFIX}alive"]
