@@ -48,13 +48,23 @@ class DiskSpec:
     output: str = "raw"  # raw | qcow2 | one of VMDK_SUBFORMATS
     #: MBR disks: MountedDevices \DosDevices\C: names this disk signature (and the partition's offset)
     mounted_c_signature: int | None = None
+    #: .reg lines (key headers + values, no header line) added to the SYSTEM / SOFTWARE hive
+    system_reg_extra: tuple[str, ...] = ()
+    software_reg_extra: tuple[str, ...] = ()
+    #: files uploaded into ``WINDOWS/system32/config/`` last: (name, host path), e.g. a prebuilt
+    #: ``system`` hive replacing the generated one, or its ``system.LOG1`` / ``system.LOG2``
+    config_files: tuple[tuple[str, str], ...] = ()
 
     def stamp(self) -> dict[str, object]:
         """What identifies a built disk (fields added later are left out at their default, so that
         disks built before them stay valid)."""
         d = asdict(self)
-        if d["mounted_c_signature"] is None:
-            del d["mounted_c_signature"]
+        for late in ("mounted_c_signature", "system_reg_extra", "software_reg_extra", "config_files"):
+            if d[late] in (None, (), []):
+                del d[late]
+        if self.config_files:  # a prebuilt file identifies the disk by its content
+            d["config_files"] = [[name, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+                                 for name, path in self.config_files]
         d["recipe"] = _RECIPE  # what the disk holds also depends on this module's code
         return d
 
@@ -167,6 +177,7 @@ def system_reg(spec: DiskSpec) -> str:
             if svc == "storahci":
                 lines += [rf"[HKEY_LOCAL_MACHINE\SYSTEM\{s}\Services\{svc}\StartOverride]",
                           '"0"=dword:00000003', ""]
+    lines += list(spec.system_reg_extra)
     return _reg(lines)
 
 
@@ -181,6 +192,8 @@ def software_reg(spec: DiskSpec) -> str:
         *numbers,
         f'"CurrentBuildNumber"="{spec.build}"',
         r'"SystemRoot"="C:\\WINDOWS"',
+        "",
+        *spec.software_reg_extra,
     ])
 
 
@@ -238,6 +251,8 @@ def build_raw(raw: Path, spec: DiskSpec, *, force_tcg: bool) -> None:
                 g("upload", str(tmp / "SOFTWARE"), "/WINDOWS/system32/config/software")
                 for drv in driver_files(spec):
                     g("upload", str(tmp / "driver.sys"), f"/WINDOWS/system32/drivers/{drv}")
+                for name, path in spec.config_files:
+                    g("upload", str(path), f"/WINDOWS/system32/config/{name}")
             else:
                 g("mkdir-p", "/data")
                 g("write", "/data/readme.txt", "not an operating system\n")
