@@ -199,3 +199,14 @@ def rename_extents(path: Path, rename: Callable[[str], str]) -> list[str]:
         with atomic.temporary_path(path) as tmp:
             tmp.write_bytes(text)
     return names
+
+
+_PARENT_HINT_RE = re.compile(r'parentFileNameHint\s*=\s*"([^"]*)"', re.I)
+
+
+def referenced_files(text: str) -> tuple[list[str], str | None]:
+    """(extent file names, parent file name or None) a descriptor text names, read leniently: for
+    grouping a folder's files (``gho2kvm scan``), not for deciding what qemu may open."""
+    extents = [m.group(4) for line in text.splitlines()[:MAX_EXTENTS * 4] if (m := _EXTENT_RE.match(line))]
+    parent = _PARENT_HINT_RE.search(text)
+    return extents[:MAX_EXTENTS], parent.group(1) if parent else None

@@ -84,6 +84,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from pipeline.app.scan import run
+
+    return run(args.folders, output=args.output, update=args.update, max_depth=args.max_depth,
+               max_files=args.max_files)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gho2kvm", description="Ghost/VMDK Windows images → libvirt domains")
     p.add_argument("--version", action="version", version=f"gho2kvm {__version__}")
@@ -116,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="print which steps would run and why; touches nothing")
     with_config(sp)
     sp.set_defaults(func=cmd_plan)
+    sp = sub.add_parser("scan", help="find the images in folders and write a commented config for them")
+    sp.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="folders (or files) to scan")
+    out = sp.add_mutually_exclusive_group()
+    out.add_argument("--output", "-o", type=Path, help="write the config here (default: print it)")
+    out.add_argument("--update", "-u", type=Path, metavar="CONFIG",
+                     help="add the images CONFIG does not name yet to it, keeping everything else")
+    sp.add_argument("--max-depth", type=int, default=16, help="folders deep (default 16)")
+    sp.add_argument("--max-files", type=int, default=100_000, help="entries looked at (default 100000)")
+    sp.set_defaults(func=cmd_scan)
     sp = sub.add_parser("report", help="write <workdir>/report.md and report.html")
     with_config(sp)
     sp.set_defaults(func=cmd_report)

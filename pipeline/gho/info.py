@@ -10,6 +10,7 @@ from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import parse_mbr
 from pipeline.gho.errors import MAX_FILES_LISTED, Advisories
 from pipeline.gho.fat import FatSection
+from pipeline.gho.header import HEADER_SIZE, SUBTYPE_NAMES
 from pipeline.gho.image import Image, generation
 from pipeline.gho.ntfs import NtfsSection
 
@@ -143,3 +144,74 @@ def _ntfs_info(reader: NtfsSection, p: PartitionInfo, warnings: Advisories) -> N
         warnings.add(f"partition {p.index}: {sm.runs_heuristic} runs are placed by the heuristic")
     for m in sm.warnings:
         warnings.add(f"partition {p.index}: {m}")
+
+
+#: MBR partition type bytes and the file systems they usually hold (for the shelf scan's comments)
+MBR_TYPES = {0x01: "FAT12", 0x04: "FAT16", 0x06: "FAT16", 0x0E: "FAT16", 0x0B: "FAT32", 0x0C: "FAT32",
+             0x07: "NTFS", 0x05: "extended", 0x0F: "extended", 0x83: "Linux", 0x82: "Linux swap",
+             0x27: "recovery (NTFS)", 0x12: "recovery", 0xEE: "GPT"}
+
+
+def _gib(sectors: int) -> str:
+    n = sectors * 512
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class GhoSummary:
+    """What the header, the trailer and its catalogues say (no data decoded; ``gho2kvm scan``)."""
+
+    path: str
+    generation: str
+    compression: str
+    image_type: str
+    password: bool
+    description: str
+    spans: list[str]
+    missing_span: str | None  # the continuation file that is missing (the set does not end with a trailer)
+    first_partition: str | None  # subtype of the first section ("fat", "ntfs", "sector", "ext")
+    mbr_partitions: list[str]  # from track 0 of a disk image (unless encrypted)
+    catalogue_files: list[int | None]  # one per FAT file-aware partition
+    stream_size: int
+
+
+def read_summary(path: str | Path) -> GhoSummary:
+    """The header, span set, trailer and catalogues of an image: record headers and a few small bodies
+    (track 0, the catalogues), never a partition's data. Raises :class:`GhoError` for a broken image;
+    a set whose last file is missing gives ``missing_span`` instead."""
+    from pipeline.gho.catalogue import iter_catalogue
+    from pipeline.gho.records import Layout
+    from pipeline.gho.sector import decode_track0
+    from pipeline.gho.spans import span_display_name
+
+    with Image(path) as img:
+        h = img.header
+        itype = {0: "file-aware", 1: "sector"}.get(h.image_type, f"unknown-0x{h.image_type:02x}")
+        out = GhoSummary(str(img.path), "?", h.compression_name, itype, h.password, h.description,
+                         [p.name for p in img.spans], None, None, [], [], img.stream.size)
+        w = img.walker
+        found = w.find_end_record()
+        if not found:
+            out.missing_span = span_display_name(img.path, len(img.spans) + 1)
+            return out
+        limit, first_cat, end_rec = found
+        first = w.first_structure_at(HEADER_SIZE + first_cat - limit, limit)
+        layout = Layout(first_structure=first)
+        out.generation = generation(layout.descriptor_size)
+        pos = w.scan_track0(layout, first, limit)
+        sub = w.part_header_at(pos)
+        out.first_partition = SUBTYPE_NAMES.get(sub, f"unknown-0x{sub:02x}") if sub is not None else None
+        if layout.track0 and not h.password:
+            for e in parse_mbr(decode_track0(w, layout, img.decoder(), None)[:512]) or []:
+                if e.ptype:
+                    out.mbr_partitions.append(f"{MBR_TYPES.get(e.ptype, f'type 0x{e.ptype:02x}')} "
+                                              f"{_gib(e.sectors)}"
+                                              + (" (active)" if e.status == 0x80 else ""))
+        w.scan_catalogues(layout, first_cat, end_rec)
+        for rec in layout.catalogues:
+            try:
+                body = img.stream.read(rec.body_offset, rec.length, "a catalogue")
+                out.catalogue_files.append(sum(1 for _ in iter_catalogue(body)))
+            except ValueError:
+                out.catalogue_files.append(None)
+        return out

@@ -148,7 +148,7 @@ class Walker:
                            f"(expected 0, A ≤ {e - HEADER_SIZE}, B ≤ A)")
         return e - a, e - b, e
 
-    def _first_structure(self, expect: int, limit: int) -> int:
+    def first_structure_at(self, expect: int, limit: int) -> int:
         """The first partition header (or track-0 record) must sit right after the descriptor area, whose
         size the trailer gives (its copy, §6.6); anything else there is a corrupt header."""
         if not HEADER_SIZE < expect < limit:
@@ -250,19 +250,11 @@ class Walker:
         self.stop = pos
 
     # -- the whole layout ------------------------------------------------------------------
-    def scan(self) -> Layout:
-        found = self.find_end_record()
-        if not found:
-            raise self.stream.truncated(self.stream.size,
-                                        "the trailer (the file does not end with an end record)")
-        limit, first_cat, end_rec = found
-        first = self._first_structure(HEADER_SIZE + first_cat - limit, limit)
-        layout = Layout(first_structure=first)
-        layout.trailer_start, layout.end_record = limit, end_rec
-        pos = layout.first_structure
+    def scan_track0(self, layout: Layout, pos: int, limit: int) -> int:
+        """Track 0 of a disk sector image (§8.2): the kind 0x06 records from ``pos``, closed by a kind
+        0x03 record, are added to ``layout.track0`` (headers only, nothing decoded); returns the offset
+        after them."""
         track0_bytes = 0
-        records = 0
-        # track 0 (disk sector images): kind 0x06 records, closed by a kind 0x03 record
         while pos < limit and self.part_header_at(pos) is None:
             rec = self.record_at(pos)
             if rec is None:
@@ -283,6 +275,31 @@ class Walker:
                 pos = rec.end
             else:
                 break
+        return pos
+
+    def scan_catalogues(self, layout: Layout, pos: int, end_rec: int) -> None:
+        """The trailer's catalogue records (§6.6) from ``pos`` to the end record, into
+        ``layout.catalogues``."""
+        while pos < end_rec:
+            rec = self.record_at(pos)
+            if rec is None or rec.kind != K_CATALOGUE or rec.end > end_rec:
+                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at "
+                               f"offset {pos}, "
+                               f"catalogues ending at the end record (offset {end_rec})")
+            layout.catalogues.append(rec)
+            pos = rec.end
+
+    def scan(self) -> Layout:
+        found = self.find_end_record()
+        if not found:
+            raise self.stream.truncated(self.stream.size,
+                                        "the trailer (the file does not end with an end record)")
+        limit, first_cat, end_rec = found
+        first = self.first_structure_at(HEADER_SIZE + first_cat - limit, limit)
+        layout = Layout(first_structure=first)
+        layout.trailer_start, layout.end_record = limit, end_rec
+        pos = self.scan_track0(layout, layout.first_structure, limit)
+        records = 0
         while pos < limit:
             subtype = self.part_header_at(pos)
             if subtype is None:
@@ -313,11 +330,11 @@ class Walker:
                                    f"marked FAT file-aware (subtype 0x03) but its body at offset "
                                    f"{sec.body_start} does not start with a boot-sector record")
             elif subtype == SUBTYPE_SECTOR:
-                rec = self.record_at(pos)
-                if rec is not None:
+                head = self.record_at(pos)
+                if head is not None:
                     raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
                                    f"marked sector (subtype 0x02) but its body at offset {pos} starts with a "
-                                   f"kind 0x{rec.kind:02x} record, not a block chain")
+                                   f"kind 0x{head.kind:02x} record, not a block chain")
                 pos = self._scan_chain(sec, pos, limit)
                 if sec.blocks == 0:
                     raise GhoError(f"{self.name}: partition {sec.index + 1} (offset {sec.header_offset}) is "
@@ -341,15 +358,7 @@ class Walker:
         if pos != limit:
             raise GhoError(f"{self.name}: unexpected bytes at offset {pos}: expected a record, a partition "
                            f"header or the trailer at offset {limit}")
-        pos = first_cat
-        while pos < end_rec:
-            rec = self.record_at(pos)
-            if rec is None or rec.kind != K_CATALOGUE or rec.end > end_rec:
-                raise GhoError(f"{self.name}: trailer: expected a catalogue record (kind 0x05) at "
-                               f"offset {pos}, "
-                               f"catalogues ending at the end record (offset {end_rec})")
-            layout.catalogues.append(rec)
-            pos = rec.end
+        self.scan_catalogues(layout, first_cat, end_rec)
         fat = sum(1 for s in layout.sections if s.subtype == SUBTYPE_FAT)
         if layout.catalogues and len(layout.catalogues) != fat:
             raise GhoError(f"{self.name}: trailer has {len(layout.catalogues)} catalogues for {fat} FAT "
