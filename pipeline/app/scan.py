@@ -320,8 +320,8 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
             warn(f"{escape(path, 300)}: not recognised (its first bytes are not what a "
                  f"{path.suffix.lstrip('.')} file starts with); skipped")
     for f in found:
-        if f.usable and f.source is not None and _CONTROL.search(str(f.source)):
-            f.usable, f.why_not = False, "its path has control or line-break characters; rename it"
+        if f.usable and f.source is not None and (problem := _bad_name(str(f.source))):
+            f.usable, f.why_not = False, f"its path {problem}; rename it"
     for path, kind in kinds.items():
         if kind == "ghs" and path not in members:
             warn(f"{escape(path, 300)}: a Ghost continuation file (.GHS) whose first file (.GHO) was not "
@@ -331,6 +331,17 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a path cannot be a source as it is: control characters, or bytes that are not UTF-8."""
+    if _CONTROL.search(name):
+        return "has control or line-break characters"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
 
 
 def _ghost(path: Path, warn: Warn) -> Found | None:
