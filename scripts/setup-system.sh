@@ -7,7 +7,7 @@ set -eu
 PKGS="genisoimage python3 python3-venv python3-dev gcc libc6-dev pkg-config ca-certificates libvirt-dev
 qemu-utils qemu-system-x86 ovmf libguestfs-tools linux-image-amd64 ntfs-3g libhivex-bin libwin-hivex-perl
 libvirt-daemon-system libvirt-clients libxml2-utils dosfstools mtools syslinux-common nasm
-tesseract-ocr tesseract-ocr-eng"
+tesseract-ocr tesseract-ocr-eng chromium"
 
 missing=""
 for p in $PKGS; do
