@@ -54,6 +54,7 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                 "outputs": ", ".join(o["path"] for o in ok.get("outputs", {}).values()
                                      if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
+                "_bytes": (ok.get("bytes_read") or 0, ok.get("bytes_written") or 0),
                 "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == "define"
                           else None),
             })
@@ -97,21 +98,140 @@ def _md_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> list[str]
 
 
 def _html_cell(r: dict[str, Any], c: str) -> str:
-    cell = html.escape(str(r[c]))
-    if c == "boot":  # the boot check's last screenshot as an inline thumbnail
-        uri = screen.thumbnail_data_uri(r.get("_screenshot"))
-        if uri:
-            cell += f"<br><img class='shot' alt='screenshot' src='{uri}'>"
-    return f"<td>{cell}</td>"
+    return f"<td>{html.escape(str(r[c]))}</td>"
 
 
-def _html_table(columns: tuple[str, ...], data: list[dict[str, Any]]) -> str:
-    parts = ["<table><tr>", "".join(f"<th>{html.escape(c)}</th>" for c in columns), "</tr>"]
+def _html_table(columns: tuple[str, ...], data: list[dict[str, Any]], cls: str = "") -> str:
+    parts = [f"<table class='{cls}'><tr>" if cls else "<table><tr>",
+             "".join(f"<th>{html.escape(c)}</th>" for c in columns), "</tr>"]
     for r in data:
-        cls = str(r["status"]).replace(" ", "-")
-        parts.append(f"<tr class='{cls}'>" + "".join(_html_cell(r, c) for c in columns) + "</tr>")
+        status = str(r.get("status", "")).replace(" ", "-")
+        parts.append(f"<tr class='{status}'>" + "".join(_html_cell(r, c) for c in columns) + "</tr>")
     parts.append("</table>")
     return "".join(parts)
+
+
+# -- timeline and totals ------------------------------------------------------------------------
+def _when(value: Any) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _bar(r: dict[str, Any]) -> tuple[datetime, float] | None:
+    """(start, seconds) of a step row that ran (done, failed or stale), else None."""
+    start, end = _when(r["started"]), _when(r["finished"])
+    if start is None:
+        return None
+    secs = r["seconds"] if isinstance(r["seconds"], int | float) else None
+    if secs is None and end is not None:
+        secs = (end - start).total_seconds()
+    return (start, max(0.0, float(secs or 0.0)))
+
+
+def window(step_rows: list[dict[str, Any]]) -> tuple[datetime, datetime] | None:
+    """From the first step's start to the last step's end (None when nothing ran)."""
+    bars = [b for r in step_rows if (b := _bar(r))]
+    if not bars:
+        return None
+    t0 = min(b[0] for b in bars)
+    t1 = max(b[0].timestamp() + b[1] for b in bars)
+    return t0, datetime.fromtimestamp(max(t1, t0.timestamp()), UTC)
+
+
+STATUS_COLOURS = {"done": "#3a9d3a", "failed": "#d03030", "stale": "#d6a400", "not run": "#aaaaaa"}
+LABEL_W, PLOT_W, ROW_H = 170, 760, 22
+
+
+def timeline_svg(step_rows: list[dict[str, Any]], image_ids: list[str]) -> str:
+    """One row per image, one bar per step that ran, at its start and as long as it took, coloured by
+    status; hover text names image, step, status and seconds. Self-contained SVG."""
+    win = window(step_rows)
+    height = ROW_H * len(image_ids) + 30
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='timeline' width='{LABEL_W + PLOT_W + 40}' "
+           f"height='{height}' role='img' aria-label='timeline: one row per image, one bar per step'>"]
+    t0 = win[0].timestamp() if win else 0.0
+    span = max((win[1].timestamp() - t0) if win else 0.0, 1e-6)
+    for k in range(5):  # time axis
+        x = LABEL_W + PLOT_W * k / 4
+        label = datetime.fromtimestamp(t0 + span * k / 4, UTC).strftime("%H:%M:%S") if win else ""
+        out.append(f"<line x1='{x:.1f}' y1='0' x2='{x:.1f}' y2='{height - 18}' stroke='#ddd'/>"
+                   f"<text x='{x:.1f}' y='{height - 4}' font-size='11' text-anchor='middle'>{label}</text>")
+    by_image: dict[str, list[dict[str, Any]]] = {i: [] for i in image_ids}
+    for r in step_rows:
+        by_image.setdefault(r["image"], []).append(r)
+    for row_no, image in enumerate(image_ids):
+        y = row_no * ROW_H
+        out.append(f"<g class='tl-row' data-image='{html.escape(image, quote=True)}'>"
+                   f"<text x='4' y='{y + 15}' font-size='12'>{html.escape(image[:24])}</text>")
+        for r in by_image[image]:
+            bar = _bar(r)
+            if bar is None:
+                continue
+            x = LABEL_W + PLOT_W * (bar[0].timestamp() - t0) / span
+            w = max(2.0, PLOT_W * bar[1] / span)
+            colour = STATUS_COLOURS.get(r["status"], "#888")
+            tip = f"{image} {r['step']}: {r['status']}, {bar[1]:.1f} s"
+            out.append(f"<rect class='bar {html.escape(r['status'].replace(' ', '-'))}' "
+                       f"data-step='{html.escape(r['step'])}' x='{x:.1f}' y='{y + 3}' width='{w:.1f}' "
+                       f"height='{ROW_H - 6}' fill='{colour}' stroke='#fff'><title>{html.escape(tip)}"
+                       "</title></rect>")
+        out.append("</g>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def totals(step_rows: list[dict[str, Any]], images: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images per hour over the run's window, bytes read and written, time per step."""
+    win = window(step_rows)
+    wall = (win[1] - win[0]).total_seconds() if win else 0.0
+    done = sum(1 for i in images if i["status"] == "done")
+    per_step: dict[str, list[float]] = {}
+    for r in step_rows:
+        if r["status"] != "not run" and isinstance(r["seconds"], int | float):
+            per_step.setdefault(r["step"], []).append(float(r["seconds"]))
+    busy = sum(sum(v) for v in per_step.values()) or 1.0
+    return {
+        "images": len(images), "done": done, "wall_s": round(wall, 1),
+        "images_per_hour": round(done * 3600 / wall, 1) if wall > 0 else None,
+        "bytes_read": sum(r["_bytes"][0] for r in step_rows),
+        "bytes_written": sum(r["_bytes"][1] for r in step_rows),
+        "steps": [{"step": k, "runs": len(v), "seconds": round(sum(v), 1), "mean": round(sum(v) / len(v), 1),
+                   "share": f"{100 * sum(v) / busy:.0f} %"} for k, v in per_step.items()],
+    }
+
+
+TOTAL_STEP_COLUMNS = ("step", "runs", "seconds", "mean", "share")
+
+
+def _totals_line(t: dict[str, Any]) -> str:
+    rate = f"{t['images_per_hour']} images/hour" if t["images_per_hour"] is not None else "no image done"
+    return (f"{t['done']} of {t['images']} image(s) done in {t['wall_s']} s ({rate}); "
+            f"read {human_bytes(t['bytes_read']) or '0 B'}, wrote {human_bytes(t['bytes_written']) or '0 B'}")
+
+
+def screenshot_grid(images: list[dict[str, Any]]) -> str:
+    """The boot checks' screenshots, one small figure per image that has one."""
+    figs = []
+    for i in images:
+        uri = screen.thumbnail_data_uri(i.get("_screenshot"))
+        if uri:
+            figs.append(f"<figure data-image='{html.escape(i['image'], quote=True)}'>"
+                        f"<img class='shot' alt='screenshot' src='{uri}'>"
+                        f"<figcaption>{html.escape(i['image'])}: {html.escape(i['boot'])}</figcaption>"
+                        "</figure>")
+    return f"<div class='shots'>{''.join(figs)}</div>" if figs else "<p>No boot check screenshots.</p>"
+
+
+STYLE = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
+         "th{background:#eee}.failed{background:#fdd}.done{background:#dfd}"
+         ".stale,.not-run,.not-finished{background:#ffd}table.plain tr{background:none}"
+         ".shots{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:10px}"
+         "figure{margin:0;border:1px solid #ccc;padding:4px;font-size:12px}img.shot{max-width:100%}"
+         ".legend span{display:inline-block;padding:1px 6px;margin-right:6px;color:#fff;font-size:12px}")
 
 
 def write_report(cfg: Config) -> tuple[Path, Path]:
@@ -120,21 +240,31 @@ def write_report(cfg: Config) -> tuple[Path, Path]:
     workdir = cfg.images[0].workdir
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     counts = {s: sum(1 for i in images if i["status"] == s) for s in ("done", "failed", "not finished")}
-    totals = ", ".join(f"{n} {s}" for s, n in counts.items())
-    md = [f"# gho2kvm report — {cfg.path}", "", f"Generated {generated}; {len(images)} image(s): {totals}.",
-          "", "## Images", "", *_md_table(IMAGE_COLUMNS, images), "", "## Steps", "",
+    status_line = ", ".join(f"{n} {s}" for s, n in counts.items())
+    t = totals(data, images)
+    md = [f"# gho2kvm report — {cfg.path}", "",
+          f"Generated {generated}; {len(images)} image(s): {status_line}.",
+          "", f"Totals: {_totals_line(t)}.", "", "## Images", "", *_md_table(IMAGE_COLUMNS, images), "",
+          "## Time per step", "", *_md_table(TOTAL_STEP_COLUMNS, t["steps"]), "", "## Steps", "",
           *_md_table(COLUMNS, data)]
     md_path = workdir / "report.md"
     atomic.write_text(md_path, "\n".join(md) + "\n")
-    style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}"
-             "th{background:#eee}.failed{background:#fdd}.done{background:#dfd}"
-             ".stale,.not-run,.not-finished{background:#ffd}img.shot{margin-top:4px;border:1px solid #999}")
+    legend = "".join(f"<span style='background:{c}'>{html.escape(s)}</span>"
+                     for s, c in STATUS_COLOURS.items())
+    # the page is a list of sections: (title, HTML); add one to add to the report
+    sections = [
+        ("Totals", f"<p class='totals'>{html.escape(_totals_line(t))}</p>"
+                   + _html_table(TOTAL_STEP_COLUMNS, t["steps"], "plain")),
+        ("Timeline", f"<p class='legend'>{legend}</p>{timeline_svg(data, [i['image'] for i in images])}"),
+        ("Images", _html_table(IMAGE_COLUMNS, images)),
+        ("Boot screenshots", screenshot_grid(images)),
+        ("Steps", _html_table(COLUMNS, data)),
+    ]
+    body = "".join(f"<h2>{html.escape(title)}</h2>{content}" for title, content in sections)
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>gho2kvm report</title>"
-            f"<style>{style}</style></head><body><h1>gho2kvm report</h1>"
+            f"<style>{STYLE}</style></head><body><h1>gho2kvm report</h1>"
             f"<p>{html.escape(str(cfg.path))}<br>Generated {html.escape(generated)}; {len(images)} image(s): "
-            f"{html.escape(totals)}.</p><h2>Images</h2>{_html_table(IMAGE_COLUMNS, images)}"
-            f"<h2>Steps</h2>{_html_table(COLUMNS, data)}</body></html>")
+            f"{html.escape(status_line)}.</p>{body}</body></html>")
     html_path = workdir / "report.html"
     atomic.write_text(html_path, page + "\n")
     return md_path, html_path
