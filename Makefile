@@ -92,6 +92,22 @@ luigid-stop:
 	else echo "luigid not running"; fi
 
 # a system libvirtd (qemu:///system) for configs/boot-demo.yaml on a machine without systemd (root)
+# the systemd units of contrib/systemd/ (luigid, and a migrate run every 30 min), their paths
+# rewritten to this checkout; /etc/default/gho2kvm written once (then it is yours). As root.
+SYSTEMD_DIR ?= /etc/systemd/system
+ENV_FILE ?= /etc/default/gho2kvm
+.PHONY: install-service
+install-service:
+	@mkdir -p $(SYSTEMD_DIR) $(dir $(ENV_FILE))
+	@for f in contrib/systemd/*.service contrib/systemd/*.timer; do \
+	  sed -e 's|/opt/gho2kvm|$(CURDIR)|g' -e 's|/etc/default/gho2kvm|$(ENV_FILE)|g' $$f > $(SYSTEMD_DIR)/$$(basename $$f).tmp \
+	  && mv $(SYSTEMD_DIR)/$$(basename $$f).tmp $(SYSTEMD_DIR)/$$(basename $$f) && echo "installed $(SYSTEMD_DIR)/$$(basename $$f)"; done
+	@if [ -e $(ENV_FILE) ]; then echo "kept $(ENV_FILE)"; else \
+	  sed 's|/opt/gho2kvm|$(CURDIR)|g' contrib/systemd/gho2kvm.env > $(ENV_FILE) && echo "wrote $(ENV_FILE)"; fi
+	@if [ "$(SYSTEMD_DIR)" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	  echo "now: systemctl enable --now gho2kvm-luigid.service gho2kvm-migrate.timer"; \
+	else echo "(systemd is not running here: nothing reloaded)"; fi
+
 .PHONY: libvirtd libvirtd-stop
 libvirtd: setup
 	$(BIN)/python -m pipeline.tools.libvirtd start
