@@ -20,7 +20,7 @@ from tests.support.gho_checks import FIXTURES
 
 
 def spec_fast_decode(payload: bytes) -> bytes:
-    """FORMAT.md §7.4 pseudo-code, literally (the oracle)."""
+    """docs/gho-format.md §7.4 pseudo-code, literally (the oracle)."""
     if payload[0] == 1:
         return payload[4:]
     s = payload[4:]

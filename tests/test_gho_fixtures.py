@@ -1,4 +1,4 @@
-"""The three real Ghost-made fixtures against the expected values of FORMAT.md §14."""
+"""The three real Ghost-made fixtures against the expected values of docs/gho-format.md §14."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NTFS file-aware GHO images (FORMAT.md §11): written by the test-only writer from real NTFS volumes
+"""NTFS file-aware GHO images (docs/gho-format.md §11): written by the test-only writer from real NTFS volumes
 (mkntfs + ntfs-3g), rebuilt by ``extract``; the rebuilt volume must pass ``ntfsfix -n``, mount, and hold
 every file, directory, timestamp and attribute of the original (§11.10)."""
 

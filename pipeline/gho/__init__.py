@@ -1,4 +1,4 @@
-"""Native reader for Norton/Symantec Ghost ``.GHO`` images (see ``../shared/gho/FORMAT.md``).
+"""Native reader for Norton/Symantec Ghost ``.GHO`` images (see ``docs/gho-format.md``).
 
 Public API: :func:`read_info`, :func:`extract`, :class:`GhoError`, :class:`GhoInfo`, :class:`ExtractResult`.
 """

@@ -5,9 +5,9 @@
  * pipeline/gho/codecs.py and pipeline/gho/crypto.py in charge; both give identical output
  * (tests/test_gho_codecs.py runs them on the same inputs).
  *
- *   fast_decode(payload, limit) -> bytes | None   Fast-LZ token stream (FORMAT.md 7.4) of payload[4:];
+ *   fast_decode(payload, limit) -> bytes | None   Fast-LZ token stream (docs/gho-format.md 7.4) of payload[4:];
  *                                                 None when the output would exceed limit bytes
- *   decrypt(data, seed, keys) -> bytes            Ghost keystream cipher (FORMAT.md 9.2), one unit;
+ *   decrypt(data, seed, keys) -> bytes            Ghost keystream cipher (docs/gho-format.md 9.2), one unit;
  *                                                 keys: the 256 16-bit table entries, native order
  */
 #define PY_SSIZE_T_CLEAN

@@ -2,7 +2,7 @@
 
 A BIOS loads the MBR and runs its first 440 bytes; standard MBR code loads the boot sector of the one
 active primary partition; that boot sector's code reads its file system from "hidden sectors" (its
-partition's absolute start LBA). Ghost's file-aware images keep neither the MBR code (FORMAT.md
+partition's absolute start LBA). Ghost's file-aware images keep neither the MBR code (docs/gho-format.md
 §10.10) nor always an absolute hidden-sectors value (a logical partition's is relative to its EBR).
 
 :func:`mbr_code` chooses the MBR code before anything is written: the image's own when its MBR carries

@@ -1,4 +1,4 @@
-"""Volume boot sectors: FAT geometry (FORMAT.md §10.8 step 1) and which file system a first sector
+"""Volume boot sectors: FAT geometry (docs/gho-format.md §10.8 step 1) and which file system a first sector
 belongs to. Pure bytes → facts; shared by the record walker (§8.4 raw-data probe), the sector and
 FAT readers and the boot-chain check.
 """

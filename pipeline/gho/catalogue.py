@@ -1,4 +1,4 @@
-"""Trailer catalogues (kind 0x05, FORMAT.md §6.6): an advisory index of each FAT partition's files.
+"""Trailer catalogues (kind 0x05, docs/gho-format.md §6.6): an advisory index of each FAT partition's files.
 
 A catalogue is inflated in bounded pieces and walked entry by entry; the number of entries is capped,
 so a small zlib bomb costs neither memory nor time.

@@ -1,4 +1,4 @@
-"""Block codecs (FORMAT.md §7): none, Fast (Ghost's LZ77 variant) and High (zlib).
+"""Block codecs (docs/gho-format.md §7): none, Fast (Ghost's LZ77 variant) and High (zlib).
 
 Fast-LZ path: the C extension (:mod:`pipeline.gho.native`, the same algorithm, built at install time,
 ~40x faster) when it is installed; otherwise pure Python, table-driven. Per

@@ -1,4 +1,4 @@
-"""Ghost password protection (FORMAT.md §9): key derivation, the keystream cipher, the verifier."""
+"""Ghost password protection (docs/gho-format.md §9): key derivation, the keystream cipher, the verifier."""
 
 from __future__ import annotations
 

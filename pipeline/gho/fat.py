@@ -1,4 +1,4 @@
-"""FAT12/16/32 file-aware sections (FORMAT.md §10): parse the record stream, rebuild the volume.
+"""FAT12/16/32 file-aware sections (docs/gho-format.md §10): parse the record stream, rebuild the volume.
 
 Two passes over the section: pass 1 reads only boot, reserved-area and directory-entry records
 (data bodies are skipped) and builds the directory tree; clusters are then allocated with the

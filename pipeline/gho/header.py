@@ -1,4 +1,4 @@
-"""File header, partition headers and continuation headers (FORMAT.md §2, §4, §5)."""
+"""File header, partition headers and continuation headers (docs/gho-format.md §2, §4, §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Record layer, block chains and the section layout of the stream (FORMAT.md §5, §6, §8)."""
+"""Record layer, block chains and the section layout of the stream (docs/gho-format.md §5, §6, §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sector sections (FORMAT.md §8): track 0, block chains, raw uncompressed data."""
+"""Sector sections (docs/gho-format.md §8): track 0, block chains, raw uncompressed data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Span discovery: ``NAME.GHO`` followed by ``NAME001.GHS``, ``NAME002.GHS``… (FORMAT.md §4).
+"""Span discovery: ``NAME.GHO`` followed by ``NAME001.GHS``, ``NAME002.GHS``… (docs/gho-format.md §4).
 
 Continuation names use the first five characters of the primary's base name plus a 1-based,
 three-digit number; the directory is matched case-insensitively and the list stops at the first gap.

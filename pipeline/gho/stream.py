@@ -1,4 +1,5 @@
-"""The logical stream: the first file, then every continuation file from offset 512 on (FORMAT.md §4)."""
+"""The logical stream: the first file, then every continuation file from offset 512 on
+(docs/gho-format.md §4)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ timeout) and is judged as a user would see it:
 
 ``python -m tests.support.fuzz_gho [--cases N] [--seed S]`` from the repo root (also ``make fuzz``,
 ``GHO_FUZZ_CASES``) prints case and failure counts per class. Structure offsets are found by a walk
-written here from FORMAT.md, independent of the reader under test.
+written here from docs/gho-format.md, independent of the reader under test.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ TIMEOUT_S = 60.0
 REC_MAGIC = b"\xd8\x18\x2f\x01"
 
 
-# -- structure map of a fixture (from FORMAT.md, independent of the reader) --------------------------
+# -- structure map of a fixture (from docs/gho-format.md, independent of the reader) ----------------
 @dataclass
 class Rec:
     offset: int

@@ -1,4 +1,4 @@
-"""Test-only WRITER of NTFS file-aware Ghost sections, written from FORMAT.md §11 (never shipped).
+"""Test-only WRITER of NTFS file-aware Ghost sections, written from docs/gho-format.md §11 (never shipped).
 
 It takes a real NTFS volume (made by mkntfs, filled through ntfs-3g), walks its $MFT in record order
 and emits the partition header, a metadata area (filler, the boot sector, filler, a checksum packet)
@@ -58,7 +58,7 @@ class NtfsOptions:
 
 
 class NtfsSource:
-    """Just enough NTFS to walk a volume's $MFT (on-disk facts of FORMAT.md §11.2 and §11.5)."""
+    """Just enough NTFS to walk a volume's $MFT (on-disk facts of docs/gho-format.md §11.2 and §11.5)."""
 
     def __init__(self, path: Path) -> None:
         self.f = open(path, "rb")  # noqa: SIM115

@@ -1,4 +1,4 @@
-"""Test-only Ghost image WRITER, written from FORMAT.md (not from the reader's code).
+"""Test-only Ghost image WRITER, written from docs/gho-format.md (not from the reader's code).
 
 Makes sector-mode images (compression none / Fast / High, optional password, track 0, several
 partitions), FAT file-aware images from an existing FAT volume, and spanned sets.

@@ -1,4 +1,4 @@
-"""NTFS file-aware sections (FORMAT.md §11): layout, packet grammar, LCN mapping, volume rebuild."""
+"""NTFS file-aware sections (docs/gho-format.md §11): layout, packet grammar, LCN mapping, volume rebuild."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NTFS section layout and the block chain as one byte stream (FORMAT.md §11.2, §11.3, §11.4).
+"""NTFS section layout and the block chain as one byte stream (docs/gho-format.md §11.2, §11.3, §11.4).
 
 The chain is read strictly forward: at most one decoded block plus the bytes asked for are held.
 """

@@ -1,4 +1,5 @@
-"""NTFS on-disk structures the reader needs (FORMAT.md §11.2, §11.5): boot sector, FILE records, runs."""
+"""NTFS on-disk structures the reader needs (docs/gho-format.md §11.2, §11.5): boot sector, FILE
+records, runs."""
 
 from __future__ import annotations
 

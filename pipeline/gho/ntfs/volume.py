@@ -1,6 +1,6 @@
 """One NTFS file-aware section: the packet grammar walk, LCN mapping and the volume rebuild.
 
-FORMAT.md §11.4 (grammar), §11.5 (records), §11.6.1 (deterministic mapping: every run is labelled by
+docs/gho-format.md §11.4 (grammar), §11.5 (records), §11.6.1 (deterministic mapping: every run is labelled by
 its record, attribute and index), §11.6.3 (the $MFT as fallback where a record copy is unusable; each
 such placement is counted as a heuristic one and reported), §11.7 (rebuild: $Boot, backup boot sector,
 hidden sectors, $MFTMirr, $Bitmap, $LogFile). Memory: one block, one 32 KiB piece, one 1 MiB bitmap
