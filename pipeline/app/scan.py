@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -40,6 +41,7 @@ HEAD_BYTES = 1024
 MAX_TEXT = 1 * MiB  # a .vmx or .ovf
 VMX_CONTROLLERS = ("ide", "sata", "scsi", "nvme")  # the order a disk is taken as the system disk
 Warn = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 # -- walking ------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
     descriptors: dict[Path, _Desc] = {}
     for path, kind in kinds.items():
         if kind in ("vmdk-text", "vmdk-sparse"):
-            d = _descriptor(path, kind, warn)
+            d = _guarded(path, warn, _descriptor, path, kind, warn)
             if d is not None:
                 descriptors[path] = d
                 members.update(d.extents)
@@ -274,7 +276,7 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
                     members.add(d.parent)
     for path, kind in kinds.items():
         if kind == "vmx":
-            vm = _vmx(path, descriptors, real_roots, warn)
+            vm = _guarded(path, warn, _vmx, path, descriptors, real_roots, warn)
             if vm is not None:
                 members.update(vm.files)
                 found.append(vm)
@@ -285,7 +287,7 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
             continue
         f: Found | None = None
         if kind == "gho":
-            f = _ghost(path, warn)
+            f = _guarded(path, warn, _ghost, path, warn)
             if f is not None:
                 members.update(f.files)
         elif kind == "ghs":
@@ -298,16 +300,16 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
                 warn(f"{escape(path, 300)}: a VMDK extent that no descriptor in its folder names; skipped "
                      "(name the descriptor .vmdk or the .vmx instead)")
                 continue
-            f = _vmdk_entry(path, d)
+            f = _guarded(path, warn, _vmdk_entry, path, d)
         elif kind == "qcow2":
-            f = _qcow2(path, heads[path])
+            f = _guarded(path, warn, _qcow2, path, heads[path])
         elif kind == "vhd":
-            f = _vhd(path)
+            f = _guarded(path, warn, _vhd, path)
         elif kind == "vhdx":
             f = Found(path, "VHDX", path.stem, path, [path], ["VHDX disk (size: qemu-img info)"])
             _no_suffix(f, ".vhdx")
         elif kind == "raw":
-            f = _raw(path, heads[path])
+            f = _guarded(path, warn, _raw, path, heads[path])
         elif kind in ("ova", "ovf"):
             f = Found(path, kind.upper(), path.stem, None, [path], [f"{kind.upper()} appliance"],
                       usable=False,
@@ -328,6 +330,20 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
                  "found next to it; skipped")
     found.sort(key=lambda f: str(f.scanned))
     return found
+
+
+def _guarded(path: Path, warn: Warn, fn: Callable[..., _T], *args: object) -> _T | None:
+    """``fn(*args)``, or None with one line on stderr when reading ``path`` fails in any way: one bad
+    file never stops the scan (the readers raise typed errors; this is the net under them)."""
+    try:
+        return fn(*args)
+    except Gho2KvmError as e:
+        warn(escape(e.one_line(), 400))
+    except OSError as e:
+        warn(f"{escape(path, 300)}: cannot read: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - a hostile file must not end the scan
+        warn(f"{escape(path, 300)}: not understood ({type(e).__name__}: {escape(str(e), 200)}); skipped")
+    return None
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -680,7 +696,7 @@ def update_config(path: Path, found: list[Found]) -> Update:
     """
     cfg = load_config(path, check_sources=False)
     text = read_capped(path, MiB, "config").decode("utf-8")
-    known = {os.path.normpath(i.source) for i in cfg.images}
+    known = {p for i in cfg.images for p in (os.path.normpath(i.source), os.path.realpath(i.source))}
     proposed: set[str] = set()
     taken = {i.id for i in cfg.images}
     for line in text.splitlines():
@@ -690,12 +706,14 @@ def update_config(path: Path, found: list[Found]) -> Update:
             except yaml.YAMLError:
                 continue
             if isinstance(value, str):
-                (known if m.group(1) == "scanned" else proposed).add(os.path.normpath(value))
+                (known if m.group(1) == "scanned" else proposed).update(
+                    {os.path.normpath(value), os.path.realpath(value)})
         if m := _ID_RE.match(line):
             taken.add(m.group(1))
     new = []
     for f in found:
-        keys = {os.path.normpath(str(p)) for p in (f.scanned, *( [f.source] if f.source else []))}
+        keys = {q for p in (f.scanned, *([f.source] if f.source else []))
+                for q in (os.path.normpath(p), os.path.realpath(p))}
         if keys & known or (not f.usable and keys & proposed):
             continue
         new.append(f)
