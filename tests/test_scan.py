@@ -153,7 +153,12 @@ def test_other_formats_by_content_not_name(tmp_path: Path) -> None:
     (shelf / "server.img").write_bytes(bytes(disk))
     (shelf / "server-backup.bin").write_bytes(bytes(disk))  # a raw disk with a name no source may have
     (shelf / "notes.img").write_bytes(b"not a disk at all" * 40)  # .img, but no partition table
-    (shelf / "appliance.ova").write_bytes(b"\0" * 257 + b"ustar\x0000" + b"\0" * 254)
+    ova = tmp_path / "ova"
+    ova.mkdir()
+    (ova / "app.ovf").write_text('<?xml version="1.0"?><Envelope/>')
+    qemu_img("-f", "vmdk", "-o", "subformat=streamOptimized", ova / "app-disk1.vmdk", "16M")
+    subprocess.run(["tar", "cf", str(shelf / "appliance.ova"), "app.ovf", "app-disk1.vmdk"], cwd=ova,
+                   check=True)
     cfg, r = scan_to(tmp_path, shelf)
     got = images(cfg)
     assert set(got) == {"win7", "old", "new", "server"}, cfg.read_text()
@@ -162,6 +167,7 @@ def test_other_formats_by_content_not_name(tmp_path: Path) -> None:
     assert "# - id: overlay" in text and "has a backing file" in text
     assert "# - id: server-backup" in text and "link or rename it" in text
     assert "# - id: appliance" in text and "OVA is not yet accepted" in text
+    assert "holds: app.ovf, app-disk1.vmdk" in text
     assert "notes" not in text
     validate(cfg)
 

@@ -314,6 +314,8 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
             f = Found(path, kind.upper(), path.stem, None, [path], [f"{kind.upper()} appliance"],
                       usable=False,
                       why_not=f"{kind.upper()} is not yet accepted as a source; import its disk or .vmx")
+            if kind == "ova" and (names := _guarded(path, warn, _tar_names, path)):
+                f.facts.append("holds: " + ", ".join(names))
         if f is not None:
             found.append(f)
     for path in unknown:
@@ -540,6 +542,29 @@ def _ovf_disks(path: Path, warn: Warn) -> list[Path]:
         warn(escape(e.one_line(), 400))
         return []
     return [Path(os.path.normpath(path.parent / h)) for h in re.findall(r'href="([^"/\\]+)"', text)][:64]
+
+
+MAX_TAR_MEMBERS = 32
+
+
+def _tar_names(path: Path) -> list[str]:
+    """The first member names of an .ova (a tar): 512-byte headers only, the data skipped by seeking."""
+    fd, st = open_nonblocking(path)
+    try:
+        if file_kind(st.st_mode) is not None:
+            raise OSError(0, "not a regular file")
+        names: list[str] = []
+        pos = 0
+        while len(names) < MAX_TAR_MEMBERS and pos + 512 <= st.st_size:
+            h = os.pread(fd, 512, pos)
+            if h[257:262] != b"ustar" or not h[:100].strip(b"\0"):
+                break
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            names.append(comment(h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")))
+            pos += 512 + -(-size // 512) * 512
+        return names
+    finally:
+        os.close(fd)
 
 
 def _qcow2(path: Path, head: bytes) -> Found:
