@@ -81,6 +81,7 @@ def test_span_set_is_one_image_and_a_missing_span_is_named(tmp_path: Path) -> No
     cfg, r = scan_to(tmp_path, shelf)
     assert set(images(cfg)) == {"win98-lab"}
     assert f"span {files[2].name} is missing" in r.stderr
+    assert f"{files[3].name}: a continuation of OFFICE.GHO after a missing span" in r.stderr
     assert "# NOT USABLE YET: span OFFIC002.GHS is missing" in cfg.read_text()
     validate(cfg)
 

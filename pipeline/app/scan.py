@@ -34,6 +34,7 @@ from pipeline.core import atomic
 from pipeline.core.config import ID_RE, MAC_RE, SOURCE_SUFFIXES, ConfigError, load_config
 from pipeline.core.errors import Gho2KvmError, InputError, escape
 from pipeline.core.safeio import MiB, file_kind, open_nonblocking, read_capped
+from pipeline.gho.spans import resolve_first
 
 MAX_DEPTH = 16
 MAX_FILES = 100_000
@@ -328,8 +329,13 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
             f.usable, f.why_not = False, f"its path {problem}; rename it"
     for path, kind in kinds.items():
         if kind == "ghs" and path not in members:
-            warn(f"{escape(path, 300)}: a Ghost continuation file (.GHS) whose first file (.GHO) was not "
-                 "found next to it; skipped")
+            first = _guarded(path, warn, resolve_first, path)
+            if first is not None:
+                warn(f"{escape(path, 300)}: a continuation of {escape(first.name, 80)} after a missing span "
+                     "(never read); skipped")
+            else:
+                warn(f"{escape(path, 300)}: a Ghost continuation file (.GHS) whose first file (.GHO) was not "
+                     "found next to it; skipped")
     found.sort(key=lambda f: str(f.scanned))
     return found
 
