@@ -368,6 +368,10 @@ def _bad_name(name: str) -> str | None:
     return None
 
 
+SECTION_KINDS = {"fat": "FAT, file-aware", "ntfs": "NTFS, file-aware", "sector": "every sector",
+                 "ext": "ext2/3 (not supported)"}
+
+
 def _ghost(path: Path, warn: Warn) -> Found | None:
     from pipeline.gho.info import read_summary
 
@@ -382,7 +386,8 @@ def _ghost(path: Path, warn: Warn) -> Found | None:
     spans = [path.with_name(n) for n in s.spans]
     f = Found(path, "Ghost image", path.stem, path, [path, *spans], password=s.password)
     pw = "password-protected" if s.password else "no password"
-    f.facts.append(f"Ghost {s.generation}-style image, compression {s.compression}, {s.image_type}, {pw}")
+    made = f"Ghost {s.generation}-style image" if s.generation != "?" else "Ghost image"
+    f.facts.append(f"{made}, compression {s.compression}, {s.image_type}, {pw}")
     if s.description:
         f.facts.append(f"description: {s.description}")
     if spans:
@@ -395,7 +400,7 @@ def _ghost(path: Path, warn: Warn) -> Found | None:
     if s.mbr_partitions:
         parts.append("disk partitions: " + ", ".join(s.mbr_partitions))
     elif s.first_partition:
-        parts.append(f"first partition: {s.first_partition}")
+        parts.append(f"first partition: {SECTION_KINDS.get(s.first_partition, s.first_partition)}")
     if s.catalogue_files:
         counts = ", ".join("?" if n is None else str(n) for n in s.catalogue_files)
         parts.append(f"{len(s.catalogue_files)} FAT partition(s), files per catalogue: {counts}")
