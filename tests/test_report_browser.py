@@ -135,6 +135,12 @@ def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
         shutil.copy(out, os.environ["GHO2KVM_REPORT_PNG"])
 
 
+def test_report_is_self_contained(report: Path) -> None:
+    page = report.read_text()
+    assert not re.search(r"<(script|link)\b|https?://", page), "nothing external: the page works offline"
+    assert page.count("src='data:image/png;base64,") == N - 2
+
+
 def test_report_md_has_totals(report: Path) -> None:
     md = report.with_suffix(".md").read_text()
     assert "Totals: 10 of 12 image(s) done" in md and "## Time per step" in md

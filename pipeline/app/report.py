@@ -150,7 +150,7 @@ def timeline_svg(step_rows: list[dict[str, Any]], image_ids: list[str]) -> str:
     status; hover text names image, step, status and seconds. Self-contained SVG."""
     win = window(step_rows)
     height = ROW_H * len(image_ids) + 30
-    out = [f"<svg xmlns='http://www.w3.org/2000/svg' class='timeline' width='{LABEL_W + PLOT_W + 40}' "
+    out = [f"<svg class='timeline' width='{LABEL_W + PLOT_W + 40}' "
            f"height='{height}' role='img' aria-label='timeline: one row per image, one bar per step'>"]
     t0 = win[0].timestamp() if win else 0.0
     span = max((win[1].timestamp() - t0) if win else 0.0, 1e-6)
