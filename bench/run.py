@@ -5,9 +5,10 @@ leaves its rows in ``var/bench/results.d/<name>.json`` (see ``bench/common.py``)
 prints one table (figure, goal, met, the command that produced it) and writes it to
 ``var/bench/results.json`` and ``var/bench/results.md``.
 
-``python -m bench.run NAME…`` runs only the named ones (``gho``, ``convert``, ``v2v``, ``many``,
-``noop``). ``BENCH_QUICK=1`` runs fewer rounds and images (checks that the benches work; the figures
-are then not the ones to quote). ``BENCH_IMAGES`` / ``BENCH_WORKERS`` set bench_many's image and worker count.
+``python -m bench.run NAME…`` runs only the named ones (``gho``, ``convert``, ``gho_once``, ``v2v``,
+``many``, ``noop``, ``scan``). ``BENCH_QUICK=1`` runs fewer rounds and images (checks that the
+benches work; the figures are then not the ones to quote). ``BENCH_IMAGES`` / ``BENCH_WORKERS`` set
+bench_many's image and worker count.
 """
 
 from __future__ import annotations
