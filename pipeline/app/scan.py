@@ -17,6 +17,7 @@ comments and order stay, ids are never changed, and sources that disappeared are
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import stat
@@ -80,8 +81,8 @@ def walk(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
     while stack:
         folder, depth = stack.pop()
         try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            with os.scandir(folder) as it:  # at most the entries still allowed (+1 to notice more)
+                entries = sorted(itertools.islice(it, max(0, max_files - seen) + 1), key=lambda e: e.name)
         except OSError as e:
             warn(f"{escape(folder, 300)}: cannot list: {e.strerror}")
             continue
