@@ -267,6 +267,9 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
         heads[ref.path] = head
     members: set[Path] = set()
     found: list[Found] = []
+    listings: dict[Path, dict[str, Path]] = {}  # folder → its scanned files by lower-cased name
+    for ref in files:
+        listings.setdefault(ref.path.parent, {})[ref.path.name.lower()] = ref.path
     descriptors: dict[Path, _Desc] = {}
     for path, kind in kinds.items():
         if kind in ("vmdk-text", "vmdk-sparse"):
@@ -289,7 +292,7 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
             continue
         f: Found | None = None
         if kind == "gho":
-            f = _guarded(path, warn, _ghost, path, warn)
+            f = _guarded(path, warn, _ghost, path, warn, listings.get(path.parent, {}))
             if f is not None:
                 members.update(f.files)
         elif kind == "ghs":
@@ -373,11 +376,11 @@ SECTION_KINDS = {"fat": "FAT, file-aware", "ntfs": "NTFS, file-aware", "sector":
                  "ext": "ext2/3 (not supported)"}
 
 
-def _ghost(path: Path, warn: Warn) -> Found | None:
+def _ghost(path: Path, warn: Warn, listing: dict[str, Path] | None = None) -> Found | None:
     from pipeline.gho.info import read_summary
 
     try:
-        s = read_summary(path)
+        s = read_summary(path, listing)
     except Gho2KvmError as e:
         warn(escape(e.one_line(), 400))
         return None

@@ -49,7 +49,8 @@ class Volume:
 class Image:
     """An opened image; use as a context manager."""
 
-    def __init__(self, path: str | Path, *, strict: bool = False) -> None:
+    def __init__(self, path: str | Path, *, strict: bool = False,
+                 listing: dict[str, Path] | None = None) -> None:
         p = Path(path)
         if not p.exists():
             raise GhoError(f"{p}: no such file")
@@ -68,7 +69,7 @@ class Image:
         #: advisory mismatches (warnings, or refusals with ``strict``) of the whole image
         self.advisories = Advisories(strict)
         self.header: FileHeader = parse_file_header(head, p.name)
-        self.spans = find_spans(p)
+        self.spans = find_spans(p, listing if p.parent == Path(path).parent else None)
         self.stream = SpanStream(p, self.spans)
         self.walker = Walker(self.stream, self.header)
         self.seed: int | None = None

@@ -175,16 +175,17 @@ class GhoSummary:
     stream_size: int
 
 
-def read_summary(path: str | Path) -> GhoSummary:
+def read_summary(path: str | Path, listing: dict[str, Path] | None = None) -> GhoSummary:
     """The header, span set, trailer and catalogues of an image: record headers and a few small bodies
     (track 0, the catalogues), never a partition's data. Raises :class:`GhoError` for a broken image;
-    a set whose last file is missing gives ``missing_span`` instead."""
+    a set whose last file is missing gives ``missing_span`` instead. ``listing``: see
+    :func:`pipeline.gho.spans.find_spans`."""
     from pipeline.gho.catalogue import iter_catalogue
     from pipeline.gho.records import Layout
     from pipeline.gho.sector import decode_track0
     from pipeline.gho.spans import span_display_name
 
-    with Image(path) as img:
+    with Image(path, listing=listing) as img:
         h = img.header
         itype = {0: "file-aware", 1: "sector"}.get(h.image_type, f"unknown-0x{h.image_type:02x}")
         out = GhoSummary(str(img.path), "?", h.compression_name, itype, h.password, h.description,

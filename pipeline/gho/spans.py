@@ -63,11 +63,12 @@ def _listing(first: Path) -> dict[str, Path]:
     return by_name
 
 
-def find_spans(first: Path) -> list[Path]:
+def find_spans(first: Path, listing: dict[str, Path] | None = None) -> list[Path]:
     """Return the continuation files of ``first`` in order (may be empty).
 
     Reads the 512-byte header of ``first`` and of each candidate; stops at the first missing or
-    non-matching candidate.
+    non-matching candidate. ``listing`` (lower-cased name → path of the files in ``first``'s folder)
+    saves listing the folder again when the caller has (a shelf scan opens many images of one folder).
     """
     first = Path(first)
     head = read_head(first)
@@ -75,7 +76,7 @@ def find_spans(first: Path) -> list[Path]:
     comp = head[3] if checked else 0
     base_id = struct.unpack_from("<I", head, 4)[0] if checked else 0
     prefix, suffix = span_names(first)
-    by_name = _listing(first)
+    by_name = _listing(first) if listing is None else listing
     spans: list[Path] = []
     n = 1
     while True:
