@@ -165,6 +165,8 @@ def test_other_formats_by_content_not_name(tmp_path: Path) -> None:
     assert set(got) == {"win7", "old", "new", "server"}, cfg.read_text()
     text = cfg.read_text()
     assert "raw disk, MBR partitions: NTFS 1000.0 KiB (active)" in text
+    assert "VHDX, 64.0 MiB virtual" in text and "VHD (dynamic), 64.0 MiB virtual" in text
+    assert "qcow2 version 3, 1.0 GiB virtual" in text
     assert "# - id: overlay" in text and "has a backing file" in text
     assert "# - id: server-backup" in text and "link or rename it" in text
     assert "# - id: appliance" in text and "OVA is not yet accepted" in text

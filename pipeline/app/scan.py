@@ -23,6 +23,7 @@ import re
 import stat
 import struct
 import sys
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -311,8 +312,7 @@ def scan(roots: Iterable[Path], warn: Warn, *, max_depth: int = MAX_DEPTH,
         elif kind == "vhd":
             f = _guarded(path, warn, _vhd, path)
         elif kind == "vhdx":
-            f = Found(path, "VHDX", path.stem, path, [path], ["VHDX disk (size: qemu-img info)"])
-            _no_suffix(f, ".vhdx")
+            f = _guarded(path, warn, _vhdx, path)
         elif kind == "raw":
             f = _guarded(path, warn, _raw, path, heads[path])
         elif kind in ("ova", "ovf"):
@@ -605,6 +605,45 @@ def _vhd(path: Path) -> Found:
     if disk_type == 4:
         f.usable, f.why_not = False, "a differencing VHD (needs its parent); merge it first"
     _no_suffix(f, ".vhd")
+    return f
+
+
+_VHDX_METADATA = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+_VHDX_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
+
+
+def vhdx_virtual_size(path: Path) -> int | None:
+    """A VHDX's virtual size from its region table (at 192 KiB) and metadata table; None if not found."""
+    fd, st = open_nonblocking(path)
+    try:
+        if file_kind(st.st_mode) is not None:
+            return None
+        regions = os.pread(fd, 4096, 192 * 1024)
+        if regions[:4] != b"regi":
+            return None
+        count = min(struct.unpack_from("<I", regions, 8)[0], 100)
+        for k in range(count):
+            guid, offset = regions[16 + 32 * k:32 + 32 * k], struct.unpack_from("<Q", regions, 32 + 32 * k)[0]
+            if guid != _VHDX_METADATA or offset + 65536 > st.st_size:
+                continue
+            table = os.pread(fd, 65536, offset)
+            if table[:8] != b"metadata":
+                return None
+            for j in range(min(struct.unpack_from("<H", table, 10)[0], 2047)):
+                item = table[32 + 32 * j:64 + 32 * j]
+                if item[:16] == _VHDX_SIZE:
+                    value = os.pread(fd, 8, offset + struct.unpack_from("<I", item, 16)[0])
+                    return struct.unpack("<Q", value)[0] if len(value) == 8 else None
+        return None
+    finally:
+        os.close(fd)
+
+
+def _vhdx(path: Path) -> Found:
+    size = vhdx_virtual_size(path)
+    f = Found(path, "VHDX", path.stem, path, [path],
+              [f"VHDX, {human(size)} virtual" if size else "VHDX (virtual size not found in its metadata)"])
+    _no_suffix(f, ".vhdx")
     return f
 
 
