@@ -245,6 +245,7 @@ def test_update_keeps_edits_comments_and_ids(tmp_path: Path) -> None:
     # the user's edits: an id renamed, a key added, comments, a section after images
     text = cfg.read_text().replace("- id: xp1", "- id: accounting   # renamed by me")
     text = text.replace("  - id: xp2\n", "  - id: xp2\n    memory_mib: 1024   # more RAM\n")
+    text += "    # boot_check: 120   (xp2's, for later)\n"
     text = "# my site\n" + text + "  # end of my list\nsettings:\n  force_tcg: true\n"
     cfg.write_text(text)
     validate(cfg)
@@ -258,6 +259,7 @@ def test_update_keeps_edits_comments_and_ids(tmp_path: Path) -> None:
     assert new.startswith(text.split("  # end of my list")[0])  # every byte before the new entries kept
     assert new.endswith("  # end of my list\nsettings:\n  force_tcg: true\n")
     assert "- id: accounting   # renamed by me" in new and "memory_mib: 1024   # more RAM" in new
+    assert "    # boot_check: 120   (xp2's, for later)\n  # accounting-" in new, "xp2's comment stays with it"
     ids = [i["id"] for i in yaml.safe_load(new)["images"]]
     assert ids[:2] == ["accounting", "xp2"] and ids[2].startswith("accounting-") and ids[3] == "xp3"
     assert "gone     xp2" in r.stdout and str(shelf / "xp2.gho") in r.stdout

@@ -818,6 +818,10 @@ def _insert(text: str, path: Path, block: str) -> str:
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
+    # the last image's own comments (indented deeper than its "-") stay with it
+    while last_line + 1 < len(lines) and lines[last_line + 1].lstrip().startswith("#") and \
+            len(lines[last_line + 1]) - len(lines[last_line + 1].lstrip()) > dash_col:
+        last_line += 1
     block = block.replace("{indent}", " " * dash_col)
     return "".join(lines[:last_line + 1]) + block + "".join(lines[last_line + 1:])
 
