@@ -159,7 +159,7 @@ def _gib(sectors: int) -> str:
 
 @dataclass
 class GhoSummary:
-    """What the header, the trailer and its catalogues say (no data decoded; ``gho2kvm scan``)."""
+    """What the header, the trailer, its catalogues and track 0 say (no partition data; ``gho2kvm scan``)."""
 
     path: str
     generation: str
