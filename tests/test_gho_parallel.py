@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.gho import GhoError, extract
-from pipeline.gho.pool import PER_THREAD, ordered_map
+from pipeline.gho.pool import BATCH, PER_THREAD, ordered_map
 from tests.support import gho_writer as gw
 from tests.support.gho_checks import FIXTURES
 from tests.support.gho_ntfs_writer import NtfsOptions, Part, make_volume, write_ntfs_image
@@ -213,7 +213,7 @@ def test_look_ahead_is_bounded_and_results_keep_their_order() -> None:
     out = []
     for k, v in enumerate(ordered_map(slow_first, items(), 2)):
         out.append(v)
-        assert taken <= k + 1 + PER_THREAD * 2  # never more than the in-flight bound read ahead
+        assert taken <= k + 1 + PER_THREAD * BATCH * 2  # never more than the in-flight bound read ahead
     assert out == [k * k for k in range(1000)]
 
 

@@ -23,6 +23,8 @@ R = TypeVar("R")
 
 #: jobs in flight per worker thread (enough to keep every worker busy while the caller places one block)
 PER_THREAD = 4
+#: items per pool job (blocks of ≤ 64 KiB: a batch holds at most 1 MiB in and 1 MiB out)
+BATCH = 16
 MAX_THREADS = 256
 
 
@@ -34,9 +36,21 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _run_batch(fn: Callable[[T], R], batch: list[T]) -> tuple[list[R], BaseException | None]:
+    """``fn`` over one batch in a worker: the results up to the first exception, and that exception."""
+    out: list[R] = []
+    try:
+        for item in batch:
+            out.append(fn(item))
+    except Exception as e:  # noqa: BLE001 - raised by the caller in its turn
+        return out, e
+    return out, None
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], nthreads: int) -> Iterator[R]:
-    """``fn(item)`` for every item, in order; with more than one thread, up to ``PER_THREAD × threads``
-    items are taken from ``items`` ahead and run on a pool.
+    """``fn(item)`` for every item, in order; with more than one thread, items are taken from ``items``
+    ahead in batches of ``BATCH`` (a pool hand-off costs about as much as decoding a small block) and
+    run on a pool, at most ``PER_THREAD × threads`` batches in flight.
 
     ``items`` is consumed by the caller's thread only (reads stay in order). An exception of ``fn`` is
     raised when its result's turn comes; one of ``items`` after every result before it was yielded. So
@@ -49,25 +63,30 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], nthreads: int) -> Iter
         return
     depth = PER_THREAD * n
     it = iter(items)
-    pending: deque[Future[R]] = deque()
+    pending: deque[Future[tuple[list[R], BaseException | None]]] = deque()
     failure: BaseException | None = None
+    done = False
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gho-decode")
     try:
         while True:
-            while failure is None and len(pending) < depth:
+            while not done and len(pending) < depth:
+                batch: list[T] = []
                 try:
-                    item = next(it)
+                    for _ in range(BATCH):
+                        batch.append(next(it))
                 except StopIteration:
-                    failure = StopIteration()
-                    break
+                    done = True
                 except Exception as e:  # noqa: BLE001 - re-raised in order below
-                    failure = e
-                    break
-                pending.append(pool.submit(fn, item))
+                    failure, done = e, True
+                if batch:
+                    pending.append(pool.submit(_run_batch, fn, batch))
             if not pending:
                 break
-            yield pending.popleft().result()
-        if failure is not None and not isinstance(failure, StopIteration):
+            results, error = pending.popleft().result()
+            yield from results
+            if error is not None:
+                raise error
+        if failure is not None:
             raise failure
     finally:
         for f in pending:
