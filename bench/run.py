@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "var" / "bench"
-ORDER = ("gho", "convert", "gho_once", "big", "v2v", "many", "noop")
+ORDER = ("gho", "convert", "gho_once", "big", "fixed", "v2v", "many", "noop")
 
 
 def table(rows: list[dict]) -> list[str]:
