@@ -22,6 +22,7 @@ ID_DATA, ID_SKIPPED, ID_RUN = 0x8020, 0x8040, 0x0002
 CHAIN_SCAN_LIMIT = 16 << 20
 UNIT = 32768  # cipher unit of unframed data and the size of stored data pieces
 _SCAN = 1 << 20
+FRAME_READ = 1 << 20  # stream bytes read at once while the chain's blocks are framed (one pread per MiB)
 
 
 def parse_id(buf: bytes | bytearray | memoryview) -> tuple[int, int] | None:
@@ -117,14 +118,18 @@ class Chain:
         """(offset, payload, offset after) of every framed block from ``_next`` on, read in order; a block
         that cannot be read ends it with payload None (its error is raised in turn, by _decode_block)."""
         off, end = self._next, self.lay.end
+        buf, base = b"", off  # stream bytes [base, base + len(buf)): read FRAME_READ at a time
         while off < end:
-            head = self.stream.read_upto(off, 2)
-            stored = head[0] | (head[1] << 8) if len(head) == 2 else 0
-            payload = self.stream.read_upto(off + 2, stored - 2) if stored >= 4 else b""
-            if stored < 4 or len(payload) != stored - 2:
+            rel = off - base
+            if len(buf) - rel < 2:
+                buf, base, rel = self.stream.read_upto(off, FRAME_READ), off, 0
+            stored = buf[rel] | (buf[rel + 1] << 8) if len(buf) - rel >= 2 else 0
+            if stored >= 4 and len(buf) - rel < stored:
+                buf, base, rel = self.stream.read_upto(off, max(FRAME_READ, stored)), off, 0
+            if stored < 4 or len(buf) - rel < stored:
                 yield off, None, off
                 return
-            yield off, payload, off + stored
+            yield off, buf[rel + 2:rel + stored], off + stored
             off += stored
 
     def _job(self, frame: tuple[int, bytes | None, int]) -> tuple[int, bytes | CodecError | None, int]:
