@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "var" / "bench"
-ORDER = ("gho", "convert", "gho_once", "v2v", "many", "noop", "scan")
+ORDER = ("gho", "convert", "gho_once", "big", "fixed", "v2v", "many", "noop", "scan")
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -173,6 +173,7 @@ def test_a_config_field_marks_exactly_the_steps_that_use_it(tmp_path: Path, name
     ({"password_env": "GHO_PW"}, ("ghost-convert",)),
     ({"backend": "exe", "command": ["ghost32.exe"]}, ("ghost-convert", "registry-merge")),  # disk signature
     ({"timeout_s": 60}, ()),  # how long Ghost may take changes nothing it makes
+    ({"decode_threads": 1}, ()),  # nor how many threads decode: the disk is the same
     ({"vmdk_type": "auto"}, ()),  # the default
 ])
 def test_ghost_fields_mark_ghost_convert(tmp_path: Path, ghost: dict[str, Any],

@@ -152,3 +152,28 @@ def test_canonical_xml_ignores_formatting() -> None:
     b = '<domain type="qemu"><name>x</name></domain>'
     assert virt.canonical_xml(a) == virt.canonical_xml(b)
     assert virt.canonical_xml(a) != virt.canonical_xml(b.replace(">x<", ">y<"))
+
+
+def test_capabilities_read_once_per_uri_per_run(test_conn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a run (the CLI's migrate), every image's xml-render after the first replays the host and domain
+    capabilities the first one read (also in luigi's forked workers: the cache is a run folder); the XML it
+    renders is the same; outside a run every call asks libvirt."""
+    opened = []
+    real_open = libvirt.open
+
+    def counting_open(uri: str):
+        opened.append(uri)
+        return real_open(uri)
+
+    monkeypatch.setattr(libvirt, "open", counting_open)
+    live = virt.host_caps_for_uri(URI, prefer_kvm=False)
+    assert len(opened) == 1
+    with virt.caps_once_per_run():
+        first = virt.host_caps_for_uri(URI, prefer_kvm=False)
+        for _ in range(5):
+            again = virt.host_caps_for_uri(URI, prefer_kvm=False)
+            assert render(build_domain(SPEC, again)) == render(build_domain(SPEC, live))
+        assert again == first
+    assert len(opened) == 2  # one outside the run, one for the whole run
+    virt.host_caps_for_uri(URI, prefer_kvm=False)
+    assert len(opened) == 3

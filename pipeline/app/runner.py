@@ -92,7 +92,7 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1) -> int:
     t0 = time.monotonic()
     # inspect may leave its appliance to registry-merge; none outlives the build
     with progress.Display(enabled=None if cfg.settings.progress else False), \
-            guestfs.sharing([img.image_dir for img in cfg.images]):
+            guestfs.sharing([img.image_dir for img in cfg.images]), virt.caps_once_per_run():
         result = luigi.build([task], **kwargs)
     statuses = summarize(cfg, image, before=before)
     print_summary(statuses)

@@ -73,6 +73,8 @@ class GhostConfig:
     adapter: Adapter = Adapter.IDE
     password_env: str | None = None
     timeout_s: int = field(default=14400, metadata=RUNTIME)  # not an input: changes nothing made
+    #: native reader: blocks decoded at once (None: every CPU the process may use); same disk for any value
+    decode_threads: int | None = field(default=None, metadata=RUNTIME)
 
     def for_format(self, final_format: str) -> GhostConfig:
         """This section as Ghost runs it for a final disk in ``final_format``: ``vmdk_type: auto``
@@ -443,6 +445,7 @@ GHOST_RULES: dict[str, Any] = {
     "adapter": _choice(Adapter),
     "password_env": _opt(_env_name),
     "timeout_s": _int_range(1, 7 * 24 * 3600),
+    "decode_threads": _opt(_int_range(1, 256)),
 }
 SETTINGS_RULES: dict[str, Any] = {
     "force_tcg": _bool,

@@ -129,6 +129,9 @@ class BlockDecoder:
         self._native = fast_decoder() if native and compression == COMP_FAST else None
         #: True when Fast blocks go through the C extension, False for the pure-Python decoder
         self.uses_native = self._native is not None
+        #: True when decode() may run on several threads at once and gains from it (zlib and the C
+        #: extension release the GIL); the pure-Python Fast decoder holds it and shares its cache
+        self.parallel = compression != COMP_FAST or self.uses_native
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cache_blocks = cache_blocks
 

@@ -159,14 +159,16 @@ def check_output(out: Path, inputs: list[Path], name: str) -> None:
 
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
             progress: Progress | None = None, strict: bool = False,
-            open_disk: OpenDisk = raw_file) -> ExtractResult:
+            open_disk: OpenDisk = raw_file, threads: int | None = None) -> ExtractResult:
     """Rebuild the disk held by the image at ``path`` as ``out_path`` (a sparse raw file, or what
     ``open_disk`` makes).
 
     ``strict`` turns advisory mismatches (checksums, catalogue, header copies) into refusals.
+    ``threads``: blocks decoded at once (:mod:`pipeline.gho.pool`; None: every CPU this process may use);
+    the output is the same for every value.
     """
     out = Path(out_path)
-    with Image(path, strict=strict) as img:
+    with Image(path, strict=strict, threads=threads) as img:
         check_output(out, img.stream.paths, img.name)
         img.unlock(password)
         layout = img.layout

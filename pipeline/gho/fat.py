@@ -12,7 +12,7 @@ import bisect
 import datetime as _dt
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from pipeline.gho.bootsector import Geometry, parse_geometry
 from pipeline.gho.codecs import BLOCK_SIZE, BlockDecoder, CodecError
 from pipeline.gho.crypto import crc32_msb, decrypt
 from pipeline.gho.errors import MAX_ENTRIES, Advisories, GhoError
+from pipeline.gho.pool import ordered_map
 from pipeline.gho.records import (
     K_BOOT,
     K_DATA,
@@ -582,7 +583,32 @@ class FatSection:
         cur: Node | None = None
         first_block = b""
         last_flag = False
-        for rec in self.walker.iter_records(sec.body_start, sec.end):
+        stream = self.walker.stream
+
+        def bodies() -> Iterator[tuple[Record, bytes | GhoError | None]]:
+            """Every record with the raw body of its data records (a read error kept for its turn)."""
+            for rec in self.walker.iter_records(sec.body_start, sec.end):
+                raw: bytes | GhoError | None = None
+                if rec.kind == K_DATA:
+                    try:
+                        raw = stream.read(rec.body_offset, rec.length, f"the body of the record at offset "
+                                                                        f"{rec.offset}")
+                    except GhoError as e:
+                        raw = e
+                yield rec, raw
+
+        def job(item: tuple[Record, bytes | GhoError | None]) -> tuple[Record, bytes | Exception | None]:
+            """Decrypt + decode one data record's body (a worker job, pipeline.gho.pool)."""
+            rec, raw = item
+            if not isinstance(raw, bytes):
+                return rec, raw
+            body = decrypt(raw, self.seed) if self.seed is not None else raw
+            try:
+                return rec, self.decoder.decode(body, BLOCK_SIZE)
+            except CodecError as e:
+                return rec, e
+
+        for rec, decoded in ordered_map(job, bodies(), self.walker.decode_threads(self.decoder)):
             if rec.kind == K_DIRENT:
                 cur = self._by_offset.get(rec.offset)
                 first_block = b""
@@ -597,11 +623,13 @@ class FatSection:
                     raise GhoError(f"{self.where}: data record at offset {rec.offset} follows a short "
                                    f"({cur.decoded % BLOCK_SIZE}-byte) block of {cur.path}; only the last "
                                    "block may be short")
-                body = self.body(rec)
-                try:
-                    data = self.decoder.decode(body, BLOCK_SIZE)
-                except CodecError as e:
-                    raise GhoError(e.at(self.walker.name, rec.offset, f"data record of {cur.path}")) from None
+                if isinstance(decoded, GhoError):
+                    raise decoded
+                if isinstance(decoded, CodecError):
+                    raise GhoError(decoded.at(self.walker.name, rec.offset,
+                                              f"data record of {cur.path}")) from None
+                assert isinstance(decoded, bytes)
+                data = decoded
                 if cur.decoded + len(data) > cur.size:
                     raise GhoError(f"{self.where}: {cur.path} decodes to more than its {cur.size} bytes "
                                    f"(data record at offset {rec.offset})")

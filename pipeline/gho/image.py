@@ -20,6 +20,7 @@ from pipeline.gho.header import (
     parse_file_header,
 )
 from pipeline.gho.ntfs import NtfsSection, section_reader
+from pipeline.gho.pool import default_threads
 from pipeline.gho.records import Layout, Walker
 from pipeline.gho.sector import SectorSection, decode_track0
 from pipeline.gho.spans import find_spans, is_regular, read_head, resolve_first
@@ -49,8 +50,10 @@ class Volume:
 class Image:
     """An opened image; use as a context manager."""
 
-    def __init__(self, path: str | Path, *, strict: bool = False,
+    def __init__(self, path: str | Path, *, strict: bool = False, threads: int | None = None,
                  listing: dict[str, Path] | None = None) -> None:
+        """``threads``: blocks decoded at once while writing (None: every CPU this process may use);
+        ``listing``: the folder's files by name, when the caller has listed it already (scan)."""
         p = Path(path)
         if not p.exists():
             raise GhoError(f"{p}: no such file")
@@ -72,6 +75,7 @@ class Image:
         self.spans = find_spans(p, listing if p.parent == Path(path).parent else None)
         self.stream = SpanStream(p, self.spans)
         self.walker = Walker(self.stream, self.header)
+        self.walker.threads = default_threads() if threads is None else max(1, threads)
         self.seed: int | None = None
         self._layout: Layout | None = None
         self.volumes_cache: list[Volume] = []

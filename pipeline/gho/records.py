@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.gho.bootsector import detect_fs
+from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import decrypt
 from pipeline.gho.errors import MAX_RECORDS, MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
@@ -117,6 +118,12 @@ class Walker:
         self.seed: int | None = None
         #: directory entries parsed so far in the whole image (capped, see errors.MAX_ENTRIES)
         self.slots = 0
+        #: threads that decode blocks while a section is written (``ghost.decode_threads``, pipeline.gho.pool)
+        self.threads = 1
+
+    def decode_threads(self, decoder: BlockDecoder) -> int:
+        """Threads for a decode loop with ``decoder``: 1 where parallel decoding gains nothing."""
+        return self.threads if decoder.parallel else 1
 
     # -- primitives -------------------------------------------------------------------------
     def part_header_at(self, pos: int) -> int | None:

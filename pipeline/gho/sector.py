@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pipeline.gho.codecs import HARD_LIMIT, BlockDecoder, CodecError
 from pipeline.gho.crypto import decrypt
 from pipeline.gho.errors import GhoError
+from pipeline.gho.pool import ordered_map
 from pipeline.gho.records import Layout, Section, Walker
 from pipeline.gho.sparse import SparseWriter
 
@@ -24,7 +25,11 @@ class SectorSection:
         self.name = walker.name
 
     def _decode(self, off: int, ln: int) -> bytes:
-        payload = self.walker.stream.read(off, ln, f"the block at offset {off - 2}")
+        return self._decode_payload((off, self.walker.stream.read(off, ln, f"the block at offset {off - 2}")))
+
+    def _decode_payload(self, block: tuple[int, bytes]) -> bytes:
+        """The decoded bytes of the block whose payload is at ``off`` (a worker job, pipeline.gho.pool)."""
+        off, payload = block
         if self.seed is not None and self.decoder.compression == 0:
             payload = decrypt(payload, self.seed)
         try:
@@ -64,18 +69,34 @@ class SectorSection:
         sec = self.section
         if sec.raw and sec.last_block is not None:
             start, total = sec.last_block
-            rel = 0
-            while rel < total:
-                n = min(UNIT, total - rel)
-                out.write_at(base + rel, self._raw_chunk(start, rel, n))
-                rel += n
+            stream = self.walker.stream
+
+            def chunks() -> Iterator[tuple[int, bytes]]:
+                for rel in range(0, total, UNIT):
+                    yield rel, stream.read(start + rel, min(UNIT, total - rel), "uncompressed sector data")
+
+            def plain(chunk: tuple[int, bytes]) -> tuple[int, bytes]:
+                rel, data = chunk
+                return rel, decrypt(data, self.seed) if self.seed is not None else data
+
+            threads = self.walker.threads if self.seed is not None else 1
+            for rel, data in ordered_map(plain, chunks(), threads):
+                out.write_at(base + rel, data)
                 if progress:
-                    progress(start + rel)
+                    progress(start + rel + len(data))
             return total
         pos = 0
         bsize = None
-        for off, ln in self.walker.iter_blocks(sec.body_start, sec.end):
-            data = self._decode(off, ln)
+        stream = self.walker.stream
+
+        def payloads() -> Iterator[tuple[int, bytes]]:
+            for off, ln in self.walker.iter_blocks(sec.body_start, sec.end):
+                yield off, stream.read(off, ln, f"the block at offset {off - 2}")
+
+        def job(block: tuple[int, bytes]) -> tuple[int, int, bytes]:
+            return block[0], len(block[1]), self._decode_payload(block)
+
+        for off, ln, data in ordered_map(job, payloads(), self.walker.decode_threads(self.decoder)):
             if bsize is not None and pos % bsize:
                 raise GhoError(f"{self.name}: short block before the end of the chain at offset {off - 2}")
             if bsize is None:

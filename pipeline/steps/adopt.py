@@ -10,7 +10,8 @@ When ``ghost.<format>`` sits on the final disk's filesystem, convert instead:
    (``.<id>.<format>.tmp-<pid>`` next to it);
 2. commits the overlay into it (``qemu-img commit -d``, the overlay's backing redirected to the temp
    through ``--image-opts``: only the overlay's clusters are written, ``overlay.qcow2`` is not changed);
-3. with ``verify``, compares the overlay (over the temp) with the temp: every edited cluster landed;
+3. with ``verify``, compares the overlay (over the temp) with the temp on the overlay's own clusters
+   (``qemu-img map``; everywhere else the overlay reads the temp itself): every edited cluster landed;
 4. fsyncs and renames the temp to the final disk (atomic); its receipt records ``result.adopted``
    with ghost-convert's ``run_id``.
 
@@ -170,7 +171,8 @@ def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path 
             timings["commit_seconds"] = round(time.monotonic() - t0, 2)
             if image.verify:
                 t0 = time.monotonic()
-                qemu_img.compare_onto(overlay, tmp, fmt, image_id=image.id, step=STEP)
+                timings["verify_bytes"] = qemu_img.compare_onto(overlay, tmp, fmt, image_id=image.id,
+                                                                step=STEP)
                 timings["verify_seconds"] = round(time.monotonic() - t0, 2)
         if committed is not None:
             committed()

@@ -88,7 +88,7 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
 
     # strict: an advisory mismatch (checksum, catalogue, header copy) stops the migration here
     native = extract(inp.source, disk, password=password, progress=on_progress, strict=True,
-                     open_disk=disk_opener(fmt, image_id=inp.image_id, step=STEP))
+                     open_disk=disk_opener(fmt, image_id=inp.image_id, step=STEP), threads=g.decode_threads)
     for other in NATIVE_FORMATS:  # an earlier run's disk in the other format is not an output any more
         if other != fmt:
             (inp.image_dir / f"ghost.{other}").unlink(missing_ok=True)

@@ -65,7 +65,9 @@ class GhostConvert(ImageTask[GhostConvertResult]):
         if inp.ghost.backend == "exe":
             self.progress(0, "running Ghost")
         res = ghost_convert(inp, progress=lambda p: self.progress(p))
-        return Outcome(res, outputs=res.outputs, bytes_read=inp.source.stat().st_size)
+        # the whole image is read: the first file and every .GHS span
+        read = sum(p.stat().st_size for p in (inp.source, *inp.spans))
+        return Outcome(res, outputs=res.outputs, bytes_read=read)
 
 
 class Inspect(ImageTask[InspectFacts]):

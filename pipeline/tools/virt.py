@@ -10,6 +10,11 @@ are :class:`~pipeline.core.errors.InputError`, a guest that does not boot is a :
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -149,14 +154,88 @@ def host_caps(conn: _Conn, *, prefer_kvm: bool = True, arches: tuple[str, ...] =
                               domain_caps=domain_caps, prefer_kvm=prefer_kvm, arches=arches)
 
 
+class _Recorded:
+    """A connection's capability answers, recorded (live) or replayed (from a run's cache)."""
+
+    def __init__(self, conn: _Conn | None, doc: dict[str, Any] | None = None) -> None:
+        self.conn = conn
+        self.doc: dict[str, Any] = doc or {}
+        self.doc.setdefault("domain", {})
+
+    def getCapabilities(self) -> str:  # noqa: N802 - the libvirt name
+        if "caps" not in self.doc:
+            assert self.conn is not None
+            self.doc["caps"] = self.conn.getCapabilities()
+            self.doc["uri"], self.doc["type"] = self.conn.getURI(), self.conn.getType()
+        return str(self.doc["caps"])
+
+    def getDomainCapabilities(self, emulatorbin: str | None, arch: str | None, machine: str | None,  # noqa: N802
+                              virttype: str | None, flags: int = 0) -> str:
+        key = json.dumps([emulatorbin, arch, machine, virttype, flags])
+        dom = self.doc["domain"]
+        if key not in dom:
+            if self.conn is None:  # not asked when the cache was written: read them live
+                raise KeyError(key)
+            try:
+                dom[key] = self.conn.getDomainCapabilities(emulatorbin, arch, machine, virttype, flags)
+            except libvirt.libvirtError:
+                dom[key] = None
+        if dom[key] is None:
+            raise libvirt.libvirtError("no domain capabilities")
+        return str(dom[key])
+
+    def getType(self) -> str:  # noqa: N802
+        self.getCapabilities()
+        return str(self.doc["type"])
+
+    def getURI(self) -> str:  # noqa: N802
+        self.getCapabilities()
+        return str(self.doc["uri"])
+
+
+#: the run's capability cache (:func:`caps_once_per_run`): a folder luigi's forked workers share
+_run_caps: list[Path] = []
+
+
+@contextlib.contextmanager
+def caps_once_per_run() -> Iterator[None]:
+    """Inside the block, host and domain capabilities are read once per libvirt URI (not per image):
+    the first reader records libvirt's XML answers in a run folder (``$TMPDIR/gho2kvm-caps-*``, which
+    luigi's forked worker processes inherit), later ones replay them. Removed when the block ends."""
+    folder = Path(tempfile.mkdtemp(prefix="gho2kvm-caps-"))
+    _run_caps.append(folder)
+    try:
+        yield
+    finally:
+        _run_caps.remove(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None = None) -> HostCaps:
-    """:func:`host_caps` for the libvirt host at ``uri``."""
-    with connect(uri, step="host-caps", image_id=image_id) as conn:
+    """:func:`host_caps` for the libvirt host at ``uri`` (once per run inside :func:`caps_once_per_run`)."""
+    cached = None
+    if _run_caps:
+        cached = _run_caps[-1] / (hashlib.sha256(uri.encode()).hexdigest()[:24] + ".json")
         try:
-            return host_caps(conn, prefer_kvm=prefer_kvm)
+            doc = json.loads(cached.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("for") == uri:
+            with contextlib.suppress(libvirt.libvirtError, KeyError, ValueError):
+                return host_caps(_Recorded(None, doc), prefer_kvm=prefer_kvm)
+    with connect(uri, step="host-caps", image_id=image_id) as conn:
+        rec = _Recorded(conn, {"for": uri})
+        try:
+            caps = host_caps(rec, prefer_kvm=prefer_kvm)
         except libvirt.libvirtError as e:
             raise translate(e, uri=uri, doing="reading capabilities", step="host-caps",
                             image_id=image_id) from None
+    if cached is not None:
+        with contextlib.suppress(OSError):
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(rec.doc))
+            os.replace(tmp, cached)
+    return caps
 
 
 # ---------------------------------------------------------------------------------------------

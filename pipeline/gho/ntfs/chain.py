@@ -5,6 +5,7 @@ The chain is read strictly forward: at most one decoded block plus the bytes ask
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.gho.codecs import HARD_LIMIT, STORED_ESCAPE, BlockDecoder, CodecError
@@ -12,6 +13,7 @@ from pipeline.gho.crypto import decrypt
 from pipeline.gho.errors import GhoError
 from pipeline.gho.header import COMP_NONE
 from pipeline.gho.ntfs.mft import Geometry, NtfsFormatError, is_boot_sector, parse_boot
+from pipeline.gho.pool import ordered_map
 from pipeline.gho.records import K_CATALOGUE, K_END_IMAGE, K_END_RUN, Section, Walker
 
 ID_LEN, LEN_LEN, CHK_LEN = 16, 10, 10
@@ -20,6 +22,7 @@ ID_DATA, ID_SKIPPED, ID_RUN = 0x8020, 0x8040, 0x0002
 CHAIN_SCAN_LIMIT = 16 << 20
 UNIT = 32768  # cipher unit of unframed data and the size of stored data pieces
 _SCAN = 1 << 20
+FRAME_READ = 1 << 20  # stream bytes read at once while the chain's blocks are framed (one pread per MiB)
 
 
 def parse_id(buf: bytes | bytearray | memoryview) -> tuple[int, int] | None:
@@ -69,6 +72,13 @@ class Chain:
         self._buf = bytearray()
         self._block = lay.chain_start  # stream offset of the block the buffer's first byte came from
         self._unit: tuple[int, bytes] | None = None
+        self._blocks: Iterator[tuple[int, bytes | CodecError | None, int]] | None = None
+
+    def close(self) -> None:
+        """Stop the decode workers of a framed chain (:meth:`_fill` starts them)."""
+        if self._blocks is not None:
+            self._blocks.close()  # type: ignore[attr-defined]
+            self._blocks = None
 
     # -- positions for messages ----------------------------------------------------------------
     def offset(self) -> int:
@@ -104,6 +114,49 @@ class Chain:
         return decode_payload(payload, self.decoder, self.seed if self.lay.cipher == "a" else None,
                               self, off), off + stored
 
+    def _frames(self) -> Iterator[tuple[int, bytes | None, int]]:
+        """(offset, payload, offset after) of every framed block from ``_next`` on, read in order; a block
+        that cannot be read ends it with payload None (its error is raised in turn, by _decode_block)."""
+        off, end = self._next, self.lay.end
+        buf, base = b"", off  # stream bytes [base, base + len(buf)): read FRAME_READ at a time
+        while off < end:
+            rel = off - base
+            if len(buf) - rel < 2:
+                buf, base, rel = self.stream.read_upto(off, FRAME_READ), off, 0
+            stored = buf[rel] | (buf[rel + 1] << 8) if len(buf) - rel >= 2 else 0
+            if stored >= 4 and len(buf) - rel < stored:
+                buf, base, rel = self.stream.read_upto(off, max(FRAME_READ, stored)), off, 0
+            if stored < 4 or len(buf) - rel < stored:
+                yield off, None, off
+                return
+            yield off, buf[rel + 2:rel + stored], off + stored
+            off += stored
+
+    def _job(self, frame: tuple[int, bytes | None, int]) -> tuple[int, bytes | CodecError | None, int]:
+        """Decode one block (a worker job, pipeline.gho.pool); a codec error is returned for its turn."""
+        off, payload, nxt = frame
+        if payload is None:
+            return frame
+        try:
+            return off, decode_payload(payload, self.decoder, self.seed if self.lay.cipher == "a" else None,
+                                       None, off), nxt
+        except CodecError as e:
+            return off, e, nxt
+
+    def _next_block(self) -> tuple[bytes, int]:
+        """(decoded bytes, stream offset after) of the block at ``_next``: what :meth:`_decode_block` gives,
+        decoded ahead on ``walker.threads`` workers."""
+        if self._blocks is None:
+            self._blocks = ordered_map(self._job, self._frames(), self.walker.decode_threads(self.decoder))
+        off, data, nxt = next(self._blocks)
+        assert off == self._next
+        if isinstance(data, CodecError):
+            raise self.fail(f"{data.what}: {data.reason}", off)
+        if data is None:
+            self.close()
+            return self._decode_block(off)  # raises this block's error, as the one-thread path does
+        return data, nxt
+
     def _raw(self, off: int, n: int) -> bytes:
         data = self._read(off, n)
         if self.lay.cipher != "b" or self.seed is None:
@@ -132,7 +185,7 @@ class Chain:
                 return False
             if not self._buf:
                 self._block = self._next
-            data, self._next = self._decode_block(self._next)
+            data, self._next = self._next_block()
             self._buf += data
         return True
 

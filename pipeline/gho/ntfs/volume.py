@@ -138,8 +138,15 @@ class NtfsSection:
     def walk(self, out: SparseWriter | None = None, base: int = 0,
              progress: Callable[[int], None] | None = None) -> Summary:
         """Walk the whole packet stream; with ``out``, write every stored run at ``base`` + LCN × K."""
-        sm = Summary()
         chain = Chain(self.walker, self.layout, self.decoder, self.seed, self.where)
+        try:
+            return self._walk(chain, out, base, progress)
+        finally:
+            chain.close()
+
+    def _walk(self, chain: Chain, out: SparseWriter | None, base: int,
+              progress: Callable[[int], None] | None) -> Summary:
+        sm = Summary()
         self._chk_pieces = None
         written = Intervals()
         last_record = -1
