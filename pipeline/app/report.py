@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.app.status import StepState, chain_status, image_chains
 from pipeline.core import atomic, receipts
+from pipeline.core.choices import Step
 from pipeline.core.config import Config
 from pipeline.tools import screen
 
@@ -54,7 +55,7 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                 "outputs": ", ".join(o["path"] for o in ok.get("outputs", {}).values()
                                      if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
-                "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == "define"
+                "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == Step.DEFINE
                           else None),
             })
     return out

@@ -206,8 +206,8 @@ def summarize(cfg: Config, only: str | None = None,
             if st.state is StepState.DONE:
                 last = st.step
                 continue
-            if st.error is not None:
-                status, error = "failed", f"{st.step}: {st.error.get('error', '')}"
+            if st.error is not None:  # the step that failed is the last one reached
+                last, status, error = st.step, "failed", f"{st.step}: {st.error.get('error', '')}"
                 duration += float(st.error.get("duration_s") or 0)
             break
         else:

@@ -29,10 +29,12 @@ from pipeline.core.choices import (
     DiskFormat,
     DiskIo,
     GhostBackend,
+    NetworkRestore,
     NicModel,
     PathStyle,
     Scheduler,
     VmdkType,
+    VmwareTools,
     values,
 )
 from pipeline.core.errors import InputError
@@ -130,6 +132,12 @@ class ImageConfig:
     virtio: VirtioConfig | None = None
     registry: tuple[str, ...] = ("mergeide",)
     registry_remap_controlset: bool = False
+    keep_autoreboot: bool = False  # true: leave CrashControl\AutoReboot as the guest has it
+    keep_cpu_drivers: bool = False  # true: leave intelppm/amdppm boot/system start
+    vmware_tools: VmwareTools = VmwareTools.KEEP
+    network_restore: NetworkRestore = NetworkRestore.OFF
+    uefi_loader: str | None = None  # a firmware path on the libvirt host; None: libvirt's autoselection
+    secure_boot: bool = False
     verify: bool = True
     name: str | None = None
     title: str | None = None
@@ -423,6 +431,12 @@ IMAGE_RULES: dict[str, Any] = {
     "cdrom": _cdrom,
     "registry": _registry,
     "registry_remap_controlset": _bool,
+    "keep_autoreboot": _bool,
+    "keep_cpu_drivers": _bool,
+    "vmware_tools": _choice(VmwareTools),
+    "network_restore": _choice(NetworkRestore),
+    "uefi_loader": _opt(_str),
+    "secure_boot": _bool,
     "verify": _bool,
     "name": _regex(re.compile(r"^.{1,200}$", re.S), "a domain name"),
     "title": _text,

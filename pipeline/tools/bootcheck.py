@@ -19,6 +19,7 @@ import libvirt
 from PIL import Image
 
 from pipeline.core import atomic
+from pipeline.core.choices import Step
 from pipeline.tools import ocr, qemu_img, screen, virt
 from pipeline.tools.virt import BootCheckError
 
@@ -52,7 +53,7 @@ def _decode(data: bytes, name: str, image_id: str | None) -> Image.Image:
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise BootCheckError(f"screenshot of {name} ({len(data)} bytes) is unreadable: {e}",
-                             image_id=image_id, step="define") from None
+                             image_id=image_id, step=Step.DEFINE) from None
     return img
 
 
@@ -90,9 +91,10 @@ def _throwaway_xml(xml: str, scratch: Path, image_id: str | None) -> tuple[str, 
         backing = Path(str(source.get("file")))
         if not backing.is_file():
             raise BootCheckError(f"boot check: domain '{root.findtext('name')}' failed to start: its disk "
-                                 f"{backing} does not exist", image_id=image_id, step="define")
+                                 f"{backing} does not exist", image_id=image_id, step=Step.DEFINE)
         overlay = atomic.temp_name(scratch / f"boot-check-{i}.qcow2")
-        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id, step="define")
+        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id,
+                                step=Step.DEFINE)
         overlays.append(overlay)
         overlay.chmod(0o644)
         source.set("file", str(overlay.absolute()))
@@ -119,7 +121,7 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     ...); a failing verdict (or one other than ``expect``) raises :class:`BootCheckError` with the
     same dict as ``details``.
     """
-    step = "define"
+    step = Step.DEFINE
     shot = Path(screenshot_path)
     scratch = shot.parent
     scratch.mkdir(parents=True, exist_ok=True)

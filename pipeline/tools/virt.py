@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import libvirt
 
+from pipeline.core.choices import Step
 from pipeline.core.errors import Gho2KvmError, InputError, TransientError
 from pipeline.domain.facts import ARCHES, HostCaps, host_caps_from_xml
 
@@ -106,7 +107,7 @@ def hold(uri: str, *, image_id: str | None = None) -> Iterator[None]:
     if not uri.startswith("test:"):
         yield
         return
-    with connect(uri, step="define", image_id=image_id):
+    with connect(uri, step=Step.DEFINE, image_id=image_id):
         yield
 
 
@@ -151,11 +152,11 @@ def host_caps(conn: _Conn, *, prefer_kvm: bool = True, arches: tuple[str, ...] =
 
 def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None = None) -> HostCaps:
     """:func:`host_caps` for the libvirt host at ``uri``."""
-    with connect(uri, step="host-caps", image_id=image_id) as conn:
+    with connect(uri, step=Step.XML_RENDER, image_id=image_id) as conn:
         try:
             return host_caps(conn, prefer_kvm=prefer_kvm)
         except libvirt.libvirtError as e:
-            raise translate(e, uri=uri, doing="reading capabilities", step="host-caps",
+            raise translate(e, uri=uri, doing="reading capabilities", step=Step.XML_RENDER,
                             image_id=image_id) from None
 
 
@@ -191,7 +192,7 @@ def define(uri: str, xml: str, *, autostart: bool = False, image_id: str | None 
     ``created``, ``updated`` (XML or autostart changed) or ``unchanged``. Redefining identical XML
     is a no-op for libvirt, so the "define then compare" costs nothing when nothing changed.
     """
-    step = "define"
+    step = Step.DEFINE
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -305,14 +306,14 @@ def qemu_log_tail(uri: str, name: str) -> str:
 
 def start_domain(uri: str, name: str, *, image_id: str | None = None) -> dict[str, Any]:
     """Start domain ``name`` and leave it running (``start: true`` without a boot check)."""
-    with connect(uri, step="define", image_id=image_id) as conn:
+    with connect(uri, step=Step.DEFINE, image_id=image_id) as conn:
         dom = startable(conn, uri, name, image_id)
         start_checked(dom.create, uri, name, image_id)
         try:
             desc, _ = describe_state(dom)
             return {"name": name, "uri": uri, "uuid": dom.UUIDString(), "state": desc, "kept_running": True}
         except libvirt.libvirtError as e:
-            raise translate(e, uri=uri, doing=f"starting domain '{name}'", step="define",
+            raise translate(e, uri=uri, doing=f"starting domain '{name}'", step=Step.DEFINE,
                             image_id=image_id) from None
 
 
@@ -321,13 +322,13 @@ def startable(conn: libvirt.virConnect, uri: str, name: str, image_id: str | Non
         dom = _lookup(conn, name=name)
         active = dom is not None and dom.isActive()
     except libvirt.libvirtError as e:
-        raise translate(e, uri=uri, doing=f"looking up domain '{name}'", step="define",
+        raise translate(e, uri=uri, doing=f"looking up domain '{name}'", step=Step.DEFINE,
                         image_id=image_id) from None
     if dom is None:
-        raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step="define")
+        raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step=Step.DEFINE)
     if active:
         raise InputError(f"domain '{name}' on {uri} is already running; shut it down before a "
-                         f"boot check", image_id=image_id, step="define")
+                         f"boot check", image_id=image_id, step=Step.DEFINE)
     return dom
 
 
@@ -336,8 +337,8 @@ def start_checked(start: Callable[[], Any], uri: str, name: str, image_id: str |
     try:
         return start()
     except libvirt.libvirtError as e:
-        err = translate(e, uri=uri, doing=f"starting domain '{name}'", step="define", image_id=image_id)
+        err = translate(e, uri=uri, doing=f"starting domain '{name}'", step=Step.DEFINE, image_id=image_id)
         if isinstance(err, TransientError):
             raise err from None
         raise BootCheckError(f"boot check: domain '{name}' on {uri} failed to start: {_msg(e)}",
-                             image_id=image_id, step="define") from None
+                             image_id=image_id, step=Step.DEFINE) from None
