@@ -98,7 +98,9 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     failed(merge, finished=LATE)
     cfg = load_config(cfg_path)
     [summary] = runner.summarize(cfg)
-    assert (summary.last_step, summary.status, summary.error) == ("inspect", "failed", "registry-merge: boom")
+    # the last step reached is the one whose error is shown
+    assert (summary.last_step, summary.status, summary.error) == ("registry-merge", "failed",
+                                                                  "registry-merge: boom")
     reasons = {step: why for _i, step, why in plan.plan_rows(cfg)}
     assert reasons["inspect"] == plan.UP_TO_DATE
     assert reasons["registry-merge"] == "no receipt (never ran, or did not finish); last attempt failed: boom"

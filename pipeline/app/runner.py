@@ -43,7 +43,7 @@ from pipeline.tools import guestfs, screen
 @dataclass
 class ImageStatus:
     image_id: str
-    last_step: str  # last complete step ("-" when none)
+    last_step: str  # last step reached: the failed one, else the last complete one ("-" when none)
     status: str  # done | failed | pending
     duration_s: float  # seconds spent on this image in this run (steps run + a failed attempt)
     error: str  # "<step>: <message>" when failed
