@@ -327,11 +327,13 @@ def _system_hive_facts(g: Guestfish, facts: dict[str, Any], image_id: str | None
 
 
 def system_hive_facts(local: Path, ccs: str, image_id: str | None) -> dict[str, Any]:
-    """The facts of :func:`_system_hive_facts` from a LOCAL SYSTEM hive file and its live set."""
+    """The facts of :func:`_system_hive_facts` from a LOCAL SYSTEM hive file and its live set (as
+    JSON values, what :meth:`InspectFacts.from_dict` takes)."""
     return {"services": hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP),
-            "network": guest_net.interfaces(local, ccs, image_id=image_id, step=STEP),
-            "hypervisor_tools": hvtools.installed(local, ccs, image_id=image_id, step=STEP),
-            "boot_settings": fixes.boot_settings(local, ccs, image_id=image_id, step=STEP)}
+            "network": [i.to_dict() for i in guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)],
+            "hypervisor_tools": [t.to_dict() for t in hvtools.installed(local, ccs, image_id=image_id,
+                                                                        step=STEP)],
+            "boot_settings": fixes.boot_settings(local, ccs, image_id=image_id, step=STEP).to_dict()}
 
 
 def _firmware(g: Guestfish, dev: str, ptable: str) -> str:
