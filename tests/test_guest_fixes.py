@@ -61,7 +61,8 @@ def test_static_interfaces_with_adapter_and_driver(hives: dict[str, Path]) -> No
     # the driver found through the net class entry when Enum has none
     assert (backup.adapter, backup.driver, backup.cidrs(), backup.gateways) == (
         "Backup", "vmxnet3ndis6", ("192.168.77.5/16",), ())
-    assert (stale.static, stale.dhcp, stale.dhcp_address, stale.adapter) == (False, True, "192.168.1.44", None)
+    assert (stale.static, stale.dhcp, stale.dhcp_address, stale.adapter) == (False, True, "192.168.1.44",
+                                                                              None)
 
 
 def test_a_dirty_hive_reads_the_same(hives: dict[str, Path], tmp_path: Path) -> None:
@@ -113,8 +114,9 @@ def test_facts_survive_inspect_json(hives: dict[str, Path]) -> None:
 
 def test_virtualbox_and_vmware_listed_with_start(hives: dict[str, Path]) -> None:
     xp = {t.name: (t.vendor, t.start) for t in hypervisor_tools.installed(hives["xp"], "ControlSet001")}
-    assert xp == {"VBoxService": (hypervisor_tools.VIRTUALBOX, 2), "VBoxGuest": (hypervisor_tools.VIRTUALBOX, 1),
-                  "VBoxMouse": (hypervisor_tools.VIRTUALBOX, 3), "VBoxSF": (hypervisor_tools.VIRTUALBOX, 2)}
+    vbox = hypervisor_tools.VIRTUALBOX
+    assert xp == {"VBoxService": (vbox, 2), "VBoxGuest": (vbox, 1), "VBoxMouse": (vbox, 3),
+                  "VBoxSF": (vbox, 2)}
     w7 = {t.name: t for t in hypervisor_tools.installed(hives["w7"], "ControlSet002")}
     assert w7["pvscsi"].storage and w7["vmrawdsk"].storage and not w7["vmci"].storage
 
@@ -271,7 +273,8 @@ def test_first_boot_script_waits_applies_logs_and_removes_itself() -> None:
     assert 'if /i not "%PNP:~0,4%"=="PCI\\" goto :eof' in lines  # a PCI NIC, not a RAS/1394 adapter
     for cmd in fixes.netsh_commands(LAN, 5, 1):
         i = lines.index(f'{cmd} >> "%LOG%" 2>&1')
-        assert lines[i - 1] == f'echo {cmd} >> "%LOG%"' and lines[i + 1] == 'echo exit %ERRORLEVEL% >> "%LOG%"'
+        assert lines[i - 1] == f'echo {cmd} >> "%LOG%"'
+        assert lines[i + 1] == 'echo exit %ERRORLEVEL% >> "%LOG%"'
     assert any('/v Domain /t REG_SZ /d "corp.example" /f' in ln for ln in lines)
     assert lines.index(":giveup") < lines.index(":done")
     assert lines[-3].startswith("sc delete gho2kvm-firstboot") and lines[-2] == 'del "%~f0"'
@@ -287,3 +290,60 @@ def test_values_cmd_cannot_carry_are_not_scripted(bad: str) -> None:
 def test_network_restore_refused_on_windows_2000() -> None:
     _ops, _c, warnings, files = fixes.network_restore([LAN], 5, 0, "t")
     assert files == [] and "needs Windows XP/2003 or later" in warnings[0]
+
+
+def _boot_sector(spt: int, heads: int, total: int = 100_000) -> bytes:
+    b = bytearray(512)
+    b[0:3] = b"\xeb\x52\x90"
+    b[3:11] = b"NTFS    "
+    b[0x18:0x1C] = spt.to_bytes(2, "little") + heads.to_bytes(2, "little")
+    b[0x28:0x30] = total.to_bytes(8, "little")
+    b[510:512] = b"\x55\xaa"
+    return bytes(b)
+
+
+def _mbr(end_head: int, end_sector: int, partnum: int = 1) -> bytes:
+    m = bytearray(512)
+    entry = bytes([0x80, 1, 1, 0, 0x07, end_head, end_sector | 0xC0, 0xFF]) + (63).to_bytes(4, "little") + \
+        (100_001).to_bytes(4, "little")
+    m[446 + 16 * (partnum - 1):446 + 16 * partnum] = entry
+    m[510:512] = b"\x55\xaa"
+    return bytes(m)
+
+
+@pytest.mark.parametrize(("major", "firmware", "fix"), [(5, "bios", True), (6, "bios", False),
+                                                         (10, "bios", False), (5, "uefi", False)])
+def test_ntfs_geometry_rewritten_only_for_xp_2003_on_bios(major: int, firmware: str, fix: bool) -> None:
+    from pipeline.guest import ntfsgeom
+
+    geom = ntfsgeom.parse(_boot_sector(32, 64), _mbr(254, 63), 1, "/dev/sda1")
+    assert geom == ntfsgeom.BootGeometry("/dev/sda1", 32, 64, 63, 255, 100_000) and geom.mismatch
+    facts = InspectFacts(os="windows", major_version=major, minor_version=1, firmware=firmware,
+                         boot_geometry=geom)
+    assert ntfsgeom.needs_fix(facts) is fix
+    assert "says 64 heads/32 sectors per track, its partition table 255/63" in ntfsgeom.warning(facts)
+    same = ntfsgeom.parse(_boot_sector(63, 255), _mbr(254, 63), 1, "/dev/sda1")
+    assert not same.mismatch and ntfsgeom.warning(dataclasses.replace(facts, boot_geometry=same)) is None
+
+
+def test_ntfs_geometry_needs_ntfs_and_a_primary_entry() -> None:
+    from pipeline.guest import ntfsgeom
+
+    fat = bytearray(_boot_sector(63, 255))
+    fat[3:11] = b"MSDOS5.0"
+    assert ntfsgeom.parse(bytes(fat), _mbr(254, 63), 1, "/dev/sda1") is None
+    logical = ntfsgeom.parse(_boot_sector(32, 64), _mbr(254, 63), 5, "/dev/sda5")
+    assert logical is not None and not logical.mismatch  # no table geometry known: nothing done
+
+
+def test_rebooted_verdict_fails_with_the_last_screen() -> None:
+    from pipeline.tools import screen
+
+    assert "rebooted" in screen.FAILURES and "rebooted" in screen.VERDICTS
+    stop = screen.Observation("bsod", "text", "*** STOP: 0x0000007B", "0x0000007B",
+                              "INACCESSIBLE_BOOT_DEVICE")
+    msg = screen.failure_message({"verdict": "rebooted", "message": "the guest restarted itself after 7.5 s",
+                                  "hint": screen.reboot_hint(stop), "screenshot": "/w/boot.png"}, "any")
+    assert msg == ("boot check: the guest restarted itself after 7.5 s: it showed a stop screen (0x0000007B "
+                   "INACCESSIBLE_BOOT_DEVICE) first and rebooted (AutoReboot) (screenshot /w/boot.png)")
+    assert "triple fault" in screen.reboot_hint(None)

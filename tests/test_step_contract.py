@@ -124,6 +124,7 @@ CHANGES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "registry_remap_controlset": (True, ("registry-merge",)),
     "keep_autoreboot": (True, ("registry-merge",)),
     "keep_cpu_drivers": (True, ("registry-merge",)),
+    "keep_boot_geometry": (True, ("registry-merge",)),
     "vmware_tools": ("disable", ("registry-merge",)),
     "network_restore": ("static", ("registry-merge",)),
     "uefi_loader": ("/usr/share/OVMF/OVMF_CODE_4M.fd", ("xml-render",)),

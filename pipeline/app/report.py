@@ -43,6 +43,7 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
             src = err or r or {}
             notes = [f"error: {err.get('error')}"] if err else []
             notes += [f"warning: {w}" for w in (r or {}).get("warnings", [])] if not err else []
+            notes += guest_notes(st.step, (r or {}).get("result")) if not err else []
             if st.state is StepState.STALE and st.why:
                 notes.append(f"stale: {st.why}")
             ok = r if r is not None and not err else {}
@@ -59,6 +60,21 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                           else None),
             })
     return out
+
+
+def guest_notes(step: str, result: Any) -> list[str]:
+    """The guest's old network (inspect) and each change made in the guest (registry-merge)."""
+    if not isinstance(result, dict):
+        return []
+    if step == Step.INSPECT:
+        from pipeline.guest.network import NetInterface
+
+        return [f"network: {NetInterface.from_dict(i).describe()}" for i in result.get("network") or []
+                if isinstance(i, dict) and i.get("adapter")]
+    if step == Step.REGISTRY_MERGE:
+        return [f"changed: {c.get('key')}{chr(92) + c['value'] if c.get('value') else ''}: {c.get('was')} → "
+                f"{c.get('now')}" for c in result.get("guest_changes") or [] if isinstance(c, dict)]
+    return []
 
 
 def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

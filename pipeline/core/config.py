@@ -134,6 +134,7 @@ class ImageConfig:
     registry_remap_controlset: bool = False
     keep_autoreboot: bool = False  # true: leave CrashControl\AutoReboot as the guest has it
     keep_cpu_drivers: bool = False  # true: leave intelppm/amdppm boot/system start
+    keep_boot_geometry: bool = False  # true: leave an XP/2003 NTFS boot sector's heads/sectors as they are
     vmware_tools: VmwareTools = VmwareTools.KEEP
     network_restore: NetworkRestore = NetworkRestore.OFF
     uefi_loader: str | None = None  # a firmware path on the libvirt host; None: libvirt's autoselection
@@ -433,6 +434,7 @@ IMAGE_RULES: dict[str, Any] = {
     "registry_remap_controlset": _bool,
     "keep_autoreboot": _bool,
     "keep_cpu_drivers": _bool,
+    "keep_boot_geometry": _bool,
     "vmware_tools": _choice(VmwareTools),
     "network_restore": _choice(NetworkRestore),
     "uefi_loader": _opt(_str),

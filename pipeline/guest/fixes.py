@@ -75,6 +75,7 @@ class GuestOptions:
 
     keep_autoreboot: bool = False
     keep_cpu_drivers: bool = False
+    keep_boot_geometry: bool = False  # pipeline.guest.ntfsgeom
     vmware_tools: str = "keep"  # keep | disable
     network_restore: str = "off"  # off | static
 

@@ -21,13 +21,14 @@ from pipeline.core.choices import Step
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import RUNTIME, JsonRecord
 from pipeline.core.safeio import escape, file_kind, regular_file
-from pipeline.guest import disksig, fixes
+from pipeline.guest import disksig, fixes, ntfsgeom
 from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
 from pipeline.guest.fixes import BootSettings
 from pipeline.guest.hypervisor_tools import ToolService
 from pipeline.guest.network import NetInterface
+from pipeline.guest.ntfsgeom import BootGeometry
 from pipeline.registry import hive
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
@@ -102,6 +103,7 @@ class InspectFacts(JsonRecord):
     network: tuple[NetInterface, ...] = ()  # every Tcpip interface of the live set
     hypervisor_tools: tuple[ToolService, ...] = ()  # other hypervisors' tools installed
     boot_settings: BootSettings | None = None  # CrashControl, RealTimeIsUniversal, CPU drivers
+    boot_geometry: BootGeometry | None = None  # the system partition's NTFS boot sector vs its MBR entry
     qemu_img_version: str | None = None
 
     @property
@@ -294,6 +296,8 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
         facts.update(_system_hive_facts(g, facts, image_id))
+        geometry = ntfsgeom.read_in_guest(g, root)
+        facts["boot_geometry"] = geometry.to_dict() if geometry is not None else None
         g.offer()
     return facts
 

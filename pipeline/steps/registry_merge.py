@@ -25,7 +25,7 @@ from pipeline.core.choices import Step
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
-from pipeline.guest import disksig, fixes, virtio
+from pipeline.guest import disksig, fixes, ntfsgeom, virtio
 from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
@@ -86,6 +86,7 @@ class MergeInput:
             nic_model=image.nic_model, facts=facts, disk=disk or image.source,
             guest=fixes.GuestOptions(keep_autoreboot=image.keep_autoreboot,
                                      keep_cpu_drivers=image.keep_cpu_drivers,
+                                     keep_boot_geometry=image.keep_boot_geometry,
                                      vmware_tools=image.vmware_tools, network_restore=image.network_restore),
             disk_format=disk_format or facts.format, force_tcg=force_tcg)
 
@@ -106,6 +107,7 @@ class MergeResult(JsonRecord):
     virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
     guest_changes: tuple[fixes.Change, ...] = ()  # pipeline.guest.fixes: each edit beyond the change sets
     guest_files: tuple[Mapping[str, str], ...] = ()  # files written into the guest: {path, sha256, why}
+    boot_geometry: Mapping[str, Any] | None = None  # pipeline.guest.ntfsgeom.reconcile
     appliance_launches: int = 0
     appliance_shared: bool = False
     appliance_seconds: float | None = None
@@ -162,6 +164,10 @@ def guest_warnings(inp: MergeInput) -> list[str]:
     f = inp.facts
     found = (guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
              hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable"))
+    geometry = ntfsgeom.warning(f)
+    if geometry is not None:
+        fixed = ntfsgeom.needs_fix(f) and not inp.guest.keep_boot_geometry
+        found += (f"{geometry}: " + ("the boot sector gets the table's" if fixed else "left as it is"),)
     return [w for w in found if w] + list(guest_plan(inp).warnings)
 
 
@@ -230,6 +236,7 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             signature = disksig.reconcile(g, facts, image_id=image_id, rebuilt_natively=inp.rebuilt_natively,
                                          step=STEP)
             warnings += signature["warnings"]
+            geometry = ntfsgeom.reconcile(g, facts, keep=inp.guest.keep_boot_geometry)  # before the mount
             drivers = _virtio_fetch(g, tree, facts, Path(td), image_id) if tree is not None else {}
             planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d, facts))], ccs)
             root = facts.root or g.lines("inspect-os")[0]
@@ -287,6 +294,7 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
         virtio={"drivers": str(inp.virtio), "installed": installed} if inp.virtio else None,
         guest_changes=fix.changes,
         guest_files=tuple(guest_files),
+        boot_geometry=geometry,
         warnings=tuple(warnings),
         appliance_launches=0 if shared else 1,
         appliance_shared=shared,

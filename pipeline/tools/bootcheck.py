@@ -126,14 +126,18 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     scratch = shot.parent
     scratch.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(scratch, "boot-check-")
+    virt.ensure_event_loop()  # before the connection: it delivers the reboot event
     with virt.connect(uri, step=step, image_id=image_id) as conn:
         dom = virt.startable(conn, uri, name, image_id)
         overlays: list[Path] = []
         ok = False
+        rebooted: list[float] = []  # seconds after start of each reset (libvirt's reboot event)
+        events: int | None = None
         try:
             xml, overlays = _throwaway_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), scratch, image_id)
             t0 = time.monotonic()
             dom = virt.start_checked(lambda: conn.createXML(xml, 0), uri, name, image_id)
+            events = virt.on_reboot(conn, dom, lambda: rebooted.append(time.monotonic() - t0))
             watch = screen.Watch(settle)
             obs: screen.Observation | None = None
             img: Image.Image | None = None
@@ -147,6 +151,13 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
                                              watch.last.text if watch.last else "",
                                              message=desc,
                                              hint=virt.qemu_log_tail(uri, name).removeprefix(" | "))
+                    break
+                if rebooted:  # the guest reset itself: what it showed last is the screen to report
+                    last = watch.last or screen.Observation("booting", "none")
+                    obs = screen.Observation("rebooted", last.mode, last.text, last.stop_code, last.stop_name,
+                                             message=f"the guest restarted itself after {rebooted[0]:.1f} s",
+                                             hint=screen.reboot_hint(watch.last))
+                    t = rebooted[0]
                     break
                 buf = _text_buffer(dom)
                 try:
@@ -182,6 +193,8 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
             raise virt.translate(e, uri=uri, doing=f"boot-checking domain '{name}'", step=step,
                             image_id=image_id) from None
         finally:
+            if events is not None:
+                virt.stop_events(conn, events)
             with contextlib.suppress(libvirt.libvirtError):
                 d = conn.lookupByName(name)
                 if d.isActive():

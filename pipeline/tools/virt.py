@@ -10,6 +10,7 @@ are :class:`~pipeline.core.errors.InputError`, a guest that does not boot is a :
 from __future__ import annotations
 
 import contextlib
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -158,6 +159,44 @@ def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None
         except libvirt.libvirtError as e:
             raise translate(e, uri=uri, doing="reading capabilities", step=Step.XML_RENDER,
                             image_id=image_id) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+_EVENT_LOOP: threading.Thread | None = None
+_EVENT_LOCK = threading.Lock()
+
+
+def ensure_event_loop() -> None:
+    """libvirt's default event loop, run by one daemon thread of this process (started once). It must
+    exist before a connection is opened for that connection to deliver domain events (the reboot
+    event of the boot check)."""
+    global _EVENT_LOOP
+    with _EVENT_LOCK:
+        if _EVENT_LOOP is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _EVENT_LOOP = threading.Thread(target=loop, name="libvirt-events", daemon=True)
+        _EVENT_LOOP.start()
+
+
+def on_reboot(conn: libvirt.virConnect, dom: libvirt.virDomain, callback: Callable[[], None]) -> int:
+    """Call ``callback`` (from the event thread) each time the guest resets itself: libvirt's
+    ``VIR_DOMAIN_EVENT_ID_REBOOT``, which QEMU's reset of the machine raises (a guest restart, a
+    triple fault). Returns the id for :func:`stop_events`."""
+    return conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT,
+                                       lambda *_args: callback(), None)
+
+
+def stop_events(conn: libvirt.virConnect, callback_id: int) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.domainEventDeregisterAny(callback_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def win10_dhcp(cs: str = "ControlSet001") -> tuple[str, ...]:
     """A Windows 10 VM on DHCP with Hyper-V's inbox integration services (demand start)."""
     return (
         *interface(cs, G_DHCP, dhcp=True, lease="10.20.0.15", adapter="Ethernet0",
-                   pnp="PCI\\VEN_15AD&DEV_07B0&SUBSYS_07B015AD&REV_01\\000C29FFFF1234", service="vmxnet3ndis6"),
+                   pnp="PCI\\VEN_15AD&DEV_07B0&SUBSYS_07B015AD&REV_01\\000C29FFFF1234",
+                   service="vmxnet3ndis6"),
         *crash_control(cs, 1, 7),
         *service(cs, "VMTools", 2, kernel=False),
         *service(cs, "vm3dmp", 3, group="Video"),
