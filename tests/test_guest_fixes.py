@@ -302,13 +302,14 @@ def _boot_sector(spt: int, heads: int, total: int = 100_000) -> bytes:
     return bytes(b)
 
 
-def _mbr(end_head: int, end_sector: int, partnum: int = 1) -> bytes:
-    m = bytearray(512)
-    entry = bytes([0x80, 1, 1, 0, 0x07, end_head, end_sector | 0xC0, 0xFF]) + (63).to_bytes(4, "little") + \
-        (100_001).to_bytes(4, "little")
-    m[446 + 16 * (partnum - 1):446 + 16 * partnum] = entry
-    m[510:512] = b"\x55\xaa"
-    return bytes(m)
+@pytest.mark.parametrize(("size", "heads"), [
+    (64 << 20, 16), (700 << 20, 32), (2114445312 - 512, 64), (2114445312, 128), (4228374780 - 512, 128),
+    (4228374780, 255), (40 << 30, 255)])
+def test_bios_geometry_by_disk_size(size: int, heads: int) -> None:
+    """virt-v2v's measured table (64/128/255 heads at its thresholds), extended below 1 GiB."""
+    from pipeline.guest import ntfsgeom
+
+    assert ntfsgeom.bios_geometry(size) == (heads, 63)
 
 
 @pytest.mark.parametrize(("major", "firmware", "fix"), [(5, "bios", True), (6, "bios", False),
@@ -316,24 +317,22 @@ def _mbr(end_head: int, end_sector: int, partnum: int = 1) -> bytes:
 def test_ntfs_geometry_rewritten_only_for_xp_2003_on_bios(major: int, firmware: str, fix: bool) -> None:
     from pipeline.guest import ntfsgeom
 
-    geom = ntfsgeom.parse(_boot_sector(32, 64), _mbr(254, 63), 1, "/dev/sda1")
-    assert geom == ntfsgeom.BootGeometry("/dev/sda1", 32, 64, 63, 255, 100_000) and geom.mismatch
+    geom = ntfsgeom.parse(_boot_sector(63, 240), 8 << 30, "/dev/sda1")
+    assert geom == ntfsgeom.BootGeometry("/dev/sda1", 63, 240, 8 << 30, 100_000) and geom.mismatch
     facts = InspectFacts(os="windows", major_version=major, minor_version=1, firmware=firmware,
                          boot_geometry=geom)
     assert ntfsgeom.needs_fix(facts) is fix
-    assert "says 64 heads/32 sectors per track, its partition table 255/63" in ntfsgeom.warning(facts)
-    same = ntfsgeom.parse(_boot_sector(63, 255), _mbr(254, 63), 1, "/dev/sda1")
+    assert "says 240 heads/63 sectors per track, the BIOS will report 255/63" in ntfsgeom.warning(facts)
+    same = ntfsgeom.parse(_boot_sector(63, 255), 8 << 30, "/dev/sda1")
     assert not same.mismatch and ntfsgeom.warning(dataclasses.replace(facts, boot_geometry=same)) is None
 
 
-def test_ntfs_geometry_needs_ntfs_and_a_primary_entry() -> None:
+def test_ntfs_geometry_needs_an_ntfs_boot_sector() -> None:
     from pipeline.guest import ntfsgeom
 
     fat = bytearray(_boot_sector(63, 255))
     fat[3:11] = b"MSDOS5.0"
-    assert ntfsgeom.parse(bytes(fat), _mbr(254, 63), 1, "/dev/sda1") is None
-    logical = ntfsgeom.parse(_boot_sector(32, 64), _mbr(254, 63), 5, "/dev/sda5")
-    assert logical is not None and not logical.mismatch  # no table geometry known: nothing done
+    assert ntfsgeom.parse(bytes(fat), 8 << 30, "/dev/sda1") is None
 
 
 def test_rebooted_verdict_fails_with_the_last_screen() -> None:

@@ -1,15 +1,18 @@
 """The NTFS boot sector's drive geometry against the geometry the new BIOS reports.
 
 An NTFS boot sector records sectors per track (offset 0x18, u16) and heads (0x1A, u16) of the
-machine that formatted it. Windows 2000/XP/2003's boot code falls back to CHS reads with these when
-it does not use the BIOS's extended (LBA) reads, and then stops with "A disk read error occurred"
-when they differ from the BIOS's geometry (virt-v2v rewrites the heads field for this reason).
-QEMU takes the BIOS geometry of a disk from its MBR partition table (heads = end head + 1, sectors =
-the end sector of the entries), so the rule is: for an NT 5.x guest booting through BIOS, when the
-system partition's boot sector disagrees with its own partition table entry, registry-merge writes
-the table's geometry into the boot sector (and its backup copy at the volume's end) in the overlay,
-and says so in the receipt (``keep_boot_geometry: true`` leaves it). Vista and later boot through
-bootmgr with LBA reads only: reported, left.
+machine that formatted it. Windows 2000/XP/2003 need the heads to match the BIOS's geometry to boot
+from the drive, else "A disk read error occurred. Press Ctrl+Alt+Del to restart" (Vista and later
+ignore the field). What the BIOS reports under QEMU depends on the disk's size only: virt-v2v found
+by testing XP guests (its ``fix_ntfs_heads``) 0x40 heads below 2114445312 bytes, 0x80 below
+4228374780, 0xFF above, which is the BIOS's LBA translation of QEMU's 16-head, 63-sector physical
+geometry (heads doubled until at most 1024 cylinders remain, 255 at most): :func:`bios_geometry`
+computes it the same way for every size, 16 and 32 heads below 1 GiB included.
+
+Rule: an NT 5.x guest booting through BIOS whose system partition's NTFS boot sector disagrees gets
+the BIOS geometry written into the boot sector (and its backup copy at the volume's end), in the
+overlay, reported in the receipt; ``keep_boot_geometry: true`` leaves it. Vista and later: reported
+only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ if TYPE_CHECKING:
     from pipeline.tools.guestfs import Guestfish
 
 GEOMETRY_OFFSET = 0x18  # sectors per track (u16), then heads (u16)
+PHYSICAL_HEADS, SECTORS = 16, 63  # QEMU's physical geometry of an IDE disk
+
+
+def bios_geometry(size: int) -> tuple[int, int]:
+    """``(heads, sectors per track)`` the BIOS reports for a disk of ``size`` bytes (LBA translation)."""
+    heads = PHYSICAL_HEADS
+    cylinders = size // (PHYSICAL_HEADS * SECTORS * 512)
+    while cylinders > 1024 and heads < 255:
+        heads = min(heads * 2, 255)
+        cylinders = (cylinders + 1) // 2  # halved, rounded up: virt-v2v's thresholds exactly
+    return heads, SECTORS
 
 
 @dataclass(frozen=True)
@@ -36,30 +50,25 @@ class BootGeometry(JsonRecord):
     partition: str  # the system partition (/dev/sda1)
     bpb_sectors: int  # the boot sector's sectors per track
     bpb_heads: int
-    table_sectors: int | None = None  # from the partition's MBR entry (None: not a primary MBR partition)
-    table_heads: int | None = None
+    disk_size: int  # bytes of the whole disk
     total_sectors: int = 0  # of the volume: the backup boot sector is the sector after them
 
     @property
+    def bios(self) -> tuple[int, int]:
+        return bios_geometry(self.disk_size)
+
+    @property
     def mismatch(self) -> bool:
-        return self.table_heads is not None and (self.bpb_heads, self.bpb_sectors) != (
-            self.table_heads, self.table_sectors)
+        return (self.bpb_heads, self.bpb_sectors) != self.bios
 
 
-def parse(boot: bytes, mbr: bytes, partnum: int, partition: str) -> BootGeometry | None:
-    """The geometry of an NTFS boot sector and of its partition's MBR entry (pure); None when the
-    boot sector is not NTFS."""
+def parse(boot: bytes, disk_size: int, partition: str) -> BootGeometry | None:
+    """The geometry of an NTFS boot sector (pure); None when the sector is not NTFS."""
     if len(boot) < 512 or boot[3:11] != b"NTFS    ":
         return None
     spt, heads = struct.unpack_from("<HH", boot, GEOMETRY_OFFSET)
     total = struct.unpack_from("<Q", boot, 0x28)[0]
-    t_heads = t_spt = None
-    if 1 <= partnum <= 4 and len(mbr) >= 512 and mbr[510:512] == b"\x55\xaa":
-        entry = mbr[446 + 16 * (partnum - 1):446 + 16 * partnum]
-        end_head, end_sector = entry[5], entry[6] & 0x3F
-        if entry[4] != 0 and end_sector:
-            t_heads, t_spt = end_head + 1, end_sector
-    return BootGeometry(partition, spt, heads, t_spt, t_heads, total)
+    return BootGeometry(partition, spt, heads, disk_size, total)
 
 
 def _device_and_number(partition: str) -> tuple[str, int] | None:
@@ -68,15 +77,15 @@ def _device_and_number(partition: str) -> tuple[str, int] | None:
 
 
 def read_in_guest(g: Guestfish, partition: str) -> BootGeometry | None:
-    """Read the boot sector of ``partition`` and its disk's MBR (two 512-byte downloads)."""
+    """Read the boot sector of ``partition`` and the size of its disk (one batch)."""
     where = _device_and_number(partition)
     if where is None:
         return None
     with tempfile.TemporaryDirectory(prefix="gho2kvm-geom-") as td:
-        boot, mbr = Path(td) / "boot", Path(td) / "mbr"
-        g.batch(("download-offset", partition, str(boot), "0", "512"),
-                ("download-offset", where[0], str(mbr), "0", "512"))
-        return parse(boot.read_bytes(), mbr.read_bytes(), where[1], partition)
+        boot = Path(td) / "boot"
+        _got, size = g.batch(("download-offset", partition, str(boot), "0", "512"),
+                             ("blockdev-getsize64", where[0]))
+        return parse(boot.read_bytes(), int(size.strip()), partition)
 
 
 def needs_fix(facts: InspectFacts) -> bool:
@@ -90,9 +99,10 @@ def warning(facts: InspectFacts) -> str | None:
     geom = facts.boot_geometry
     if geom is None or not geom.mismatch:
         return None
+    heads, spt = geom.bios
     return (f"the NTFS boot sector of {geom.partition} says {geom.bpb_heads} heads/{geom.bpb_sectors} "
-            f"sectors per track, its partition table {geom.table_heads}/{geom.table_sectors} (what the BIOS "
-            f"will report)")
+            f"sectors per track, the BIOS will report {heads}/{spt} for this disk (XP/2003: 'A disk read "
+            f"error occurred')")
 
 
 def reconcile(g: Guestfish, facts: InspectFacts, *, keep: bool) -> dict[str, Any] | None:
@@ -101,11 +111,12 @@ def reconcile(g: Guestfish, facts: InspectFacts, *, keep: bool) -> dict[str, Any
     geom = facts.boot_geometry
     if geom is None or not geom.mismatch:
         return None
-    record = {"partition": geom.partition, "was": [geom.bpb_heads, geom.bpb_sectors],
-              "table": [geom.table_heads, geom.table_sectors]}
+    heads, spt = geom.bios
+    record: dict[str, Any] = {"partition": geom.partition, "was": [geom.bpb_heads, geom.bpb_sectors],
+                              "bios": [heads, spt]}
     if keep or not needs_fix(facts):
         return {**record, "action": "kept" if keep else "left (boots with LBA reads)"}
-    data = struct.pack("<HH", geom.table_sectors or 0, geom.table_heads or 0)
+    data = struct.pack("<HH", spt, heads)
     with tempfile.TemporaryDirectory(prefix="gho2kvm-geom-") as td:
         local = Path(td) / "geometry"
         local.write_bytes(data)
@@ -119,4 +130,4 @@ def reconcile(g: Guestfish, facts: InspectFacts, *, keep: bool) -> dict[str, Any
                 record["backup"] = True
         except ToolError:  # no backup sector readable there: the primary is what the BIOS boots
             record["backup"] = False
-    return {**record, "action": "fixed", "now": [geom.table_heads, geom.table_sectors]}
+    return {**record, "action": "fixed", "now": [heads, spt]}

@@ -162,12 +162,13 @@ def guest_warnings(inp: MergeInput) -> list[str]:
     """What the user should know about the guest's network and other hypervisors' tools, for this
     config, and the fixes' own notes."""
     f = inp.facts
-    found = (guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
-             hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable"))
+    found: list[str | None] = [
+        guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
+        hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
     geometry = ntfsgeom.warning(f)
     if geometry is not None:
         fixed = ntfsgeom.needs_fix(f) and not inp.guest.keep_boot_geometry
-        found += (f"{geometry}: " + ("the boot sector gets the table's" if fixed else "left as it is"),)
+        found.append(f"{geometry}: " + ("the boot sector gets the table's" if fixed else "left as it is"))
     return [w for w in found if w] + list(guest_plan(inp).warnings)
 
 
@@ -341,7 +342,7 @@ def _virtio_install(g: Guestfish, drivers: dict[str, dict[str, str]],
 def _write_guest_files(g: Guestfish, files: tuple[fixes.GuestFile, ...], facts: InspectFacts,
                        image_id: str) -> list[dict[str, str]]:
     """Write each file below the mounted guest's Windows folder and read its checksum back."""
-    out = []
+    out: list[dict[str, str]] = []
     if not files:
         return out
     windir = g("case-sensitive-path", facts.systemroot or "/Windows").strip()
