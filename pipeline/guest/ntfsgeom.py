@@ -95,9 +95,10 @@ def needs_fix(facts: InspectFacts) -> bool:
 
 
 def warning(facts: InspectFacts) -> str | None:
-    """A mismatch on a guest where it does not matter (Vista and later) or that is kept."""
+    """A mismatch on an XP/2003 guest booting through BIOS, where the boot sector's field matters
+    (Vista and later, and UEFI, never read it: the receipt's record is enough)."""
     geom = facts.boot_geometry
-    if geom is None or not geom.mismatch:
+    if geom is None or not geom.mismatch or facts.major_version != 5 or facts.firmware != "bios":
         return None
     heads, spt = geom.bios
     return (f"the NTFS boot sector of {geom.partition} says {geom.bpb_heads} heads/{geom.bpb_sectors} "
@@ -115,7 +116,8 @@ def reconcile(g: Guestfish, facts: InspectFacts, *, keep: bool) -> dict[str, Any
     record: dict[str, Any] = {"partition": geom.partition, "was": [geom.bpb_heads, geom.bpb_sectors],
                               "bios": [heads, spt]}
     if keep or not needs_fix(facts):
-        return {**record, "action": "kept" if keep else "left (boots with LBA reads)"}
+        return {**record, "action": "kept (keep_boot_geometry)" if keep and needs_fix(facts)
+                else "left (Vista and later, and UEFI, do not read it)"}
     data = struct.pack("<HH", spt, heads)
     with tempfile.TemporaryDirectory(prefix="gho2kvm-geom-") as td:
         local = Path(td) / "geometry"
