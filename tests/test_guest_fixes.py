@@ -349,3 +349,17 @@ def test_rebooted_verdict_fails_with_the_last_screen() -> None:
     assert msg == ("boot check: the guest restarted itself after 7.5 s: it showed a stop screen (0x0000007B "
                    "INACCESSIBLE_BOOT_DEVICE) first and rebooted (AutoReboot) (screenshot /w/boot.png)")
     assert "triple fault" in screen.reboot_hint(None)
+
+
+def test_the_docs_table_is_the_code_table() -> None:
+    """docs/windows-changes.md lists every TABLE entry, and the disable column says what the code does."""
+    text = (Path(__file__).parent.parent / "docs" / "windows-changes.md").read_text()
+    table = text[text.index("| service | vendor | what | `disable` |"):]
+    table = table[:table.index("\n\n")]
+    for e in hypervisor_tools.TABLE:
+        row = next((ln for ln in table.splitlines() if e.name in [c.strip() for c in
+                                                                  ln.strip("|").split("|")[0].split(",")]),
+                   None)
+        assert row is not None, f"{e.name} missing from the docs table"
+        vmware_storage = e.storage and e.vendor == hypervisor_tools.VMWARE
+        assert ("Start=4" in row) == e.disable and ("never (storage)" in row) == vmware_storage
