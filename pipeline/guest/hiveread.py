@@ -70,11 +70,29 @@ class Tree:
         yield from self._keys.values()
 
 
+_CACHE: dict[tuple[str, int, int, str, int | None], Tree | None] = {}
+_CACHE_MAX = 8
+
+
 def read_tree(hive_path: str | os.PathLike[str], key: str, *, max_depth: int | None = None,
               image_id: str | None = None, step: str = "inspect") -> Tree | None:
     """The subtree ``key`` (a hive path such as ``\\ControlSet001\\Services\\Tcpip``) of the local
-    hive file, None when the key does not exist."""
+    hive file, None when the key does not exist. The last few reads are kept, keyed by the file's
+    size and mtime (the Services key is read by more than one fact)."""
     key = "\\" + key.strip("\\")
+    st = os.stat(hive_path)
+    ident = (os.fspath(hive_path), st.st_size, st.st_mtime_ns, key.lower(), max_depth)
+    if ident in _CACHE:
+        return _CACHE[ident]
+    tree = _read_tree(hive_path, key, max_depth, image_id, step)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[ident] = tree
+    return tree
+
+
+def _read_tree(hive_path: str | os.PathLike[str], key: str, max_depth: int | None, image_id: str | None,
+               step: str) -> Tree | None:
     text = hivex.export(hive_path, key, max_depth=max_depth, missing_ok=True, image_id=image_id, step=step)
     if text is None:
         return None
