@@ -108,6 +108,8 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     rows = {r["step"]: r["status"] for r in report.rows(cfg)}
     assert rows == {"inspect": "done", "registry-merge": "failed", "convert": "not run",
                     "xml-render": "not run", "define": "not run"}
+    [image] = report.image_rows(report.rows(cfg))
+    assert (image["last step"], image["status"]) == (summary.last_step, summary.status)
 
 
 def test_plan_says_an_earlier_step_runs_for_a_step_whose_own_inputs_are_unchanged(cfg_path: Path) -> None:

@@ -90,6 +90,8 @@ def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if s["status"] != "done":
                 break
             last = s["step"]
+        if failed:  # the last step reached is the failed one, as in the summary
+            last = failed["step"]
         status = "failed" if failed else "done" if len(done) == len(steps) else "not finished"
         seconds = sum(float(s["seconds"]) for s in steps if isinstance(s["seconds"], int | float))
         boot = next((s["_boot"] for s in steps if s.get("_boot")), None)
