@@ -101,6 +101,25 @@ msg: db 13, 10, "A problem has been detected and Windows has been shut down to p
     # what a DOS-era MBR prints when no partition is active, then it halts
     "missing-os": "bits 16\norg 0x7C00\n  xor ax, ax\n  mov ds, ax\n  mov si, msg\n  call puts\n" + _HALT
     + _PUTS + 'msg: db 13, 10, "Missing operating system", 0\n' + _TAIL,
+    # a guest that restarts itself: a line of text, 5 s (91 ticks of the BIOS clock), then the keyboard
+    # controller's reset line
+    "reboot": """bits 16
+org 0x7C00
+  xor ax, ax
+  mov ds, ax
+  mov si, msg
+  call puts
+  xor ah, ah
+  int 0x1A
+  mov bx, dx
+  add bx, 91
+tick: xor ah, ah
+  int 0x1A
+  cmp dx, bx
+  jb tick
+  mov al, 0xFE
+  out 0x64, al
+""" + _HALT + _PUTS + 'msg: db 13, 10, "Restarting in 5 seconds...", 0\n' + _TAIL,
     # VGA graphics mode 12h (640x480, cleared to black), then nothing
     "black": "bits 16\norg 0x7C00\n  mov ax, 0x0012\n  int 0x10\n" + _HALT + _TAIL,
 }
@@ -193,6 +212,15 @@ def test_black_screen(uri: str, boot_dir: Path) -> None:
     v = _boot(uri, _sector(boot_dir, "black"), "black", 12)
     assert (v["verdict"], v["mode"]) == ("blank", "graphics")
     assert "stayed black" in v["error"]
+
+
+def test_guest_that_restarts_is_its_own_verdict(uri: str, boot_dir: Path) -> None:
+    """libvirt's reboot event, not the screenshots, decides: the verdict keeps the last screen."""
+    v = _boot(uri, _sector(boot_dir, "reboot"), "reboot", 60)
+    assert (v["verdict"], v["mode"]) == ("rebooted", "text")
+    assert "Restarting in 5 seconds..." in v["text"]
+    assert "boot check: the guest restarted itself after " in v["error"]
+    assert v["seconds_to_verdict"] < 40
 
 
 def test_zeroed_mbr_code(uri: str, boot_dir: Path) -> None:

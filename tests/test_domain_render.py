@@ -164,18 +164,44 @@ def test_video_by_version(major: int | None, minor: int | None, video: str) -> N
     assert _dev(xml, "devices/video/model").get("type") == video
 
 
-def test_kvm_domain_type_and_uefi_loader() -> None:
+def test_kvm_domain_type_and_uefi_autoselection() -> None:
     xml = _xml(VARIANTS["w7_uefi"])
-    assert ET.fromstring(xml).get("type") == "kvm"
-    loader = _dev(xml, "os/loader")
-    assert loader.text == "/usr/share/OVMF/OVMF_CODE_4M.fd"
-    assert loader.attrib == {"readonly": "yes", "type": "pflash"}
+    root = ET.fromstring(xml)
+    assert root.get("type") == "kvm"
+    assert root.find("os").get("firmware") == "efi"  # libvirt picks the firmware (descriptors)
+    assert root.find("os/loader") is None
+    assert _dev(xml, "os/firmware/feature").attrib == {"enabled": "no", "name": "secure-boot"}
+    assert root.find("features/smm") is None
 
 
-def test_uefi_without_loader_is_clear_error() -> None:
-    spec = dataclasses.replace(BASE, arch="i686", firmware="uefi")
-    with pytest.raises(InputError, match="no UEFI loader"):
-        _xml(spec)
+def test_uefi_named_loader_and_secure_boot() -> None:
+    spec = dataclasses.replace(VARIANTS["w7_uefi"], uefi_loader="/opt/fw/CODE.fd")
+    xml = _xml(spec)
+    assert _dev(xml, "os/loader").text == "/opt/fw/CODE.fd"
+    assert _dev(xml, "os/loader").attrib == {"readonly": "yes", "type": "pflash"}
+    assert ET.fromstring(xml).find("os").get("firmware") is None
+    xml = _xml(dataclasses.replace(VARIANTS["w7_uefi"], secure_boot=True))
+    feats = {f.get("name"): f.get("enabled") for f in ET.fromstring(xml).findall("os/firmware/feature")}
+    assert feats == {"secure-boot": "yes", "enrolled-keys": "yes"}
+    assert _dev(xml, "features/smm").get("state") == "on"
+
+
+def test_uefi_on_a_host_without_loaders_still_renders() -> None:
+    # i686 of HOST lists no loader (like test:///default): autoselection leaves the choice to libvirt
+    xml = _xml(dataclasses.replace(BASE, arch="i686", firmware="uefi"))
+    assert ET.fromstring(xml).find("os").get("firmware") == "efi"
+
+
+@pytest.mark.parametrize(("rtiu", "offset"), [(None, "localtime"), (0, "localtime"), (1, "utc")])
+def test_clock_offset_follows_real_time_is_universal(rtiu: int | None, offset: str) -> None:
+    from pipeline.guest.fixes import BootSettings
+    from pipeline.steps.inspect import InspectFacts
+    from pipeline.steps.xml_render import clock_offset
+
+    facts = InspectFacts(os="windows", boot_settings=BootSettings(real_time_is_universal=rtiu))
+    assert clock_offset(facts) == offset
+    xml = _xml(dataclasses.replace(BASE, clock_offset=clock_offset(facts)))
+    assert _dev(xml, "clock").get("offset") == offset
 
 
 @pytest.mark.parametrize(("network", "itype", "attr", "value"), [
@@ -219,7 +245,7 @@ def test_arch_and_firmware_aliases() -> None:
     assert _dev(xml, "os/type").get("arch") == "i686"
     xml = _xml(dataclasses.replace(BASE, arch="amd64", firmware="efi"))
     assert _dev(xml, "os/type").get("arch") == "x86_64"
-    assert _dev(xml, "os/loader").text == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    assert ET.fromstring(xml).find("os").get("firmware") == "efi"
 
 
 def test_unknown_arch_on_host() -> None:

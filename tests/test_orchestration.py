@@ -166,7 +166,7 @@ def test_resume_after_cheap_step_failure(env: Env, xp_killed: dict[str, Any], st
     assert started(failed) == list(STEPS[STEPS.index(first): i + 1])
     row = summary(failed)["xp"]
     assert row["status"] == "failed"
-    assert row["last"] == STEPS[i - 1]
+    assert row["last"] == step  # the last step reached: the failed one
     if mode:
         assert row["error"].startswith(f"{step}: worker process died unexpectedly"), row
         assert "SIGKILL" in row["error"]
@@ -197,7 +197,7 @@ def test_failed_boot_check_fails_the_image_and_boots_again(env: Env, xp_killed: 
     failed = env.migrate()
     assert failed.returncode == 1, failed.stdout + failed.stderr[-2000:]
     row = summary(failed)["xp"]
-    assert (row["last"], row["status"]) == ("xml-render", "failed"), row
+    assert (row["last"], row["status"]) == ("define", "failed"), row
     assert row["boot"] == "desktop" and row["error"].startswith(
         "define: [image xp, step define] boot check: expected prompt, the guest shows desktop"), row
     err = json.loads((env.work / "xp" / "define.error.json").read_text())
@@ -223,7 +223,7 @@ def test_resume_after_inspect_killed(env: Env) -> None:
     killed = env.migrate("--workers", "2", inject="inspect:kill")
     assert killed.returncode == 1, killed.stdout + killed.stderr[-2000:]
     row = summary(killed)["nw"]
-    assert (row["last"], row["status"]) == ("-", "failed")
+    assert (row["last"], row["status"]) == ("inspect", "failed")
     assert row["error"].startswith("inspect: worker process died unexpectedly"), row
     assert env.run_ids("nw")["inspect"] is None
 

@@ -174,7 +174,7 @@ def test_plan_and_report_with_a_failed_image(env: Env) -> None:
     assert run.returncode == 1
     assert launches(run) == []
     row = next(ln for ln in run.stdout.splitlines() if ln.startswith("bad "))
-    assert re.match(r"^bad\s+-\s+failed\s+[\d.]+\s+-\s+-\s+inspect: \[image bad, step inspect\] "
+    assert re.match(r"^bad\s+inspect\s+failed\s+[\d.]+\s+-\s+-\s+inspect: \[image bad, step inspect\] "
                     r".*not a multiple of 512", row), run.stdout
     assert re.search(r"^xp\s+define\s+done", run.stdout, re.M)
 
@@ -198,7 +198,7 @@ def test_plan_and_report_with_a_failed_image(env: Env) -> None:
     md = md_path.read_text()
     images = {c[0]: c for c in _md_rows(md, "| image | status |")}
     assert images["xp"][1:4] == ["done", "define", "5/5"]
-    assert images["bad"][1:4] == ["failed", "-", "0/5"]
+    assert images["bad"][1:4] == ["failed", "inspect", "0/5"]  # the step reached: the failed one
     assert images["bad"][5] == "-"  # no boot check
     assert "not a multiple of 512" in images["bad"][6]
     steps = {(c[0], c[1]): c for c in _md_rows(md, "| image | step |")}

@@ -98,7 +98,9 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     failed(merge, finished=LATE)
     cfg = load_config(cfg_path)
     [summary] = runner.summarize(cfg)
-    assert (summary.last_step, summary.status, summary.error) == ("inspect", "failed", "registry-merge: boom")
+    # the last step reached is the one whose error is shown
+    assert (summary.last_step, summary.status, summary.error) == ("registry-merge", "failed",
+                                                                  "registry-merge: boom")
     reasons = {step: why for _i, step, why in plan.plan_rows(cfg)}
     assert reasons["inspect"] == plan.UP_TO_DATE
     assert reasons["registry-merge"] == "no receipt (never ran, or did not finish); last attempt failed: boom"
@@ -106,6 +108,8 @@ def test_summary_plan_and_report_agree(cfg_path: Path) -> None:
     rows = {r["step"]: r["status"] for r in report.rows(cfg)}
     assert rows == {"inspect": "done", "registry-merge": "failed", "convert": "not run",
                     "xml-render": "not run", "define": "not run"}
+    [image] = report.image_rows(report.rows(cfg))
+    assert (image["last step"], image["status"]) == (summary.last_step, summary.status)
 
 
 def test_plan_says_an_earlier_step_runs_for_a_step_whose_own_inputs_are_unchanged(cfg_path: Path) -> None:

@@ -54,6 +54,7 @@ def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
         except Exception as e:  # a .reg file changed into something malformed since the config check
             refusals, warnings = [f"image '{img.id}': {e}"], []
         notes += [f"REFUSED: {r}" for r in refusals] + [f"warning: {w}" for w in warnings]
+        notes += [f"image '{img.id}': network: {i.describe()}" for i in facts.network if i.adapter]
     return notes
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.app.status import StepState, chain_status, image_chains
 from pipeline.core import atomic, receipts
+from pipeline.core.choices import Step
 from pipeline.core.config import Config
 from pipeline.tools import screen
 
@@ -42,6 +43,7 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
             src = err or r or {}
             notes = [f"error: {err.get('error')}"] if err else []
             notes += [f"warning: {w}" for w in (r or {}).get("warnings", [])] if not err else []
+            notes += guest_notes(st.step, (r or {}).get("result")) if not err else []
             if st.state is StepState.STALE and st.why:
                 notes.append(f"stale: {st.why}")
             ok = r if r is not None and not err else {}
@@ -55,10 +57,25 @@ def rows(cfg: Config) -> list[dict[str, Any]]:
                                      if isinstance(o, dict) and "path" in o),
                 "warnings / error": "; ".join(notes),
                 "_bytes": (ok.get("bytes_read") or 0, ok.get("bytes_written") or 0),
-                "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == "define"
+                "_boot": (screen.recorded(r, receipts.read(st.task.error_path)) if st.step == Step.DEFINE
                           else None),
             })
     return out
+
+
+def guest_notes(step: str, result: Any) -> list[str]:
+    """The guest's old network (inspect) and each change made in the guest (registry-merge)."""
+    if not isinstance(result, dict):
+        return []
+    if step == Step.INSPECT:
+        from pipeline.guest.network import NetInterface
+
+        return [f"network: {NetInterface.from_dict(i).describe()}" for i in result.get("network") or []
+                if isinstance(i, dict) and i.get("adapter")]
+    if step == Step.REGISTRY_MERGE:
+        return [f"changed: {c.get('key')}{chr(92) + c['value'] if c.get('value') else ''}: {c.get('was')} → "
+                f"{c.get('now')}" for c in result.get("guest_changes") or [] if isinstance(c, dict)]
+    return []
 
 
 def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,6 +91,8 @@ def image_rows(step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if s["status"] != "done":
                 break
             last = s["step"]
+        if failed:  # the last step reached is the failed one, as in the summary
+            last = failed["step"]
         status = "failed" if failed else "done" if len(done) == len(steps) else "not finished"
         seconds = sum(float(s["seconds"]) for s in steps if isinstance(s["seconds"], int | float))
         boot = next((s["_boot"] for s in steps if s.get("_boot")), None)

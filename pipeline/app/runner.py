@@ -43,7 +43,7 @@ from pipeline.tools import guestfs, screen
 @dataclass
 class ImageStatus:
     image_id: str
-    last_step: str  # last complete step ("-" when none)
+    last_step: str  # last step reached: the failed one, else the last complete one ("-" when none)
     status: str  # done | failed | pending
     duration_s: float  # seconds spent on this image in this run (steps run + a failed attempt)
     error: str  # "<step>: <message>" when failed
@@ -206,8 +206,8 @@ def summarize(cfg: Config, only: str | None = None,
             if st.state is StepState.DONE:
                 last = st.step
                 continue
-            if st.error is not None:
-                status, error = "failed", f"{st.step}: {st.error.get('error', '')}"
+            if st.error is not None:  # the step that failed is the last one reached
+                last, status, error = st.step, "failed", f"{st.step}: {st.error.get('error', '')}"
                 duration += float(st.error.get("duration_s") or 0)
             break
         else:

@@ -124,6 +124,31 @@ class Scheduler(Choice):
     CENTRAL = "central"
 
 
+class VmwareTools(Choice):
+    """``vmware_tools``: leave VMware's services and drivers as they are, or set them to Start=4."""
+
+    KEEP = "keep"
+    DISABLE = "disable"
+
+
+class NetworkRestore(Choice):
+    """``network_restore``: ``static`` re-applies the old static addresses on the new NIC at first boot."""
+
+    OFF = "off"
+    STATIC = "static"
+
+
+class Step(Choice):
+    """The steps of one image, in order: the one list of step names (tasks, errors, the summary)."""
+
+    GHOST_CONVERT = "ghost-convert"
+    INSPECT = "inspect"
+    REGISTRY_MERGE = "registry-merge"
+    CONVERT = "convert"
+    XML_RENDER = "xml-render"
+    DEFINE = "define"
+
+
 def values(choice: type[Choice]) -> tuple[str, ...]:
     """The allowed values of ``choice`` as plain strings, in declaration order."""
     return tuple(m.value for m in choice)

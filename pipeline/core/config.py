@@ -29,10 +29,12 @@ from pipeline.core.choices import (
     DiskFormat,
     DiskIo,
     GhostBackend,
+    NetworkRestore,
     NicModel,
     PathStyle,
     Scheduler,
     VmdkType,
+    VmwareTools,
     values,
 )
 from pipeline.core.errors import InputError
@@ -132,6 +134,13 @@ class ImageConfig:
     virtio: VirtioConfig | None = None
     registry: tuple[str, ...] = ("mergeide",)
     registry_remap_controlset: bool = False
+    keep_autoreboot: bool = False  # true: leave CrashControl\AutoReboot as the guest has it
+    keep_cpu_drivers: bool = False  # true: leave intelppm/amdppm boot/system start
+    keep_boot_geometry: bool = False  # true: leave an XP/2003 NTFS boot sector's heads/sectors as they are
+    vmware_tools: VmwareTools = VmwareTools.KEEP
+    network_restore: NetworkRestore = NetworkRestore.OFF
+    uefi_loader: str | None = None  # a firmware path on the libvirt host; None: libvirt's autoselection
+    secure_boot: bool = False
     verify: bool = True
     name: str | None = None
     title: str | None = None
@@ -425,6 +434,13 @@ IMAGE_RULES: dict[str, Any] = {
     "cdrom": _cdrom,
     "registry": _registry,
     "registry_remap_controlset": _bool,
+    "keep_autoreboot": _bool,
+    "keep_cpu_drivers": _bool,
+    "keep_boot_geometry": _bool,
+    "vmware_tools": _choice(VmwareTools),
+    "network_restore": _choice(NetworkRestore),
+    "uefi_loader": _opt(_str),
+    "secure_boot": _bool,
     "verify": _bool,
     "name": _regex(re.compile(r"^.{1,200}$", re.S), "a domain name"),
     "title": _text,

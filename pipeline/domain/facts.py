@@ -30,6 +30,7 @@ from pipeline.core.choices import (
     DiskIo,
     Firmware,
     NicModel,
+    Step,
     values,
 )
 from pipeline.core.errors import InputError
@@ -225,6 +226,9 @@ class DomainSpec:
     os_minor: int | None = None
     arch: str = "x86_64"
     firmware: str = "bios"  # bios | uefi
+    uefi_loader: str | None = None  # uefi: this firmware file; None: libvirt's autoselection
+    secure_boot: bool = False
+    clock_offset: str = "localtime"  # utc when the guest keeps its RTC in UTC (RealTimeIsUniversal)
     disk_cache: str = DEFAULT_DISK_CACHE  # DISK_CACHE_MODES; "default": libvirt's (attribute left out)
     disk_io: str = DEFAULT_DISK_IO  # DISK_IO_MODES
     cdrom: str | None = None  # None: no CD-ROM; "": an empty IDE drive; else the ISO's absolute path
@@ -246,7 +250,7 @@ def parse_network(network: str, *, image_id: str | None = None) -> tuple[str, st
     if sep and kind in ("network", "bridge") and name.strip():
         return kind, name.strip()
     raise InputError(f"network '{network}': expected user, network:NAME or bridge:NAME",
-                     image_id=image_id, step="domain-xml")
+                     image_id=image_id, step=Step.XML_RENDER)
 
 
 def video_model(os_major: int | None, os_minor: int | None) -> str:
@@ -305,7 +309,7 @@ def _check(spec: DomainSpec) -> None:
         elif int(parts[0], 16) & 1:
             problems.append(f"mac {spec.mac!r} is a multicast address")
     if problems:
-        raise InputError("domain spec: " + "; ".join(problems), image_id=spec.image_id, step="domain-xml")
+        raise InputError("domain spec: " + "; ".join(problems), image_id=spec.image_id, step=Step.XML_RENDER)
 
 
 ARCH_ALIASES = {"i386": "i686", "i486": "i686", "i586": "i686", "x86": "i686", "amd64": "x86_64"}
@@ -334,18 +338,21 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
     iface_type, iface_source = parse_network(spec.network, image_id=spec.image_id)
     if arch.disk_buses and spec.disk_bus not in arch.disk_buses:
         raise InputError(f"disk_bus {spec.disk_bus} not offered by {host.uri} for {spec.arch} "
-                         f"(have: {', '.join(arch.disk_buses)})", image_id=spec.image_id, step="domain-xml")
+                         f"(have: {', '.join(arch.disk_buses)})", image_id=spec.image_id,
+                         step=Step.XML_RENDER)
     video = video_model(spec.os_major, spec.os_minor)
     if arch.video_models and video not in arch.video_models:
         raise InputError(f"video model {video} not offered by {host.uri} "
-                         f"(have: {', '.join(arch.video_models)})", image_id=spec.image_id, step="domain-xml")
-    loader = None
+                         f"(have: {', '.join(arch.video_models)})", image_id=spec.image_id,
+                         step=Step.XML_RENDER)
+    loader, firmware = None, None
     if spec.firmware == "uefi":
-        if arch.uefi_loader is None:
-            raise InputError(f"firmware uefi requested but libvirt at {host.uri} reports no UEFI loader for "
-                             f"{spec.arch}/{arch.machine} (install ovmf, or use firmware bios)",
-                             image_id=spec.image_id, step="domain-xml")
-        loader = Loader(path=arch.uefi_loader)
+        # a named loader as given; else libvirt's firmware autoselection from the host's firmware
+        # descriptors (qemu:///system) or its own defaults (test:///default): no path guessed here
+        if spec.uefi_loader:
+            loader = Loader(path=spec.uefi_loader)
+        else:
+            firmware = "efi"
     virtio = spec.disk_bus == "virtio" or spec.nic_model == "virtio"
     hv = hyperv_for(spec.os_major, spec.os_minor)
     timers = [Timer("rtc", tickpolicy="catchup"), Timer("pit", tickpolicy="delay"),
@@ -367,9 +374,11 @@ def build_domain(spec: DomainSpec, host: HostCaps) -> Domain:
         description=spec.description,
         memory_mib=spec.memory_mib,
         vcpus=spec.vcpus,
-        os=Os(arch=spec.arch, machine=arch.machine, loader=loader),
-        features=Features(acpi=True, apic=True, pae=True, hyperv=HyperV() if hv else None),
-        clock=Clock(offset="localtime", timers=tuple(timers)),
+        os=Os(arch=spec.arch, machine=arch.machine, loader=loader, firmware=firmware,
+              secure_boot=spec.secure_boot and firmware is not None),
+        features=Features(acpi=True, apic=True, pae=True, hyperv=HyperV() if hv else None,
+                          smm=spec.secure_boot and spec.firmware == "uefi"),
+        clock=Clock(offset=spec.clock_offset, timers=tuple(timers)),
         emulator=arch.emulator,
         disks=tuple(disks),
         controllers=(Controller("usb", 0, "piix3-uhci"),),

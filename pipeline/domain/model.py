@@ -38,15 +38,25 @@ class Loader:
 
 @dataclass(frozen=True)
 class Os:
+    """``firmware='efi'``: libvirt picks the UEFI firmware from the host's descriptors
+    (``<firmware><feature name='secure-boot' enabled=…/>``); a ``loader`` names it instead."""
+
     arch: str
     machine: str
     type: str = "hvm"
     loader: Loader | None = None
     boot: tuple[str, ...] = ("hd",)
+    firmware: str | None = None  # "efi": autoselection
+    secure_boot: bool = False
 
     def build(self, parent: ET.Element) -> None:
-        os_el = _sub(parent, "os")
+        os_el = _sub(parent, "os", firmware=self.firmware)
         _sub(os_el, "type", self.type, arch=self.arch, machine=self.machine)
+        if self.firmware is not None:
+            fw = _sub(os_el, "firmware")
+            _sub(fw, "feature", enabled=_yn(self.secure_boot), name="secure-boot")
+            if self.secure_boot:
+                _sub(fw, "feature", enabled="yes", name="enrolled-keys")
         if self.loader is not None:
             self.loader.build(os_el)
         for dev in self.boot:
@@ -77,9 +87,10 @@ class Features:
     apic: bool = True
     pae: bool = True
     hyperv: HyperV | None = None
+    smm: bool = False  # secure boot's firmware needs SMM
 
     def build(self, parent: ET.Element) -> None:
-        if not (self.acpi or self.apic or self.pae or self.hyperv):
+        if not (self.acpi or self.apic or self.pae or self.hyperv or self.smm):
             return
         feat = _sub(parent, "features")
         if self.acpi:
@@ -90,6 +101,8 @@ class Features:
             _sub(feat, "pae")
         if self.hyperv is not None:
             self.hyperv.build(feat)
+        if self.smm:
+            _sub(feat, "smm", state="on")
 
 
 @dataclass(frozen=True)

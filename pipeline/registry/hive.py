@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core import atomic
+from pipeline.core.choices import Step
 from pipeline.tools import hivex
 
 BLOCK = 4096
@@ -184,7 +185,7 @@ def apply_reg(hive_path: str | os.PathLike[str], reg_text: str, prefix: str, *,
 
 
 def export_text(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str | None = None,
-                image_id: str | None = None, step: str = "registry-export") -> str:
+                image_id: str | None = None, step: str = Step.REGISTRY_MERGE) -> str:
     """Raw ``hivexregedit --export`` output for ``key_path`` (a path inside the hive, ``\\`` = root).
 
     Raises ToolError if the key does not exist.
@@ -195,7 +196,7 @@ def export_text(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str
 
 
 def export(hive_path: str | os.PathLike[str], key_path: str, *, prefix: str | None = None,
-           image_id: str | None = None, step: str = "registry-export") -> list:
+           image_id: str | None = None, step: str = Step.REGISTRY_MERGE) -> list:
     """Export the subtree ``key_path`` (recursively) and parse it into regfile operations.
 
     Returns a list of :class:`pipeline.registry.regfile.Op`: one key op per key, one value op per

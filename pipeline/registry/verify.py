@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.core.choices import Step
 from pipeline.registry.plan import hive_relative
 from pipeline.registry.regfile import Op, parse_text, type_name
 from pipeline.tools import hivex
@@ -76,7 +77,7 @@ def _show(op: Op) -> str:
 
 
 def verify(hive_path: str | os.PathLike[str], ops: Sequence[Op], *, image_id: str | None = None,
-           step: str = "registry-verify") -> list[str]:
+           step: str = Step.REGISTRY_MERGE) -> list[str]:
     """Compare the hive with the final state ``ops`` should have produced.
 
     ``ops`` are the planned ops of this one hive (canonical or hive-relative keys). Every value set

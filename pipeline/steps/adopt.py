@@ -64,11 +64,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic, receipts
+from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
 from pipeline.steps.ghost_convert import NATIVE_FORMATS
 from pipeline.tools import qemu_img
 
-STEP = "convert"
+STEP = Step.CONVERT
 DISK = "disk"  # ghost-convert's output name for its disk
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic, log
+from pipeline.core.choices import Step
 from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
 from pipeline.tools import qemu_img
 
-STEP = "convert"
+STEP = Step.CONVERT
 
 
 @dataclass(frozen=True)

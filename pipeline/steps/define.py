@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.choices import Step
 from pipeline.core.config import BootCheck
 from pipeline.core.errors import TransientError
 from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM, JsonRecord
 
-STEP = "define"
+STEP = Step.DEFINE
 
 
 @dataclass(frozen=True)

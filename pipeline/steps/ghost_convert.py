@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.choices import DiskFormat, values
+from pipeline.core.choices import DiskFormat, Step, values
 from pipeline.core.config import GhostConfig
 from pipeline.core.receipts import NAMED
 
 if TYPE_CHECKING:
     from pipeline.gho.extract import OpenDisk
 
-STEP = "ghost-convert"
+STEP = Step.GHOST_CONVERT
 NATIVE_FORMATS = values(DiskFormat)  # the native reader writes the final disk's format, any of them
 
 

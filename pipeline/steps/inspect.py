@@ -17,16 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
+from pipeline.core.choices import Step
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import RUNTIME, JsonRecord
 from pipeline.core.safeio import escape, file_kind, regular_file
-from pipeline.guest import disksig
+from pipeline.guest import disksig, fixes, ntfsgeom
+from pipeline.guest import hypervisor_tools as hvtools
+from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
+from pipeline.guest.fixes import BootSettings
+from pipeline.guest.hypervisor_tools import ToolService
+from pipeline.guest.network import NetInterface
+from pipeline.guest.ntfsgeom import BootGeometry
 from pipeline.registry import hive
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
 
-STEP = "inspect"
+STEP = Step.INSPECT
 FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
                     ".vhdx": "vhdx"}
 SAFE_VMDK_TYPES = {
@@ -93,11 +100,18 @@ class InspectFacts(JsonRecord):
     drivers_present: Mapping[str, bool] | None = None  # guest.DRIVER_FILES → found in System32\drivers
     disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.read_in_guest
     services: Mapping[str, int | None] | None = None  # guest.SERVICES → Start (None: absent)
+    network: tuple[NetInterface, ...] = ()  # every Tcpip interface of the live set
+    hypervisor_tools: tuple[ToolService, ...] = ()  # other hypervisors' tools installed
+    boot_settings: BootSettings | None = None  # CrashControl, RealTimeIsUniversal, CPU drivers
+    boot_geometry: BootGeometry | None = None  # the system partition's NTFS boot sector vs its MBR entry
     qemu_img_version: str | None = None
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return ()
+        """What a user should know before the first boot (independent of the config)."""
+        found = (guest_net.static_warning(self.network, restore=False),
+                 hvtools.tools_warning(self.hypervisor_tools, disable_vmware=False))
+        return tuple(w for w in found if w)
 
     @property
     def is_windows(self) -> bool:
@@ -281,7 +295,9 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["drivers_present"] = _drivers(g, facts["systemroot"])
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
-        facts["services"] = _services(g, facts, image_id)
+        facts.update(_system_hive_facts(g, facts, image_id))
+        geometry = ntfsgeom.read_in_guest(g, root)
+        facts["boot_geometry"] = geometry.to_dict() if geometry is not None else None
         g.offer()
     return facts
 
@@ -298,9 +314,9 @@ def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
     return {n: bool(p) and is_file[p] for n, p in zip(names, paths, strict=True)}
 
 
-def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, int | None]:
-    """Start value of the storage/virtio services in the live control set (None: service absent),
-    read from a local copy of the SYSTEM hive (same appliance)."""
+def _system_hive_facts(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, Any]:
+    """Facts read from a local copy of the SYSTEM hive (same appliance): the Start of the
+    storage/virtio services, the network interfaces, other hypervisors' tools, the boot settings."""
     try:
         path = g("case-sensitive-path", f"{facts['systemroot']}/System32/config/SYSTEM").strip()
     except ToolError:
@@ -311,8 +327,17 @@ def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict
             g("download", path, str(local))
         except ToolError:
             return {}
-        ccs = facts.get("current_control_set") or "ControlSet001"
-        return hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP)
+        return system_hive_facts(local, facts.get("current_control_set") or "ControlSet001", image_id)
+
+
+def system_hive_facts(local: Path, ccs: str, image_id: str | None) -> dict[str, Any]:
+    """The facts of :func:`_system_hive_facts` from a LOCAL SYSTEM hive file and its live set (as
+    JSON values, what :meth:`InspectFacts.from_dict` takes)."""
+    return {"services": hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP),
+            "network": [i.to_dict() for i in guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)],
+            "hypervisor_tools": [t.to_dict() for t in hvtools.installed(local, ccs, image_id=image_id,
+                                                                        step=STEP)],
+            "boot_settings": fixes.boot_settings(local, ccs, image_id=image_id, step=STEP).to_dict()}
 
 
 def _firmware(g: Guestfish, dev: str, ptable: str) -> str:

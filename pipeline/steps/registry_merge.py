@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import atomic, log
+from pipeline.core.choices import Step
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
-from pipeline.guest import disksig, virtio
+from pipeline.guest import disksig, fixes, ntfsgeom, virtio
+from pipeline.guest import hypervisor_tools as hvtools
+from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
 from pipeline.registry import builtin, hive, regfile
 from pipeline.registry.plan import (
@@ -39,7 +42,7 @@ from pipeline.steps.inspect import InspectFacts
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, overlay_session
 
-STEP = "registry-merge"
+STEP = Step.REGISTRY_MERGE
 OVERLAY = "overlay.qcow2"
 
 
@@ -63,6 +66,7 @@ class MergeInput:
     rebuilt_natively: bool = False  # the disk signature is ours (native GHO reader): fix it, else warn
     disk_bus: str = field(default="ide", metadata=PREFLIGHT)
     nic_model: str | None = field(default=None, metadata=PREFLIGHT)
+    guest: fixes.GuestOptions = field(default_factory=fixes.GuestOptions)  # pipeline.guest.fixes
     facts: InspectFacts = field(default_factory=InspectFacts, metadata=UPSTREAM)
     disk: Path = field(default=Path(), metadata=UPSTREAM)
     disk_format: str = field(default="raw", metadata=UPSTREAM)
@@ -80,6 +84,10 @@ class MergeInput:
             virtio=image.virtio.drivers if image.virtio is not None else None,
             rebuilt_natively=disksig.rebuilt_natively(image), disk_bus=image.disk_bus,
             nic_model=image.nic_model, facts=facts, disk=disk or image.source,
+            guest=fixes.GuestOptions(keep_autoreboot=image.keep_autoreboot,
+                                     keep_cpu_drivers=image.keep_cpu_drivers,
+                                     keep_boot_geometry=image.keep_boot_geometry,
+                                     vmware_tools=image.vmware_tools, network_restore=image.network_restore),
             disk_format=disk_format or facts.format, force_tcg=force_tcg)
 
 
@@ -97,6 +105,9 @@ class MergeResult(JsonRecord):
     registry_variant: str | None = None
     disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.reconcile
     virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
+    guest_changes: tuple[fixes.Change, ...] = ()  # pipeline.guest.fixes: each edit beyond the change sets
+    guest_files: tuple[Mapping[str, str], ...] = ()  # files written into the guest: {path, sha256, why}
+    boot_geometry: Mapping[str, Any] | None = None  # pipeline.guest.ntfsgeom.reconcile
     appliance_launches: int = 0
     appliance_shared: bool = False
     appliance_seconds: float | None = None
@@ -134,7 +145,31 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
         if inp.registry_remap_controlset:
             file_ops = remap_control_sets(file_ops, ccs)
         ops += file_ops
-    return ops, warnings
+    # the guest fixes first: a user's .reg file has the last word
+    return list(guest_plan(inp).ops) + ops, warnings
+
+
+def guest_plan(inp: MergeInput) -> fixes.FixPlan:
+    """The guest fixes of :mod:`pipeline.guest.fixes` for this image (none for a non-Windows guest)."""
+    f = inp.facts
+    if not f.is_windows:
+        return fixes.FixPlan()
+    return fixes.guest_fixes(f.boot_settings, f.hypervisor_tools, f.network, inp.guest,
+                             major=f.major_version or 0, minor=f.minor_version or 0, image_id=inp.image_id)
+
+
+def guest_warnings(inp: MergeInput) -> list[str]:
+    """What the user should know about the guest's network and other hypervisors' tools, for this
+    config, and the fixes' own notes."""
+    f = inp.facts
+    found: list[str | None] = [
+        guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
+        hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
+    geometry = ntfsgeom.warning(f)
+    if geometry is not None:
+        fixed = ntfsgeom.needs_fix(f) and not inp.guest.keep_boot_geometry
+        found.append(f"{geometry}: " + ("the boot sector gets the table's" if fixed else "left as it is"))
+    return [w for w in found if w] + list(guest_plan(inp).warnings)
 
 
 def readiness(inp: MergeInput, installed: list[str] | None = None) -> guest.Readiness:
@@ -152,7 +187,8 @@ def plan_warnings(image: ImageConfig, facts: InspectFacts) -> tuple[list[str], l
     inp = MergeInput.from_config(image, facts)
     ready = readiness(inp)
     _ops, reg_warnings = collect_ops(inp)
-    return list(ready.refusals), [*ready.warnings, *reg_warnings, *driver_warnings(facts)]
+    return list(ready.refusals), [*ready.warnings, *reg_warnings, *driver_warnings(facts),
+                                  *guest_warnings(inp)]
 
 
 def driver_warnings(facts: InspectFacts) -> list[str]:
@@ -183,6 +219,10 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
     warnings = [*reg_warnings, *driver_warnings(facts)]
     for w in warnings[len(reg_warnings):]:
         log.get().warning("driver missing", detail=w)
+    fix = guest_plan(inp)
+    for w in guest_warnings(inp):
+        log.get().warning("guest", detail=w)
+        warnings.append(w)
     tree = inp.virtio if inp.virtio is not None and guest.virtio_switch_supported(facts) else None
     drives: list[tuple[Path, str, bool]] = []
     if tree is not None and virtio.is_iso(tree):
@@ -197,11 +237,13 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             signature = disksig.reconcile(g, facts, image_id=image_id, rebuilt_natively=inp.rebuilt_natively,
                                          step=STEP)
             warnings += signature["warnings"]
+            geometry = ntfsgeom.reconcile(g, facts, keep=inp.guest.keep_boot_geometry)  # before the mount
             drivers = _virtio_fetch(g, tree, facts, Path(td), image_id) if tree is not None else {}
             planned = plan([*ops, *(op for d in drivers for op in builtin.virtio_ops(d, facts))], ccs)
             root = facts.root or g.lines("inspect-os")[0]
             g("mount", root, "/")
             installed = _virtio_install(g, drivers, facts) if drivers else {}
+            guest_files = _write_guest_files(g, fix.files, facts, image_id)
             config_dir = g("case-sensitive-path", f"{facts.systemroot or '/Windows'}/System32/config")
             config_dir = config_dir.strip()
             # each phase's guestfish commands in one batch (one guestfish process, Guestfish.batch)
@@ -251,6 +293,9 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
         hives=hives_done,
         disk_signature=signature,
         virtio={"drivers": str(inp.virtio), "installed": installed} if inp.virtio else None,
+        guest_changes=fix.changes,
+        guest_files=tuple(guest_files),
+        boot_geometry=geometry,
         warnings=tuple(warnings),
         appliance_launches=0 if shared else 1,
         appliance_shared=shared,
@@ -291,6 +336,30 @@ def _virtio_install(g: Guestfish, drivers: dict[str, dict[str, str]],
         dest = f"{folder}/{driver}.sys"
         g("upload", info["local"], dest)
         out[driver] = {"from": info["from"], "to": dest, "sha256": info["sha256"]}
+    return out
+
+
+def _write_guest_files(g: Guestfish, files: tuple[fixes.GuestFile, ...], facts: InspectFacts,
+                       image_id: str) -> list[dict[str, str]]:
+    """Write each file below the mounted guest's Windows folder and read its checksum back."""
+    out: list[dict[str, str]] = []
+    if not files:
+        return out
+    windir = g("case-sensitive-path", facts.systemroot or "/Windows").strip()
+    with tempfile.TemporaryDirectory(prefix="gho2kvm-files-") as td:
+        for f in files:
+            data = f.text.encode("ascii")
+            dest = f"{windir}/{f.path.replace(chr(92), '/')}"
+            local = Path(td) / Path(dest).name
+            local.write_bytes(data)
+            g("mkdir-p", str(Path(dest).parent))
+            g("upload", str(local), dest)
+            want = hashlib.sha256(data).hexdigest()
+            got = g("checksum", "sha256", dest).strip()
+            if got != want:
+                raise ToolError(f"{dest} read back from the overlay differs (sha256 {got}, expected {want})",
+                                tool="guestfish", argv=[], returncode=None, image_id=image_id, step=STEP)
+            out.append({"path": dest, "sha256": want, "why": f.why})
     return out
 
 

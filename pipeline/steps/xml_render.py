@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core import atomic, log
+from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
 from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
 from pipeline.steps.inspect import InspectFacts
 
-STEP = "xml-render"
+STEP = Step.XML_RENDER
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class DomainConfig:
     description: str | None = None
     uuid: str | None = None
     mac: str | None = None
+    uefi_loader: str | None = None  # None: libvirt's firmware autoselection for a UEFI guest
+    secure_boot: bool = False
 
     @classmethod
     def from_config(cls, image: ImageConfig) -> DomainConfig:
@@ -42,7 +45,8 @@ class DomainConfig:
                    network=image.network, format=image.format, disk_cache=image.disk_cache,
                    disk_io=image.disk_io, cdrom=image.cdrom,
                    virtio=image.virtio.drivers if image.virtio is not None else None, title=image.title,
-                   description=image.description, uuid=image.uuid, mac=image.mac)
+                   description=image.description, uuid=image.uuid, mac=image.mac,
+                   uefi_loader=image.uefi_loader, secure_boot=image.secure_boot)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ class DomainXml(JsonRecord):
     warnings: tuple[str, ...] = ()
 
 
+def clock_offset(facts: InspectFacts) -> str:
+    """``utc`` when the guest keeps its hardware clock in UTC (``RealTimeIsUniversal`` = 1), else
+    ``localtime`` (what Windows expects by default)."""
+    settings = facts.boot_settings
+    return "utc" if settings is not None and settings.real_time_is_universal == 1 else "localtime"
+
+
 def render_domain(inp: RenderInput) -> DomainXml:
     from pipeline.domain.facts import DomainSpec, build_domain
     from pipeline.domain.render import render
@@ -89,7 +100,8 @@ def render_domain(inp: RenderInput) -> DomainXml:
         os_major=facts.major_version if facts.is_windows else None,
         os_minor=facts.minor_version if facts.is_windows else None,
         arch={"i386": "i686", "x86_64": "x86_64"}.get(facts.arch or "", "x86_64"),
-        firmware=facts.firmware or "bios",
+        firmware=facts.firmware or "bios", uefi_loader=d.uefi_loader, secure_boot=d.secure_boot,
+        clock_offset=clock_offset(facts),
     )
     xml = render(build_domain(spec, host))
     path = inp.image_dir / "domain.xml"

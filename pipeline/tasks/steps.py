@@ -15,6 +15,7 @@ from typing import Any
 import luigi
 
 from pipeline.core import log
+from pipeline.core.choices import Step
 from pipeline.core.receipts import Outcome
 from pipeline.steps.convert import ConvertInput, ConvertResult, convert_disk
 from pipeline.steps.define import Defined, DefineInput, define_domain
@@ -31,7 +32,7 @@ class GhostConvert(ImageTask[GhostConvertResult]):
     format; convert may adopt it as the final disk, see :mod:`pipeline.steps.adopt` for when this step
     is then complete)."""
 
-    step = "ghost-convert"
+    step = Step.GHOST_CONVERT
     result_type = GhostConvertResult
     resources = {"disk_io": 1}
 
@@ -73,7 +74,7 @@ class GhostConvert(ImageTask[GhostConvertResult]):
 class Inspect(ImageTask[InspectFacts]):
     """Disk facts, safety checks and guest facts → ``inspect.json``."""
 
-    step = "inspect"
+    step = Step.INSPECT
     result_type = InspectFacts
     resources = {"appliance": 1}
 
@@ -127,7 +128,7 @@ def _extent_stamps(facts: InspectFacts | None, disk: Path,
 class RegistryMerge(ImageTask[MergeResult]):
     """MergeIDE + user ``.reg`` files into ``overlay.qcow2`` (the source is never written)."""
 
-    step = "registry-merge"
+    step = Step.REGISTRY_MERGE
     result_type = MergeResult
     resources = {"appliance": 1}
 
@@ -147,7 +148,7 @@ class RegistryMerge(ImageTask[MergeResult]):
 class Convert(ImageTask[ConvertResult]):
     """Overlay (or source) → ``<output_dir>/<id>.<format>`` in one verified pass."""
 
-    step = "convert"
+    step = Step.CONVERT
     result_type = ConvertResult
     resources = {"disk_io": 1}
 
@@ -192,7 +193,7 @@ class Convert(ImageTask[ConvertResult]):
 class XmlRender(ImageTask[DomainXml]):
     """Facts + config + host capabilities → ``domain.xml`` (validated model, fixed element order)."""
 
-    step = "xml-render"
+    step = Step.XML_RENDER
     result_type = DomainXml
 
     def upstream(self) -> Convert:
@@ -213,7 +214,7 @@ class XmlRender(ImageTask[DomainXml]):
 class Define(ImageTask[Defined]):
     """``domain.xml`` → libvirt domain (idempotent), optional boot check."""
 
-    step = "define"
+    step = Step.DEFINE
     result_type = Defined
 
     def upstream(self) -> XmlRender:

@@ -19,6 +19,7 @@ import libvirt
 from PIL import Image
 
 from pipeline.core import atomic
+from pipeline.core.choices import Step
 from pipeline.tools import ocr, qemu_img, screen, virt
 from pipeline.tools.virt import BootCheckError
 
@@ -52,7 +53,7 @@ def _decode(data: bytes, name: str, image_id: str | None) -> Image.Image:
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise BootCheckError(f"screenshot of {name} ({len(data)} bytes) is unreadable: {e}",
-                             image_id=image_id, step="define") from None
+                             image_id=image_id, step=Step.DEFINE) from None
     return img
 
 
@@ -90,9 +91,10 @@ def _throwaway_xml(xml: str, scratch: Path, image_id: str | None) -> tuple[str, 
         backing = Path(str(source.get("file")))
         if not backing.is_file():
             raise BootCheckError(f"boot check: domain '{root.findtext('name')}' failed to start: its disk "
-                                 f"{backing} does not exist", image_id=image_id, step="define")
+                                 f"{backing} does not exist", image_id=image_id, step=Step.DEFINE)
         overlay = atomic.temp_name(scratch / f"boot-check-{i}.qcow2")
-        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id, step="define")
+        qemu_img.create_overlay(overlay, backing, driver.get("type", "raw"), image_id=image_id,
+                                step=Step.DEFINE)
         overlays.append(overlay)
         overlay.chmod(0o644)
         source.set("file", str(overlay.absolute()))
@@ -119,19 +121,23 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
     ...); a failing verdict (or one other than ``expect``) raises :class:`BootCheckError` with the
     same dict as ``details``.
     """
-    step = "define"
+    step = Step.DEFINE
     shot = Path(screenshot_path)
     scratch = shot.parent
     scratch.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(scratch, "boot-check-")
+    virt.ensure_event_loop()  # before the connection: it delivers the reboot event
     with virt.connect(uri, step=step, image_id=image_id) as conn:
         dom = virt.startable(conn, uri, name, image_id)
         overlays: list[Path] = []
         ok = False
+        rebooted: list[float] = []  # seconds after start of each reset (libvirt's reboot event)
+        events: int | None = None
         try:
             xml, overlays = _throwaway_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), scratch, image_id)
             t0 = time.monotonic()
             dom = virt.start_checked(lambda: conn.createXML(xml, 0), uri, name, image_id)
+            events = virt.on_reboot(conn, dom, lambda: rebooted.append(time.monotonic() - t0))
             watch = screen.Watch(settle)
             obs: screen.Observation | None = None
             img: Image.Image | None = None
@@ -145,6 +151,13 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
                                              watch.last.text if watch.last else "",
                                              message=desc,
                                              hint=virt.qemu_log_tail(uri, name).removeprefix(" | "))
+                    break
+                if rebooted:  # the guest reset itself: what it showed last is the screen to report
+                    last = watch.last or screen.Observation("booting", "none")
+                    obs = screen.Observation("rebooted", last.mode, last.text, last.stop_code, last.stop_name,
+                                             message=f"the guest restarted itself after {rebooted[0]:.1f} s",
+                                             hint=screen.reboot_hint(watch.last))
+                    t = rebooted[0]
                     break
                 buf = _text_buffer(dom)
                 try:
@@ -180,6 +193,8 @@ def boot_check(uri: str, name: str, seconds: float, screenshot_path: str | os.Pa
             raise virt.translate(e, uri=uri, doing=f"boot-checking domain '{name}'", step=step,
                             image_id=image_id) from None
         finally:
+            if events is not None:
+                virt.stop_events(conn, events)
             with contextlib.suppress(libvirt.libvirtError):
                 d = conn.lookupByName(name)
                 if d.isActive():

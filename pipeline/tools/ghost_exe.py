@@ -44,14 +44,14 @@ from typing import Any
 
 from pipeline import vmdk
 from pipeline.core.atomic import fsync_path
-from pipeline.core.choices import Adapter, PathStyle, VmdkType, values
+from pipeline.core.choices import Adapter, PathStyle, Step, VmdkType, values
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.safeio import regular_file
 from pipeline.gho.spans import find_spans
 from pipeline.tools import qemu_img
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
-STEP = "ghost-convert"
+STEP = Step.GHOST_CONVERT
 FINAL_STEM = "ghost"
 FINAL_NAME = f"{FINAL_STEM}.vmdk"
 TMP_PREFIX = ".ghost.tmp-"

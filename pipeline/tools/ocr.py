@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.core.choices import Step
 from pipeline.core.errors import ToolError
 from pipeline.tools.run import run
 
@@ -31,7 +32,7 @@ def read_text(img: Image.Image, *, image_id: str | None = None, timeout: float =
         path = Path(tmp) / "screen.png"
         img.convert("RGB").save(path, format="PNG")
         try:
-            r = run([TESSERACT, str(path), "stdout"], step="define", image_id=image_id, timeout=timeout)
+            r = run([TESSERACT, str(path), "stdout"], step=Step.DEFINE, image_id=image_id, timeout=timeout)
         except ToolError:
             return None
     return r.stdout

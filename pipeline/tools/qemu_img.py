@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.choices import Step
 from pipeline.core.errors import InputError, ToolError
 from pipeline.tools.run import run
 
@@ -18,7 +19,7 @@ _PROGRESS_RE = re.compile(r"\(\s*(\d+(?:\.\d+)?)/100%\)")
 
 @functools.cache
 def version() -> str:
-    out = run([QEMU_IMG, "--version"], step="version", timeout=30).stdout
+    out = run([QEMU_IMG, "--version"], step=Step.INSPECT, timeout=30).stdout
     m = re.search(r"version\s+(\S+)", out)
     return m.group(1) if m else out.strip().splitlines()[0]
 

@@ -28,8 +28,8 @@ from PIL import Image
 
 from pipeline.core.choices import BootExpect, values
 
-FAILURES = frozenset({"bsod", "no-boot-device", "blank", "crashed"})
-VERDICTS = ("prompt", "desktop", "bsod", "no-boot-device", "blank", "crashed")
+FAILURES = frozenset({"bsod", "no-boot-device", "blank", "crashed", "rebooted"})
+VERDICTS = ("prompt", "desktop", "bsod", "no-boot-device", "blank", "crashed", "rebooted")
 EXPECT = values(BootExpect)
 
 COLS, ROWS = 80, 25
@@ -373,9 +373,21 @@ def failure_message(verdict: dict[str, Any], expect: str = "any") -> str | None:
         hint = verdict.get("hint")
         return f"boot check: the domain stopped after {secs} s: {verdict.get('message', '')}" + \
             (f" ({hint})" if hint else "")
+    if v == "rebooted":
+        what = verdict.get("message") or "the guest restarted itself"
+        return f"boot check: {what}: {verdict.get('hint', '')}{see}"
     if expect != "any" and v != expect:
         return f"boot check: expected {expect}, the guest shows {v}{see}"
     return None
+
+
+def reboot_hint(last: Observation | None) -> str:
+    """What a guest restarting during the boot check usually means, from the screen seen before."""
+    if last is not None and last.verdict == "bsod":
+        code = " ".join(x for x in (last.stop_code, last.stop_name) if x)
+        return f"it showed a stop screen{' (' + code + ')' if code else ''} first and rebooted (AutoReboot)"
+    return ("a stop screen that reboots at once (CrashControl\\AutoReboot=1: keep_autoreboot), a triple "
+            "fault or a boot loader giving up; the last screen before the restart is kept")
 
 
 def recorded(receipt: dict[str, Any] | None, error: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import libvirt
 
+from pipeline.core.choices import Step
 from pipeline.core.errors import Gho2KvmError, InputError, TransientError
 from pipeline.domain.facts import ARCHES, HostCaps, host_caps_from_xml
 
@@ -111,7 +113,7 @@ def hold(uri: str, *, image_id: str | None = None) -> Iterator[None]:
     if not uri.startswith("test:"):
         yield
         return
-    with connect(uri, step="define", image_id=image_id):
+    with connect(uri, step=Step.DEFINE, image_id=image_id):
         yield
 
 
@@ -223,12 +225,12 @@ def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None
         if isinstance(doc, dict) and doc.get("for") == uri:
             with contextlib.suppress(libvirt.libvirtError, KeyError, ValueError):
                 return host_caps(_Recorded(None, doc), prefer_kvm=prefer_kvm)
-    with connect(uri, step="host-caps", image_id=image_id) as conn:
+    with connect(uri, step=Step.XML_RENDER, image_id=image_id) as conn:
         rec = _Recorded(conn, {"for": uri})
         try:
             caps = host_caps(rec, prefer_kvm=prefer_kvm)
         except libvirt.libvirtError as e:
-            raise translate(e, uri=uri, doing="reading capabilities", step="host-caps",
+            raise translate(e, uri=uri, doing="reading capabilities", step=Step.XML_RENDER,
                             image_id=image_id) from None
     if cached is not None:
         with contextlib.suppress(OSError):
@@ -236,6 +238,44 @@ def host_caps_for_uri(uri: str, *, prefer_kvm: bool = True, image_id: str | None
             tmp.write_text(json.dumps(rec.doc))
             os.replace(tmp, cached)
     return caps
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+_EVENT_LOOP: threading.Thread | None = None
+_EVENT_LOCK = threading.Lock()
+
+
+def ensure_event_loop() -> None:
+    """libvirt's default event loop, run by one daemon thread of this process (started once). It must
+    exist before a connection is opened for that connection to deliver domain events (the reboot
+    event of the boot check)."""
+    global _EVENT_LOOP
+    with _EVENT_LOCK:
+        if _EVENT_LOOP is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _EVENT_LOOP = threading.Thread(target=loop, name="libvirt-events", daemon=True)
+        _EVENT_LOOP.start()
+
+
+def on_reboot(conn: libvirt.virConnect, dom: libvirt.virDomain, callback: Callable[[], None]) -> int:
+    """Call ``callback`` (from the event thread) each time the guest resets itself: libvirt's
+    ``VIR_DOMAIN_EVENT_ID_REBOOT``, which QEMU's reset of the machine raises (a guest restart, a
+    triple fault). Returns the id for :func:`stop_events`."""
+    return conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT,
+                                       lambda *_args: callback(), None)
+
+
+def stop_events(conn: libvirt.virConnect, callback_id: int) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.domainEventDeregisterAny(callback_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +310,7 @@ def define(uri: str, xml: str, *, autostart: bool = False, image_id: str | None 
     ``created``, ``updated`` (XML or autostart changed) or ``unchanged``. Redefining identical XML
     is a no-op for libvirt, so the "define then compare" costs nothing when nothing changed.
     """
-    step = "define"
+    step = Step.DEFINE
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -384,14 +424,14 @@ def qemu_log_tail(uri: str, name: str) -> str:
 
 def start_domain(uri: str, name: str, *, image_id: str | None = None) -> dict[str, Any]:
     """Start domain ``name`` and leave it running (``start: true`` without a boot check)."""
-    with connect(uri, step="define", image_id=image_id) as conn:
+    with connect(uri, step=Step.DEFINE, image_id=image_id) as conn:
         dom = startable(conn, uri, name, image_id)
         start_checked(dom.create, uri, name, image_id)
         try:
             desc, _ = describe_state(dom)
             return {"name": name, "uri": uri, "uuid": dom.UUIDString(), "state": desc, "kept_running": True}
         except libvirt.libvirtError as e:
-            raise translate(e, uri=uri, doing=f"starting domain '{name}'", step="define",
+            raise translate(e, uri=uri, doing=f"starting domain '{name}'", step=Step.DEFINE,
                             image_id=image_id) from None
 
 
@@ -400,13 +440,13 @@ def startable(conn: libvirt.virConnect, uri: str, name: str, image_id: str | Non
         dom = _lookup(conn, name=name)
         active = dom is not None and dom.isActive()
     except libvirt.libvirtError as e:
-        raise translate(e, uri=uri, doing=f"looking up domain '{name}'", step="define",
+        raise translate(e, uri=uri, doing=f"looking up domain '{name}'", step=Step.DEFINE,
                         image_id=image_id) from None
     if dom is None:
-        raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step="define")
+        raise InputError(f"no domain named '{name}' on {uri}", image_id=image_id, step=Step.DEFINE)
     if active:
         raise InputError(f"domain '{name}' on {uri} is already running; shut it down before a "
-                         f"boot check", image_id=image_id, step="define")
+                         f"boot check", image_id=image_id, step=Step.DEFINE)
     return dom
 
 
@@ -415,8 +455,8 @@ def start_checked(start: Callable[[], Any], uri: str, name: str, image_id: str |
     try:
         return start()
     except libvirt.libvirtError as e:
-        err = translate(e, uri=uri, doing=f"starting domain '{name}'", step="define", image_id=image_id)
+        err = translate(e, uri=uri, doing=f"starting domain '{name}'", step=Step.DEFINE, image_id=image_id)
         if isinstance(err, TransientError):
             raise err from None
         raise BootCheckError(f"boot check: domain '{name}' on {uri} failed to start: {_msg(e)}",
-                             image_id=image_id, step="define") from None
+                             image_id=image_id, step=Step.DEFINE) from None
