@@ -131,3 +131,9 @@ def compare_onto(overlay: Path, base: Path, base_fmt: str, *, image_id: str | No
         raise ToolError(f"verification failed: {base} differs from {overlay} committed into it: "
                         f"{r.stdout.strip() or r.stderr.strip()}", tool="qemu-img", argv=r.argv,
                         returncode=r.returncode, stderr=r.stderr, image_id=image_id, step=step)
+
+
+def needed_bytes(path: Path, fmt: str, *, image_id: str | None, step: str) -> int:
+    """The bytes a copy of ``path`` needs at most on the output's filesystem (its allocated size)."""
+    data = info(path, image_id=image_id, step=step, fmt=fmt)
+    return int(data.get("actual-size") or 0)
