@@ -26,8 +26,7 @@ def _load(args: argparse.Namespace):
     from pipeline.core import paths
     from pipeline.steps.sources import check_paths
 
-    if getattr(args, "force", False):
-        paths.allow_overwrite()
+    paths.allow_overwrite(bool(getattr(args, "force", False)))
     cfg = load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
     check_paths(cfg)
     return cfg

@@ -257,7 +257,7 @@ def _not_folder_chain(folder: Path) -> str | None:
     while True:
         try:
             st = os.stat(p)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # look further up for the one in the way
             if p.parent == p:
                 return None
             p = p.parent
@@ -266,8 +266,7 @@ def _not_folder_chain(folder: Path) -> str | None:
             return f"{p}: {e.strerror}"
         if stat.S_ISDIR(st.st_mode):
             return None
-        return (f"{p} is {'a file' if stat.S_ISREG(st.st_mode) else 'not a folder'}, expected a folder"
-                + ("" if p == Path(os.path.abspath(folder)) else f" (needed for {folder})"))
+        return f"{p} is {'a file' if stat.S_ISREG(st.st_mode) else 'not a folder'}, expected a folder"
 
 
 def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, Path],
@@ -285,10 +284,14 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
         if text not in out:
             out.append(text)
 
+    chain_seen: set[tuple[str, str]] = set()
     for w in writes:
         problem = _not_folder_chain(w.path if w.folder else w.path.parent)
         if problem:
-            line(w, f"{w.what} {w.path} cannot be written: {problem}")
+            if (w.image, problem) not in chain_seen:  # one line per problem, not per file under it
+                chain_seen.add((w.image, problem))
+                line(w, f"{w.what} {w.path} cannot be written: {problem}")
+            refused.add(id(w))
             continue
         for r in reads:
             rel = _relation(w, r)
