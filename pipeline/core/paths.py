@@ -108,6 +108,8 @@ def claim_image_dir(folder: Path, image_id: str) -> None:
     problem = _not_folder_chain(parent)
     if problem:
         raise PathRefused([f"image '{image_id}': field 'workdir': {problem}"], image_id=image_id)
+    if os.path.lexists(folder):  # (a rename would even replace an empty folder of the user's)
+        raise PathRefused([_foreign_folder(image_id, folder)], image_id=image_id)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{folder.name}.tmp-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
@@ -299,7 +301,9 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
                 of = "" if r.image in (w.image, "") else f" of image '{r.image}'"
                 line(w, f"{w.what} {w.path} {rel[0]} {r.what}{of} {r.path}{rel[1]}; refused: gho2kvm never "
                         "writes or deletes what it reads")
-    # two images never share a place written
+                break  # one line per place written
+    # two images never share a place written (one line per pair of images)
+    pairs: set[tuple[str, str]] = set()
     for i, a in enumerate(writes):
         for b in writes[i + 1:]:
             if a.image == b.image or id(a) in refused:
@@ -309,7 +313,9 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
                                        and a.what == b.what == "the logs folder")
             if a.what in ("the logs folder", "the report") or b.what in ("the logs folder", "the report"):
                 shared = False
-            if shared or (a.folder and _inside(rb, ra)) or (b.folder and _inside(ra, rb)):
+            if (shared or (a.folder and _inside(rb, ra)) or (b.folder and _inside(ra, rb))) and \
+                    (a.image, b.image) not in pairs:
+                pairs.add((a.image, b.image))
                 line(a, f"{a.what} {a.path} and {b.what} {b.path} of image '{b.image}' overlap; refused: "
                         "two images never share an output")
     # ownership of what exists already

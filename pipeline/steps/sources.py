@@ -64,9 +64,8 @@ def writes(img: ImageConfig) -> list[Place]:
 def refusals(cfg: Config, only: str | None = None) -> list[str]:
     """The rule's refusals for ``cfg`` (only those of image ``only`` when given), one line each,
     naming the config file."""
-    all_reads = [Place("", "config", "the config", cfg.path.absolute())]
-    for img in cfg.images:
-        all_reads += reads(img)
+    all_reads = [r for img in cfg.images for r in reads(img)]
+    all_reads.append(Place("", "config", "the config", cfg.path.absolute()))
     ws = [w for img in cfg.images for w in writes(img)]
     lines = paths.refusals(ws, all_reads, image_dirs={i.id: i.image_dir for i in cfg.images},
                            overwrite=lambda i: paths.overwrite_allowed(cfg.image(i).overwrite))
