@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - messages and case descriptions read better on one line
 """Data safety (docs/safety.md, issue 26): the one path rule, foreign files, sources that cannot be what
 they claim, one-line messages. No appliance is launched; the seeded campaign is
 ``tests/support/fuzz_safety.py`` (classes in ``fuzz_inputs``, run by ``tests/test_fuzz_inputs.py``)."""

@@ -343,8 +343,8 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
                 kind = "a symlink" if stat.S_ISLNK(st.st_mode) else \
                        "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
                 if not (stat.S_ISLNK(st.st_mode) and overwrite(w.image)):
-                    line(w, f"the final disk {p} exists and is {kind}; refused: gho2kvm writes only a regular "
-                            "file it made")
+                    line(w, f"the final disk {p} exists and is {kind}; refused: gho2kvm writes only "
+                            "a regular file it made")
                 continue
             if not made_output(image_dirs[w.image], p) and not overwrite(w.image):
                 line(w, f"the final disk {p} exists and was not made by gho2kvm for this image; refused: "

@@ -385,7 +385,8 @@ def blank_disk_check(source: Path, facts: dict[str, Any], image_id: str | None) 
     finally:
         os.close(fd)
     if not head.strip(b"\0"):
-        raise InputError(f"{escape(source, 300)}: the disk's first {len(head)} bytes are all zeros (no partition "
+        raise InputError(f"{escape(source, 300)}: the disk's first {len(head)} bytes are all zeros "
+                         f"(no partition "
                          "table, no boot sector): no Windows to migrate; refused (set expect_os: any to "
                          "migrate it anyway)", image_id=image_id, step=STEP)
 
@@ -397,5 +398,6 @@ def expected_os_check(source: Path, facts: dict[str, Any], image_id: str | None)
         return
     found = facts.get("os") or "unknown"
     raise InputError(f"{escape(source, 300)}: no Windows found on the disk (os {found}, partition table "
-                     f"{facts.get('partition_table') or 'none'}); refused (set expect_os: any to migrate a disk "
+                     f"{facts.get('partition_table') or 'none'}); refused (set expect_os: any to "
+                     f"migrate a disk "
                      "without Windows)", image_id=image_id, step=STEP)

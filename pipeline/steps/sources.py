@@ -148,7 +148,8 @@ def _vhd_problem(path: Path, size: int) -> str | None:
         return "has no VHD footer ('conectix' cookie); not a VHD"
     disk_type = struct.unpack_from(">I", footer, 60)[0]
     if disk_type == 4:
-        return f"is a differencing (child) VHD{_vhd_parent(path, footer, size)}; merge it into its parent first"
+        return (f"is a differencing (child) VHD{_vhd_parent(path, footer, size)}; merge it into its "
+                "parent first")
     if disk_type not in (2, 3):
         return f"VHD footer field disk type is {disk_type}; expected 2 (fixed) or 3 (dynamic)"
     current = struct.unpack_from(">Q", footer, 48)[0]
@@ -318,7 +319,8 @@ def _stream_grains_problem(path: Path, size: int, gd: bytes, gtes: int, grain: i
                 return (f"streamOptimized VMDK grain at sector {g} says LBA {lba}, its table entry says "
                         f"{(i * gtes + j) * grain}")
             if g * SECTOR + 12 + clen > size:
-                return f"streamOptimized VMDK grain at sector {g} ({clen} bytes) runs past the end of the file"
+                return (f"streamOptimized VMDK grain at sector {g} ({clen} bytes) runs past the end "
+                        "of the file")
             try:
                 d = zlib.decompressobj()
                 out = d.decompress(_read(path, g * SECTOR + 12, clen), grain * SECTOR + 1)
@@ -353,6 +355,7 @@ def extents_problem(path: Path) -> str | None:
         have = st.st_size
         need = (e.offset + e.sectors) * SECTOR
         if need > have:
-            return (f"VMDK extent {escape(e.file, 200)!r}: offset {e.offset} + {e.sectors} sectors = {need} bytes, "
+            return (f"VMDK extent {escape(e.file, 200)!r}: offset {e.offset} + {e.sectors} sectors = "
+                    f"{need} bytes, "
                     f"the file holds {have}; truncated")
     return None

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - messages and case descriptions read better on one line
 """Seeded hostile NTFS file-aware images: what the format gives twice, made to disagree (docs/safety.md).
 
 Built on :mod:`tests.support.gho_ntfs_writer` (real mkntfs volumes, compression none, framed) and run

@@ -52,7 +52,8 @@ def difference(copy: RecordFacts, mft: RecordFacts) -> str | None:
         if a[4] != b[4]:
             for i, (ra, rb) in enumerate(zip(a[4], b[4], strict=False)):
                 if ra != rb:
-                    return (f"{what} run {i}: LCN {ra[0]} × {ra[1]} clusters in the copy, LCN {rb[0]} × {rb[1]} "
+                    return (f"{what} run {i}: LCN {ra[0]} × {ra[1]} clusters in the copy, LCN "
+                            f"{rb[0]} × {rb[1]} "
                             "in the $MFT")
             return f"{what}: {len(a[4])} runs in the copy, {len(b[4])} in the $MFT"
     return None
@@ -65,7 +66,8 @@ def check_copies(where: str, copies: dict[int, RecordFacts],
         try:
             fr = read_mft(n)
         except NtfsFormatError as e:
-            raise GhoError(f"{where} (NTFS): MFT record {n}: the stored copy is a valid record, the $MFT data "
+            raise GhoError(f"{where} (NTFS): MFT record {n}: the stored copy is a valid record, the "
+                           f"$MFT data "
                            f"holds a malformed one ({e}); refused") from None
         if fr is None:
             if copies[n].in_use:
@@ -74,7 +76,8 @@ def check_copies(where: str, copies: dict[int, RecordFacts],
             continue
         diff = difference(copies[n], facts_of(fr))
         if diff:
-            raise GhoError(f"{where} (NTFS): MFT record {n}: the stored copy and the $MFT data differ ({diff}); "
+            raise GhoError(f"{where} (NTFS): MFT record {n}: the stored copy and the $MFT data "
+                           f"differ ({diff}); "
                            "refused: the data would be placed where the $MFT does not look for it")
 
 
@@ -91,12 +94,14 @@ def check_boot_copies(where: str, meta: Geometry, stored: bytes | None) -> None:
     try:
         geo = parse_boot(stored)
     except NtfsFormatError as e:
-        raise GhoError(f"{where} (NTFS): the boot sector stored at LCN 0 is not usable ({e}); refused") from None
+        raise GhoError(f"{where} (NTFS): the boot sector stored at LCN 0 is not usable ({e}); "
+                       f"refused") from None
     for name in ("bytes_per_sector", "sectors_per_cluster", "total_sectors", "mft_lcn", "mftmirr_lcn",
                  "record_size"):
         a, b = getattr(meta, name), getattr(geo, name)
         if a != b:
-            raise GhoError(f"{where} (NTFS): boot sector field {name.replace('_', ' ')} is {a} in the metadata "
+            raise GhoError(f"{where} (NTFS): boot sector field {name.replace('_', ' ')} is {a} in "
+                           f"the metadata "
                            f"area and {b} at LCN 0; refused: the partition's size and place depend on it")
 
 
@@ -106,8 +111,10 @@ def check_bitmap_size(where: str, geo: Geometry, bitmap: Attribute | None) -> No
         return
     need = -(-geo.clusters // 8)
     if bitmap.data_size < need:
-        raise GhoError(f"{where} (NTFS): $Bitmap holds {bitmap.data_size} bytes ({bitmap.data_size * 8} clusters), "
-                       f"the boot sector's total sectors {geo.total_sectors} make {geo.clusters} clusters; refused")
+        raise GhoError(f"{where} (NTFS): $Bitmap holds {bitmap.data_size} bytes "
+                       f"({bitmap.data_size * 8} clusters), "
+                       f"the boot sector's total sectors {geo.total_sectors} make {geo.clusters} "
+                       f"clusters; refused")
 
 
 def check_runs_in_use(where: str, placed: list[tuple[int, int, int]], bit_range: Callable[[int, int], bytes]

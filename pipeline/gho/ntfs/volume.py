@@ -468,7 +468,8 @@ class NtfsSection:
             span = r.count * k
             lo, hi = max(vrel, rel), min(vrel + span, rel + n)
             if lo < hi:
-                out += disk.pread(hi - lo, base + r.lcn * k + (lo - vrel)) if r.lcn is not None else bytes(hi - lo)
+                at = base + r.lcn * k + (lo - vrel) if r.lcn is not None else None
+                out += disk.pread(hi - lo, at) if at is not None else bytes(hi - lo)
             vrel += span
             if vrel >= rel + n:
                 break
