@@ -454,3 +454,13 @@ def _parser_with(cli: Any, func: Any) -> Any:
         return p
 
     return build
+
+
+def test_a_message_names_the_output_not_the_temp(tmp_path: Path) -> None:
+    final = tmp_path / "x.raw"
+    with pytest.raises(InputError) as ei, atomic.temporary_path(final) as tmp:
+        raise InputError(f"qemu-img: {tmp}: Invalid argument", image_id="x", step="convert")
+    assert ".tmp-" not in ei.value.one_line() and str(final) in ei.value.one_line()
+    with pytest.raises(OSError) as oe, atomic.temporary_path(final) as tmp:
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp))
+    assert plain_error(oe.value) == f"{final}: Is a directory"

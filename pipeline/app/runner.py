@@ -148,7 +148,11 @@ def reenable_disabled(url: str, cfg: Config, only: str | None = None) -> list[st
 
 
 def _record_failure(task: ImageTask, message: str, *, always: bool) -> None:
+    from pipeline.core import paths
+
     try:
+        if not paths.owns_folder(task.error_path.parent):
+            return  # never into a folder gho2kvm did not make (docs/safety.md)
         old = receipts.read(task.error_path)
         if not always and old is not None and old.get("error") == message:
             return  # ImageTask.run recorded it already, with its timing

@@ -40,11 +40,24 @@ def temporary_path(final: Path) -> Iterator[Path]:
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(final.parent)
-    except BaseException:
+    except BaseException as e:
         _unlink(tmp)
+        _name_the_final(e, tmp, final)
         raise
     finally:
         paths.release_temp(tmp)
+
+
+def _name_the_final(e: BaseException, tmp: Path, final: Path) -> None:
+    """A message a person reads names the output, never gho2kvm's internal temp name."""
+    if isinstance(e, OSError):
+        if e.filename is not None and str(e.filename) == str(tmp):
+            e.filename = str(final)
+        if e.filename2 is not None and str(e.filename2) == str(tmp):
+            e.filename2 = str(final)
+    message = getattr(e, "message", None)
+    if isinstance(message, str) and tmp.name in message:
+        e.message = message.replace(str(tmp), str(final)).replace(tmp.name, final.name)  # type: ignore[attr-defined]
 
 
 def fsync_path(path: Path) -> None:

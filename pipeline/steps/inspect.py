@@ -163,6 +163,10 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
         facts.update(vmdk_safety(source, image_id))
     elif fmt == "qcow2":
         qcow2_safety(source, image_id)
+    size = os.path.getsize(source)
+    if fmt == "raw" and size % 512:
+        raise InputError(f"{source}: raw image size {size} is not a multiple of 512; truncated?",
+                         image_id=image_id, step=STEP)
     source_claims_check(source, fmt, image_id)
     info = qemu_img.info(source, image_id=image_id, step=STEP, fmt=fmt)
     backing = info.get("backing-filename") or info.get("full-backing-filename")
@@ -173,13 +177,9 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
     if data_file:
         raise InputError(f"{source}: qcow2 has an external data file {data_file!r}; refused",
                          image_id=image_id, step=STEP)
-    size = os.path.getsize(source)
     if int(info.get("virtual-size") or 0) < 2 * 512:
         raise InputError(f"{escape(source, 300)}: virtual size {info.get('virtual-size')} bytes: too small "
                          "for a disk; refused", image_id=image_id, step=STEP)
-    if fmt == "raw" and size % 512:
-        raise InputError(f"{source}: raw image size {size} is not a multiple of 512; truncated?",
-                         image_id=image_id, step=STEP)
     check = qemu_img.check(source, fmt, image_id=image_id, step=STEP)
     facts.update({
         "virtual_size": info["virtual-size"],

@@ -105,6 +105,19 @@ def check_boot_copies(where: str, meta: Geometry, stored: bytes | None) -> None:
                            f"area and {b} at LCN 0; refused: the partition's size and place depend on it")
 
 
+def check_boot_vs_mft(where: str, geo: Geometry, read_mft: Callable[[int], FileRecord | None]) -> None:
+    """The boot sector's $MFT and $MFTMirr LCNs are where records 0 and 1 say their data starts."""
+    for n, name, lcn in ((0, "$MFT", geo.mft_lcn), (1, "$MFTMirr", geo.mftmirr_lcn)):
+        fr = read_mft(n)
+        data = fr.find(0x80) if fr is not None else None
+        if data is None or data.resident or not data.runs or data.start_vcn != 0:
+            continue
+        first = data.runs[0].lcn
+        if first != lcn:
+            raise GhoError(f"{where} (NTFS): the boot sector puts {name} at LCN {lcn}, MFT record {n} "
+                           f"at LCN {first}; refused")
+
+
 def check_bitmap_size(where: str, geo: Geometry, bitmap: Attribute | None) -> None:
     """``$Bitmap`` must have a bit for every cluster the boot sector counts."""
     if bitmap is None or bitmap.resident:

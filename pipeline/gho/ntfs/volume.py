@@ -448,6 +448,7 @@ class NtfsSection:
             return parse_record(apply_fixups(raw), n)
 
         crosscheck.check_copies(self.where, sm.copies, read_mft)
+        crosscheck.check_boot_vs_mft(self.where, self.geometry, read_mft)
         if REC_BITMAP in sm.special:  # rebuilt from the $MFT: consistent with it by construction
             crosscheck.check_bitmap_size(self.where, self.geometry, sm.special[REC_BITMAP])
             return
@@ -456,7 +457,11 @@ class NtfsSection:
         if bitmap is None or bitmap.resident:
             return
         crosscheck.check_bitmap_size(self.where, self.geometry, bitmap)
-        crosscheck.check_runs_in_use(self.where, sm.placed,
+        # every run of every in-use record of the rebuilt $MFT (those placed from the stream and those
+        # whose data was not stored, such as $MFTMirr's) must lie on clusters the stored $Bitmap uses
+        claimed = [(r.lcn, r.count, fr.number) for fr in self.mft_records(disk, base) if fr.in_use
+                   for a in fr.nonresident() for r in a.runs if r.lcn is not None]
+        crosscheck.check_runs_in_use(self.where, sorted(set(claimed) | set(sm.placed)),
                                      lambda first, n: self._attr_read(disk, base, bitmap, first, n))
 
     def _attr_read(self, disk: Disk, base: int, attr: Attribute, rel: int, n: int) -> bytes:
