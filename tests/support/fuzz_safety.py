@@ -17,7 +17,10 @@ import struct
 import subprocess
 from pathlib import Path
 
-from tests.support.fuzz_inputs import captured, run_cli, snapshot
+try:
+    from tests.support.fuzz_inputs import captured, run_cli, snapshot
+except ImportError:  # run from tests/support as a script (fuzz_inputs.py CLASS ...)
+    from fuzz_inputs import captured, run_cli, snapshot  # type: ignore[no-redef]
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gho"
 #: a Python class name in a message a person reads (NotADirectoryError, FileExistsError, ...)
