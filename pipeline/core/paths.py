@@ -247,9 +247,6 @@ def _relation(w: Place, r: Place) -> tuple[str, str] | None:
         return "holds", ""
     if r.folder and _inside(rw, rr):
         return "lies inside", ""
-    if w.folder and ir is not None and iw is not None:
-        for found, _place in _links_inside(rw, {ir: r}):
-            return "holds", f" (a hard link of it: {found})"
     return None
 
 
@@ -272,12 +269,14 @@ def _not_folder_chain(folder: Path) -> str | None:
 
 
 def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, Path],
-             overwrite: Callable[[str], bool]) -> list[str]:
+             overwrite: Callable[[str], bool], only: str | None = None) -> list[str]:
     """Every refusal of the rule for these places, one line each (empty: all is well).
 
     ``writes``/``reads`` of every image of the config; ``image_dirs`` id → ``<workdir>/<id>``;
-    ``overwrite(id)``: whether an existing final disk gho2kvm did not make may be replaced."""
+    ``overwrite(id)``: whether an existing final disk gho2kvm did not make may be replaced; ``only``:
+    the refusals of that image's places only (a step's check before it writes)."""
     out: list[str] = []
+    by_inode = {ino: r for r in reads if (ino := _ident(r.path)) is not None}
     refused: set[int] = set()  # writes already refused: one line per problem
 
     def line(w: Place, msg: str) -> None:
@@ -288,6 +287,8 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
 
     chain_seen: set[tuple[str, str]] = set()
     for w in writes:
+        if only is not None and w.image != only:
+            continue
         problem = _not_folder_chain(w.path if w.folder else w.path.parent)
         if problem:
             if (w.image, problem) not in chain_seen:  # one line per problem, not per file under it
@@ -302,11 +303,18 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
                 line(w, f"{w.what} {w.path} {rel[0]} {r.what}{of} {r.path}{rel[1]}; refused: gho2kvm never "
                         "writes or deletes what it reads")
                 break  # one line per place written
+        else:
+            if w.folder:  # a hard link of an input inside a folder gho2kvm writes in (one bounded walk)
+                for found, r in _links_inside(_real(w.path), by_inode):
+                    of = "" if r.image in (w.image, "") else f" of image '{r.image}'"
+                    line(w, f"{w.what} {w.path} holds {r.what}{of} {r.path} (a hard link of it: {found}); "
+                            "refused: gho2kvm never writes or deletes what it reads")
+                    break
     # two images never share a place written (one line per pair of images)
     pairs: set[tuple[str, str]] = set()
     for i, a in enumerate(writes):
         for b in writes[i + 1:]:
-            if a.image == b.image or id(a) in refused:
+            if a.image == b.image or id(a) in refused or only is not None and only not in (a.image, b.image):
                 continue
             ra, rb = _real(a.path), _real(b.path)
             shared = ra == rb and not (a.folder and b.folder and a.field == b.field == "workdir"
@@ -320,7 +328,7 @@ def refusals(writes: list[Place], reads: list[Place], *, image_dirs: dict[str, P
                         "two images never share an output")
     # ownership of what exists already
     for w in writes:
-        if id(w) in refused:
+        if id(w) in refused or only is not None and w.image != only:
             continue
         if w.what == "the work folder":
             p = w.path

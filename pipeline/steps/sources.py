@@ -68,9 +68,7 @@ def refusals(cfg: Config, only: str | None = None) -> list[str]:
     all_reads.append(Place("", "config", "the config", cfg.path.absolute()))
     ws = [w for img in cfg.images for w in writes(img)]
     lines = paths.refusals(ws, all_reads, image_dirs={i.id: i.image_dir for i in cfg.images},
-                           overwrite=lambda i: paths.overwrite_allowed(cfg.image(i).overwrite))
-    if only is not None:
-        lines = [ln for ln in lines if ln.startswith(f"image '{only}':")]
+                           overwrite=lambda i: paths.overwrite_allowed(cfg.image(i).overwrite), only=only)
     return [f"{escape(cfg.path, 300)}: {ln}" for ln in lines]
 
 
