@@ -464,3 +464,16 @@ def test_a_message_names_the_output_not_the_temp(tmp_path: Path) -> None:
     with pytest.raises(OSError) as oe, atomic.temporary_path(final) as tmp:
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(tmp))
     assert plain_error(oe.value) == f"{final}: Is a directory"
+
+
+def test_migrate_exits_2_when_every_image_not_done_was_refused() -> None:
+    from pipeline.app.runner import ImageStatus, exit_code
+
+    done = ImageStatus("a", "define", "done", 1.0, "")
+    refused = ImageStatus("b", "-", "failed", 0.0, "inspect: bad", refused=True)
+    broken = ImageStatus("c", "inspect", "failed", 0.0, "convert: qemu-img died")
+    pending = ImageStatus("d", "-", "pending", 0.0, "")
+    assert exit_code([done]) == 0
+    assert exit_code([done, refused]) == 2
+    assert exit_code([done, refused, broken]) == 1
+    assert exit_code([refused, pending]) == 1

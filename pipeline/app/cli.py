@@ -78,8 +78,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     text = plan_text(cfg, only=args.image or None)
     print(text)
-    # a refusal found from the inspect facts: the migration would stop at registry-merge
-    return 1 if any(line.startswith("REFUSED: ") for line in text.splitlines()) else 0
+    # a refusal found from the inspect facts: the migration would stop at registry-merge (exit 2, as
+    # every refusal)
+    return 2 if any(line.startswith("REFUSED: ") for line in text.splitlines()) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
