@@ -381,12 +381,15 @@ def test_a_blank_disk_fails_before_any_appliance_unless_expect_os_any(tmp_path: 
     with pytest.raises(InputError, match="all zeros.*expect_os: any"):
         insp.inspect_image(insp.InspectInput(blank, "b"))
     # "os unknown" from the appliance: refused unless expect_os: any
-    monkeypatch.setattr(insp, "guest_facts", lambda *a, **k: {"os": "unknown", "partition_table": "msdos"})
+    monkeypatch.setattr(insp, "guest_facts", lambda *a, **k: {"os": "unknown", "partition_table": "none"})
     fs._raw(blank)
     with pytest.raises(InputError, match="no Windows found"):
         insp.inspect_image(insp.InspectInput(blank, "b"))
     monkeypatch.setattr(insp.qemu_img, "version", lambda: "test")
     assert insp.inspect_image(insp.InspectInput(blank, "b", expect_os="any")).os == "unknown"
+    # a partitioned data disk without a system: goes on (registry-merge skips it with a warning)
+    monkeypatch.setattr(insp, "guest_facts", lambda *a, **k: {"os": "unknown", "partition_table": "msdos"})
+    assert insp.inspect_image(insp.InspectInput(blank, "b")).os == "unknown"
     # another operating system found: goes on (registry-merge skips it with a warning)
     monkeypatch.setattr(insp, "guest_facts", lambda *a, **k: {"os": "unknown", "os_type": "linux"})
     assert insp.inspect_image(insp.InspectInput(blank, "b")).os_type == "linux"

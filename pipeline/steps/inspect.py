@@ -392,12 +392,11 @@ def blank_disk_check(source: Path, facts: dict[str, Any], image_id: str | None) 
 
 
 def expected_os_check(source: Path, facts: dict[str, Any], image_id: str | None) -> None:
-    """``os unknown`` on a disk that should hold Windows fails the image with one line: no operating
-    system at all was found on it (another one, e.g. Linux, goes on with registry-merge skipped)."""
-    if facts.get("os") == "windows" or facts.get("os_type"):
+    """``os unknown`` on a disk that should hold Windows and cannot hold any system (no partition
+    table: blank, or a bare file system) fails the image with one line. A partitioned disk without a
+    recognised system goes on, registry-merge skipped with a warning (a data disk)."""
+    if facts.get("os") == "windows" or facts.get("os_type") or facts.get("partition_table") != "none":
         return
-    found = facts.get("os") or "unknown"
-    raise InputError(f"{escape(source, 300)}: no Windows found on the disk (os {found}, partition table "
-                     f"{facts.get('partition_table') or 'none'}); refused (set expect_os: any to "
-                     f"migrate a disk "
-                     "without Windows)", image_id=image_id, step=STEP)
+    raise InputError(f"{escape(source, 300)}: no Windows found on the disk (os unknown, no partition "
+                     "table); refused (set expect_os: any to migrate a disk without Windows)",
+                     image_id=image_id, step=STEP)
