@@ -50,7 +50,11 @@ def write_chain(config: Path, image_id: str, *, facts: InspectFacts = XP_FACTS,
 
     tasks = chain(str(config), image_id)
     for t in tasks:
-        paths.claim_image_dir(t.image.image_dir, t.image.id)  # as an earlier run made it (with its marker)
+        folder = t.image.image_dir  # as an earlier run made it: with gho2kvm's marker
+        folder.mkdir(parents=True, exist_ok=True)
+        if not paths.owns_folder(folder):
+            (folder / paths.MARKER).write_text(f'{{"made_by": "{paths.MADE_BY}", "image_id": "{t.image.id}", '
+                                               '"outputs": {}}')
         result = stand_in(t, facts)
         r = Receipt(step=t.step, image_id=image_id, run_id=receipts.new_run_id(), started="", finished="",
                     duration_s=0.0, fingerprint=t.fingerprint(), outputs={}, bytes_read=0, bytes_written=0,
