@@ -117,3 +117,9 @@ def test_campaign_sample_refuses_every_case() -> None:
     per, fails, notes = fz.run(seed=7, n=12)
     assert sum(per.values()) == 12
     assert not fails, notes
+
+
+@pytest.mark.fuzz
+def test_campaign_long_run_refuses_every_case() -> None:
+    per, fails, notes = fz.run(seed=26, n=int(os.environ.get("NTFS_FUZZ_CASES", "80")))
+    assert not fails, notes
