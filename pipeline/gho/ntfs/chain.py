@@ -275,10 +275,14 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
     area = sec.body_start
     # the scan for the chain start never crosses the next partition header (nor the trailer, ``limit``):
     # a damaged checksum packet must not make one section swallow the next
-    scan_end = _next_header(walker, area, min(limit, area + CHAIN_SCAN_LIMIT))
+    scan_end = min(limit, area + CHAIN_SCAN_LIMIT)
     pos = area
     comp0 = decoder.compression == COMP_NONE
     while pos < scan_end:
+        window = min(scan_end, pos + _SCAN + 16)
+        hdr = _next_header(walker, pos, window)  # chunk by chunk: nothing past a header is looked at
+        if hdr < window:
+            scan_end = hdr
         chunk = walker.stream.read_upto(pos, _SCAN + 16)
         j = chunk.find(b"\x0a")
         while j != -1 and j < _SCAN and pos + j < scan_end:
@@ -305,7 +309,7 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
 
 
 def _next_header(walker: Walker, start: int, end: int) -> int:
-    """The offset of the first partition header in [start, end), else ``end``."""
+    """The offset of the first partition header in [start, end), else ``end`` (1 MiB at a time)."""
     pos = start
     while pos < end:
         chunk = walker.stream.read_upto(pos, _SCAN + 8)
