@@ -59,6 +59,7 @@ FUZZ_CASES ?= 300
 GHO_FUZZ_CASES ?= 2000
 fuzz: setup
 	GHO_FUZZ_CASES=$(GHO_FUZZ_CASES) $(BIN)/python -m tests.support.fuzz_gho
+	$(BIN)/python -m tests.support.fuzz_ntfs
 	GHO2KVM_FORCE_TCG=1 GHO2KVM_FUZZ_CASES=$(FUZZ_CASES) $(BIN)/pytest -q tests/test_fuzz_inputs.py
 
 lint: setup

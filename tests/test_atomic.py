@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core import atomic
+from pipeline.core import atomic, paths
 
 # The child writes half of its output through atomic.temporary_path, says where, and waits to be
 # killed. With "handlers" it first installs the signal handlers `gho2kvm migrate` runs under.
@@ -102,7 +102,8 @@ def test_sigkill_mid_write_leaves_no_complete_looking_output(tmp_path: Path, pre
         assert atomic.read_json(final) is None
     else:
         assert final.read_text() == previous
-    assert temps(tmp_path) == [tmp.name]  # the killed writer could not clean up
+    # the killed writer could not clean up: its temp and the temp's owner record are left
+    assert temps(tmp_path) == sorted([tmp.name, tmp.name + ".owner"])
     # the next run cleans the temp of the killed one
     assert atomic.remove_stale_temps(tmp_path, final.name) == [tmp]
     assert temps(tmp_path) == []
@@ -130,6 +131,7 @@ def test_remove_dead_temps_keeps_a_live_writer_and_removes_a_dead_one(tmp_path: 
         # a killed writer's temp moved next to `final`, as a second run of the same output would find it
         moved = tmp_path / dead_tmp.name
         dead_tmp.rename(moved)
+        paths.owner_record(dead_tmp).rename(paths.owner_record(moved))
         assert atomic.remove_dead_temps(final) == [moved]
         assert live_tmp.exists()  # its writer is still running
     finally:
@@ -142,8 +144,11 @@ def test_remove_dead_temps_keeps_a_live_writer_and_removes_a_dead_one(tmp_path: 
 def test_remove_stale_temps_only_touches_temps_of_the_named_output(tmp_path: Path) -> None:
     for name in (".a.json.tmp-1", ".b.json.tmp-2", "a.json", ".hidden", "x.tmp-3"):
         (tmp_path / name).write_text("x")
+    for name in (".a.json.tmp-1", ".b.json.tmp-2"):  # temps gho2kvm made carry an owner record
+        paths.claim_temp(tmp_path / name)
     assert atomic.remove_stale_temps(tmp_path, "a.json") == [tmp_path / ".a.json.tmp-1"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.json.tmp-2", ".hidden", "a.json", "x.tmp-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.json.tmp-2", ".b.json.tmp-2.owner", ".hidden",
+                                                          "a.json", "x.tmp-3"]
     assert atomic.remove_stale_temps(tmp_path / "missing") == []
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core import paths
 from pipeline.gho.errors import MAX_CATALOGUE_ENTRIES, MAX_ENTRIES, WARNINGS_SHOWN
 from tests.support import gho_writer as gw
 from tests.support.fuzz_gho import (
@@ -151,9 +152,11 @@ def test_stale_temps_of_dead_runs_are_removed(tmp_path: Path) -> None:
     other = tmp_path / f".e.raw.tmp-{dead.pid}"  # another output's temp: kept
     for p in (stale, alive, other):
         p.write_bytes(b"x" * 100)
+        paths.claim_temp(p)  # temps gho2kvm made carry an owner record
     rc, _, err, _ = cli(tmp_path, "extract", str(src), str(tmp_path / "d.raw"), "--quiet")
     assert rc == 0, err
     assert not stale.exists() and alive.exists() and other.exists()
+    assert not paths.owner_record(stale).exists()
 
 
 # -- advisory checks: a warning, or a refusal with --strict --------------------------------------------

@@ -461,7 +461,8 @@ def once(xp_raw: Path) -> Iterator[dict[str, Any]]:
         out["killed_ids"] = _run_ids(work)
         out["killed_final"] = receipts.file_stamp(final)
         out["killed_files"] = sorted(p.name for p in work.iterdir())
-        temps = [p for p in images.iterdir() if p.name.startswith(".xp.raw.tmp-")]
+        temps = [p for p in images.iterdir() if p.name.startswith(".xp.raw.tmp-")
+                 and not p.name.endswith(".owner")]  # the temp's owner record is not a temp
         out["killed_temps"] = len(temps)
         out["killed_values"] = (_has(temps[0], ALPHA), _has(temps[0], BRAVO)) if temps else None
         out["plan_killed"] = run_cli(*plan, timeout=300)

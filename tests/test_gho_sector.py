@@ -221,7 +221,7 @@ def test_corrupt_sector_block_removes_temp_output(tmp_path: Path, disk: bytes) -
     out = tmp_path / "o.raw"
     out.write_bytes(b"previous")
     with pytest.raises(GhoError, match=r"^C.GHO: corrupt zlib block at offset \d+ \(partition 2\)"):
-        extract(img, out)
+        extract(img, out, force=True)  # replacing it is asked for; the failure must still keep it
     assert out.read_bytes() == b"previous"  # atomic: the old output is untouched
     assert _leftovers(tmp_path) == ["o.raw"]
 

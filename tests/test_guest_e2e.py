@@ -320,9 +320,9 @@ def test_sata_on_2003_is_refused_at_plan_and_migrate(runs: Runs) -> None:
             "with virtio.drivers")
     p = runs.refused_plan
     assert p is not None
-    assert p.returncode == 1 and f"REFUSED: {line}" in p.stdout, p.stdout
+    assert p.returncode == 2 and f"REFUSED: {line}" in p.stdout, p.stdout
     m = runs.refused_migrate
-    assert m is not None and m.returncode == 1
+    assert m is not None and m.returncode == 2  # refused: bad input (docs/safety.md)
     assert line in m.stdout + m.stderr
     assert "Traceback" not in m.stderr
     # the first step that runs again after the change stops, before anything is written

@@ -210,7 +210,7 @@ def test_failed_step_writes_an_error_record_and_no_receipt(config: Path) -> None
         t.run()
     assert t.receipt() is None and not t.complete()
     record = json.loads(t.error_path.read_text())
-    assert record["step"] == "toy-broken" and record["error"] == "OSError: no space left on device"
+    assert record["step"] == "toy-broken" and record["error"] == "no space left on device"
 
 
 # ------------------------------------------------------------------------------ receipts module
@@ -263,8 +263,10 @@ def test_digest_is_order_independent_and_run_ids_are_unique() -> None:
 
 
 def test_a_killed_runs_receipt_temp_is_removed_by_the_next_run(config: Path) -> None:
+    from pipeline.core import paths
+
     copy, _label = chain(config)
-    copy.image.image_dir.mkdir(parents=True, exist_ok=True)
+    paths.claim_image_dir(copy.image.image_dir, copy.image.id)  # the folder of an earlier run
     left = copy.receipt_path.with_name(f".{copy.receipt_path.name}.tmp-999999")  # killed mid-write
     left.write_text('{"step": "toy-copy", "fingerp')
     assert not copy.complete()

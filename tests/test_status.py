@@ -150,7 +150,8 @@ import luigi, sys
 from pipeline.app import runner
 from pipeline.tasks import chain
 t = chain({str(cfg_path)!r}, "a")[0]
-t.image.image_dir.mkdir(parents=True, exist_ok=True)
+from pipeline.core import paths
+paths.claim_image_dir(t.image.image_dir, t.image.id)  # failure records go only into gho2kvm's folders
 t.trigger_event(luigi.Event.PROCESS_FAILURE, t, "exit code -9")
 print(t.error_path.exists())
 runner.record_failures()

@@ -139,6 +139,8 @@ CHANGES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "boot_check": (30, ("define",)),
     "start": (True, ("define",)),
     "ghost": ({"vmdk_type": "flat"}, ()),  # a disk image source: no ghost-convert
+    "overwrite": (True, ()),  # only whether an existing final disk may be replaced
+    "expect_os": ("any", ()),  # only whether a disk without Windows is refused
 }
 #: not in the table: the image's identity and the folder its receipts live in
 IDENTITY = {"id", "workdir"}

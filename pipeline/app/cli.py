@@ -12,7 +12,7 @@ from pipeline import __version__
 from pipeline.core import log, receipts
 from pipeline.core.choices import Scheduler, values
 from pipeline.core.config import ConfigError, load_config
-from pipeline.core.errors import Gho2KvmError
+from pipeline.core.errors import Gho2KvmError, plain_error
 from pipeline.core.safeio import escape
 from pipeline.tools.run import Terminated, install_signal_handlers
 
@@ -21,8 +21,15 @@ SETTING_FLAGS = ("force_tcg", "scheduler", "scheduler_url")
 
 
 def _load(args: argparse.Namespace):
-    """The config with its settings built once: YAML, then environment, then the flags given."""
-    return load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
+    """The config with its settings built once: YAML, then environment, then the flags given; then
+    the one path rule (docs/safety.md) for every image, before anything runs."""
+    from pipeline.core import paths
+    from pipeline.steps.sources import check_paths
+
+    paths.allow_overwrite(bool(getattr(args, "force", False)))
+    cfg = load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
+    check_paths(cfg)
+    return cfg
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -57,9 +64,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     res = luigi.build([task], local_scheduler=True, workers=1, detailed_summary=True)
     r = task.receipt()
     if not task.complete() or r is None:
-        err = (receipts.read(task.error_path) or {}).get("error")
+        record = receipts.read(task.error_path) or {}
+        err = record.get("error")
         print(escape(err, 2000) if err else f"inspect failed ({res.status.name})", file=sys.stderr)
-        return 1
+        return 2 if record.get("refused") else 1
     print(json.dumps(r["result"], indent=2))
     return 0
 
@@ -70,8 +78,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     text = plan_text(cfg, only=args.image or None)
     print(text)
-    # a refusal found from the inspect facts: the migration would stop at registry-merge
-    return 1 if any(line.startswith("REFUSED: ") for line in text.splitlines()) else 0
+    # a refusal found from the inspect facts: the migration would stop at registry-merge (exit 2, as
+    # every refusal)
+    return 2 if any(line.startswith("REFUSED: ") for line in text.splitlines()) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -99,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser, image_required: bool = False) -> None:
         sp.add_argument("--config", "-c", required=True, type=Path, help="YAML config file")
         sp.add_argument("--image", "-i", required=image_required, default="", help="only this image id")
+        sp.add_argument("--force", action="store_true",
+                        help="replace an existing final disk gho2kvm did not make (as overwrite: true)")
 
     def with_force_tcg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--force-tcg", action="store_true", default=None,
@@ -160,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a file the system refused: named, in its words (no traceback, no class name)
+        print(f"error: {plain_error(e)}", file=sys.stderr)
+        return 1
     except Terminated as e:
         print(f"{e}; re-run the same command to resume", file=sys.stderr)
         return 128 + e.signum

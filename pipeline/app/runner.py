@@ -1,7 +1,8 @@
 """Run the pipeline with luigi; turn the result into an exit code and a summary table.
 
-- exit 0 when every selected image is done, 1 when any failed or was not reached (config and usage
-  errors exit 2 from :mod:`pipeline.app.cli` before anything runs);
+- exit 0 when every selected image is done, 2 when every image that is not done was refused for bad
+  input (a step's ``InputError``), 1 when any failed otherwise or was not reached (config, path-rule
+  and usage errors exit 2 from :mod:`pipeline.app.cli` before anything runs);
 - the summary names, per image, the last step reached, the status, the seconds spent in this run,
   the steps this run executed, the boot check's verdict and the error (``<step>: <message>``);
 - failures luigi sees outside ``ImageTask.run`` (a worker process killed, a dependency found
@@ -49,6 +50,7 @@ class ImageStatus:
     error: str  # "<step>: <message>" when failed
     ran: list[str] = field(default_factory=list)  # steps executed by this run
     boot: str = "-"  # the boot check's verdict (``prompt 24.3s``), "-" without one
+    refused: bool = False  # failed on bad input (an InputError): the run exits 2
 
 
 def run_log_path(cfg: Config) -> Path:
@@ -105,7 +107,16 @@ def migrate(cfg: Config, *, image: str | None = None, workers: int = 1) -> int:
                 steps_run=sum(len(s.ran) for s in statuses),
                 failed=[s.image_id for s in statuses if s.status == "failed"],
                 pending=[s.image_id for s in statuses if s.status == "pending"], luigi=result.status.name)
-    return 0 if ok else 1
+    return 0 if ok else exit_code(statuses)
+
+
+def exit_code(statuses: list[ImageStatus]) -> int:
+    """0 when every image is done; 2 when every image that is not done was refused for bad input
+    (docs/safety.md: refusals exit 2 in every command); else 1."""
+    open_ = [s for s in statuses if s.status != "done"]
+    if not open_:
+        return 0
+    return 2 if all(s.status == "failed" and s.refused for s in open_) else 1
 
 
 # ---------------------------------------------------------------------------------------------- luigid
@@ -148,7 +159,11 @@ def reenable_disabled(url: str, cfg: Config, only: str | None = None) -> list[st
 
 
 def _record_failure(task: ImageTask, message: str, *, always: bool) -> None:
+    from pipeline.core import paths
+
     try:
+        if not paths.owns_folder(task.error_path.parent):
+            return  # never into a folder gho2kvm did not make (docs/safety.md)
         old = receipts.read(task.error_path)
         if not always and old is not None and old.get("error") == message:
             return  # ImageTask.run recorded it already, with its timing
@@ -196,6 +211,7 @@ def summarize(cfg: Config, only: str | None = None,
     out = []
     for img, steps in image_chains(cfg, only):
         last, status, error, duration, ran = "-", "pending", "", 0.0, []
+        refused = False
         statuses = chain_status(steps)
         for st in statuses:
             r = st.receipt
@@ -209,12 +225,13 @@ def summarize(cfg: Config, only: str | None = None,
             if st.error is not None:  # the step that failed is the last one reached
                 last, status, error = st.step, "failed", f"{st.step}: {st.error.get('error', '')}"
                 duration += float(st.error.get("duration_s") or 0)
+                refused = bool(st.error.get("refused"))
             break
         else:
             status = "done"
         define = steps[-1]
         boot = screen.short(screen.recorded(define.receipt(), receipts.read(define.error_path)))
-        out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran, boot))
+        out.append(ImageStatus(img.id, last, status, round(duration, 1), error, ran, boot, refused))
     return out
 
 

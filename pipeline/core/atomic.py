@@ -1,7 +1,8 @@
 """Atomic outputs: write under a temp name in the same folder, rename at the end.
 
-A half-written artifact never looks complete; temp names start with ``.`` and contain ``.tmp-`` so
-that :func:`remove_stale_temps` can clean up after a killed run.
+A half-written artifact never looks complete; temp names start with ``.`` and contain ``.tmp-``; a temp
+carries an owner record (:func:`pipeline.core.paths.claim_temp`), so :func:`remove_stale_temps` cleans up
+after a killed run and never deletes a file of the same name it did not make.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.core import paths
+from pipeline.core.errors import InputError
 
 TMP_MARK = ".tmp-"
 
@@ -25,15 +29,35 @@ def temporary_path(final: Path) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success fsync + rename, on error remove it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
-    _unlink(tmp)
+    if os.path.lexists(tmp):
+        if not paths.temp_is_ours(tmp):
+            raise InputError(f"{final}: a file gho2kvm did not make is in the way of its temp ({tmp.name}); "
+                             "refused: move it away")
+        _unlink(tmp)
+    paths.claim_temp(tmp)
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(final.parent)
-    except BaseException:
+    except BaseException as e:
         _unlink(tmp)
+        _name_the_final(e, tmp, final)
         raise
+    finally:
+        paths.release_temp(tmp)
+
+
+def _name_the_final(e: BaseException, tmp: Path, final: Path) -> None:
+    """A message a person reads names the output, never gho2kvm's internal temp name."""
+    if isinstance(e, OSError):
+        if e.filename is not None and str(e.filename) == str(tmp):
+            e.filename = str(final)
+        if e.filename2 is not None and str(e.filename2) == str(tmp):
+            e.filename2 = str(final)
+    message = getattr(e, "message", None)
+    if isinstance(message, str) and tmp.name in message:
+        e.message = message.replace(str(tmp), str(final)).replace(tmp.name, final.name)  # type: ignore[attr-defined]
 
 
 def fsync_path(path: Path) -> None:
@@ -67,16 +91,41 @@ def read_json(path: Path) -> Any | None:
 
 
 def remove_stale_temps(folder: Path, stem: str | None = None) -> list[Path]:
-    """Remove temp files left by killed runs (optionally only those for artifact ``stem``)."""
+    """Remove temp files left by killed runs (optionally only those for artifact ``stem``): only temps
+    gho2kvm made (:func:`pipeline.core.paths.temp_is_ours`), never a file that only looks like one."""
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         name = entry.name
-        if name.startswith(".") and TMP_MARK in name and (stem is None or name.startswith(f".{stem}")):
-            _unlink(entry)
+        if not (name.startswith(".") and TMP_MARK in name and (stem is None or name.startswith(f".{stem}"))):
+            continue
+        if name.endswith(paths.OWNER_SUFFIX):
+            continue  # removed with its temp, or below when the temp is gone
+        if paths.temp_is_ours(entry) and not entry.is_symlink():
+            _remove_temp(entry)
             removed.append(entry)
+    _orphan_records(folder, stem)
     return removed
+
+
+def _remove_temp(entry: Path) -> None:
+    if entry.is_dir():
+        return
+    _unlink(entry)
+    paths.release_temp(entry)
+
+
+def _orphan_records(folder: Path, stem: str | None) -> None:
+    """Owner records whose temp is gone (the temp renamed into place by a run killed right after)."""
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            name = entry.name
+            if name.startswith(".") and TMP_MARK in name and name.endswith(paths.OWNER_SUFFIX) and \
+                    (stem is None or name.startswith(f".{stem}")):
+                tmp = entry.with_name(name[:-len(paths.OWNER_SUFFIX)])
+                if not os.path.lexists(tmp) and paths.temp_is_ours(tmp):
+                    _unlink(entry)
 
 
 def remove_dead_temps(final: Path) -> list[Path]:
@@ -101,8 +150,8 @@ def remove_dead_temps(final: Path) -> list[Path]:
             pass
         except OSError:
             continue  # exists, not ours
-        if not entry.is_symlink() and entry.is_file():
-            _unlink(entry)
+        if not entry.is_symlink() and entry.is_file() and paths.temp_is_ours(entry):
+            _remove_temp(entry)
             removed.append(entry)
     return removed
 

@@ -151,6 +151,9 @@ class ImageConfig:
     boot_check: BootCheck = field(default_factory=BootCheck)
     start: bool = False
     ghost: GhostConfig = field(default_factory=GhostConfig)
+    # docs/safety.md: replace an existing final disk gho2kvm did not make; what the disk must hold
+    overwrite: bool = field(default=False, metadata=RUNTIME)
+    expect_os: str = "windows"  # windows | any ("os unknown" fails the image unless any)
 
     @property
     def domain_name(self) -> str:
@@ -450,6 +453,8 @@ IMAGE_RULES: dict[str, Any] = {
     "autostart": _bool,
     "boot_check": _boot_check,
     "start": _bool,
+    "overwrite": _bool,
+    "expect_os": _regex(re.compile(r"^(windows|any)\Z"), "windows or any"),
 }
 GHOST_RULES: dict[str, Any] = {
     "backend": _choice(GhostBackend),

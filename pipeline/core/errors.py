@@ -84,3 +84,16 @@ class TransientError(Gho2KvmError):
     """A failure worth retrying later (e.g. libvirt daemon unreachable)."""
 
     transient = True
+
+
+def plain_error(e: BaseException) -> str:
+    """One line for an exception that is not one of ours, in words a person reads: an OSError names
+    its file and what the system said (``/x/y: No space left on device``), never a Python class name."""
+    import errno as _errno
+
+    if isinstance(e, OSError):
+        what = e.strerror or (str(e) if not e.errno else _errno.errorcode.get(e.errno, "")) or "error"
+        files = " → ".join(str(f) for f in (e.filename, e.filename2) if f)
+        return escape(f"{files}: {what}" if files else what, 4000)
+    # not a failure of the input or the system: a defect, named as such (its class tells the developer)
+    return escape(f"{type(e).__name__}: {' '.join(as_text(e).split())}", 4000)

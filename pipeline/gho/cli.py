@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import atomic
+from pipeline.core import atomic, space
 from pipeline.core.choices import DiskFormat, values
-from pipeline.core.errors import Gho2KvmError, InputError
+from pipeline.core.errors import Gho2KvmError, InputError, escape, plain_error
 from pipeline.core.settings import password_from_env
 from pipeline.gho.errors import GhoError
 from pipeline.gho.extract import OpenDisk, extract
@@ -59,6 +61,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     help="output format (default: qcow2 for a .qcow2 name, else raw)")
     px.add_argument("--password-env", metavar="VAR", help="environment variable holding the password")
     px.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    px.add_argument("--force", action="store_true", help="replace an existing output file")
     px.add_argument("--strict", action="store_true",
                     help="refuse advisory mismatches (checksums, catalogue, header copies), do not warn")
     px.set_defaults(func=cmd_extract)
@@ -72,12 +75,21 @@ def _password(args: argparse.Namespace) -> str | None:
         raise GhoError(f"{args.file}: {e.message}") from None
 
 
-def _fail(e: BaseException) -> int:
+def _fail(e: BaseException, out: str | None = None, written: int | None = None) -> int:
     if isinstance(e, Gho2KvmError):
         print(f"error: {e.one_line()}", file=sys.stderr)
-        return EXIT_INPUT if isinstance(e, GhoError) else EXIT_FAIL
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_INPUT if isinstance(e, (GhoError, InputError)) else EXIT_FAIL
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and out is not None:
+        free = space.free_bytes(Path(os.path.abspath(out)).parent)
+        print(f"error: {escape(out, 300)}: no space left on the device ({_needed(written)}"
+              f"{free if free is not None else '?'} bytes free)", file=sys.stderr)
+        return EXIT_FAIL
+    print(f"error: {plain_error(e)}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _needed(written: int | None) -> str:
+    return f"the disk needs more than the {written} bytes written so far, " if written else ""
 
 
 def _size(n: int | None) -> str:
@@ -125,8 +137,10 @@ def _opener(args: argparse.Namespace) -> OpenDisk:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     last = [-1]
+    written = [0]
 
     def progress(done: int, total: int) -> None:
+        written[0] = done
         pct = done * 100 // total if total else 100
         if pct != last[0] and not args.quiet:
             last[0] = pct
@@ -136,11 +150,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         with _terminate_as_interrupt():
             atomic.remove_dead_temps(Path(args.out))
             result = extract(args.file, args.out, password=_password(args), progress=progress,
-                             strict=args.strict, open_disk=_opener(args))
+                             strict=args.strict, open_disk=_opener(args), force=args.force)
     except (Gho2KvmError, OSError) as e:
         if last[0] >= 0 and not args.quiet:
             print(file=sys.stderr)
-        return _fail(e)
+        return _fail(e, args.out, written[0])
     except KeyboardInterrupt:
         if last[0] >= 0 and not args.quiet:
             print(file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -129,37 +128,26 @@ def _tables(img: Image, vols: list[Volume], places: list[Placement], mbr: bytes 
                        f"{v.hidden_sectors}, size {-(-(v.size or 0) // SECTOR)} sectors") from None
 
 
-def check_output(out: Path, inputs: list[Path], name: str) -> None:
-    """Refuse an output that would replace the user's files: the image itself or one of its spans (same
-    inode, through symlinks and hard links too), or anything that exists and is not a regular file (a
-    device node, a folder, a FIFO). Runs before any work starts."""
-    if not out.parent.is_dir():
-        raise GhoError(f"{name}: output folder {out.parent} does not exist")
+def check_output(out: str | Path, inputs: list[Path], name: str, *, force: bool = False) -> None:
+    """Refuse an output that would replace the user's files (the one path rule,
+    :func:`pipeline.core.paths.check_output`): the image or one of its spans (by realpath and inode),
+    a folder (or a name ending in ``/``), an existing file unless ``force``, anything not a regular file.
+    Runs before any work starts."""
+    from pipeline.core.paths import PathRefused
+    from pipeline.core.paths import check_output as rule
+
     try:
-        st = os.stat(out)
-    except FileNotFoundError:
-        st = None
-    except OSError as e:
-        raise GhoError(f"{name}: cannot use output {out}: {e.strerror}") from None
-    if st is not None:
-        if stat.S_ISDIR(st.st_mode):
-            raise GhoError(f"{name}: output {out} is a directory; give the path of the raw disk to write")
-        if not stat.S_ISREG(st.st_mode):
-            raise GhoError(f"{name}: output {out} exists and is not a regular file (device, FIFO or "
-                           "socket); refusing to replace it")
-        for src in inputs:
-            with contextlib.suppress(OSError):
-                s2 = os.stat(src)
-                if (s2.st_dev, s2.st_ino) == (st.st_dev, st.st_ino):
-                    raise GhoError(f"{name}: output {out} is the image file {src.name} itself; "
-                                   "choose another output path")
-    if out.is_symlink() and st is None:
+        rule(str(out), inputs, force=force)
+    except PathRefused as e:
+        raise GhoError(f"{name}: {e.lines[0]}") from None
+    if os.path.islink(out) and not os.path.exists(out):
         raise GhoError(f"{name}: output {out} is a dangling symbolic link; refusing to replace it")
 
 
 def extract(path: str | Path, out_path: str | Path, *, password: str | None = None,
             progress: Progress | None = None, strict: bool = False,
-            open_disk: OpenDisk = raw_file, threads: int | None = None) -> ExtractResult:
+            open_disk: OpenDisk = raw_file, threads: int | None = None,
+            force: bool = False) -> ExtractResult:
     """Rebuild the disk held by the image at ``path`` as ``out_path`` (a sparse raw file, or what
     ``open_disk`` makes).
 
@@ -169,7 +157,7 @@ def extract(path: str | Path, out_path: str | Path, *, password: str | None = No
     """
     out = Path(out_path)
     with Image(path, strict=strict, threads=threads) as img:
-        check_output(out, img.stream.paths, img.name)
+        check_output(out_path, img.stream.paths, img.name, force=force)
         img.unlock(password)
         layout = img.layout
         for sec in layout.sections:

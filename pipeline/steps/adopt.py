@@ -63,7 +63,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import atomic, receipts
+from pipeline.core import atomic, paths, receipts
 from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
 from pipeline.steps.ghost_convert import NATIVE_FORMATS
@@ -159,6 +159,9 @@ def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path 
     assert out is not None
     disk = Path(out["path"])
     final = image.final_disk
+    from pipeline.steps.sources import final_disk_free
+
+    final_disk_free(image.id, image.image_dir, final, image.overwrite, STEP)
     atomic.remove_stale_temps(final.parent, final.name)
     timings: dict[str, float] = {}
     ino = os.stat(disk).st_ino
@@ -177,6 +180,7 @@ def adopt_disk(image: ImageConfig, ghost_receipt: dict[str, Any], overlay: Path 
                 timings["verify_seconds"] = round(time.monotonic() - t0, 2)
         if committed is not None:
             committed()
+        paths.record_output(image.image_dir, final, tmp)  # the final disk is gho2kvm's (its inode)
     if progress:
         progress(100.0)
     return {"input": str(overlay or disk), "input_format": "qcow2" if overlay is not None else fmt,

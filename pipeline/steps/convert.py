@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core import atomic, log
+from pipeline.core import atomic, log, paths, space
 from pipeline.core.choices import Step
-from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
+from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM, JsonRecord
 from pipeline.tools import qemu_img
 
 STEP = Step.CONVERT
@@ -38,6 +38,8 @@ class ConvertInput:
     src_format: str = field(default="raw", metadata=UPSTREAM)
     base: Path | None = field(default=None, metadata=UPSTREAM)
     base_format: str = field(default="raw", metadata=UPSTREAM)
+    image_dir: Path | None = field(default=None, metadata=RUNTIME)  # its marker records the final disk
+    overwrite: bool = field(default=False, metadata=RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,15 @@ class ConvertResult(JsonRecord):
 def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None = None) -> ConvertResult:
     final = inp.final_disk
     src, src_fmt = inp.src, inp.src_format
+    if inp.image_dir is not None:
+        from pipeline.steps.sources import final_disk_free
+
+        final_disk_free(inp.image_id, inp.image_dir, final, inp.overwrite, STEP)
     final.parent.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(final.parent, final.name)
+    copy_from, copy_fmt = (inp.base, inp.base_format) if inp.base is not None else (src, src_fmt)
+    needed = qemu_img.needed_bytes(copy_from, copy_fmt, image_id=inp.image_id, step=STEP)
+    space.require(final, needed, image_id=inp.image_id, step=STEP)  # before the copy, not half-way
     last = [-10.0]
 
     def on_progress(pct: float) -> None:
@@ -75,8 +84,7 @@ def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None 
 
     verify_s: float | None = None
     commit_s: float | None = None
-    copy_from, copy_fmt = (inp.base, inp.base_format) if inp.base is not None else (src, src_fmt)
-    with atomic.temporary_path(final) as tmp:
+    with atomic.temporary_path(final) as tmp, space.named(final, needed, image_id=inp.image_id, step=STEP):
         t0 = time.monotonic()
         share = 95.0 if inp.base is not None else 100.0  # the commit's part of the progress
         qemu_img.convert(copy_from, copy_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP,
@@ -91,6 +99,8 @@ def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None 
             t0 = time.monotonic()
             qemu_img.compare(src, src_fmt, tmp, inp.format, image_id=inp.image_id, step=STEP)
             verify_s = round(time.monotonic() - t0, 2)
+        if inp.image_dir is not None:
+            paths.record_output(inp.image_dir, final, tmp)  # the final disk is gho2kvm's (its inode)
         t0 = time.monotonic()  # leaving the block: fsync of the temp, rename, fsync of the folder
     return ConvertResult(input=src, input_format=src_fmt, output=final, format=inp.format,
                          verified=inp.verify, qemu_img_version=qemu_img.version(), convert_seconds=convert_s,

@@ -54,6 +54,8 @@ class InspectInput:
     force_tcg: bool = field(default=False, metadata=RUNTIME)
     #: where the appliance launch log and the hand-over to registry-merge live (None: no sharing)
     image_dir: Path | None = field(default=None, metadata=RUNTIME)
+    #: ``windows``: a disk without a Windows system fails the image (config ``expect_os``); ``any``
+    expect_os: str = field(default="windows", metadata=RUNTIME)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,11 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
         facts.update(vmdk_safety(source, image_id))
     elif fmt == "qcow2":
         qcow2_safety(source, image_id)
+    size = os.path.getsize(source)
+    if fmt == "raw" and size % 512:
+        raise InputError(f"{source}: raw image size {size} is not a multiple of 512; truncated?",
+                         image_id=image_id, step=STEP)
+    source_claims_check(source, fmt, image_id)
     info = qemu_img.info(source, image_id=image_id, step=STEP, fmt=fmt)
     backing = info.get("backing-filename") or info.get("full-backing-filename")
     data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
@@ -184,10 +191,9 @@ def disk_facts(source: Path, image_id: str | None, fmt: str | None = None) -> di
     if data_file:
         raise InputError(f"{source}: qcow2 has an external data file {data_file!r}; refused",
                          image_id=image_id, step=STEP)
-    size = os.path.getsize(source)
-    if fmt == "raw" and size % 512:
-        raise InputError(f"{source}: raw image size {size} is not a multiple of 512; truncated?",
-                         image_id=image_id, step=STEP)
+    if int(info.get("virtual-size") or 0) < 2 * 512:
+        raise InputError(f"{escape(source, 300)}: virtual size {info.get('virtual-size')} bytes: too small "
+                         "for a disk; refused", image_id=image_id, step=STEP)
     check = qemu_img.check(source, fmt, image_id=image_id, step=STEP)
     facts.update({
         "virtual_size": info["virtual-size"],
@@ -371,8 +377,51 @@ def inspect_image(inp: InspectInput) -> InspectFacts:
     source, image_id = inp.disk, inp.image_id
     facts: dict[str, Any] = {"image_id": image_id, "source": str(source)}
     facts.update(disk_facts(source, image_id, inp.fmt))
+    if inp.expect_os == "windows":
+        blank_disk_check(source, facts, image_id)
     appliances = Appliances(inp.image_dir) if inp.image_dir is not None else None
     facts.update(guest_facts(source, facts["format"], image_id, force_tcg=inp.force_tcg,
                              appliances=appliances))
+    if inp.expect_os == "windows":
+        expected_os_check(source, facts, image_id)
     facts["qemu_img_version"] = qemu_img.version()
     return InspectFacts.from_dict(facts)
+
+
+def source_claims_check(source: Path, fmt: str, image_id: str | None) -> None:
+    """A source that cannot be the disk it claims to be is refused from its own bytes, before any
+    tool opens it (:func:`pipeline.steps.sources.source_problem`): empty, too small, differencing
+    VHD/VHDX, sparse VMDK tables or streamOptimized grains past the end, flat extents too short."""
+    from pipeline.steps.sources import extents_problem, source_problem
+
+    problem = source_problem(source, fmt) or (extents_problem(source) if fmt == "vmdk" else None)
+    if problem:
+        raise InputError(f"{escape(source, 300)}: {problem}; refused", image_id=image_id, step=STEP)
+
+
+def blank_disk_check(source: Path, facts: dict[str, Any], image_id: str | None) -> None:
+    """A raw disk whose first MiB is all zeros (no boot sector, no partition table) holds no Windows:
+    refused before an appliance is launched (``expect_os: any`` accepts it)."""
+    if facts.get("format") != "raw":
+        return
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        head = os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+    if not head.strip(b"\0"):
+        raise InputError(f"{escape(source, 300)}: the disk's first {len(head)} bytes are all zeros "
+                         f"(no partition "
+                         "table, no boot sector): no Windows to migrate; refused (set expect_os: any to "
+                         "migrate it anyway)", image_id=image_id, step=STEP)
+
+
+def expected_os_check(source: Path, facts: dict[str, Any], image_id: str | None) -> None:
+    """``os unknown`` on a disk that should hold Windows and cannot hold any system (no partition
+    table: blank, or a bare file system) fails the image with one line. A partitioned disk without a
+    recognised system goes on, registry-merge skipped with a warning (a data disk)."""
+    if facts.get("os") == "windows" or facts.get("os_type") or facts.get("partition_table") != "none":
+        return
+    raise InputError(f"{escape(source, 300)}: no Windows found on the disk (os unknown, no partition "
+                     "table); refused (set expect_os: any to migrate a disk without Windows)",
+                     image_id=image_id, step=STEP)

@@ -31,7 +31,7 @@ import luigi
 from pipeline import __version__
 from pipeline.core import atomic, log, receipts
 from pipeline.core.config import Config, ImageConfig, load_config
-from pipeline.core.errors import Gho2KvmError, InputError
+from pipeline.core.errors import Gho2KvmError, InputError, plain_error
 from pipeline.core.receipts import Outcome, R, Receipt
 from pipeline.core.settings import Settings
 
@@ -227,8 +227,12 @@ class ImageTask(luigi.Task, Generic[R]):
         return fingerprint
 
     def run(self) -> None:
+        from pipeline.steps import sources
+
         image = self.image
-        image.image_dir.mkdir(parents=True, exist_ok=True)
+        # the one path rule again (the config was checked before the run; things may have changed),
+        # then <workdir>/<id>/ made with gho2kvm's marker: nothing is written before this
+        sources.claim(self.config, image, self.step)
         # One step of one image runs in one process at a time, also with several `gho2kvm migrate`
         # processes or luigid handing a task out again after a worker's stale completeness check:
         # wait for the step's lock, re-check, and skip the work if another worker just finished it.
@@ -256,7 +260,8 @@ class ImageTask(luigi.Task, Generic[R]):
             duration = round(time.monotonic() - t0, 2)
             msg = error_line(e)
             record = {"step": self.step, "image_id": image.id, "error": msg, "started": started,
-                      "finished": now_iso(), "duration_s": duration}
+                      "finished": now_iso(), "duration_s": duration,
+                      "refused": isinstance(e, InputError)}  # bad input: the CLI exits 2
             details = getattr(e, "details", None)  # e.g. a failed boot check's verdict
             if isinstance(details, dict):
                 record["details"] = details
@@ -296,7 +301,7 @@ def _report(image_id: str, step: str, event: str, percent: float | None = None,
 
 def error_line(e: BaseException) -> str:
     """The one-line error a failed step records in ``<step>.error.json``."""
-    return e.one_line() if isinstance(e, Gho2KvmError) else f"{type(e).__name__}: {e}"
+    return e.one_line() if isinstance(e, Gho2KvmError) else plain_error(e)
 
 
 @contextlib.contextmanager

@@ -88,10 +88,10 @@ class Inspect(ImageTask[InspectFacts]):
         img = self.image
         if self.upstream() is None:
             return InspectInput(disk=img.source, image_id=img.id, force_tcg=self.force_tcg,
-                                image_dir=img.image_dir)
+                                image_dir=img.image_dir, expect_os=img.expect_os)
         made = self.upstream_result(GhostConvert)
         return InspectInput(disk=made.disk, image_id=img.id, fmt=made.disk_format, force_tcg=self.force_tcg,
-                            image_dir=img.image_dir)
+                            image_dir=img.image_dir, expect_os=img.expect_os)
 
     def fingerprint(self) -> dict[str, Any]:
         from pipeline.steps import adopt
@@ -162,7 +162,8 @@ class Convert(ImageTask[ConvertResult]):
         disk, overlay = Path(facts.source), merged.overlay  # with an overlay: copy the disk, commit it
         return ConvertInput(image_id=img.id, final_disk=img.final_disk, format=img.format, verify=img.verify,
                             src=overlay or disk, src_format="qcow2" if overlay else facts.format,
-                            base=disk if overlay else None, base_format=facts.format)
+                            base=disk if overlay else None, base_format=facts.format,
+                            image_dir=img.image_dir, overwrite=img.overwrite)
 
     def execute(self) -> Outcome[ConvertResult]:
         ghost = self.upstream_task(GhostConvert)

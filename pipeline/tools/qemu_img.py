@@ -171,3 +171,9 @@ def compare_onto(overlay: Path, base: Path, base_fmt: str, *, image_id: str | No
                             image_id=image_id, step=step)
         done += length
     return done
+
+
+def needed_bytes(path: Path, fmt: str, *, image_id: str | None, step: str) -> int:
+    """The bytes a copy of ``path`` needs at most on the output's filesystem (its allocated size)."""
+    data = info(path, image_id=image_id, step=step, fmt=fmt)
+    return int(data.get("actual-size") or 0)

@@ -319,7 +319,9 @@ def vmdk_case(cls: str, rnd: random.Random, folder: Path) -> tuple[Path, str]:
 
 CONFIG_CLASSES = ("config-keys", "config-nesting", "config-encoding", "config-odd-yaml", "config-alias-bomb",
                   "config-special", "config-ids", "config-mutation")
-CLASSES = (*CONFIG_CLASSES, "reg-files", "vmdk-header", "vmdk-descriptor")
+#: docs/safety.md: the one path rule, sources that cannot be what they claim, what a person reads
+SAFETY_CLASSES = ("path-overlap", "path-owner", "source-lies", "extract-output", "messages")
+CLASSES = (*CONFIG_CLASSES, "reg-files", "vmdk-header", "vmdk-descriptor", *SAFETY_CLASSES)
 
 
 def one_case(cls: str, rnd: random.Random, tmp: Path) -> str | None:
@@ -331,6 +333,13 @@ def one_case(cls: str, rnd: random.Random, tmp: Path) -> str | None:
     single = True
     if cls.startswith("vmdk-"):
         return vmdk_check(cls, rnd, src)
+    if cls in SAFETY_CLASSES:
+        try:
+            from tests.support import fuzz_safety
+        except ImportError:  # run as a script without the repo root on the path: its own folder
+            import fuzz_safety  # type: ignore[no-redef]
+
+        return fuzz_safety.one_case(cls, rnd, tmp)
     disk = src / "disk.vmdk"
     disk.write_text(DESC.format(ctype="monolithicFlat", extents='RW 8 FLAT "disk-flat.vmdk" 0', ddb=""))
     (src / "disk-flat.vmdk").write_bytes(bytes(4096))

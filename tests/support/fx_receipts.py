@@ -46,9 +46,15 @@ def stand_in(task: ImageTask[Any], facts: InspectFacts) -> receipts.StepResult:
 def write_chain(config: Path, image_id: str, *, facts: InspectFacts = XP_FACTS,
                 until: str | None = None) -> list[ImageTask[Any]]:
     """Write a receipt for every step of ``image_id`` (up to and including ``until``), in order."""
+    from pipeline.core import paths
+
     tasks = chain(str(config), image_id)
     for t in tasks:
-        t.image.image_dir.mkdir(parents=True, exist_ok=True)
+        folder = t.image.image_dir  # as an earlier run made it: with gho2kvm's marker
+        folder.mkdir(parents=True, exist_ok=True)
+        if not paths.owns_folder(folder):
+            (folder / paths.MARKER).write_text(f'{{"made_by": "{paths.MADE_BY}", "image_id": "{t.image.id}", '
+                                               '"outputs": {}}')
         result = stand_in(t, facts)
         r = Receipt(step=t.step, image_id=image_id, run_id=receipts.new_run_id(), started="", finished="",
                     duration_s=0.0, fingerprint=t.fingerprint(), outputs={}, bytes_read=0, bytes_written=0,

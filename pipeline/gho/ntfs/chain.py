@@ -326,10 +326,16 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
     """Boot-sector copy, chain start, framing, cipher rule and chain end of one NTFS section."""
     where = f"{walker.name}: partition {sec.index + 1} (NTFS, header at offset {sec.header_offset})"
     area = sec.body_start
+    # the scan for the chain start never crosses the next partition header (nor the trailer, ``limit``):
+    # a damaged checksum packet must not make one section swallow the next
     scan_end = min(limit, area + CHAIN_SCAN_LIMIT)
     pos = area
     comp0 = decoder.compression == COMP_NONE
     while pos < scan_end:
+        window = min(scan_end, pos + _SCAN + 16)
+        hdr = _next_header(walker, pos, window)  # chunk by chunk: nothing past a header is looked at
+        if hdr < window:
+            scan_end = hdr
         chunk = walker.stream.read_upto(pos, _SCAN + 16)
         j = chunk.find(b"\x0a")
         while j != -1 and j < _SCAN and pos + j < scan_end:
@@ -353,6 +359,22 @@ def locate(walker: Walker, sec: Section, limit: int, decoder: BlockDecoder, seed
     hint = " (the image is password-protected: give the password)" if locked else ""
     raise GhoError(f"{where}: NTFS section, layout not understood: no block chain start (a checksum packet "
                    f"followed by an ID packet) within {scan_end - area} bytes of offset {area}{hint}")
+
+
+def _next_header(walker: Walker, start: int, end: int) -> int:
+    """The offset of the first partition header in [start, end), else ``end`` (1 MiB at a time)."""
+    pos = start
+    while pos < end:
+        chunk = walker.stream.read_upto(pos, _SCAN + 8)
+        j = chunk.find(b"\xfe\xef")
+        while j != -1 and j < _SCAN and pos + j < end:
+            if walker.part_header_at(pos + j) is not None:
+                return pos + j
+            j = chunk.find(b"\xfe\xef", j + 1)
+        if len(chunk) <= _SCAN:
+            break
+        pos += _SCAN
+    return end
 
 
 def _finish(walker: Walker, where: str, area: int, c: int, framed: bool, rule: str | None, limit: int,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.gho.codecs import BlockDecoder
+from pipeline.gho.ntfs import crosscheck
 from pipeline.gho.ntfs.chain import (
     CHK_LEN,
     ID_DATA,
@@ -80,6 +81,10 @@ class Summary:
     special: dict[int, Attribute] = field(default_factory=dict)  # unnamed $DATA of records 1, 2, 6
     boot_stored: bytes | None = None  # first sector of the data stored at LCN 0
     warnings: list[str] = field(default_factory=list)
+    #: what each usable stored record copy says, checked against the rebuilt $MFT (crosscheck)
+    copies: dict[int, crosscheck.RecordFacts] = field(default_factory=dict)
+    #: every placed run (LCN, count, record), checked against a stored $Bitmap (crosscheck)
+    placed: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class Intervals:
@@ -188,6 +193,7 @@ class NtfsSection:
             raise chain.fail("no MFT record in the packet stream")
         if sm.overlaps:
             sm.warnings.append(f"{sm.overlaps} stored runs overlap earlier ones; the later copy was kept")
+        crosscheck.check_boot_copies(self.where, self.geometry, sm.boot_stored)
         self.summary = sm
         return sm
 
@@ -217,6 +223,7 @@ class NtfsSection:
                 sm.warnings.append(f"the copy announced as MFT record {n} says it is record {own}")
         if fr is not None:
             self._count(sm, fr)
+            sm.copies[n] = crosscheck.facts_of(fr)
             expected: list[Attribute] | None = fr.nonresident()
         else:
             expected = self._from_mft(sm, n, out, base)
@@ -293,6 +300,8 @@ class NtfsSection:
                 sm.runs_heuristic += 1
             else:
                 sm.runs_deterministic += 1
+            crosscheck.check_run_inside(self.where, n, f"{label} run {idx}", run.lcn, c, self.geometry)
+            sm.placed.append((run.lcn, c, n))
             if written.add(run.lcn, run.lcn + c):
                 sm.overlaps += 1
             self._data(chain, sm, run.lcn * k, c * k, out, base)
@@ -403,6 +412,7 @@ class NtfsSection:
         sm = self.walk(out, base, progress)
         geo = self.geometry
         disk = out.disk
+        self._crosscheck(sm, disk, base)
         self.warnings = list(sm.warnings)
         boot = bytearray(self.layout.boot)
         if sm.boot_stored is None:
@@ -434,6 +444,48 @@ class NtfsSection:
         for n, name in sorted(sm.skipped_names.items()):
             self.warnings.append(f"{name} (MFT record {n}): data not stored in the image, reads as zeros")
         return sm
+
+    def _crosscheck(self, sm: Summary, disk: Disk, base: int) -> None:
+        """What the section says twice must agree (:mod:`pipeline.gho.ntfs.crosscheck`)."""
+
+        def read_mft(n: int) -> FileRecord | None:
+            raw = self._mft_read(sm, disk, base, n)
+            if not raw or raw[:4] != b"FILE":
+                return None
+            return parse_record(apply_fixups(raw), n)
+
+        crosscheck.check_copies(self.where, sm.copies, read_mft)
+        crosscheck.check_boot_vs_mft(self.where, self.geometry, read_mft)
+        if REC_BITMAP in sm.special:  # rebuilt from the $MFT: consistent with it by construction
+            crosscheck.check_bitmap_size(self.where, self.geometry, sm.special[REC_BITMAP])
+            return
+        rec = read_mft(REC_BITMAP)
+        bitmap = rec.find(AT_DATA) if rec is not None else None
+        if bitmap is None or bitmap.resident:
+            return
+        crosscheck.check_bitmap_size(self.where, self.geometry, bitmap)
+        # every run of every in-use record of the rebuilt $MFT (those placed from the stream and those
+        # whose data was not stored, such as $MFTMirr's) must lie on clusters the stored $Bitmap uses
+        claimed = [(r.lcn, r.count, fr.number) for fr in self.mft_records(disk, base) if fr.in_use
+                   for a in fr.nonresident() for r in a.runs if r.lcn is not None]
+        crosscheck.check_runs_in_use(self.where, sorted(set(claimed) | set(sm.placed)),
+                                     lambda first, n: self._attr_read(disk, base, bitmap, first, n))
+
+    def _attr_read(self, disk: Disk, base: int, attr: Attribute, rel: int, n: int) -> bytes:
+        """Bytes [rel, rel + n) of a non-resident attribute's data, read back from the output."""
+        k = self.geometry.cluster_size
+        out = bytearray()
+        vrel = 0
+        for r in attr.runs:
+            span = r.count * k
+            lo, hi = max(vrel, rel), min(vrel + span, rel + n)
+            if lo < hi:
+                at = base + r.lcn * k + (lo - vrel) if r.lcn is not None else None
+                out += disk.pread(hi - lo, at) if at is not None else bytes(hi - lo)
+            vrel += span
+            if vrel >= rel + n:
+                break
+        return bytes(out)
 
     def _fill_attr(self, disk: Disk, base: int, attr: Attribute, data: Callable[[int, int], bytes],
                    start: int = 0, stop: int | None = None) -> None:
