@@ -1,6 +1,6 @@
 # ruff: noqa: E501 - messages and case descriptions read better on one line
 """NTFS file-aware images whose two statements of one fact disagree are refused, never rebuilt wrong in
-silence (docs/safety.md, FORMAT.md §11.5–11.7). Images from the test-only writer over real mkntfs volumes;
+silence (docs/safety.md, docs/gho-format.md §11.5–11.7). Images from the test-only writer over real mkntfs volumes;
 the seeded campaign is ``tests/support/fuzz_ntfs.py`` (a sample runs here)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What an NTFS file-aware section says twice, checked against itself (docs/safety.md).
 
-FORMAT.md §11.5 ("compare them after fixups and report differences"), §11.6.1 (runs placed inside the
+docs/gho-format.md §11.5 ("compare them after fixups and report differences"), §11.6.1 (runs placed inside the
 volume), §11.7 (geometry from the boot sector). A mismatch is refused with one line naming the image,
 the partition, the record and the field: a rebuilt volume whose $MFT says one thing and whose data was
 placed by another is wrong in silence otherwise.
