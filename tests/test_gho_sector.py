@@ -275,3 +275,70 @@ def test_logical_partition_in_extended_gets_an_ebr(tmp_path: Path, disk: bytes) 
     assert int.from_bytes(got[28:32], "little") == 4096 + 63  # absolute, as DOS/Windows boot code reads
     assert got[:28] + got[32:] == logical[:28] + logical[32:]
     assert res.boot_chain["hidden_sectors_fixed"] == [{"partition": 2, "was": 63, "now": 4096 + 63}]
+
+
+# Unframed uncompressed data ("raw none", §8.4) stores no length: each partition must end where its own
+# data ends, whatever it holds, at any position, with or without a password, a track 0 or a thread pool.
+RAW_PARTS = [(0x83, 63, 70), (0x06, 200, 2048), (0x83, 2300, 301)]  # odd sizes; none is the last by luck
+
+
+def _raw_disk(tmp: Path) -> bytes:
+    rnd = random.Random(11)
+    d = bytearray(2601 * 512)
+    d[0:512] = gw.mbr(RAW_PARTS)
+    for _t, start, count in RAW_PARTS:
+        d[start * 512:(start + count) * 512] = rnd.randbytes(count * 512)  # no file system: no boot sector
+    vol = tmp / "small.img"  # partition 2: a FAT volume smaller than its partition (boot sector ≠ entry)
+    subprocess.run(["mkfs.fat", "-C", "-n", "SMALL", "-h", "200", str(vol), "512"], check=True,
+                   capture_output=True)
+    d[200 * 512:200 * 512 + vol.stat().st_size] = vol.read_bytes()
+    return bytes(d)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("pw", [None, "secret"])
+def test_raw_none_every_partition_bit_exact(tmp_path: Path, pw: str | None, threads: int) -> None:
+    disk = _raw_disk(tmp_path)
+    img = tmp_path / "RAW.GHO"
+    gw.write_sector_disk(img, disk, RAW_PARTS, "none", password=pw, raw_none=True)
+    info = read_info(img, password=pw)
+    assert [p.size for p in info.partitions] == [c * 512 for _t, _s, c in RAW_PARTS]
+    out = tmp_path / "disk.raw"
+    res = extract(img, out, password=pw, threads=threads)
+    assert [(p.start_lba, p.sectors) for p in res.partitions] == [(s, c) for _t, s, c in RAW_PARTS]
+    got = out.read_bytes()
+    for _t, start, count in RAW_PARTS:
+        assert got[start * 512:(start + count) * 512] == disk[start * 512:(start + count) * 512]
+
+
+@pytest.mark.parametrize("pw", [None, "secret"])
+def test_raw_none_partitions_without_track0(tmp_path: Path, pw: str | None) -> None:
+    """No partition table and no boot sector: the first end-of-run + partition header ends each volume."""
+    rnd = random.Random(12)
+    vols = [rnd.randbytes(512 * n) for n in (70, 129, 301)]
+    img = tmp_path / "PART.GHO"
+    w = gw.ImageWriter(img, "none", password=pw)
+    for v in vols:
+        w.sector_partition(gw.blocks_of(v), raw_none=True)
+    w.close()
+    assert len(read_info(img).partitions) == 3  # without the password too: same layout
+    assert [p.size for p in read_info(img, password=pw).partitions] == [len(v) for v in vols]
+    out = tmp_path / "p.raw"
+    res = extract(img, out, password=pw, threads=3)
+    got = out.read_bytes()
+    assert [got[p.start_lba * 512:(p.start_lba + p.sectors) * 512] for p in res.partitions] == vols
+
+
+def test_raw_none_without_a_known_end_is_refused(tmp_path: Path) -> None:
+    """Data that ends inside a sector, no table, no boot sector: refused in one line, nothing written."""
+    img = tmp_path / "ODD.GHO"
+    w = gw.ImageWriter(img, "none")
+    w.sector_partition([random.Random(13).randbytes(70 * 512 + 100)], raw_none=True)
+    w.close()
+    out = tmp_path / "o.raw"
+    with pytest.raises(GhoError) as ei:
+        extract(img, out)
+    msg = str(ei.value)
+    assert msg.startswith("ODD.GHO: partition 1: cannot tell where the uncompressed sector data"), msg
+    assert "\n" not in msg
+    assert _leftovers(tmp_path) == []

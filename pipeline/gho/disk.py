@@ -41,6 +41,16 @@ def parse_mbr(sector: bytes) -> list[MbrEntry] | None:
     return out
 
 
+def primary_partitions(sector: bytes) -> list[MbrEntry] | None:
+    """The used, non-extended primary entries in disk order: the k-th partition section of a disk image
+    is the k-th of these (§8.6); None without an MBR."""
+    entries = parse_mbr(sector)
+    if entries is None:
+        return None
+    return sorted((e for e in entries if e.ptype and e.ptype not in EXTENDED_TYPES and e.sectors),
+                  key=lambda e: e.start)
+
+
 @dataclass
 class Placement:
     start: int  # LBA

@@ -15,15 +15,14 @@ from pipeline.core import atomic
 from pipeline.gho.bootchain import disk_geometry, finish_boot_chain, mbr_code
 from pipeline.gho.catalogue import check_catalogues
 from pipeline.gho.disk import (
-    EXTENDED_TYPES,
     SECTOR,
     Placement,
     TableError,
     extended_start,
     fs_partition_type,
-    parse_mbr,
     plan_logicals,
     plan_synthetic,
+    primary_partitions,
     table_sectors,
 )
 from pipeline.gho.errors import MAX_FILES_LISTED, Advisories, GhoError
@@ -88,10 +87,8 @@ def _place(img: Image, vols: list[Volume], track0: bytes) -> tuple[list[Placemen
     """Placements for every volume (same order) and the MBR to keep (None = synthesise)."""
     types = [fs_partition_type(v.fs) for v in vols]
     sizes = [-(-(v.size or 0) // SECTOR) for v in vols]
-    entries = parse_mbr(track0[:512]) if track0 else None
-    if entries:
-        prim = sorted((e for e in entries if e.ptype and e.ptype not in EXTENDED_TYPES and e.sectors),
-                      key=lambda e: e.start)
+    prim = primary_partitions(track0[:512]) if track0 else None
+    if prim is not None:
         places = [Placement(e.start, max(e.sectors, sizes[k]), e.ptype)
                   for k, e in enumerate(prim[:len(vols)])]
         extra = vols[len(places):]

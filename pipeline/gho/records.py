@@ -10,6 +10,7 @@ from typing import Any
 from pipeline.gho.bootsector import detect_fs
 from pipeline.gho.codecs import BlockDecoder
 from pipeline.gho.crypto import decrypt
+from pipeline.gho.disk import SECTOR, primary_partitions
 from pipeline.gho.errors import MAX_RECORDS, MAX_SECTIONS, MAX_TRACK0_BYTES, GhoError
 from pipeline.gho.header import (
     HEADER_SIZE,
@@ -120,6 +121,8 @@ class Walker:
         self.slots = 0
         #: threads that decode blocks while a section is written (``ghost.decode_threads``, pipeline.gho.pool)
         self.threads = 1
+        #: byte sizes of the primary partitions in track 0's MBR, disk order (set by scan)
+        self.table: list[int] | None = None
 
     def decode_threads(self, decoder: BlockDecoder) -> int:
         """Threads for a decode loop with ``decoder``: 1 where parallel decoding gains nothing."""
@@ -306,6 +309,7 @@ class Walker:
         layout = Layout(first_structure=first)
         layout.trailer_start, layout.end_record = limit, end_rec
         pos = self.scan_track0(layout, layout.first_structure, limit)
+        self.table = self._track0_table(layout)
         records = 0
         while pos < limit:
             subtype = self.part_header_at(pos)
@@ -373,6 +377,21 @@ class Walker:
                            "trailer is corrupt")
         return layout
 
+    def _track0_table(self, layout: Layout) -> list[int] | None:
+        """Byte sizes of the primary partitions the MBR in track 0 lists, in disk order (§8.6), where
+        the walk needs them: unframed uncompressed data stores no length (§8.4). None when there is no
+        track 0, the image is not uncompressed or its (encrypted) MBR cannot be read yet."""
+        if self.header.compression != 0 or not layout.track0:
+            return None
+        if self.header.password and self.seed is None:
+            return None
+        rec = layout.track0[0]
+        mbr = self.stream.read_upto(rec.body_offset + 2, min(SECTOR, rec.length - 2))
+        if self.seed is not None:
+            mbr = decrypt(mbr, self.seed)  # a prefix of the record's cipher unit
+        prim = primary_partitions(mbr)
+        return None if prim is None else [e.sectors * SECTOR for e in prim]
+
     def _scan_chain(self, sec: Section, pos: int, limit: int) -> int:
         if self.header.compression == 0 and self._looks_raw(pos, limit):
             sec.raw = True
@@ -409,7 +428,8 @@ class Walker:
     def _scan_raw(self, sec: Section, pos: int, limit: int) -> int:
         """Raw uncompressed sector data: runs to the closing kind 0x03 record or the trailer."""
         # the data length is not stored: look for the end-of-run record before the limit
-        length = raw_section_length(self, pos, limit)
+        table = self.table[sec.index] if self.table and sec.index < len(self.table) else None
+        length = raw_section_length(self, pos, limit, table, f"partition {sec.index + 1}")
         sec.first_block = (pos, min(length, 32768))
         sec.last_block = (pos, length)
         sec.blocks = 1
@@ -420,23 +440,57 @@ class Walker:
         return pos
 
 
-def raw_section_length(walker: Walker, pos: int, limit: int) -> int:
-    """Length of unframed uncompressed sector data starting at ``pos`` (§8.4)."""
-    boot = walker.stream.read_upto(pos, 512)
+def raw_section_length(walker: Walker, pos: int, limit: int, table: int | None = None,
+                       what: str = "partition") -> int:
+    """Length of unframed uncompressed sector data starting at ``pos`` (§8.4).
+
+    The length is not stored: it is taken from the partition table entry (``table``, bytes) or the
+    boot sector where the data ends there (§8.3: a kind 0x03 record and the next partition header or
+    the trailer); otherwise it is the first sector boundary where such an end is found. Never the end
+    of a later partition: that would swallow every partition in between."""
+    boot = walker.stream.read_upto(pos, SECTOR)
     if walker.seed is not None:
         boot = decrypt(boot, walker.seed)  # a prefix of the first cipher unit
-    _fs, size, _label = detect_fs(boot)
-    cands = []
-    if size:
-        cands += [size, size - 512]
-    cands += [limit - pos - 30, limit - pos]
+    cands: list[int] = [table] if table else []
+    if not (walker.header.password and walker.seed is None):
+        _fs, size, _label = detect_fs(boot)
+        if size:
+            cands += [size, size - SECTOR]
     for n in cands:
-        if n <= 0 or pos + n > limit:
-            continue
-        if pos + n == limit or walker.part_header_at(pos + n) is not None:
+        if n > 0 and raw_data_ends_at(walker, pos + n, limit):
             return n
-        rec = walker.record_at(pos + n)
-        if rec is not None and rec.kind == K_END_RUN:
-            return n
-    raise GhoError(f"{walker.name}: cannot find the end of the uncompressed sector data "
-                   f"starting at offset {pos}")
+    found = _first_raw_end(walker, pos, limit)
+    if found is None:
+        raise GhoError(f"{walker.name}: {what}: cannot tell where the uncompressed sector data starting at "
+                       f"offset {pos} ends: no end-of-run record (kind 0x03) followed by a partition header "
+                       f"or the trailer (offset {limit}) at a sector boundary, and no partition table entry "
+                       "or boot sector gives its size")
+    return found
+
+
+def raw_data_ends_at(walker: Walker, end: int, limit: int) -> bool:
+    """True if unframed sector data may end at ``end``: the trailer, a partition header, or an end-of-run
+    record followed by one of them (§8.1)."""
+    if end > limit:
+        return False
+    if end == limit or walker.part_header_at(end) is not None:
+        return True
+    rec = walker.record_at(end)
+    if rec is None or rec.kind != K_END_RUN or rec.length != 20 or rec.end > limit:
+        return False
+    return rec.end == limit or walker.part_header_at(rec.end) is not None
+
+
+def _first_raw_end(walker: Walker, pos: int, limit: int) -> int | None:
+    """Bytes from ``pos`` to the first sector boundary where unframed data may end (one bounded read at a
+    time; the structures looked for start with the record magic at +4 or the header magic ``FE EF``)."""
+    at = pos + SECTOR
+    while at <= limit:
+        n = min(_SCAN_CHUNK, limit - at + 1)
+        chunk = walker.stream.read_upto(at, n + 8)
+        for k in range(0, n, SECTOR):
+            hit = chunk[k + 4:k + 8] == RECORD_MAGIC_BYTES or chunk[k:k + 2] == b"\xfe\xef" or at + k == limit
+            if hit and raw_data_ends_at(walker, at + k, limit):
+                return at + k - pos
+        at += (n + SECTOR - 1) // SECTOR * SECTOR
+    return None
