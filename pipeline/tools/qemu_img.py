@@ -123,8 +123,11 @@ def commit_onto(overlay: Path, base: Path, base_fmt: str, *, image_id: str | Non
         step=step, image_id=image_id, timeout=timeout, on_stdout=on_out)
 
 
-#: ranges of an overlay closer than this are compared as one (fewer qemu-img runs, a few MiB more read)
-COMPARE_GAP = 16 << 20
+#: ranges of an overlay closer than this are compared as one. 0: only touching ranges are merged — a
+#: merged range would also cover clusters the overlay does not hold, and there ``qemu-img compare`` reads
+#: the raw view of the overlay as unallocated (= zeros: the view hides the overlay's backing file) while
+#: the disk has data, a false mismatch (seen on an adopted .gho whose overlay has zero clusters)
+COMPARE_GAP = 0
 
 
 def own_ranges(overlay: Path, *, image_id: str | None, step: str,
