@@ -284,8 +284,9 @@ def damage(src: Path, dest: Path, kind: str) -> Path:
             struct.pack_into("<I", data, nk + 20, 1)  # one subkey ...
             struct.pack_into("<I", data, nk + 28, 0x7FFF0000)  # ... in a list far past the end
         else:
-            struct.pack_into("<I", data, nk + 20, 1)
-            lst = struct.unpack_from("<I", data, BASE + key + 4 + 28)[0]
+            count, lst = struct.unpack_from("<I", data, BASE + key + 4 + 20)[0], \
+                struct.unpack_from("<I", data, BASE + key + 4 + 28)[0]
+            struct.pack_into("<I", data, nk + 20, count)
             struct.pack_into("<I", data, nk + 28, lst)  # its subkeys: its parent's list (itself)
     else:
         raise ValueError(kind)
