@@ -213,8 +213,9 @@ def test_w10_gets_the_nt62_set(runs: Runs) -> None:
     hive = runs.root / "back" / "w10-system"
     assert hivexget(hive, r"\ControlSet001\Services\storahci", "Start") == "0"
     assert hivexget(hive, r"\ControlSet001\Services\storahci\StartOverride", "0") == "0"
-    for svc in ("pciide", "intelide", "atapi"):
+    for svc in ("intelide", "atapi"):  # the IDE boot drivers; pciide is not needed on PIIX3: kept
         assert hivexget(hive, rf"\ControlSet001\Services\{svc}", "Start") == "0"
+    assert hivexget(hive, r"\ControlSet001\Services\pciide", "Start") == "3"
     # no CriticalDeviceDatabase entries (8 and later do not read it)
     cdd = r"\ControlSet001\Control\CriticalDeviceDatabase"
     assert hivexget(hive, cdd + r"\pci#ven_8086&dev_7010", "Service") is None

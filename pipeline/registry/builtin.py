@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
-from pipeline.registry.regfile import Op, Policy, RegType, decode_value, encode_multi_sz, encode_sz, parse_bytes
+from pipeline.registry.regfile import (
+    Op,
+    Policy,
+    RegType,
+    decode_value,
+    encode_multi_sz,
+    encode_sz,
+    parse_bytes,
+)
 
 if TYPE_CHECKING:
     from pipeline.steps.inspect import InspectFacts
@@ -179,3 +187,14 @@ def required_drivers() -> list[str]:
     """Driver files (in ``System32\\drivers``) the mergeide changes need to boot on IDE (a missing
     AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.windows.decide`)."""
     return list(guest.IDE_DRIVERS)
+
+
+def snapshot_ops(facts: InspectFacts) -> list[Op]:
+    """Every built-in op this guest could get (each set, each bus, the virtio drivers it can take):
+    the keys inspect records for ``gho2kvm plan`` (:func:`pipeline.registry.edits.snapshot`). A
+    new built-in change set adds its ops here so that plan can count them."""
+    ops = [op for name in BUILTIN_SETS for op in builtin_ops(name, facts.major_version, facts.minor_version)]
+    for driver in VIRTIO_SETS:
+        if guest.facts_family(facts) in VIRTIO_SETS[driver]:
+            ops += virtio_ops(driver, facts)
+    return ops

@@ -70,7 +70,7 @@ def examine(name: str, primary: bytes, logs: Mapping[str, bytes], *, guest_path:
     base_kw.update(version=base.version, primary_seq=base.primary_seq, secondary_seq=base.secondary_seq,
                    checksum_ok=base.checksum_ok, dirty=base.signature == b"regf" and base.dirty)
     if base.signature != b"regf":
-        return Examined(HiveFacts(**base_kw, damaged=f"no regf signature at 0x0"), None)  # type: ignore[arg-type]
+        return Examined(HiveFacts(**base_kw, damaged="no regf signature at 0x0"), None)  # type: ignore[arg-type]
     if not base.dirty:
         return _checked(HiveFacts(**base_kw), primary)  # type: ignore[arg-type]
     parsed = [txlog.read_log(n, d) for n, d in logs.items()]

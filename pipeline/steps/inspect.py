@@ -11,19 +11,22 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
+from pipeline.core import log
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import RUNTIME, JsonRecord
 from pipeline.core.safeio import escape, file_kind, regular_file
 from pipeline.guest import disksig
 from pipeline.guest import windows as guest
-from pipeline.registry import hive
-from pipeline.tools import qemu_img
+from pipeline.registry import builtin, edits, hivefile, regf
+from pipeline.registry.hivefile import HIVES, HiveFacts
+from pipeline.registry.plan import plan
+from pipeline.tools import hivex, qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
 
 STEP = "inspect"
@@ -93,11 +96,24 @@ class InspectFacts(JsonRecord):
     drivers_present: Mapping[str, bool] | None = None  # guest.DRIVER_FILES → found in System32\drivers
     disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.read_in_guest
     services: Mapping[str, int | None] | None = None  # guest.SERVICES → Start (None: absent)
+    #: SYSTEM/SOFTWARE as found: base block, logs, replay, damage (pipeline.registry.hivefile)
+    hives: tuple[HiveFacts, ...] = ()
+    #: what the built-in change sets would meet in each hive ({hive: pipeline.registry.edits.snapshot})
+    registry_snapshot: Mapping[str, Any] | None = None
     qemu_img_version: str | None = None
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return ()
+        out = []
+        for h in self.hives:
+            if h.damaged:
+                out.append(h.damage_line(self.image_id or "?"))
+            elif h.warning:
+                out.append(f"image '{self.image_id}': {h.warning}")
+        return tuple(out)
+
+    def hive(self, name: str) -> HiveFacts | None:
+        return next((h for h in self.hives if h.name.upper() == name.upper()), None)
 
     @property
     def is_windows(self) -> bool:
@@ -281,9 +297,81 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["drivers_present"] = _drivers(g, facts["systemroot"])
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
-        facts["services"] = _services(g, facts, image_id)
+        with tempfile.TemporaryDirectory(prefix="gho2kvm-inspect-") as td:
+            local = fetch_hives(g, facts["systemroot"], Path(td), image_id=image_id, step=STEP)
+            facts.update(hive_facts(local, facts, image_id))
         g.offer()
     return facts
+
+
+@dataclass(frozen=True)
+class LocalHive:
+    """One hive downloaded from the guest: the facts, and the checked (replayed when dirty) local
+    copy to read (None when the hive is absent or damaged)."""
+
+    facts: HiveFacts
+    path: Path | None
+
+
+def fetch_hives(g: Guestfish, systemroot: str, td: Path, *, image_id: str | None, step: str,
+                names: Sequence[str] = HIVES) -> dict[str, LocalHive]:
+    """Download hives ``names`` and their ``.LOG``/``.LOG1``/``.LOG2`` from ``System32/config``
+    (one listing, one download batch), examine each (:func:`pipeline.registry.hivefile.examine`:
+    base block, log replay, format check), let hivex walk the checked copy, and return them. A
+    hive that is missing is left out; a damaged one has ``facts.damaged`` and no path."""
+    try:
+        config = g("case-sensitive-path", f"{systemroot}/System32/config").strip()
+        listing = g.lines("ls", config)
+    except ToolError:
+        return {}
+    by_lower = {n.lower(): n for n in listing}
+    wanted: dict[str, tuple[str, list[str]]] = {}
+    for name in names:
+        real = by_lower.get(name.lower())
+        if real is not None:
+            wanted[name] = (real, hivefile.log_names(name, listing))
+    files = [f for real, logs in wanted.values() for f in (real, *logs)]
+    kinds = g.batch(*(("is-file", f"{config}/{f}") for f in files), check=False)
+    regular = {f for f, k in zip(files, kinds, strict=True) if k.strip() == "true"}
+    g.batch(*(("download", f"{config}/{f}", str(td / f"g-{f}")) for f in files if f in regular))
+    out: dict[str, LocalHive] = {}
+    for name, (real, logs) in wanted.items():
+        if real not in regular:
+            continue
+        ex = hivefile.examine_files(name, td / f"g-{real}", [td / f"g-{lg}" for lg in logs if lg in regular],
+                                    guest_path=f"{config}/{real}")
+        facts = replace(ex.facts, logs_found=tuple(lg for lg in logs if lg in regular))
+        path = None
+        if ex.data is not None:
+            path = hivefile.write_copy(ex, td / f"{name}.checked")
+            problem = hivex.walk(path, image_id=image_id, step=step)
+            if problem is not None:
+                facts, path = replace(facts, damaged=problem), None
+        out[name] = LocalHive(facts, path)
+    return out
+
+
+def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any], image_id: str | None) -> dict[str, Any]:
+    """Inspect's facts from the checked hive copies: the hives' own facts, the storage services'
+    Start values, and the snapshot ``gho2kvm plan`` counts the built-in edits on. Each reader is a
+    plain function of ``(local hive path, control set)``."""
+    ccs = facts.get("current_control_set") or "ControlSet001"
+    out: dict[str, Any] = {"hives": [h.facts for h in local.values()]}
+    for h in local.values():
+        if h.facts.damaged:
+            log.get().warning("hive damaged", detail=h.facts.damage_line(image_id or "?"))
+        elif h.facts.warning:
+            log.get().warning("hive dirty", detail=h.facts.warning)
+    system = local.get("SYSTEM")
+    if system is not None and system.path is not None:
+        out["services"] = hivefile.service_starts(system.path, ccs, guest.SERVICES)
+    probe = InspectFacts(os="windows", major_version=facts.get("major_version"),
+                         minor_version=facts.get("minor_version"), arch=facts.get("arch"))
+    planned = plan(builtin.snapshot_ops(probe), ccs)
+    out["registry_snapshot"] = {
+        name: edits.snapshot(regf.Hive(h.path.read_bytes()), planned.get(name, []))
+        for name, h in local.items() if h.path is not None}
+    return out
 
 
 def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
@@ -296,23 +384,6 @@ def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
     is_file = dict(zip(found, (v.strip() == "true" for v in g.batch(*(("is-file", p) for p in found),
                                                                      check=False)), strict=True))
     return {n: bool(p) and is_file[p] for n, p in zip(names, paths, strict=True)}
-
-
-def _services(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, int | None]:
-    """Start value of the storage/virtio services in the live control set (None: service absent),
-    read from a local copy of the SYSTEM hive (same appliance)."""
-    try:
-        path = g("case-sensitive-path", f"{facts['systemroot']}/System32/config/SYSTEM").strip()
-    except ToolError:
-        return {}
-    with tempfile.TemporaryDirectory(prefix="gho2kvm-inspect-") as td:
-        local = Path(td) / "SYSTEM"
-        try:
-            g("download", path, str(local))
-        except ToolError:
-            return {}
-        ccs = facts.get("current_control_set") or "ControlSet001"
-        return hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP)
 
 
 def _firmware(g: Guestfish, dev: str, ptable: str) -> str:
