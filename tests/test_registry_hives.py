@@ -79,7 +79,8 @@ def test_win7_existing_cdd_entries_are_kept_and_only_missing_ones_added(tmp_path
 
 def test_sata_changes_the_ahci_start_not_the_ide_ones(win7: Path) -> None:
     acct = edits.account(_mergeide("sata"), edits.RegfView(regf.Hive(win7.read_bytes())))
-    changed = {e.key.rsplit("\\", 1)[-1].lower() for e in acct.edits if e.status == "changed" and e.name == "Start"}
+    changed = {e.key.rsplit("\\", 1)[-1].lower() for e in acct.edits
+               if e.status == "changed" and e.name == "Start"}
     assert "msahci" in changed and "intelide" not in changed
 
 
@@ -100,13 +101,15 @@ def test_plan_counts_from_inspects_snapshot_match_the_merge(win7: Path, tmp_path
     h = regf.Hive(win7.read_bytes())
     snap = edits.snapshot(h, plan(builtin.snapshot_ops(W7), "ControlSet001")["SYSTEM"])
     ops = _mergeide()
-    assert edits.account(ops, edits.SnapshotView(snap)).counts() == edits.account(ops, edits.RegfView(h)).counts()
+    planned = edits.account(ops, edits.SnapshotView(snap)).counts()
+    assert planned == edits.account(ops, edits.RegfView(h)).counts()
     reg = tmp_path / "extra.reg"
     reg.write_text("Windows Registry Editor Version 5.00\n\n[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet"
                    "\\Services\\atapi]\n\"Start\"=dword:00000003\n\"DisplayName\"=-\n\n"
                    "[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Services\\Gho2kvmTest]\n\"Start\"=dword:00000004\n")
     facts = dataclasses.replace(W7, registry_snapshot={"SYSTEM": snap})
-    image = ImageConfig(id="w7", source=tmp_path / "w7.raw", registry=("mergeide", str(reg)), workdir=tmp_path)
+    image = ImageConfig(id="w7", source=tmp_path / "w7.raw", registry=("mergeide", str(reg)),
+                        workdir=tmp_path)
     (line,) = plan_edits(image, facts)
     # atapi is in inspect's snapshot (a built-in set touches it), the new service is not
     builtin_counts = edits.account(ops, edits.RegfView(h)).counts()
@@ -189,7 +192,8 @@ def test_dirty_hive_without_logs_migrates_with_a_warning(tmp_path: Path) -> None
     ex = hivefile.examine_files("SYSTEM", d.system, [])
     assert ex.data is not None and ex.facts.entries_replayed == 0
     assert ex.facts.warning is not None
-    assert ex.facts.warning.startswith("SYSTEM hive is dirty (sequence numbers 4317/4316) and its logs hold nothing")
+    assert ex.facts.warning.startswith("SYSTEM hive is dirty (sequence numbers 4317/4316) and its logs "
+                                       "hold nothing")
 
 
 @pytest.mark.parametrize(("data", "expected"), [
@@ -209,7 +213,8 @@ def test_marvin32_reference_vectors(data: str, expected: int) -> None:
     ("outside", "subkey list at 0x7fff0000 lies outside the hive bins"),
     ("loop", "subkey list loop: key '\\ControlSet001\\Services\\"),
 ])
-def test_damaged_hive_is_one_line_and_refused_by_plan(win7: Path, tmp_path: Path, kind: str, phrase: str) -> None:
+def test_damaged_hive_is_one_line_and_refused_by_plan(win7: Path, tmp_path: Path, kind: str,
+                                                      phrase: str) -> None:
     bad = hives.damage(win7, tmp_path / "SYSTEM", kind)
     ex = hivefile.examine_files("SYSTEM", bad, [])
     assert ex.data is None and hivex.walk(bad, step="test") is not None

@@ -149,7 +149,8 @@ class Edit(JsonRecord):
 
     def line(self) -> str:
         what = f"[{self.key}]" + ("" if self.name is None else f' "{self.name or "@"}"')
-        detail = {ADDED: f" = {self.new}" if self.name is not None else "", CHANGED: f": {self.old} → {self.new}",
+        detail = {ADDED: f" = {self.new}" if self.name is not None else "",
+                  CHANGED: f": {self.old} → {self.new}",
                   DELETED: f" (was {self.old})"}.get(self.status, "")
         return f"{self.status} {what}{detail}" + (f" ({self.why})" if self.why else "")
 
@@ -252,7 +253,8 @@ def account(ops: Sequence[Op], view: HiveView) -> Accounting:
                     exists = st.get(svc)
                     name = svc.rsplit("\\", 1)[-1]
                     if exists is NOT_RECORDED:
-                        guarded[lk] = f"maps to {name}; whether the guest has it is unknown until registry-merge"
+                        guarded[lk] = (f"maps to {name}; whether the guest has it is unknown until "
+                                       f"registry-merge")
                         edit(op, UNKNOWN, why=guarded[lk])
                         continue
                     if exists is not None:
@@ -262,7 +264,7 @@ def account(ops: Sequence[Op], view: HiveView) -> Accounting:
             continue  # an existing key: nothing to create
         assert op.name is not None
         ln = op.name.lower()
-        if have is NOT_RECORDED:
+        if isinstance(have, _Unknown):
             edit(op, UNKNOWN, new=show(op.type, op.data), why="not read by inspect")
             write.append(op)
             continue

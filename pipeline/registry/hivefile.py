@@ -81,8 +81,10 @@ def examine(name: str, primary: bytes, logs: Mapping[str, bytes], *, guest_path:
     seqs = (rep.first_seq, rep.last_seq) if rep.first_seq is not None and rep.last_seq is not None else ()
     warning = None
     if rep.entries_replayed == 0:
-        usable = ", ".join(f"{lg.name} ({lg.kind}{': ' + lg.stop if lg.stop else ''})" for lg in parsed) or "none"
-        warning = (f"{name} hive is dirty (sequence numbers {base.primary_seq}/{base.secondary_seq}) and its logs "
+        usable = ", ".join(f"{lg.name} ({lg.kind}{': ' + lg.stop if lg.stop else ''})"
+                           for lg in parsed) or "none"
+        warning = (f"{name} hive is dirty (sequence numbers {base.primary_seq}/{base.secondary_seq}) and its "
+                   f"logs "
                    f"hold nothing to replay (logs: {usable}); migrated as the primary file has it: changes "
                    f"Windows had not written into it are lost")
     elif rep.stopped:
@@ -146,7 +148,8 @@ def write_copy(ex: Examined, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def service_starts(hive_path: str | os.PathLike[str], control_set: str, names: Sequence[str]) -> dict[str, int | None]:
+def service_starts(hive_path: str | os.PathLike[str], control_set: str,
+                   names: Sequence[str]) -> dict[str, int | None]:
     """``{service: Start}`` for ``names`` under ``\\<control_set>\\Services`` of a local SYSTEM hive
     (the checked, replayed copy): None when absent, -1 without a ``Start`` dword."""
     h = regf.Hive(Path(hive_path).read_bytes())

@@ -70,7 +70,8 @@ class BaseBlock:
         if len(data) < 512:
             raise HiveDamage(f"base block truncated ({len(data)} bytes, expected 4096)")
         b = bytes(data[:512])
-        sig, s1, s2, ts, major, minor, ftype, fmt, root, size, clus = struct.unpack_from("<4sIIQIIIIIII", b, 0)
+        sig, s1, s2, ts, major, minor, ftype, fmt, root, size, clus = struct.unpack_from(
+            "<4sIIQIIIIIII", b, 0)
         flags = struct.unpack_from("<I", b, 0x90)[0]
         return cls(sig, s1, s2, ts, major, minor, ftype, fmt, root, size, clus, flags,
                    struct.unpack_from("<I", b, 0x1FC)[0], checksum(b))
@@ -256,7 +257,8 @@ class Hive:
         while stack:
             off, path = stack.pop()
             if off in seen:
-                raise HiveDamage(f"subkey list loop: key '{path or chr(92)}' (cell 0x{off:x}) is reached twice")
+                raise HiveDamage(f"subkey list loop: key '{path or chr(92)}' (cell 0x{off:x}) is reached "
+                                 f"twice")
             seen.add(off)
             yield path or "\\", self.values(off)
             subs = self.subkeys(off)
@@ -270,7 +272,8 @@ def check(data: bytes | bytearray | memoryview) -> Hive:
     h = Hive(data)
     b = h.base
     if not b.checksum_ok:
-        raise HiveDamage(f"base block checksum is 0x{b.stored_checksum:08x}, expected 0x{b.computed_checksum:08x}")
+        raise HiveDamage(f"base block checksum is 0x{b.stored_checksum:08x}, expected "
+                         f"0x{b.computed_checksum:08x}")
     if b.major != 1 or b.minor not in (2, 3, 4, 5, 6):
         raise HiveDamage(f"unknown hive format version {b.version}")
     if b.bins_size % BASE or b.bins_size == 0:

@@ -134,13 +134,15 @@ def _new_entries(data: bytes) -> tuple[list[LogEntry], str | None]:
         if size < 40 or size % SECTOR:
             return out, f"log entry at 0x{pos:x} has size 0x{size:x}"
         if pos + size > len(data):
-            return out, f"log entry at 0x{pos:x} (seq {seq}) truncated: 0x{size:x} bytes, 0x{len(data) - pos:x} left"
+            return out, (f"log entry at 0x{pos:x} (seq {seq}) truncated: 0x{size:x} bytes, "
+                         f"0x{len(data) - pos:x} left")
         if bins_size % BASE or bins_size == 0:
             return out, f"log entry at 0x{pos:x} (seq {seq}) has hive bins size 0x{bins_size:x}"
         body = data[pos + 40:pos + size]
         if marvin32(body) != h1 or marvin32(data[pos:pos + 32]) != h2:
             return out, f"log entry at 0x{pos:x} (seq {seq}) has a wrong hash"
-        refs = [struct.unpack_from("<II", body, 8 * i) for i in range(count)] if 8 * count <= len(body) else None
+        refs = ([struct.unpack_from("<II", body, 8 * i) for i in range(count)]
+                if 8 * count <= len(body) else None)
         if refs is None:
             return out, f"log entry at 0x{pos:x} (seq {seq}) has {count} page references, too many"
         at = 8 * count

@@ -351,7 +351,8 @@ def fetch_hives(g: Guestfish, systemroot: str, td: Path, *, image_id: str | None
     return out
 
 
-def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any], image_id: str | None) -> dict[str, Any]:
+def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any],
+               image_id: str | None) -> dict[str, Any]:
     """Inspect's facts from the checked hive copies: the hives' own facts, the storage services'
     Start values, and the snapshot ``gho2kvm plan`` counts the built-in edits on. Each reader is a
     plain function of ``(local hive path, control set)``."""

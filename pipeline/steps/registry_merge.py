@@ -239,14 +239,16 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             for name, hive_ops in planned.items():
                 got = local.get(name)
                 if got is None:
-                    raise InputError(f"hive {name} not found in the guest's System32/config", image_id=image_id,
+                    raise InputError(f"hive {name} not found in the guest's System32/config",
+                                     image_id=image_id,
                                      step=STEP)
                 if got.path is None:
                     raise InputError(got.facts.damage_line(image_id), image_id=image_id, step=STEP)
                 if got.facts.warning:
                     warnings.append(f"image '{image_id}': {got.facts.warning}")
                 say(f"merging {name}")
-                acct = accounts[name] = edits.account(hive_ops, edits.RegfView(regf.Hive(got.path.read_bytes())))
+                view = edits.RegfView(regf.Hive(got.path.read_bytes()))
+                acct = accounts[name] = edits.account(hive_ops, view)
                 if acct.write:
                     hive.apply_reg(got.path, regfile.to_reg_text(acct.write), HIVE_PREFIXES[name],
                                    image_id=image_id, step=STEP)
@@ -258,7 +260,8 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             # read back from the overlay through a fresh mount
             say("verifying")
             g.batch(("umount-all",), ("mount-ro", root, "/"),
-                    *(("download", local[n].facts.guest_path, str(Path(td) / f"{n}.readback")) for n in changed))
+                    *(("download", local[n].facts.guest_path, str(Path(td) / f"{n}.readback"))
+                      for n in changed))
             for name, acct in accounts.items():
                 if acct.write:
                     back = Path(td) / f"{name}.readback"
@@ -276,7 +279,8 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
                     "written": bool(acct.write),
                     "dirty": hf.dirty, "logs_found": list(hf.logs_found),
                     "entries_replayed": hf.entries_replayed, "values_recovered": hf.values_recovered,
-                    "sequence_numbers": [hf.primary_seq, hf.secondary_seq], "replay_stopped": hf.replay_stopped,
+                    "sequence_numbers": [hf.primary_seq, hf.secondary_seq],
+                    "replay_stopped": hf.replay_stopped,
                     "counts": acct.counts(),
                     "edits": [e.to_dict() for e in acct.edits],
                 }

@@ -69,7 +69,8 @@ def win7_lines(cs: str = "ControlSet001", *, cdd: int = 2400, services: int = 50
              '"LastKnownGood"=dword:00000002', '"Failed"=dword:00000000', "",
              f"[{SYS}\\{cs}]", "", f"[{SYS}\\{cs}\\Control]", "", f"[{SYS}\\{cs}\\Services]", "",
              f"[{SYS}\\{cs}\\Control\\CriticalDeviceDatabase]", "",
-             f"[{SYS}\\{cs}\\Control\\ComputerName]", "", f"[{SYS}\\{cs}\\Control\\ComputerName\\ComputerName]",
+             f"[{SYS}\\{cs}\\Control\\ComputerName]", "",
+             f"[{SYS}\\{cs}\\Control\\ComputerName\\ComputerName]",
              _sz("ComputerName", "WIN7REAL"), ""]
     storage = {"atapi": 0, "intelide": 3, "pciide": 3, "msahci": 3, "amdide": 3, "cmdide": 3,
                "aliide": 3, "viaide": 3, "disk": 0, "pciidex": 3}
