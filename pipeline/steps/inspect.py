@@ -357,7 +357,7 @@ def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any],
     Start values, and the snapshot ``gho2kvm plan`` counts the built-in edits on. Each reader is a
     plain function of ``(local hive path, control set)``."""
     ccs = facts.get("current_control_set") or "ControlSet001"
-    out: dict[str, Any] = {"hives": [h.facts for h in local.values()]}
+    out: dict[str, Any] = {"hives": [h.facts.to_dict() for h in local.values()]}
     for h in local.values():
         if h.facts.damaged:
             log.get().warning("hive damaged", detail=h.facts.damage_line(image_id or "?"))

@@ -154,14 +154,23 @@ def plan_warnings(image: ImageConfig, facts: InspectFacts) -> tuple[list[str], l
     ready = readiness(inp)
     ops, reg_warnings = collect_ops(inp)
     hive_warnings = [f"image '{image.id}': {h.warning}" for h in facts.hives if h.warning and not h.damaged]
-    return ([*ready.refusals, *hive_refusals(inp.image_id, facts, plan(ops, facts.control_set))],
+    return ([*ready.refusals, *hive_refusals(inp.image_id, facts, edited_hives(inp, ops))],
             [*ready.warnings, *reg_warnings, *driver_warnings(facts), *hive_warnings])
 
 
-def hive_refusals(image_id: str, facts: InspectFacts, planned: Mapping[str, Any]) -> list[str]:
-    """One line per hive the changes would edit that inspect found damaged."""
+def edited_hives(inp: MergeInput, ops: list[regfile.Op]) -> list[str]:
+    """The hives registry-merge would edit: those of the planned ops, and SYSTEM for a virtio
+    switch-over (its ops are known only once the drivers are found). Refuses bad keys."""
+    names = list(plan(ops, inp.facts.control_set))
+    if inp.virtio is not None and guest.virtio_switch_supported(inp.facts) and "SYSTEM" not in names:
+        names.append("SYSTEM")
+    return names
+
+
+def hive_refusals(image_id: str, facts: InspectFacts, names: list[str]) -> list[str]:
+    """One line per hive the changes would edit (``names``) that inspect found damaged."""
     out = []
-    for name in planned:
+    for name in names:
         h = facts.hive(name)
         if h is not None and h.damaged:
             out.append(h.damage_line(image_id))
@@ -206,7 +215,7 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
     ready.raise_refusals(image_id, STEP)  # before anything is written
     ops, reg_warnings = collect_ops(inp)
     ccs = facts.control_set
-    refused = hive_refusals(image_id, facts, plan(ops, ccs))  # bad keys refused before the overlay exists
+    refused = hive_refusals(image_id, facts, edited_hives(inp, ops))  # bad keys refused here too
     if refused:
         raise InputError(refused[0], image_id=image_id, step=STEP)
     for w in reg_warnings:

@@ -293,3 +293,29 @@ def damage(src: Path, dest: Path, kind: str) -> Path:
         raise ValueError(kind)
     dest.write_bytes(bytes(data))
     return dest
+
+
+def cached_dirty_win10() -> DirtyHive:
+    """:func:`dirty_win10` built once per recipe under ``var/testhives`` (stable bytes, so that a
+    fake disk holding it is built once too)."""
+    folder = _cached("w10-dirty")
+    if not (folder / "expected").exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dirty_win10(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    names = ("SYSTEM.LOG", "SYSTEM.LOG1", "SYSTEM.LOG2")
+    return DirtyHive(folder / "SYSTEM", {n: folder / n for n in names}, folder / "expected", (4317, 4316))
+
+
+def cached_damaged_win10(kind: str = "outside") -> Path:
+    """A Windows 10 SYSTEM hive damaged as :func:`damage` ``kind`` says, built once per recipe."""
+    out = _cached(f"w10-damaged-{kind}")
+    if not out.exists():
+        src = _cached("w10-h0")
+        if not src.exists():
+            cached_dirty_win10()
+        damage(src, out.with_suffix(".tmp"), kind)
+        out.with_suffix(".tmp").rename(out)
+    return out
