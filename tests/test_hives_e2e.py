@@ -41,7 +41,8 @@ def dirty(force_tcg_env: None, tmp_path_factory: pytest.TempPathFactory) -> dict
     spec = dataclasses.replace(WIN10, hostname="W10DIRTY", config_files=files)
     base = tmp_path_factory.mktemp("dirty")
     source = private_copy(build_disk("win10-dirty.raw", spec), base / "src")
-    config = make_config(base, [{"id": "w10d", "source": source, "registry": ["mergeide"]}], defaults=DEFAULTS)
+    config = make_config(base, [{"id": "w10d", "source": source, "registry": ["mergeide"]}],
+                         defaults=DEFAULTS)
     proc = run_cli("migrate", "--config", str(config))
     plan = run_cli("plan", "--config", str(config))
     back = base / "back"
