@@ -118,6 +118,7 @@ class Hive:
             raise HiveDamage(f"no regf signature at 0x0 (found {self.base.signature!r})")
         # bins actually present: the declared size, capped by the file (check() reports the cut)
         self.end = min(self.base.bins_size, max(0, len(self.data) - BASE))
+        self._children: dict[int, dict[str, int]] = {}  # key offset → {lower child name: offset}
 
     # -- cells
     def cell(self, off: int, what: str = "cell") -> memoryview:
@@ -229,13 +230,13 @@ class Hive:
         """Key node offset of ``path`` (``\\A\\B``, case-insensitive; ``\\`` = the root), None if absent."""
         off = self.root
         for part in [p for p in path.split("\\") if p]:
-            want = part.lower()
-            for sub in self.subkeys(off):
-                if self.key_name(sub).lower() == want:
-                    off = sub
-                    break
-            else:
+            children = self._children.get(off)
+            if children is None:
+                children = self._children[off] = {self.key_name(s).lower(): s for s in self.subkeys(off)}
+            found = children.get(part.lower())
+            if found is None:
                 return None
+            off = found
         return off
 
     def child_names(self, path: str) -> list[str] | None:
