@@ -77,6 +77,17 @@ def test_win7_existing_cdd_entries_are_kept_and_only_missing_ones_added(tmp_path
     assert set(again.counts()["built-in"]) == {"kept"} and again.write == ()
 
 
+def test_user_reg_overrides_an_entry_the_builtin_keeps(win7: Path, tmp_path: Path) -> None:
+    dev = next(iter(VENDOR_IDE))
+    reg = tmp_path / "mine.reg"
+    reg.write_text("Windows Registry Editor Version 5.00\n\n[HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet"
+                   f"\\Control\\CriticalDeviceDatabase\\{dev}]\n\"Service\"=\"pciide\"\n")
+    ops = _mergeide() + plan(regfile.parse_file(reg), "ControlSet001")["SYSTEM"]
+    by_source = [e for e in edits.account(ops, edits.RegfView(regf.Hive(win7.read_bytes()))).edits
+                 if e.key.endswith(dev) and e.name == "Service"]
+    assert [(e.source, e.status) for e in by_source] == [("built-in", "kept"), (str(reg), "changed")]
+
+
 def test_sata_changes_the_ahci_start_not_the_ide_ones(win7: Path) -> None:
     acct = edits.account(_mergeide("sata"), edits.RegfView(regf.Hive(win7.read_bytes())))
     changed = {e.key.rsplit("\\", 1)[-1].lower() for e in acct.edits

@@ -211,8 +211,9 @@ def account(ops: Sequence[Op], view: HiveView) -> Accounting:
     for op in ops:
         rel = hive_relative(op.key)
         lk = rel.lower()
-        under = next((why for k, why in {**skipped, **guarded}.items() if lk == k or lk.startswith(k + "\\")),
-                     None)
+        # a built-in keeps what Windows has; a user's .reg (exact) still does what it says
+        under = None if op.policy == Policy.EXACT else next(
+            (why for k, why in {**skipped, **guarded}.items() if lk == k or lk.startswith(k + "\\")), None)
         if op.is_key and op.delete:
             have = st.get(rel)
             if have is NOT_RECORDED:
