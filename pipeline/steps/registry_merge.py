@@ -119,8 +119,7 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
     ccs = facts.control_set
     for entry in inp.registry:
         if isinstance(entry, BuiltinSet):
-            ops += builtin.builtin_ops(entry.builtin, facts.major_version, facts.minor_version,
-                                       readiness(inp).disk_bus)
+            ops += builtin.builtin_ops(entry.builtin, facts.major_version, facts.minor_version, boot_bus(inp))
             continue
         try:
             file_ops = regfile.parse_file(str(entry))
@@ -136,6 +135,15 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
             file_ops = remap_control_sets(file_ops, ccs)
         ops += file_ops
     return ops, warnings
+
+
+def boot_bus(inp: MergeInput) -> str:
+    """The bus the built-in fix sets prepare the guest to boot from: the decided bus, and for
+    virtio the configured bus it falls back to when no viostor is found (``ide`` for virtio)."""
+    bus = readiness(inp).disk_bus
+    if bus == "virtio":
+        return inp.disk_bus if inp.disk_bus != "virtio" else "ide"
+    return bus
 
 
 def readiness(inp: MergeInput, installed: list[str] | None = None) -> guest.Readiness:
