@@ -211,10 +211,12 @@ def test_w10_inspected_version_drivers_services(runs: Runs) -> None:
 def test_w10_gets_the_nt62_set(runs: Runs) -> None:
     assert runs.w10["registry_variant"] == "nt62"
     hive = runs.root / "back" / "w10-system"
-    assert hivexget(hive, r"\ControlSet001\Services\storahci", "Start") == "0"
-    assert hivexget(hive, r"\ControlSet001\Services\storahci\StartOverride", "0") == "0"
-    for svc in ("pciide", "intelide", "atapi"):
+    # disk_bus ide: the AHCI driver is not needed to boot and keeps the guest's own values
+    assert hivexget(hive, r"\ControlSet001\Services\storahci", "Start") == "3"
+    assert hivexget(hive, r"\ControlSet001\Services\storahci\StartOverride", "0") == "3"
+    for svc in ("intelide", "atapi"):  # the IDE boot drivers; pciide is not needed on PIIX3: kept
         assert hivexget(hive, rf"\ControlSet001\Services\{svc}", "Start") == "0"
+    assert hivexget(hive, r"\ControlSet001\Services\pciide", "Start") == "3"
     # no CriticalDeviceDatabase entries (8 and later do not read it)
     cdd = r"\ControlSet001\Control\CriticalDeviceDatabase"
     assert hivexget(hive, cdd + r"\pci#ven_8086&dev_7010", "Service") is None
@@ -272,7 +274,10 @@ def test_w10_cli_switches_to_virtio_through_driverdatabase(runs: Runs, tmp_path:
 def test_w7_set_and_remap_land_in_controlset002(runs: Runs) -> None:
     hive = runs.root / "back" / "w7-system"
     assert runs.w7["registry_variant"] == "nt6"
+    # disk_bus sata (virtio when viostor is installed, sata its fall-back): the AHCI driver is forced,
+    # the IDE ones keep the guest's own Start
     assert hivexget(hive, r"\ControlSet002\Services\msahci", "Start") == "0"
+    assert hivexget(hive, r"\ControlSet002\Services\intelide", "Start") == "3"
     cdd = r"\ControlSet002\Control\CriticalDeviceDatabase"
     assert hivexget(hive, cdd + r"\pci#cc_010601", "Service") == "msahci"
     assert hivexget(hive, r"\ControlSet002\Services\Gho2kvmMergeIde", "Start") == "0"

@@ -425,8 +425,10 @@ def test_win7_run_outcome(runs: Runs) -> None:
 def test_win7_changes_land_in_control_set_002(runs: Runs) -> None:
     system = runs.hives["win7-system"]
     assert hivexget(system, r"\Select", "Current") == "2"
-    for svc in ("msahci", "atapi", "intelide", "pciide"):
+    for svc in ("atapi", "intelide"):  # the IDE boot drivers (disk_bus ide) ...
         assert hivexget(system, rf"\ControlSet002\Services\{svc}", "Start") == "0", svc
+    for svc in ("msahci", "pciide"):  # ... and only those: the others keep the guest's own Start
+        assert hivexget(system, rf"\ControlSet002\Services\{svc}", "Start") == "3", svc
     cdd = r"\ControlSet002\Control\CriticalDeviceDatabase"
     assert hivexget(system, rf"{cdd}\pci#cc_010601", "Service") == "msahci"
     assert hivexget(system, rf"{cdd}\pci#ven_8086&dev_7010", "Service") == "intelide"

@@ -69,6 +69,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(escape(err, 2000) if err else f"inspect failed ({res.status.name})", file=sys.stderr)
         return 2 if record.get("refused") else 1
     print(json.dumps(r["result"], indent=2))
+    for w in r.get("warnings") or []:  # e.g. a damaged or dirty hive: one line each
+        print(escape(w, 2000), file=sys.stderr)
     return 0
 
 

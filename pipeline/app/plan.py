@@ -40,7 +40,7 @@ def reason(st: StepStatus) -> str:
 def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
     """``REFUSED: ...``/``warning: ...`` lines for images whose inspect facts exist: bus/NIC
     readiness and user ``.reg`` files naming a control set the guest does not boot from."""
-    from pipeline.steps.registry_merge import plan_warnings
+    from pipeline.steps.registry_merge import plan_edits, plan_warnings
 
     notes: list[str] = []
     for img in cfg.images:
@@ -54,6 +54,11 @@ def plan_notes(cfg: Config, only: str | None = None) -> list[str]:
         except Exception as e:  # a .reg file changed into something malformed since the config check
             refusals, warnings = [f"image '{img.id}': {e}"], []
         notes += [f"REFUSED: {r}" for r in refusals] + [f"warning: {w}" for w in warnings]
+        if not refusals:
+            try:
+                notes += [f"registry: {line}" for line in plan_edits(img, facts)]
+            except Exception as e:  # the same malformed file: already one line above
+                notes.append(f"registry: image '{img.id}': edits cannot be counted: {e}")
         notes += [f"image '{img.id}': network: {i.describe()}" for i in facts.network if i.adapter]
     return notes
 

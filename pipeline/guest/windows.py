@@ -33,6 +33,22 @@ DRIVER_FILES = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys", "msahc
 #: services looked for in the live control set by inspect (``services``: name -> Start or None)
 SERVICES = ("atapi", "intelide", "pciide", "msahci", "storahci", "viostor", "netkvm")
 
+#: the services whose ``Start`` decides whether the guest boots from QEMU's disk controller on a bus
+#: (PIIX3 IDE 8086:7010 → intelide with its channels on atapi; ICH9 AHCI → the inbox AHCI driver);
+#: the built-in fix sets change only these Starts, and fill in the others only where absent
+BOOT_SERVICES: dict[str, dict[str, tuple[str, ...]]] = {
+    NT5: {"ide": ("atapi", "intelide"), "sata": ()},
+    NT6: {"ide": ("atapi", "intelide"), "sata": ("msahci",)},
+    NT62: {"ide": ("atapi", "intelide"), "sata": ("storahci",)},
+}
+
+
+def boot_services(fam: str, bus: str) -> tuple[str, ...]:
+    """The services of :data:`BOOT_SERVICES` for ``bus``; ``virtio`` counts as ``ide`` (the disk
+    falls back to IDE when no viostor is found, and the CD-ROM is always on IDE)."""
+    return BOOT_SERVICES.get(fam, BOOT_SERVICES[NT5]).get("ide" if bus == "virtio" else bus, ())
+
+
 #: the IDE drivers every fix set points at (missing ones are a warning of registry-merge)
 IDE_DRIVERS = ("atapi.sys", "intelide.sys", "pciide.sys", "pciidex.sys")
 #: the inbox AHCI driver per family (None: the family has none)

@@ -22,20 +22,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import replace
 from importlib import resources
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
-from pipeline.registry.regfile import Op, RegType, decode_value, encode_multi_sz, encode_sz, parse_bytes
+from pipeline.registry.regfile import (
+    Op,
+    Policy,
+    RegType,
+    decode_value,
+    encode_multi_sz,
+    encode_sz,
+    parse_bytes,
+)
 
 if TYPE_CHECKING:
     from pipeline.steps.inspect import InspectFacts
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "mergeide": {
-        guest.NT5: ("mergeide_cdd.reg", "mergeide_xp.reg"),
+        guest.NT5: ("mergeide_cdd.reg", "mergeide_cdd_xp.reg", "mergeide_xp.reg"),
         guest.NT6: ("mergeide_cdd.reg", "mergeide_nt6.reg"),
         guest.NT62: ("mergeide_nt62.reg",),
     },
@@ -83,8 +92,9 @@ def data_hash() -> str:
     return h.hexdigest()
 
 
-def builtin_ops(name: str, os_major: int | None, os_minor: int | None) -> list[Op]:
-    """Parsed ops of built-in set ``name`` for the Windows version ``os_major.os_minor``.
+def builtin_ops(name: str, os_major: int | None, os_minor: int | None, bus: str = "ide") -> list[Op]:
+    """Parsed ops of built-in set ``name`` for the Windows version ``os_major.os_minor`` booting from
+    ``bus``, each with its :class:`~pipeline.registry.regfile.Policy` (:func:`fix_policies`).
 
     Keys use ``CurrentControlSet``; pass the result through :func:`pipeline.registry.plan.plan`.
     Raises InputError for an unknown name.
@@ -92,7 +102,58 @@ def builtin_ops(name: str, os_major: int | None, os_minor: int | None) -> list[O
     ops: list[Op] = []
     for fname in data_files(name, os_major, os_minor):
         ops.extend(_data_ops(name, fname))
-    return ops
+    return fix_policies(ops, variant_for(os_major, os_minor), bus)
+
+
+_CCS = re.escape("HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\")
+_CDD_ENTRY = re.compile(_CCS + r"Control\\CriticalDeviceDatabase\\[^\\]+$", re.IGNORECASE)
+_SERVICE = re.compile(_CCS + r"Services\\([^\\]+)(\\.*)?$", re.IGNORECASE)
+
+
+def _cdd_policy(op: Op) -> Policy | None:
+    """A CriticalDeviceDatabase entry: the key kept whole when Windows maps it to a service the guest
+    has; a missing ClassGUID added as Windows spells it; a Service naming no service replaced."""
+    if not _CDD_ENTRY.match(op.key):
+        return None
+    if op.is_key:
+        return Policy.CDD
+    return Policy.FILL_SPELLED if (op.name or "").lower() == "classguid" else Policy.FORCE
+
+
+def fix_policies(ops: list[Op], fam: str, bus: str) -> list[Op]:
+    """The policies of a MergeIDE-style fix set: CriticalDeviceDatabase entries as
+    :func:`_cdd_policy`; a service the set defines whole (with an ``ImagePath``) is created where
+    absent, a service it only tunes (a ``Start``) is left alone where absent; only the ``Start`` (and
+    ``StartOverride``) of :func:`pipeline.guest.windows.boot_services` is changed, every other value
+    only filled in. NT 6+ get Windows 7's lower-case ClassGUID where the hive shows no spelling."""
+    boot = {s.lower() for s in guest.boot_services(fam, bus)}
+    whole = {m.group(1).lower() for op in ops if (op.name or "").lower() == "imagepath"
+             and (m := _SERVICE.match(op.key))}
+    out = []
+    for op in ops:
+        policy = _cdd_policy(op)
+        if policy is None:
+            m = _SERVICE.match(op.key)
+            if m is None:
+                policy = Policy.FILL
+            elif op.is_key:
+                policy = Policy.FILL if m.group(1).lower() in whole else Policy.EXISTING
+            else:
+                sub = (m.group(2) or "").lower()
+                forced = m.group(1).lower() in boot and (
+                    (not sub and (op.name or "").lower() == "start") or sub == "\\startoverride")
+                policy = Policy.FORCE if forced else Policy.FILL
+        if policy == Policy.FILL_SPELLED and fam != guest.NT5 and op.type == RegType.SZ:
+            text = decode_value(op.type, op.data or b"")
+            op = replace(op, data=encode_sz(str(text).lower()))
+        out.append(replace(op, policy=policy))
+    return out
+
+
+def _virtio_policies(ops: list[Op]) -> list[Op]:
+    """The virtio driver is the chosen one: its values are forced; CriticalDeviceDatabase entries
+    follow :func:`_cdd_policy` (an entry already mapping the id to a service the guest has is kept)."""
+    return [replace(op, policy=_cdd_policy(op) or Policy.FORCE) for op in ops]
 
 
 def virtio_ops(driver: str, facts: InspectFacts) -> list[Op]:
@@ -102,7 +163,7 @@ def virtio_ops(driver: str, facts: InspectFacts) -> list[Op]:
     if fnames is None:
         raise ValueError(f"{driver} cannot be installed offline in {guest.guest_name(facts)}")
     arch = guest.arch_of(facts)
-    return [_with_arch(op, arch) for fname in fnames for op in _data_ops("virtio", fname)]
+    return _virtio_policies([_with_arch(op, arch) for fname in fnames for op in _data_ops("virtio", fname)])
 
 
 def _with_arch(op: Op, arch: str) -> Op:
@@ -126,3 +187,14 @@ def required_drivers() -> list[str]:
     """Driver files (in ``System32\\drivers``) the mergeide changes need to boot on IDE (a missing
     AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.windows.decide`)."""
     return list(guest.IDE_DRIVERS)
+
+
+def snapshot_ops(facts: InspectFacts) -> list[Op]:
+    """Every built-in op this guest could get (each set, each bus, the virtio drivers it can take):
+    the keys inspect records for ``gho2kvm plan`` (:func:`pipeline.registry.edits.snapshot`). A
+    new built-in change set adds its ops here so that plan can count them."""
+    ops = [op for name in BUILTIN_SETS for op in builtin_ops(name, facts.major_version, facts.minor_version)]
+    for driver in VIRTIO_SETS:
+        if guest.facts_family(facts) in VIRTIO_SETS[driver]:
+            ops += virtio_ops(driver, facts)
+    return ops

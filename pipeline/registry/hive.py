@@ -17,10 +17,8 @@ Binary layout written by :func:`write_empty_hive` (all integers little-endian)::
 from __future__ import annotations
 
 import os
-import re
 import struct
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core import atomic
@@ -216,18 +214,3 @@ def _hive_key(key_path: str) -> str:
     if len(k) > 1:
         k = k.rstrip("\\")
     return k
-
-
-def service_starts(hive_path: str | os.PathLike[str], control_set: str, names: Sequence[str], *,
-                   image_id: str | None = None, step: str = "inspect") -> dict[str, int | None]:
-    """``{service: Start}`` for each of ``names`` under ``\\<control_set>\\Services`` of a local
-    SYSTEM hive: None when the service key is absent, -1 when it has no ``Start`` dword."""
-    out: dict[str, int | None] = {}
-    for name in names:
-        values = hivex.get(hive_path, f"\\{control_set}\\Services\\{name}", image_id=image_id, step=step)
-        if values is None:
-            out[name] = None
-            continue
-        m = re.search(r'^"Start"=dword:([0-9a-fA-F]{8})\s*$', values, re.M | re.I)
-        out[name] = int(m.group(1), 16) if m else -1
-    return out

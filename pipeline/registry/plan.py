@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from pipeline.registry.regfile import Op, RegSyntaxError
+from pipeline.registry.regfile import Op, Policy, RegSyntaxError
 
 HKLM = "HKEY_LOCAL_MACHINE"
 HIVE_PREFIXES: dict[str, str] = {
@@ -126,7 +126,8 @@ def plan(ops: Iterable[Op], current_control_set: str | int) -> dict[str, list[Op
             continue
         for anc in _ancestors(key):
             if anc.lower() not in done:
-                todo.append(Op(anc, file=op.file, line=op.line))
+                policy = Policy.EXISTING if op.policy == Policy.EXISTING else Policy.EXACT
+                todo.append(Op(anc, file=op.file, line=op.line, policy=policy, ancestor=True))
                 done.add(anc.lower())
         todo.append(replace(op, key=key))
         done.add(lk)

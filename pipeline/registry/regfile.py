@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 
 from pipeline.core.errors import InputError
@@ -61,6 +61,24 @@ class RegSyntaxError(InputError):
         super().__init__(f"{file}:{line}: {message}", image_id=image_id, step=step)
 
 
+class Policy(StrEnum):
+    """How an op meets what the hive already has (:mod:`pipeline.registry.edits` does the accounting).
+
+    ``exact``: a user's ``.reg``: do what it says. ``fill``: add when absent, keep the guest's own
+    value. ``fill_spelled``: ``fill``, a string spelled (case) like the same-named value of the
+    key's siblings in the hive. ``force``: add when absent, change when different. ``existing``:
+    ``force`` (a value) or create nothing (a key) where the key is absent in the guest. ``cdd``: a
+    CriticalDeviceDatabase entry: kept whole when its ``Service`` names a service the guest has.
+    """
+
+    EXACT = "exact"
+    FILL = "fill"
+    FILL_SPELLED = "fill_spelled"
+    FORCE = "force"
+    EXISTING = "existing"
+    CDD = "cdd"
+
+
 @dataclass(frozen=True)
 class Op:
     """One registry change.
@@ -80,6 +98,8 @@ class Op:
     delete: bool = False
     file: str = "<text>"
     line: int = 0
+    policy: Policy = Policy.EXACT
+    ancestor: bool = False  # a parent key plan() inserted (hivexregedit needs parents first)
 
     @property
     def is_key(self) -> bool:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import vmdk
+from pipeline.core import log
 from pipeline.core.choices import Step
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import RUNTIME, JsonRecord
@@ -29,8 +30,10 @@ from pipeline.guest.fixes import BootSettings
 from pipeline.guest.hypervisor_tools import ToolService
 from pipeline.guest.network import NetInterface
 from pipeline.guest.ntfsgeom import BootGeometry
-from pipeline.registry import hive
-from pipeline.tools import qemu_img
+from pipeline.registry import builtin, edits, hivefile, regf
+from pipeline.registry.hivefile import HIVES, HiveFacts
+from pipeline.registry.plan import plan
+from pipeline.tools import hivex, qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
 
 STEP = Step.INSPECT
@@ -102,6 +105,10 @@ class InspectFacts(JsonRecord):
     drivers_present: Mapping[str, bool] | None = None  # guest.DRIVER_FILES → found in System32\drivers
     disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.read_in_guest
     services: Mapping[str, int | None] | None = None  # guest.SERVICES → Start (None: absent)
+    #: SYSTEM/SOFTWARE as found: base block, logs, replay, damage (pipeline.registry.hivefile)
+    hives: tuple[HiveFacts, ...] = ()
+    #: what the built-in change sets would meet in each hive ({hive: pipeline.registry.edits.snapshot})
+    registry_snapshot: Mapping[str, Any] | None = None
     network: tuple[NetInterface, ...] = ()  # every Tcpip interface of the live set
     hypervisor_tools: tuple[ToolService, ...] = ()  # other hypervisors' tools installed
     boot_settings: BootSettings | None = None  # CrashControl, RealTimeIsUniversal, CPU drivers
@@ -110,10 +117,19 @@ class InspectFacts(JsonRecord):
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What a user should know before the first boot (independent of the config)."""
+        out = []
+        for h in self.hives:
+            if h.damaged:
+                out.append(h.damage_line(self.image_id or "?"))
+            elif h.warning:
+                out.append(f"image '{self.image_id}': {h.warning}")
         found = (guest_net.static_warning(self.network, restore=False),
                  hvtools.tools_warning(self.hypervisor_tools, disable_vmware=False))
-        return tuple(w for w in found if w)
+        out += [w for w in found if w]
+        return tuple(out)
+
+    def hive(self, name: str) -> HiveFacts | None:
+        return next((h for h in self.hives if h.name.upper() == name.upper()), None)
 
     @property
     def is_windows(self) -> bool:
@@ -301,11 +317,85 @@ def guest_facts(source: Path, fmt: str, image_id: str | None, *, force_tcg: bool
         facts["drivers_present"] = _drivers(g, facts["systemroot"])
         facts["disk_signature"] = disksig.read_in_guest(g, dev, facts["systemroot"], image_id=image_id,
                                                         step=STEP)
-        facts.update(_system_hive_facts(g, facts, image_id))
+        with tempfile.TemporaryDirectory(prefix="gho2kvm-inspect-") as td:
+            local = fetch_hives(g, facts["systemroot"], Path(td), image_id=image_id, step=STEP)
+            facts.update(hive_facts(local, facts, image_id))
         geometry = ntfsgeom.read_in_guest(g, root)
         facts["boot_geometry"] = geometry.to_dict() if geometry is not None else None
         g.offer()
     return facts
+
+
+@dataclass(frozen=True)
+class LocalHive:
+    """One hive downloaded from the guest: the facts, and the checked (replayed when dirty) local
+    copy to read (None when the hive is absent or damaged)."""
+
+    facts: HiveFacts
+    path: Path | None
+
+
+def fetch_hives(g: Guestfish, systemroot: str, td: Path, *, image_id: str | None, step: str,
+                names: Sequence[str] = HIVES) -> dict[str, LocalHive]:
+    """Download hives ``names`` and their ``.LOG``/``.LOG1``/``.LOG2`` from ``System32/config``
+    (one listing, one download batch), examine each (:func:`pipeline.registry.hivefile.examine`:
+    base block, log replay, format check), let hivex walk the checked copy, and return them. A
+    hive that is missing is left out; a damaged one has ``facts.damaged`` and no path."""
+    try:
+        config = g("case-sensitive-path", f"{systemroot}/System32/config").strip()
+        listing = g.lines("ls", config)
+    except ToolError:
+        return {}
+    by_lower = {n.lower(): n for n in listing}
+    wanted: dict[str, tuple[str, list[str]]] = {}
+    for name in names:
+        real = by_lower.get(name.lower())
+        if real is not None:
+            wanted[name] = (real, hivefile.log_names(name, listing))
+    files = [f for real, logs in wanted.values() for f in (real, *logs)]
+    kinds = g.batch(*(("is-file", f"{config}/{f}") for f in files), check=False)
+    regular = {f for f, k in zip(files, kinds, strict=True) if k.strip() == "true"}
+    g.batch(*(("download", f"{config}/{f}", str(td / f"g-{f}")) for f in files if f in regular))
+    out: dict[str, LocalHive] = {}
+    for name, (real, logs) in wanted.items():
+        if real not in regular:
+            continue
+        ex = hivefile.examine_files(name, td / f"g-{real}", [td / f"g-{lg}" for lg in logs if lg in regular],
+                                    guest_path=f"{config}/{real}")
+        facts = replace(ex.facts, logs_found=tuple(lg for lg in logs if lg in regular))
+        path = None
+        if ex.data is not None:
+            path = hivefile.write_copy(ex, td / f"{name}.checked")
+            problem = hivex.walk(path, image_id=image_id, step=step)
+            if problem is not None:
+                facts, path = replace(facts, damaged=problem), None
+        out[name] = LocalHive(facts, path)
+    return out
+
+
+def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any],
+               image_id: str | None) -> dict[str, Any]:
+    """Inspect's facts from the checked hive copies: the hives' own facts, the storage services'
+    Start values, and the snapshot ``gho2kvm plan`` counts the built-in edits on. Each reader is a
+    plain function of ``(local hive path, control set)``."""
+    ccs = facts.get("current_control_set") or "ControlSet001"
+    out: dict[str, Any] = {"hives": [h.facts.to_dict() for h in local.values()]}
+    for h in local.values():
+        if h.facts.damaged:
+            log.get().warning("hive damaged", detail=h.facts.damage_line(image_id or "?"))
+        elif h.facts.warning:
+            log.get().warning("hive dirty", detail=h.facts.warning)
+    system = local.get("SYSTEM")
+    if system is not None and system.path is not None:
+        out["services"] = hivefile.service_starts(system.path, ccs, guest.SERVICES)
+        out.update(system_hive_facts(system.path, ccs, image_id))
+    probe = InspectFacts(os="windows", major_version=facts.get("major_version"),
+                         minor_version=facts.get("minor_version"), arch=facts.get("arch"))
+    planned = plan(builtin.snapshot_ops(probe), ccs)
+    out["registry_snapshot"] = {
+        name: edits.snapshot(regf.Hive(h.path.read_bytes()), planned.get(name, []))
+        for name, h in local.items() if h.path is not None}
+    return out
 
 
 def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
@@ -320,27 +410,10 @@ def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
     return {n: bool(p) and is_file[p] for n, p in zip(names, paths, strict=True)}
 
 
-def _system_hive_facts(g: Guestfish, facts: dict[str, Any], image_id: str | None) -> dict[str, Any]:
-    """Facts read from a local copy of the SYSTEM hive (same appliance): the Start of the
-    storage/virtio services, the network interfaces, other hypervisors' tools, the boot settings."""
-    try:
-        path = g("case-sensitive-path", f"{facts['systemroot']}/System32/config/SYSTEM").strip()
-    except ToolError:
-        return {}
-    with tempfile.TemporaryDirectory(prefix="gho2kvm-inspect-") as td:
-        local = Path(td) / "SYSTEM"
-        try:
-            g("download", path, str(local))
-        except ToolError:
-            return {}
-        return system_hive_facts(local, facts.get("current_control_set") or "ControlSet001", image_id)
-
-
 def system_hive_facts(local: Path, ccs: str, image_id: str | None) -> dict[str, Any]:
-    """The facts of :func:`_system_hive_facts` from a LOCAL SYSTEM hive file and its live set (as
-    JSON values, what :meth:`InspectFacts.from_dict` takes)."""
-    return {"services": hive.service_starts(local, ccs, guest.SERVICES, image_id=image_id, step=STEP),
-            "network": [i.to_dict() for i in guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)],
+    """The guest's network interfaces, other hypervisors' tools and boot settings from a LOCAL
+    (checked, replayed) SYSTEM hive file and its live set (as JSON values for InspectFacts)."""
+    return {"network": [i.to_dict() for i in guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)],
             "hypervisor_tools": [t.to_dict() for t in hvtools.installed(local, ccs, image_id=image_id,
                                                                         step=STEP)],
             "boot_settings": fixes.boot_settings(local, ccs, image_id=image_id, step=STEP).to_dict()}

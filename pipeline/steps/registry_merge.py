@@ -29,7 +29,7 @@ from pipeline.guest import disksig, fixes, ntfsgeom, virtio
 from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
-from pipeline.registry import builtin, hive, regfile
+from pipeline.registry import builtin, edits, hive, regf, regfile
 from pipeline.registry.plan import (
     HIVE_PREFIXES,
     control_set_findings,
@@ -38,7 +38,7 @@ from pipeline.registry.plan import (
     remap_control_sets,
 )
 from pipeline.registry.verify import verify
-from pipeline.steps.inspect import InspectFacts
+from pipeline.steps.inspect import InspectFacts, fetch_hives
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, overlay_session
 
@@ -130,7 +130,7 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
     ccs = facts.control_set
     for entry in inp.registry:
         if isinstance(entry, BuiltinSet):
-            ops += builtin.builtin_ops(entry.builtin, facts.major_version, facts.minor_version)
+            ops += builtin.builtin_ops(entry.builtin, facts.major_version, facts.minor_version, boot_bus(inp))
             continue
         try:
             file_ops = regfile.parse_file(str(entry))
@@ -172,6 +172,15 @@ def guest_warnings(inp: MergeInput) -> list[str]:
     return [w for w in found if w] + list(guest_plan(inp).warnings)
 
 
+def boot_bus(inp: MergeInput) -> str:
+    """The bus the built-in fix sets prepare the guest to boot from: the decided bus, and for
+    virtio the configured bus it falls back to when no viostor is found (``ide`` for virtio)."""
+    bus = readiness(inp).disk_bus
+    if bus == "virtio":
+        return inp.disk_bus if inp.disk_bus != "virtio" else "ide"
+    return bus
+
+
 def readiness(inp: MergeInput, installed: list[str] | None = None) -> guest.Readiness:
     """Bus/NIC decision for this image (refusals and warnings included); see :func:`guest.decide`."""
     tree = str(inp.virtio) if inp.virtio is not None else None
@@ -186,9 +195,46 @@ def plan_warnings(image: ImageConfig, facts: InspectFacts) -> tuple[list[str], l
         return [], []
     inp = MergeInput.from_config(image, facts)
     ready = readiness(inp)
-    _ops, reg_warnings = collect_ops(inp)
-    return list(ready.refusals), [*ready.warnings, *reg_warnings, *driver_warnings(facts),
-                                  *guest_warnings(inp)]
+    ops, reg_warnings = collect_ops(inp)
+    hive_warnings = [f"image '{image.id}': {h.warning}" for h in facts.hives if h.warning and not h.damaged]
+    return ([*ready.refusals, *hive_refusals(inp.image_id, facts, edited_hives(inp, ops))],
+            [*ready.warnings, *reg_warnings, *driver_warnings(facts), *hive_warnings,
+             *guest_warnings(inp)])
+
+
+def edited_hives(inp: MergeInput, ops: list[regfile.Op]) -> list[str]:
+    """The hives registry-merge would edit: those of the planned ops, and SYSTEM for a virtio
+    switch-over (its ops are known only once the drivers are found). Refuses bad keys."""
+    names = list(plan(ops, inp.facts.control_set))
+    if inp.virtio is not None and guest.virtio_switch_supported(inp.facts) and "SYSTEM" not in names:
+        names.append("SYSTEM")
+    return names
+
+
+def hive_refusals(image_id: str, facts: InspectFacts, names: list[str]) -> list[str]:
+    """One line per hive the changes would edit (``names``) that inspect found damaged."""
+    out = []
+    for name in names:
+        h = facts.hive(name)
+        if h is not None and h.damaged:
+            out.append(h.damage_line(image_id))
+    return out
+
+
+def plan_edits(image: ImageConfig, facts: InspectFacts) -> list[str]:
+    """``gho2kvm plan``'s counts of what registry-merge would add, change and keep in each hive,
+    from inspect's snapshot (``unknown``: keys inspect did not read, e.g. a user's ``.reg``)."""
+    if not facts.is_windows or not image.registry:
+        return []
+    inp = MergeInput.from_config(image, facts)
+    ops, _ = collect_ops(inp)
+    snaps = facts.registry_snapshot or {}
+    out = []
+    for name, hive_ops in plan(ops, facts.control_set).items():
+        acct = edits.account(hive_ops, edits.SnapshotView(snaps.get(name, {})))
+        out.append(f"image '{image.id}': {name} hive: {edits.summary(acct.counts())}"
+                   + ("" if name in snaps else " (inspect recorded nothing of this hive)"))
+    return out
 
 
 def driver_warnings(facts: InspectFacts) -> list[str]:
@@ -213,7 +259,9 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
     ready.raise_refusals(image_id, STEP)  # before anything is written
     ops, reg_warnings = collect_ops(inp)
     ccs = facts.control_set
-    plan(ops, ccs)  # refuse bad keys before the overlay exists
+    refused = hive_refusals(image_id, facts, edited_hives(inp, ops))  # bad keys refused here too
+    if refused:
+        raise InputError(refused[0], image_id=image_id, step=STEP)
     for w in reg_warnings:
         log.get().warning("registry file", detail=w)
     warnings = [*reg_warnings, *driver_warnings(facts)]
@@ -244,39 +292,56 @@ def registry_merge(inp: MergeInput, *, progress: Callable[[str], None] | None = 
             g("mount", root, "/")
             installed = _virtio_install(g, drivers, facts) if drivers else {}
             guest_files = _write_guest_files(g, fix.files, facts, image_id)
-            config_dir = g("case-sensitive-path", f"{facts.systemroot or '/Windows'}/System32/config")
-            config_dir = config_dir.strip()
-            # each phase's guestfish commands in one batch (one guestfish process, Guestfish.batch)
-            names = list(planned)
-            found = [p.strip() for p in g.batch(*(("case-sensitive-path", f"{config_dir}/{n}")
-                                                  for n in names))]
-            guest_paths = dict(zip(names, found, strict=True))
-            for name, is_file in zip(names, g.batch(*(("is-file", p) for p in found)), strict=True):
-                if is_file.strip() != "true":
-                    raise InputError(f"hive {guest_paths[name]} not found in the guest", image_id=image_id,
-                                     step=STEP)
-            g.batch(*(("download", guest_paths[n], str(Path(td) / n)) for n in names))
+            local = fetch_hives(g, facts.systemroot or "/Windows", Path(td), image_id=image_id, step=STEP,
+                                names=list(planned))
+            accounts: dict[str, edits.Accounting] = {}
             for name, hive_ops in planned.items():
+                got = local.get(name)
+                if got is None:
+                    raise InputError(f"hive {name} not found in the guest's System32/config",
+                                     image_id=image_id,
+                                     step=STEP)
+                if got.path is None:
+                    raise InputError(got.facts.damage_line(image_id), image_id=image_id, step=STEP)
+                if got.facts.warning:
+                    warnings.append(f"image '{image_id}': {got.facts.warning}")
                 say(f"merging {name}")
-                hive.apply_reg(Path(td) / name, regfile.to_reg_text(hive_ops), HIVE_PREFIXES[name],
-                               image_id=image_id, step=STEP)
-            g.batch(*(("upload", str(Path(td) / n), guest_paths[n]) for n in names))
+                view = edits.RegfView(regf.Hive(got.path.read_bytes()))
+                acct = accounts[name] = edits.account(hive_ops, view)
+                if acct.write:
+                    hive.apply_reg(got.path, regfile.to_reg_text(acct.write), HIVE_PREFIXES[name],
+                                   image_id=image_id, step=STEP)
+            # only a hive that changes is uploaded: a dirty hive nothing is written to keeps its
+            # logs for Windows to replay; an uploaded one is clean and newer than every log entry
+            changed = [n for n, a in accounts.items() if a.write]
+            paths = {n: local[n].path for n in changed}
+            g.batch(*(("upload", str(paths[n]), local[n].facts.guest_path) for n in changed))
             # read back from the overlay through a fresh mount
             say("verifying")
             g.batch(("umount-all",), ("mount-ro", root, "/"),
-                    *(("download", guest_paths[n], str(Path(td) / f"{n}.readback")) for n in names))
-            for name, hive_ops in planned.items():
-                back = Path(td) / f"{name}.readback"
-                mismatches = verify(back, hive_ops, image_id=image_id, step=STEP)
-                if mismatches:
-                    raise ToolError(f"{name} hive read back from the overlay differs: "
-                                    f"{'; '.join(mismatches[:5])}", tool="hivex", argv=[],
-                                    returncode=None, image_id=image_id, step=STEP)
+                    *(("download", local[n].facts.guest_path, str(Path(td) / f"{n}.readback"))
+                      for n in changed))
+            for name, acct in accounts.items():
+                if acct.write:
+                    back = Path(td) / f"{name}.readback"
+                    mismatches = verify(back, acct.write, image_id=image_id, step=STEP)
+                    if mismatches:
+                        raise ToolError(f"{name} hive read back from the overlay differs: "
+                                        f"{'; '.join(mismatches[:5])}", tool="hivex", argv=[],
+                                        returncode=None, image_id=image_id, step=STEP)
+                hf = local[name].facts
                 hives_done[name] = {
-                    "guest_path": guest_paths[name],
-                    "keys": sum(1 for op in hive_ops if op.is_key),
-                    "values": sum(1 for op in hive_ops if not op.is_key),
+                    "guest_path": hf.guest_path,
+                    "keys": sum(1 for op in acct.write if op.is_key),
+                    "values": sum(1 for op in acct.write if not op.is_key),
                     "verified": True,
+                    "written": bool(acct.write),
+                    "dirty": hf.dirty, "logs_found": list(hf.logs_found),
+                    "entries_replayed": hf.entries_replayed, "values_recovered": hf.values_recovered,
+                    "sequence_numbers": [hf.primary_seq, hf.secondary_seq],
+                    "replay_stopped": hf.replay_stopped,
+                    "counts": acct.counts(),
+                    "edits": [e.to_dict() for e in acct.edits],
                 }
             _virtio_verify(g, installed, image_id)
             shared = g.launched_by != STEP  # inspect's appliance, taken over: no launch here

@@ -70,3 +70,17 @@ def get(hive_path: str | os.PathLike[str], key: str, *, image_id: str | None = N
     """``hivexget HIVE KEY``: the key's values as regedit lines, None when hivexget fails (no such key)."""
     res = run([HIVEXGET, os.fspath(hive_path), key], step=step, image_id=image_id, check=False, timeout=60)
     return res.stdout if res.returncode == 0 else None
+
+
+HIVEXML = "hivexml"
+
+
+def walk(hive_path: str | os.PathLike[str], *, image_id: str | None = None, step: str) -> str | None:
+    """hivex opens the hive and visits every key and value (``hivexml``, output discarded): None
+    when it can, else the reason in hivex's words without paths (the file is ours, a temp copy)."""
+    res = run([HIVEXML, os.fspath(hive_path)], step=step, image_id=image_id, check=False, timeout=300)
+    if res.returncode == 0:
+        return None
+    words = (res.stderr or "").strip().splitlines()
+    last = words[-1] if words else f"hivexml exit {res.returncode}"
+    return "hivex cannot read it (" + last.replace(os.fspath(hive_path), "the hive").split(": ")[-1] + ")"
