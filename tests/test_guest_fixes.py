@@ -46,7 +46,7 @@ def _read_facts(hive_path: Path, name: str) -> InspectFacts:
     major, _, minor = spec.version.partition(".")
     return InspectFacts.from_dict({"os": "windows", "major_version": int(major), "minor_version": int(minor),
                                    "current_control_set": CS[name], "product_name": spec.product,
-                                   **system_hive_facts(hive_path, CS[name], "t")})
+                                   **system_hive_facts(hive_path, CS[name], "t")[0]})
 
 
 def test_static_interfaces_with_adapter_and_driver(hives: dict[str, Path]) -> None:

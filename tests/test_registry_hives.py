@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import ImageConfig
+from pipeline.guest import fixes
 from pipeline.registry import builtin, edits, hive, hivefile, regf, regfile, txlog
 from pipeline.registry.plan import plan
 from pipeline.steps.inspect import InspectFacts
-from pipeline.steps.registry_merge import plan_edits, plan_warnings
+from pipeline.steps.registry_merge import MergeInput, collect_ops, plan_edits, plan_warnings
 from pipeline.tools import hivex
 from tests.support import hives
 from tests.support.hives import GUID_IDE, NO_SERVICE_CDD, STALE_CDD, VENDOR_IDE
@@ -110,8 +111,12 @@ def test_start_only_sets_create_no_service_keys(tmp_path: Path) -> None:
 
 def test_plan_counts_from_inspects_snapshot_match_the_merge(win7: Path, tmp_path: Path) -> None:
     h = regf.Hive(win7.read_bytes())
-    snap = edits.snapshot(h, plan(builtin.snapshot_ops(W7), "ControlSet001")["SYSTEM"])
-    ops = _mergeide()
+    # what inspect records: the keys of every built-in set and of the guest fixes (AutoReboot here)
+    bare = ImageConfig(id="w7", source=tmp_path / "w7.raw", registry=(), workdir=tmp_path)
+    guest_ops, _ = collect_ops(MergeInput.from_config(bare, W7))
+    assert guest_ops and {op.file for op in guest_ops} == {fixes.SOURCE}
+    snap = edits.snapshot(h, plan([*guest_ops, *builtin.snapshot_ops(W7)], "ControlSet001")["SYSTEM"])
+    ops = plan([*guest_ops, *builtin.builtin_ops("mergeide", 6, 1, "ide")], "ControlSet001")["SYSTEM"]
     planned = edits.account(ops, edits.SnapshotView(snap)).counts()
     assert planned == edits.account(ops, edits.RegfView(h)).counts()
     reg = tmp_path / "extra.reg"

@@ -470,7 +470,7 @@ def raw_section_length(walker: Walker, pos: int, limit: int, table: int | None =
 
 def raw_data_ends_at(walker: Walker, end: int, limit: int) -> bool:
     """True if unframed sector data may end at ``end``: the trailer, a partition header, or an end-of-run
-    record followed by one of them (§8.1)."""
+    record followed by one of them (§8)."""
     if end > limit:
         return False
     if end == limit or walker.part_header_at(end) is not None:

@@ -28,7 +28,7 @@ from pipeline.core.receipts import JsonRecord
 from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest.hiveread import read_tree
 from pipeline.guest.network import NET_CLASS, NetInterface
-from pipeline.registry.regfile import Op, RegType, encode_dword, encode_multi_sz, encode_sz
+from pipeline.registry.regfile import Op, Policy, RegType, encode_dword, encode_multi_sz, encode_sz
 
 CCS = "HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet"
 SOURCE = "gho2kvm (guest fixes)"
@@ -109,12 +109,16 @@ class FixPlan:
     files: tuple[GuestFile, ...] = ()
 
 
-def _dword(key: str, name: str, value: int) -> Op:
-    return Op(key=f"{CCS}\\{key}", name=name, type=RegType.DWORD, data=encode_dword(value), file=SOURCE)
+def _dword(key: str, name: str, value: int, policy: Policy = Policy.FORCE) -> Op:
+    """A DWORD set to ``value``; ``policy`` (pipeline.registry.edits): ``force`` adds or changes it,
+    ``existing`` only where the guest has the key (a service it does not have is not created)."""
+    return Op(key=f"{CCS}\\{key}", name=name, type=RegType.DWORD, data=encode_dword(value), file=SOURCE,
+              policy=policy)
 
 
 def _sz(key: str, name: str, value: str, kind: int = RegType.SZ) -> Op:
-    return Op(key=f"{CCS}\\{key}", name=name, type=kind, data=encode_sz(value), file=SOURCE)
+    return Op(key=f"{CCS}\\{key}", name=name, type=kind, data=encode_sz(value), file=SOURCE,
+              policy=Policy.FORCE)
 
 
 def _shown(v: int | None) -> str:
@@ -135,7 +139,7 @@ def cpu_driver_ops(settings: BootSettings) -> tuple[list[Op], list[Change]]:
     ops, changes = [], []
     for name, start in settings.cpu_drivers:
         if start is not None and start <= 1:
-            ops.append(_dword(f"Services\\{name}", "Start", DEMAND_START))
+            ops.append(_dword(f"Services\\{name}", "Start", DEMAND_START, Policy.EXISTING))
             changes.append(Change("cpu-driver", f"CurrentControlSet\\Services\\{name}", "Start", str(start),
                                   str(DEMAND_START), "loaded at boot on a CPU of the other vendor (QEMU's "
                                   "default CPU model is AMD's) it stops the guest with 0x7E; demand start "
@@ -155,7 +159,7 @@ def vmware_ops(tools: Sequence[hvtools.ToolService]) -> tuple[list[Op], list[Cha
             continue
         if t.start == DISABLED:
             continue
-        ops.append(_dword(f"Services\\{t.name}", "Start", DISABLED))
+        ops.append(_dword(f"Services\\{t.name}", "Start", DISABLED, Policy.EXISTING))
         changes.append(Change("vmware-tools", f"CurrentControlSet\\Services\\{t.name}", "Start",
                               _shown(t.start), str(DISABLED), f"{entry.what}: nothing for it on KVM"))
     return ops, changes, notes
@@ -310,7 +314,7 @@ def firstboot_service_ops() -> list[Op]:
     image = (f"%SystemRoot%\\System32\\cmd.exe /c start \"{FIRSTBOOT_SERVICE}\" /min "
              f"%SystemRoot%\\System32\\cmd.exe /c %SystemRoot%\\{FIRSTBOOT_DIR}\\{FIRSTBOOT_SCRIPT}")
     return [
-        Op(key=f"{CCS}\\{key}", file=SOURCE),
+        Op(key=f"{CCS}\\{key}", file=SOURCE, policy=Policy.FORCE),
         _dword(key, "Type", 0x10),
         _dword(key, "Start", 2),
         _dword(key, "ErrorControl", 0),
@@ -320,7 +324,7 @@ def firstboot_service_ops() -> list[Op]:
         _sz(key, "Description", f"Re-applies the network settings the guest had before the migration; "
                                 f"log: %SystemRoot%\\{FIRSTBOOT_DIR}\\firstboot.log"),
         Op(key=f"{CCS}\\{key}", name="DependOnService", type=RegType.MULTI_SZ,
-           data=encode_multi_sz(["Tcpip"]), file=SOURCE),
+           data=encode_multi_sz(["Tcpip"]), file=SOURCE, policy=Policy.FORCE),
     ]
 
 

@@ -30,7 +30,7 @@ from pipeline.guest.fixes import BootSettings
 from pipeline.guest.hypervisor_tools import ToolService
 from pipeline.guest.network import NetInterface
 from pipeline.guest.ntfsgeom import BootGeometry
-from pipeline.registry import builtin, edits, hivefile, regf
+from pipeline.registry import builtin, edits, hivefile, regf, regfile
 from pipeline.registry.hivefile import HIVES, HiveFacts
 from pipeline.registry.plan import plan
 from pipeline.tools import hivex, qemu_img
@@ -386,12 +386,16 @@ def hive_facts(local: Mapping[str, LocalHive], facts: Mapping[str, Any],
         elif h.facts.warning:
             log.get().warning("hive dirty", detail=h.facts.warning)
     system = local.get("SYSTEM")
+    guest_ops: list[regfile.Op] = []
     if system is not None and system.path is not None:
         out["services"] = hivefile.service_starts(system.path, ccs, guest.SERVICES)
-        out.update(system_hive_facts(system.path, ccs, image_id))
+        found, guest_ops = system_hive_facts(system.path, ccs, image_id,
+                                             major=facts.get("major_version") or 0,
+                                             minor=facts.get("minor_version") or 0)
+        out.update(found)
     probe = InspectFacts(os="windows", major_version=facts.get("major_version"),
                          minor_version=facts.get("minor_version"), arch=facts.get("arch"))
-    planned = plan(builtin.snapshot_ops(probe), ccs)
+    planned = plan([*guest_ops, *builtin.snapshot_ops(probe)], ccs)
     out["registry_snapshot"] = {
         name: edits.snapshot(regf.Hive(h.path.read_bytes()), planned.get(name, []))
         for name, h in local.items() if h.path is not None}
@@ -410,13 +414,18 @@ def _drivers(g: Guestfish, systemroot: str) -> dict[str, bool]:
     return {n: bool(p) and is_file[p] for n, p in zip(names, paths, strict=True)}
 
 
-def system_hive_facts(local: Path, ccs: str, image_id: str | None) -> dict[str, Any]:
+def system_hive_facts(local: Path, ccs: str, image_id: str | None, *, major: int = 0,
+                      minor: int = 0) -> tuple[dict[str, Any], list[regfile.Op]]:
     """The guest's network interfaces, other hypervisors' tools and boot settings from a LOCAL
-    (checked, replayed) SYSTEM hive file and its live set (as JSON values for InspectFacts)."""
-    return {"network": [i.to_dict() for i in guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)],
-            "hypervisor_tools": [t.to_dict() for t in hvtools.installed(local, ccs, image_id=image_id,
-                                                                        step=STEP)],
-            "boot_settings": fixes.boot_settings(local, ccs, image_id=image_id, step=STEP).to_dict()}
+    (checked, replayed) SYSTEM hive file and its live set (as JSON values for InspectFacts), and every
+    op the guest fixes could make with them (every option on: what ``gho2kvm plan`` counts on)."""
+    settings = fixes.boot_settings(local, ccs, image_id=image_id, step=STEP)
+    tools = hvtools.installed(local, ccs, image_id=image_id, step=STEP)
+    net = guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)
+    every = fixes.GuestOptions(vmware_tools="disable", network_restore="static")
+    ops = fixes.guest_fixes(settings, tools, net, every, major=major, minor=minor, image_id=image_id or "?").ops
+    return ({"network": [i.to_dict() for i in net], "hypervisor_tools": [t.to_dict() for t in tools],
+             "boot_settings": settings.to_dict()}, list(ops))
 
 
 def _firmware(g: Guestfish, dev: str, ptable: str) -> str:

@@ -154,6 +154,10 @@ def guest_plan(inp: MergeInput) -> fixes.FixPlan:
     f = inp.facts
     if not f.is_windows:
         return fixes.FixPlan()
+    system = f.hive("SYSTEM")
+    if system is not None and system.damaged:  # they are gho2kvm's, not the user's: skipped, said
+        return fixes.FixPlan(warnings=(f"image '{inp.image_id}': guest fixes (AutoReboot, drivers, network, "
+                                       f"tools) skipped: the SYSTEM hive is damaged",))
     return fixes.guest_fixes(f.boot_settings, f.hypervisor_tools, f.network, inp.guest,
                              major=f.major_version or 0, minor=f.minor_version or 0, image_id=inp.image_id)
 
