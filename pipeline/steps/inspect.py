@@ -423,7 +423,8 @@ def system_hive_facts(local: Path, ccs: str, image_id: str | None, *, major: int
     tools = hvtools.installed(local, ccs, image_id=image_id, step=STEP)
     net = guest_net.interfaces(local, ccs, image_id=image_id, step=STEP)
     every = fixes.GuestOptions(vmware_tools="disable", network_restore="static")
-    ops = fixes.guest_fixes(settings, tools, net, every, major=major, minor=minor, image_id=image_id or "?").ops
+    ops = fixes.guest_fixes(settings, tools, net, every, major=major, minor=minor,
+                            image_id=image_id or "?").ops
     return ({"network": [i.to_dict() for i in net], "hypervisor_tools": [t.to_dict() for t in tools],
              "boot_settings": settings.to_dict()}, list(ops))
 
