@@ -118,7 +118,8 @@ def test_vmware_folder(tmp_path: Path) -> None:
         '.encoding = "UTF-8"\nvirtualHW.version = "7"\ndisplayName = "XP Office"\nguestOS = "winxppro"\n'
         'memsize = "768"\nnumvcpus = "2"\nscsi0:1.present = "TRUE"\nscsi0:1.fileName = "data.vmdk"\n'
         'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\nide1:0.fileName = "x.iso"\n'
-        'ide0:0.present = "TRUE"\nide0:0.fileName = "xp.vmdk"\nethernet0.address = "52:54:00:12:34:56"\n')
+        'ide0:0.present = "TRUE"\nide0:0.fileName = "xp.vmdk"\nethernet0.present = "TRUE"\n'
+        'ethernet0.address = "52:54:00:12:34:56"\n')
     # a standalone monolithicSparse disk and a snapshot (delta) of another one, next to it
     other = tmp_path / "shelf" / "disks"
     other.mkdir()
