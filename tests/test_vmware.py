@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline.core.config import load_config
 from pipeline.core.errors import InputError
+from pipeline.steps.vm_source import resolve_config
 from pipeline.vmware.vmx import parse_vmx, read_vmsd_names, read_vmx
 
 ESX = """.encoding = "UTF-8"
@@ -160,3 +166,120 @@ def test_vmsd_names_snapshots_by_the_disk_they_froze(tmp_path: Path) -> None:
         'snapshot0.disk0.node = "ide0:0"\n')
     assert read_vmsd_names(tmp_path / "VM.vmsd") == {"xp.vmdk": "before SP3"}
     assert read_vmsd_names(tmp_path / "missing.vmsd") == {}
+
+
+# -- source: VM.vmx in a config (no appliance: the config resolved, `gho2kvm plan`) --------------------
+def qemu_img(*args: str | Path) -> None:
+    subprocess.run(["qemu-img", "create", "-q", *map(str, args)], check=True)
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "GHO2KVM_PROGRESS": "0"})
+
+
+XP_VMX = """.encoding = "UTF-8"
+displayName = "XP Office PC"
+annotation = "reception desk"
+guestOS = "winxppro"
+memsize = "768"
+numvcpus = "2"
+ide0:0.present = "TRUE"
+ide0:0.fileName = "XP Office PC.vmdk"
+ide1:0.present = "TRUE"
+ide1:0.deviceType = "cdrom-raw"
+ide1:0.fileName = "auto detect"
+sound.present = "TRUE"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "e1000"
+ethernet0.addressType = "generated"
+ethernet0.generatedAddress = "00:0c:29:5e:aa:01"
+"""
+
+
+def vm_config(tmp_path: Path, vmx_text: str = XP_VMX, disks: tuple[str, ...] = ("XP Office PC.vmdk",),
+              **keys: object) -> Path:
+    vm = tmp_path / "XP Office PC"
+    vm.mkdir(exist_ok=True)
+    for d in disks:
+        qemu_img("-f", "vmdk", vm / d, "16M")
+    (vm / "XP Office PC.vmx").write_text(vmx_text)
+    cfg = tmp_path / "migrate.yaml"
+    image = {"id": "xp", "source": "XP Office PC/XP Office PC.vmx", **keys}
+    cfg.write_text(yaml.safe_dump({"defaults": {"workdir": str(tmp_path / "work"),
+                                                "output_dir": str(tmp_path / "out")}, "images": [image]}))
+    return cfg
+
+
+def test_vmx_source_gives_disk_and_settings_config_wins(tmp_path: Path) -> None:
+    cfg = resolve_config(load_config(vm_config(tmp_path, vcpus=1, title="Reception")))
+    (img,) = cfg.images
+    assert img.source == tmp_path / "XP Office PC" / "XP Office PC.vmdk"
+    assert img.vm == tmp_path / "XP Office PC" / "XP Office PC.vmx"
+    assert (img.memory_mib, img.vcpus, img.title, img.description) == (768, 1, "Reception", "reception desk")
+    assert img.mac == "00:0c:29:5e:aa:01" and img.nic_model == "e1000"
+    origins = {k: o for k, _, o in img.origins}
+    assert origins["memory_mib"] == "vmx" and origins["vcpus"] == "config (the VM says 2)"
+    assert origins["title"].startswith("config") and origins["mac"].startswith("vmx")
+
+
+def test_plan_shows_where_each_value_came_from_and_writes_nothing(tmp_path: Path) -> None:
+    cfg = vm_config(tmp_path, memory_mib=1024)
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "image xp: from VMware VM" in r.stdout
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("  ")}
+    assert "(config (the VM says 768))" in lines["memory_mib"]
+    assert "2  (vmx)" in lines["vcpus"] and "00:0c:29:5e:aa:01  (vmx: ethernet0 (generated))" in lines["mac"]
+    assert "XP Office PC.vmdk  (vmx ide0:0)" in lines["source"]
+    ignored = [ln for ln in r.stdout.splitlines() if ln.startswith("  ignored")]
+    assert any("ide1:0: CD-ROM" in ln for ln in ignored) and any("sound" in ln for ln in ignored)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, want", [
+    ("missing", "XP Office PC.vmx:8: disk ide0:0 'XP Office PC.vmdk': No such file or directory"),
+    ("directory", "XP Office PC.vmx:8: disk ide0:0 'XP Office PC.vmdk' is a directory, not a disk file"),
+    ("outside", "lies outside the VM's folder"),
+    ("snapshot", "is the delta disk of snapshot 'before SP3' (parent XP Office PC.vmdk); consolidate the "
+                 "snapshots in VMware first"),
+    ("two disks", "the VM has 2 disks (ide0:0 XP Office PC.vmdk, ide0:1 data.vmdk)"),
+    ("no disks", "the .vmx names no disk"),
+    ("binary", "not a .vmx file (binary data"),
+    ("dup slot", ":9: device slot ide0:0 has filename twice (also on line 8)"),
+])
+def test_bad_vm_source_is_one_line_exit_2_nothing_written(tmp_path: Path, case: str, want: str) -> None:
+    vm = tmp_path / "XP Office PC"
+    vmx_text, disks = XP_VMX, ("XP Office PC.vmdk",)
+    if case == "missing":
+        disks = ()
+    elif case == "directory":
+        disks = ()
+        (vm / "XP Office PC.vmdk").mkdir(parents=True)
+    elif case == "outside":
+        vmx_text = XP_VMX.replace('"XP Office PC.vmdk"', '"../elsewhere.vmdk"')
+        qemu_img("-f", "vmdk", tmp_path / "elsewhere.vmdk", "16M")
+    elif case == "snapshot":
+        vmx_text = XP_VMX.replace('"XP Office PC.vmdk"', '"XP Office PC-000001.vmdk"')
+        vm.mkdir()
+        (vm / "XP.vmsd").write_text('snapshot0.displayName = "before SP3"\n'
+                                    'snapshot0.disk0.fileName = "XP Office PC.vmdk"\n')
+        qemu_img("-f", "vmdk", vm / "XP Office PC.vmdk", "16M")
+        qemu_img("-f", "vmdk", "-b", "XP Office PC.vmdk", "-F", "vmdk", vm / "XP Office PC-000001.vmdk")
+    elif case == "two disks":
+        vmx_text = XP_VMX + 'ide0:1.present = "TRUE"\nide0:1.fileName = "data.vmdk"\n'
+        disks = ("XP Office PC.vmdk", "data.vmdk")
+    elif case == "no disks":
+        vmx_text = XP_VMX.replace("ide0:0.present", "ide0:0.absent")
+    elif case == "binary":
+        vmx_text = XP_VMX + "\x00\x01\x02"
+    elif case == "dup slot":
+        vmx_text = XP_VMX.replace('ide0:0.fileName = "XP Office PC.vmdk"\n',
+                                  'ide0:0.fileName = "XP Office PC.vmdk"\nIDE0:0.FILENAME = "other.vmdk"\n')
+    cfg = vm_config(tmp_path, vmx_text, disks)
+    for args in (("plan",), ("migrate",)):
+        r = run_cli(*args, "--config", cfg)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and want in err and "Traceback" not in err, err
+        assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

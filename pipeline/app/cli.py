@@ -21,8 +21,11 @@ SETTING_FLAGS = ("force_tcg", "scheduler", "scheduler_url")
 
 
 def _load(args: argparse.Namespace):
-    """The config with its settings built once: YAML, then environment, then the flags given."""
-    return load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
+    """The config with its settings built once: YAML, then environment, then the flags given; VM
+    sources (``.vmx``) resolved to their disks and settings."""
+    from pipeline.steps.vm_source import resolve_config
+
+    return resolve_config(load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS}))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

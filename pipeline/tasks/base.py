@@ -34,6 +34,7 @@ from pipeline.core.config import Config, ImageConfig, load_config
 from pipeline.core.errors import Gho2KvmError, InputError
 from pipeline.core.receipts import Outcome, R, Receipt
 from pipeline.core.settings import Settings
+from pipeline.steps.vm_source import resolve_config
 
 _config_cache: dict[tuple[str, int], Config] = {}
 _settings: dict[str, Settings] = {}  # config path → the settings the CLI resolved (flags included)
@@ -78,7 +79,7 @@ def get_config(path: str) -> Config:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns)
     if key not in _config_cache:
-        cfg = load_config(path)
+        cfg = resolve_config(load_config(path))
         if key[0] in _settings:
             cfg = dataclasses.replace(cfg, settings=_settings[key[0]])
         _config_cache[key] = cfg

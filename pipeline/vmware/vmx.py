@@ -260,9 +260,9 @@ def _facts(path: Path, enc: str, values: dict[str, str], lines: dict[str, int]) 
                  ).strip().lower()
         mkey = f"{p}.address" if atype == "static" else f"{p}.generatedaddress"
         mac = (values.get(mkey) or "").strip().lower().replace("-", ":") or None
-        if mac is not None and not _MAC_RE.match(mac):
-            raise _fail(path, lines.get(mkey), f"{mkey} is {escape(mac, 40)!r}; expected six hex pairs "
-                                               "like 00:50:56:01:02:03")
+        if mac is not None and (not _MAC_RE.match(mac) or int(mac[:2], 16) & 1):
+            raise _fail(path, lines.get(mkey), f"{mkey} is {escape(mac, 40)!r}; expected a unicast MAC, six "
+                                               "hex pairs like 00:50:56:01:02:03")
         model = (values.get(f"{p}.virtualdev") or "").strip().lower() or None
         nics.append(VmxNic(n, model, mac, atype, lines.get(f"{p}.present", 0)))
     for dev, what in (("floppy0", "floppy"), ("floppy1", "floppy"), ("usb", "USB controller"),
