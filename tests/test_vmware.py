@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import yaml
 from pipeline.core.config import load_config
 from pipeline.core.errors import InputError
 from pipeline.steps.vm_source import resolve_config
+from pipeline.vmware import ovf
 from pipeline.vmware.vmx import parse_vmx, read_vmsd_names, read_vmx
 
 ESX = """.encoding = "UTF-8"
@@ -283,3 +287,206 @@ def test_bad_vm_source_is_one_line_exit_2_nothing_written(tmp_path: Path, case: 
         err = r.stderr.strip()
         assert len(err.splitlines()) == 1 and want in err and "Traceback" not in err, err
         assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+# -- .ovf / .ova -------------------------------------------------------------------------------------
+def ovf_xml(disks: list[tuple[str, str, str, int]], *, nvme: bool = False, extra: str = "",
+            refs: str | None = None) -> str:
+    """An OVF 1.x envelope as ovftool writes it; ``disks``: (file, controller instance id, unit, GiB)."""
+    files = refs if refs is not None else "".join(
+        f'<File ovf:href="{f}" ovf:id="file{i}" ovf:size="{{size{i}}}"/>'
+        for i, (f, _, _, _) in enumerate(disks))
+    dsec = "".join(f'<Disk ovf:capacity="{gib}" ovf:capacityAllocationUnits="byte * 2^30" '
+                   f'ovf:diskId="vmdisk{i}" ovf:fileRef="file{i}" ovf:format="http://www.vmware.com/interfaces/specifications/'
+                   f'vmdk.html#streamOptimized"/>' for i, (_, _, _, gib) in enumerate(disks))
+    items = "".join(f'<Item><rasd:AddressOnParent>{u}</rasd:AddressOnParent><rasd:ElementName>Hard disk {i}'
+                    f'</rasd:ElementName><rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>'
+                    f'<rasd:InstanceID>{10 + i}</rasd:InstanceID><rasd:Parent>{c}</rasd:Parent>'
+                    f'<rasd:ResourceType>17</rasd:ResourceType></Item>'
+                    for i, (_, c, u, _) in enumerate(disks))
+    return f'''<?xml version="1.0" encoding="UTF-8"?>
+<Envelope vmw:buildId="build-1" xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+ xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:vmw="http://www.vmware.com/schema/ovf"
+ xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+  <References>{files}</References>
+  <DiskSection><Info>Virtual disk information</Info>{dsec}</DiskSection>
+  <VirtualSystem ovf:id="W2K3 SQL">
+    <Info>A virtual machine</Info><Name>W2K3 SQL</Name>
+    <AnnotationSection><Info>note</Info><Annotation>SQL 2000 server</Annotation></AnnotationSection>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <Item><rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits><rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>4</rasd:VirtualQuantity>
+        <vmw:CoresPerSocket ovf:required="false">2</vmw:CoresPerSocket></Item>
+      <Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>3072</rasd:VirtualQuantity></Item>
+      <Item><rasd:Address>0</rasd:Address><rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+      <Item><rasd:Address>1</rasd:Address><rasd:InstanceID>4</rasd:InstanceID>
+        <rasd:ResourceType>5</rasd:ResourceType></Item>
+      <Item><rasd:Address>0</rasd:Address><rasd:InstanceID>5</rasd:InstanceID>
+        <rasd:ResourceSubType>{"vmware.nvme.controller" if nvme else "vmware.sata.ahci"}
+        </rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType></Item>
+      <Item ovf:required="false"><rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:ElementName>CD/DVD drive 1</rasd:ElementName><rasd:InstanceID>6</rasd:InstanceID>
+        <rasd:Parent>4</rasd:Parent>
+        <rasd:ResourceType>15</rasd:ResourceType></Item>
+      <Item><rasd:Address>00:50:56:ab:00:01</rasd:Address>
+        <rasd:ElementName>Network adapter 1</rasd:ElementName>
+        <rasd:InstanceID>7</rasd:InstanceID><rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceType>10</rasd:ResourceType></Item>
+      {items}{extra}
+      <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>'''
+
+
+def make_ova(tmp_path: Path, disks: dict[str, bytes], ovf_text: str, *, manifest: str | None = "SHA256",
+             tamper: str | None = None, members: list[tarfile.TarInfo] | None = None) -> Path:
+    sizes = {f"size{i}": len(d) for i, d in enumerate(disks.values())}
+    ovf_bytes = ovf_text.format(**sizes).encode() if sizes else ovf_text.encode()
+    files = {"vm.ovf": ovf_bytes, **disks}
+    if manifest:
+        h = {"SHA1": hashlib.sha1, "SHA256": hashlib.sha256}[manifest]
+        files["vm.mf"] = "".join(f"{manifest}({n})= {h(b).hexdigest()}\n" for n, b in files.items()).encode()
+    if tamper:
+        files[tamper] = files[tamper][:-1] + bytes([files[tamper][-1] ^ 1])
+    out = tmp_path / "vm.ova"
+    with tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, b in files.items():
+            ti = tarfile.TarInfo(n)
+            ti.size = len(b)
+            tar.addfile(ti, io.BytesIO(b))
+        for ti in members or []:
+            tar.addfile(ti, io.BytesIO(b"x" * ti.size) if ti.isreg() else None)
+    return out
+
+
+def test_ova_read_in_place_manifest_checked(tmp_path: Path) -> None:
+    disks = {"sql-disk1.vmdk": b"KDMV" + b"\1" * 3000, "sql-disk2.vmdk": b"KDMV" + b"\2" * 700,
+             "sql-disk3.vmdk": b"KDMV" + b"\3" * 10}
+    text = ovf_xml([("sql-disk1.vmdk", "3", 0, 40), ("sql-disk2.vmdk", "5", 1, 100),
+                    ("sql-disk3.vmdk", "5", 0, 2)])
+    ova = ovf.read_ova(make_ova(tmp_path, disks, text))
+    o = ova.ovf
+    assert [(d.file.href, d.bus, d.controller, d.unit, d.capacity) for d in o.disks] == [
+        ("sql-disk3.vmdk", "sata", 0, 0, 2 << 30), ("sql-disk2.vmdk", "sata", 0, 1, 100 << 30),
+        ("sql-disk1.vmdk", "scsi", 0, 0, 40 << 30)]
+    assert all(d.stream_optimized for d in o.disks)
+    assert (o.name, o.annotation, o.memory_mib, o.vcpus, o.cores_per_socket, o.firmware) == (
+        "W2K3 SQL", "SQL 2000 server", 3072, 4, 2, "efi")
+    assert o.nics == (ovf.OvfNic("e1000", "00:50:56:ab:00:01"),)
+    assert any("CD/DVD" in i for i in o.info)
+    m = ova.members["sql-disk2.vmdk"]  # read in place: the member's bytes at its offset in the tar
+    with open(ova.path, "rb") as f:
+        f.seek(m.offset)
+        assert f.read(m.size) == disks["sql-disk2.vmdk"]
+    assert ova.manifest is not None and set(ova.manifest) == {"vm.ovf", *disks}
+    nvme_text = ovf_xml([("a.vmdk", "5", 3, 1)], nvme=True).format(size0=1)
+    nvme = ovf.parse_ovf(nvme_text.encode(), tmp_path / "x.ovf")
+    assert [(d.bus, d.unit) for d in nvme.disks] == [("nvme", 3)]
+
+
+def test_ova_sha1_manifest_and_without_manifest(tmp_path: Path) -> None:
+    disks = {"d.vmdk": b"KDMV" + b"\0" * 100}
+    text = ovf_xml([("d.vmdk", "3", 0, 1)])
+    assert ovf.read_ova(make_ova(tmp_path, disks, text, manifest="SHA1")).manifest is not None
+    assert ovf.read_ova(make_ova(tmp_path, disks, text, manifest=None)).manifest is None
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 3, link: str = "") -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.linkname = kind, size if kind == tarfile.REGTYPE else 0, link
+    return ti
+
+
+@pytest.mark.parametrize("case, want", [
+    ("bad checksum", "member 'd.vmdk' fails its SHA256 check"),
+    ("bad descriptor checksum", "member 'vm.ovf' fails its SHA256 check"),
+    ("dotdot", "member '../evil' is not a plain file name"),
+    ("absolute", "member '/etc/cron.d/x' is not a plain file name"),
+    ("nested", "member 'sub/x.vmdk' is not a plain file name"),
+    ("symlink", "member 'link.vmdk' is a link"),
+    ("hardlink", "member 'hard.vmdk' is a link"),
+    ("device", "member 'zero' is a device or FIFO"),
+    ("fifo", "member 'pipe' is a device or FIFO"),
+    ("folder", "member 'dir' is a folder"),
+    ("duplicate", "member 'D.VMDK' appears twice"),
+    ("not in manifest", "member 'd.vmdk' is not in the manifest"),
+    ("missing disk", "the OVF references 'gone.vmdk', which the OVA does not hold"),
+    ("size mismatch", "member 'd.vmdk' is 104 bytes, the OVF says 5"),
+])
+def test_hostile_or_damaged_ova_is_one_line(tmp_path: Path, case: str, want: str) -> None:
+    disks = {"d.vmdk": b"KDMV" + b"\0" * 100}
+    text = ovf_xml([("d.vmdk", "3", 0, 1)])
+    kw: dict = {}
+    extra = {"dotdot": _member("../evil"), "absolute": _member("/etc/cron.d/x"),
+             "nested": _member("sub/x.vmdk"),
+             "symlink": _member("link.vmdk", tarfile.SYMTYPE, link="/etc/shadow"),
+             "hardlink": _member("hard.vmdk", tarfile.LNKTYPE, link="d.vmdk"),
+             "device": _member("zero", tarfile.CHRTYPE), "fifo": _member("pipe", tarfile.FIFOTYPE),
+             "folder": _member("dir", tarfile.DIRTYPE), "duplicate": _member("D.VMDK")}
+    if case in extra:
+        kw["members"] = [extra[case]]
+    elif case == "bad checksum":
+        kw["tamper"] = "d.vmdk"
+    elif case == "bad descriptor checksum":
+        kw["tamper"] = "vm.ovf"
+    elif case == "missing disk":
+        text = text.replace('ovf:href="d.vmdk"', 'ovf:href="gone.vmdk"')
+    elif case == "size mismatch":
+        text = text.replace('ovf:size="{size0}"', 'ovf:size="5"')
+    path = make_ova(tmp_path, disks, text, **kw)
+    if case == "not in manifest":
+        path = make_ova(tmp_path, disks, text, manifest=None)  # rebuilt, the manifest naming only the .ovf
+        with tarfile.open(path, "a") as tar:
+            mf = f"SHA256(vm.ovf)= {hashlib.sha256(text.format(size0=104).encode()).hexdigest()}\n".encode()
+            ti = tarfile.TarInfo("vm.mf")
+            ti.size = len(mf)
+            tar.addfile(ti, io.BytesIO(mf))
+    with pytest.raises(InputError) as e:
+        ovf.read_ova(path)
+    msg = e.value.one_line()
+    assert want in msg and msg.startswith(str(path)) and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("text, want", [
+    ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><Envelope/>', "DTD or entity declaration"),
+    ("<Envelope><References>", "not an OVF descriptor (XML:"),
+    ("<html/>", "the root element is 'html'"),
+    ('<Envelope xmlns:ovf="o"><References><File ovf:id="f" ovf:href="../../etc/passwd"/></References>'
+     "</Envelope>", "href '../../etc/passwd' is not a plain file name"),
+    ('<Envelope xmlns:ovf="o"><References><File ovf:id="f" ovf:href="a"/><File ovf:id="g" ovf:href="A"/>'
+     "</References></Envelope>", "References names file 'g' twice"),
+    ('<Envelope xmlns:ovf="o"><References/><DiskSection><Disk ovf:diskId="d" ovf:fileRef="nope"/>'
+     "</DiskSection></Envelope>", "Disk 'd' fileRef 'nope' names no References/File"),
+    ("<Envelope/>", "OVF holds 0 virtual systems"),
+])
+def test_bad_ovf_is_one_line(tmp_path: Path, text: str, want: str) -> None:
+    with pytest.raises(InputError) as e:
+        ovf.parse_ovf(text.encode(), tmp_path / "x.ovf")
+    assert want in e.value.one_line(), e.value.one_line()
+
+
+def test_two_disks_on_one_slot_refused(tmp_path: Path) -> None:
+    text = ovf_xml([("a.vmdk", "3", 0, 1), ("b.vmdk", "3", 0, 1)]).format(size0=1, size1=1)
+    with pytest.raises(InputError, match="two disks on scsi0:0"):
+        ovf.parse_ovf(text.encode(), tmp_path / "x.ovf")
+
+
+def test_unpacked_ovf_folder_checked_against_its_manifest(tmp_path: Path) -> None:
+    d = b"KDMV" + b"\0" * 50
+    text = ovf_xml([("d.vmdk", "3", 0, 1)]).format(size0=len(d)).encode()
+    (tmp_path / "vm.ovf").write_bytes(text)
+    (tmp_path / "d.vmdk").write_bytes(d)
+    (tmp_path / "vm.mf").write_text(f"SHA1(vm.ovf)= {hashlib.sha1(text).hexdigest()}\n"
+                                    f"SHA1(d.vmdk)= {hashlib.sha1(d).hexdigest()}\n")
+    assert [x.file.href for x in ovf.verify_ovf_folder(tmp_path / "vm.ovf").disks] == ["d.vmdk"]
+    (tmp_path / "d.vmdk").write_bytes(d + b"!")
+    with pytest.raises(InputError, match="'d.vmdk' fails its SHA1 check"):
+        ovf.verify_ovf_folder(tmp_path / "vm.ovf")
+    (tmp_path / "vm.mf").write_text("MD5(d.vmdk)= 00\n")
+    with pytest.raises(InputError, match=r"vm.mf:1: expected SHA1\(file\)="):
+        ovf.verify_ovf_folder(tmp_path / "vm.ovf")

@@ -37,6 +37,7 @@ from pipeline.core.config import ID_RE, MAC_RE, SOURCE_SUFFIXES, ConfigError, lo
 from pipeline.core.errors import Gho2KvmError, InputError, escape
 from pipeline.core.safeio import MiB, file_kind, open_nonblocking, read_capped
 from pipeline.gho.spans import resolve_first
+from pipeline.vmware.ovf import ova_members, read_ovf
 from pipeline.vmware.vmx import read_vmx
 
 MAX_DEPTH = 16
@@ -528,34 +529,16 @@ def _vmx(path: Path, descriptors: dict[Path, _Desc], real_roots: list[str], warn
 
 def _ovf_disks(path: Path, warn: Warn) -> list[Path]:
     try:
-        text = read_capped(path, MAX_TEXT, ".ovf file").decode("utf-8", "replace")
+        ovf = read_ovf(path)
     except Gho2KvmError as e:
         warn(escape(e.one_line(), 400))
         return []
-    return [Path(os.path.normpath(path.parent / h)) for h in re.findall(r'href="([^"/\\]+)"', text)][:64]
-
-
-MAX_TAR_MEMBERS = 32
+    return [Path(os.path.normpath(path.parent / f.href)) for f in ovf.files]
 
 
 def _tar_names(path: Path) -> list[str]:
-    """The first member names of an .ova (a tar): 512-byte headers only, the data skipped by seeking."""
-    fd, st = open_nonblocking(path)
-    try:
-        if file_kind(st.st_mode) is not None:
-            raise OSError(0, "not a regular file")
-        names: list[str] = []
-        pos = 0
-        while len(names) < MAX_TAR_MEMBERS and pos + 512 <= st.st_size:
-            h = os.pread(fd, 512, pos)
-            if h[257:262] != b"ustar" or not h[:100].strip(b"\0"):
-                break
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            names.append(comment(h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")))
-            pos += 512 + -(-size // 512) * 512
-        return names
-    finally:
-        os.close(fd)
+    """The member names of an .ova (its tar headers only, each member checked)."""
+    return [comment(m.name) for m in ova_members(path)][:32]
 
 
 def _qcow2(path: Path, head: bytes) -> Found:
