@@ -490,3 +490,44 @@ def test_unpacked_ovf_folder_checked_against_its_manifest(tmp_path: Path) -> Non
     (tmp_path / "vm.mf").write_text("MD5(d.vmdk)= 00\n")
     with pytest.raises(InputError, match=r"vm.mf:1: expected SHA1\(file\)="):
         ovf.verify_ovf_folder(tmp_path / "vm.ovf")
+
+
+def ovf_folder(tmp_path: Path, disks: list[str]) -> Path:
+    app = tmp_path / "appliance"
+    app.mkdir()
+    for d in disks:
+        qemu_img("-f", "vmdk", "-o", "subformat=streamOptimized", app / d, "16M")
+    sizes = {f"size{i}": (app / d).stat().st_size for i, d in enumerate(disks)}
+    text = ovf_xml([(d, "3", i, 1) for i, d in enumerate(disks)]).format(**sizes).encode()
+    (app / "sql.ovf").write_bytes(text)
+    (app / "sql.mf").write_text(f"SHA256(sql.ovf)= {hashlib.sha256(text).hexdigest()}\n" + "".join(
+        f"SHA256({d})= {hashlib.sha256((app / d).read_bytes()).hexdigest()}\n" for d in disks))
+    cfg = tmp_path / "migrate.yaml"
+    cfg.write_text(yaml.safe_dump({"defaults": {"workdir": str(tmp_path / "work"),
+                                                "output_dir": str(tmp_path / "out")},
+                                   "images": [{"id": "sql", "source": "appliance/sql.ovf"}]}))
+    return cfg
+
+
+def test_unpacked_ovf_source_gives_disk_and_settings(tmp_path: Path) -> None:
+    (img,) = resolve_config(load_config(ovf_folder(tmp_path, ["sql-disk1.vmdk"]))).images
+    assert img.source == tmp_path / "appliance" / "sql-disk1.vmdk"
+    assert (img.memory_mib, img.vcpus, img.title, img.mac, img.nic_model) == (
+        3072, 4, "W2K3 SQL", "00:50:56:ab:00:01", "e1000")
+    assert ("firmware", "uefi") in [(k, v) for k, v, _ in img.origins]
+
+
+def test_ovf_source_with_a_damaged_disk_is_refused_before_use(tmp_path: Path) -> None:
+    cfg = ovf_folder(tmp_path, ["sql-disk1.vmdk"])
+    disk = tmp_path / "appliance" / "sql-disk1.vmdk"
+    data = bytearray(disk.read_bytes())
+    data[-1] ^= 1
+    disk.write_bytes(bytes(data))
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 2, r.stderr
+    assert "'sql-disk1.vmdk' fails its SHA256 check against sql.mf" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "two").mkdir()
+    two = ovf_folder(tmp_path / "two", ["a.vmdk", "b.vmdk"])
+    r = run_cli("plan", "--config", two)
+    assert r.returncode == 2 and "the VM has 2 disks (scsi0:0 a.vmdk, scsi0:1 b.vmdk)" in r.stderr, r.stderr

@@ -21,12 +21,13 @@ from pathlib import Path
 from pipeline import vmdk
 from pipeline.core.errors import InputError
 from pipeline.core.safeio import escape, file_kind
+from pipeline.vmware.ovf import Ovf, OvfDisk
 from pipeline.vmware.vmx import Vmx, VmxDisk, read_vmsd_names
 
 #: VMware virtualDev → the KVM NIC model the guest already has a driver for (None: none in the guest
 #: without VMware Tools, so the default by Windows version is kept)
-NIC_MODELS: dict[str, str | None] = {"e1000": "e1000", "e1000e": "e1000", "vlance": None, "vmxnet": None,
-                                     "vmxnet2": None, "vmxnet3": None}
+NIC_MODELS: dict[str, str | None] = {"e1000": "e1000", "e1000e": "e1000", "vlance": None, "pcnet32": None,
+                                     "vmxnet": None, "vmxnet2": None, "vmxnet3": None}
 
 
 @dataclass(frozen=True)
@@ -80,26 +81,57 @@ def vm_disks(vm: Vmx, allowed_dirs: tuple[Path, ...] = (), image_id: str | None 
 
 def vm_values(vm: Vmx) -> list[VmValue]:
     """What the VM says for the config keys, in a fixed order (a key it does not say is left out)."""
+    nic = vm.nics[0] if vm.nics else None
+    return _values(vm.memory_mib, vm.vcpus, vm.cores_per_socket, vm.display_name, vm.annotation,
+                   nic.mac if nic else None, nic.model if nic else None,
+                   f"ethernet{nic.index} ({nic.address_type})" if nic else "", vm.firmware)
+
+
+def ovf_values(ovf: Ovf) -> list[VmValue]:
+    """The same for an OVF appliance's virtual system."""
+    nic = ovf.nics[0] if ovf.nics else None
+    return _values(ovf.memory_mib, ovf.vcpus, ovf.cores_per_socket, ovf.name, ovf.annotation,
+                   nic.mac if nic else None, nic.model if nic else None, "Network adapter 1 (OVF)",
+                   ovf.firmware)
+
+
+def _values(memory: int | None, vcpus: int | None, cores: int | None, title: str | None,
+            description: str | None, mac: str | None, model: str | None, nic_name: str,
+            firmware: str | None) -> list[VmValue]:
     out: list[VmValue] = []
-    if vm.memory_mib is not None:
-        out.append(VmValue("memory_mib", max(vm.memory_mib, 64),
-                           "" if vm.memory_mib >= 64 else f"memsize {vm.memory_mib} raised to 64"))
-    if vm.vcpus is not None:
-        cores = vm.cores_per_socket or 1
-        out.append(VmValue("vcpus", vm.vcpus, f"{vm.vcpus // cores} socket(s) × {cores} core(s) in VMware"
-                           if cores > 1 else ""))
-    if vm.display_name:
-        out.append(VmValue("title", vm.display_name.replace("\r", " ").replace("\n", " ")))
-    if vm.annotation:
-        out.append(VmValue("description", vm.annotation))
-    if vm.nics:
-        nic = vm.nics[0]
-        if nic.mac:
-            out.append(VmValue("mac", nic.mac, f"ethernet{nic.index} ({nic.address_type})"))
-        if nic.model:
-            model = NIC_MODELS.get(nic.model)
-            out.append(VmValue("nic_model", model, f"VMware {nic.model}" + (
-                "" if model else ": no driver for it without VMware Tools, so by Windows version")))
-    if vm.firmware:
-        out.append(VmValue("firmware", "uefi" if vm.firmware == "efi" else "bios"))
+    if memory is not None:
+        out.append(VmValue("memory_mib", max(memory, 64),
+                           "" if memory >= 64 else f"memsize {memory} raised to 64"))
+    if vcpus is not None:
+        c = cores or 1
+        out.append(VmValue("vcpus", vcpus,
+                           f"{vcpus // c} socket(s) × {c} core(s) in VMware" if c > 1 else ""))
+    if title:
+        out.append(VmValue("title", title.replace("\r", " ").replace("\n", " ")))
+    if description:
+        out.append(VmValue("description", description))
+    if mac:
+        out.append(VmValue("mac", mac, nic_name))
+    if model:
+        kvm = NIC_MODELS.get(model)
+        out.append(VmValue("nic_model", kvm, f"VMware {model}" + (
+            "" if kvm else ": no driver for it without VMware Tools, so by Windows version")))
+    if firmware:
+        out.append(VmValue("firmware", "uefi" if firmware == "efi" else "bios"))
     return out
+
+
+def ovf_disks(ovf: Ovf, image_id: str | None = None) -> list[OvfDisk]:
+    """An unpacked appliance's disks (already checked against its manifest by
+    :func:`pipeline.vmware.ovf.verify_ovf_folder`), each a standalone, uncompressed VMDK."""
+    where = {"image_id": image_id, "step": "source"}
+    if not ovf.disks:
+        raise InputError(f"{escape(ovf.path, 300)}: the OVF's virtual system has no disk", **where)
+    for d in ovf.disks:
+        at = f"{escape(ovf.path, 300)}: disk {d.disk_id} {escape(d.file.href, 200)!r}"
+        if d.file.compression:
+            raise InputError(f"{at} is {escape(d.file.compression, 20)}-compressed; not supported", **where)
+        if not d.file.href.lower().endswith(".vmdk"):
+            raise InputError(f"{at} is not a .vmdk", **where)
+        vmdk.parse_descriptor(ovf.path.parent / d.file.href, image_id=image_id, step="source")
+    return list(ovf.disks)
