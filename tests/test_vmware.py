@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -531,3 +532,67 @@ def test_ovf_source_with_a_damaged_disk_is_refused_before_use(tmp_path: Path) ->
     two = ovf_folder(tmp_path / "two", ["a.vmdk", "b.vmdk"])
     r = run_cli("plan", "--config", two)
     assert r.returncode == 2 and "the VM has 2 disks (scsi0:0 a.vmdk, scsi0:1 b.vmdk)" in r.stderr, r.stderr
+
+
+# -- end to end: an XP VM's .vmx migrated on test:///default (one appliance run) -----------------------
+@pytest.mark.guestfs
+def test_xp_vmx_migration_domain_and_receipts(tmp_path: Path, xp_vmdk) -> None:
+    from tests.support.fx_disks import private_copy
+
+    vm = tmp_path / "XP Office PC"
+    disk = private_copy(xp_vmdk("monolithicSparse"), vm)
+    (vm / "XP Office PC.vmx").write_text(XP_VMX.replace('"XP Office PC.vmdk"', f'"{disk.name}"'))
+    cfg = tmp_path / "migrate.yaml"
+    cfg.write_text(yaml.safe_dump({"defaults": {"workdir": str(tmp_path / "work"),
+                                                "output_dir": str(tmp_path / "out")},
+                                   "images": [{"id": "xp", "source": "XP Office PC/XP Office PC.vmx",
+                                               "vcpus": 1}]}))
+    before = {p: p.stat().st_mtime_ns for p in vm.iterdir()}
+    r = run_cli("migrate", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in vm.iterdir()} == before  # the VM's folder is never written
+    work = tmp_path / "work" / "xp"
+    xml = (work / "domain.xml").read_text()
+    assert "<memory unit='MiB'>768</memory>" in xml or '<memory unit="MiB">768</memory>' in xml, xml
+    assert "00:0c:29:5e:aa:01" in xml and "<title>XP Office PC</title>" in xml, xml
+    assert "reception desk" in xml and ">1</vcpu>" in xml, xml  # vcpus: the config's 1, not the VM's 2
+    assert str(tmp_path / "out" / "xp.raw") in xml
+    inspect = json.loads((work / "inspect.json").read_text())
+    assert inspect["result"]["source"] == str(disk), inspect["result"]["source"]
+    assert (tmp_path / "out" / "xp.raw").stat().st_size > 0
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "domain.xml").write_text(xml)
+
+
+def test_mutated_descriptors_give_facts_or_one_line(tmp_path: Path) -> None:
+    """Seeded byte mutations of a .vmx and an .ovf: every outcome is facts or one InputError line."""
+    import random
+
+    rnd = random.Random(22)
+    seeds = [(ESX.encode(), parse_vmx),
+             (ovf_xml([("a.vmdk", "3", 0, 1), ("b.vmdk", "5", 2, 1)]).format(size0=1, size1=2).encode(),
+              ovf.parse_ovf)]
+    for data, parse in seeds:
+        for _ in range(400):
+            b = bytearray(data)
+            for _ in range(rnd.randint(1, 8)):
+                i = rnd.randrange(len(b))
+                op = rnd.random()
+                if op < 0.5:
+                    b[i] = rnd.randrange(256)
+                elif op < 0.8:
+                    del b[i:i + rnd.randint(1, 40)]
+                else:
+                    b[i:i] = rnd.choice([b'"', b"|", b"\n", b"<", b">", b"&", b"0", b":", b"=", b"\xff"])
+            try:
+                parse(bytes(b), tmp_path / "x")
+            except InputError as e:
+                assert "\n" not in e.one_line()
+
+
+def test_vm_values_pass_the_configs_own_rules(tmp_path: Path) -> None:
+    cfg = vm_config(tmp_path, XP_VMX.replace('memsize = "768"', 'memsize = "9000000"'))
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 2 and "the VM's memory_mib 9000000 is not usable" in r.stderr, r.stderr
+    with pytest.raises(InputError, match="XML: unknown encoding"):
+        ovf.parse_ovf(b'<?xml version="1.0" encoding="klingon"?><Envelope/>', tmp_path / "x.ovf")

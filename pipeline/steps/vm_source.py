@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pipeline.core.choices import NicModel
-from pipeline.core.config import VM_SUFFIXES, Config, ImageConfig
+from pipeline.core.config import IMAGE_RULES, VM_SUFFIXES, Config, ImageConfig
 from pipeline.core.errors import InputError
 from pipeline.core.safeio import escape
 from pipeline.vmware.ovf import verify_ovf_folder
@@ -68,7 +67,15 @@ def resolve_image(img: ImageConfig) -> ImageConfig:
                             + (f" (the VM says {v.value})" if v is not None and v.value != getattr(img, key)
                                else "")))
         elif v is not None:
-            changes[key] = NicModel(str(v.value)) if key == "nic_model" and v.value else v.value
+            value = v.value
+            if key != "mac" and value is not None:  # the config's own rule (mac: VMware's MACs are kept)
+                try:
+                    value = IMAGE_RULES[key](value)
+                except ValueError as e:
+                    said_value = escape(str(v.value), 40)
+                    raise InputError(f"{escape(img.source, 300)}: the VM's {key} {said_value} is not usable: "
+                                     f"{e}", image_id=img.id, step="source") from None
+            changes[key] = value
             origins.append((key, str(v.value), kind + (f": {v.note}" if v.note else "")))
         else:
             origins.append((key, str(getattr(img, key)), "default"))

@@ -154,7 +154,7 @@ def parse_ovf(data: bytes, path: Path) -> Ovf:
         raise InputError(f"{name}: OVF descriptor has a DTD or entity declaration; refused")
     try:
         root = ET.fromstring(data)
-    except ET.ParseError as e:
+    except (ET.ParseError, LookupError, ValueError) as e:  # LookupError: an unknown encoding="…"
         raise InputError(f"{name}: not an OVF descriptor (XML: {escape(str(e), 120)})") from None
     if _local(root.tag) != "Envelope":
         tag = escape(_local(root.tag), 40)
