@@ -413,6 +413,11 @@ def read_ovf(path: Path) -> Ovf:
     return parse_ovf(read_capped(path, MAX_OVF_BYTES, "OVF descriptor"), path)
 
 
+#: digests computed in this process, by (file, device, inode, size, mtime, algorithm): a config is loaded
+#: more than once per run, a disk is hashed once
+_checked: dict[tuple[str, int, int, int, int, str], str] = {}
+
+
 def verify_ovf_folder(path: Path) -> Ovf:
     """An unpacked appliance: the ``.ovf``, and every file it references checked against the
     ``<stem>.mf`` next to it (when there is one), each a regular file in the descriptor's folder."""
@@ -436,7 +441,9 @@ def verify_ovf_folder(path: Path) -> Ovf:
                     raise InputError(f"{name}: {escape(member, 120)!r} is not in the manifest "
                                      f"{escape(mf, 200)}")
             want = manifest[f.href]
-            got = _digest(fd, 0, st.st_size, want[0])
+            key = (os.path.realpath(target), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, want[0])
+            got = _checked.get(key) or _digest(fd, 0, st.st_size, want[0])
+            _checked[key] = got
             if got != want[1]:
                 raise InputError(f"{name}: {escape(f.href, 120)!r} fails its {want[0].upper()} check against "
                                  f"{escape(mf.name, 120)}; damaged")
