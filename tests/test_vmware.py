@@ -598,3 +598,11 @@ def test_vm_values_pass_the_configs_own_rules(tmp_path: Path) -> None:
     assert r.returncode == 2 and "the VM's memory_mib 9000000 is not usable" in r.stderr, r.stderr
     with pytest.raises(InputError, match="XML: unknown encoding"):
         ovf.parse_ovf(b'<?xml version="1.0" encoding="klingon"?><Envelope/>', tmp_path / "x.ovf")
+
+
+def test_a_list_of_disks_is_refused_for_now(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("images:\n  - id: srv\n    source: [c.vmdk, d.vmdk]\n")
+    r = run_cli("validate", "--config", cfg)
+    assert r.returncode == 2, r.stderr
+    assert "m.yaml:3: image 'srv': field 'source': a list of 2 disks" in r.stderr, r.stderr

@@ -633,7 +633,11 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True,
             ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})
         source = raw.get("source")
         src_path: Path | None = None
-        if not isinstance(source, str) or not source or "\x00" in source:
+        if isinstance(source, list) and len(source) > 1:
+            col.add(raw.lines.get("source", raw.line), label, "source",
+                    f"a list of {len(source)} disks: several disks per image are not supported yet; name the "
+                    "system disk")
+        elif not isinstance(source, str) or not source or "\x00" in source:
             col.add(raw.lines.get("source", raw.line), label, "source", "expected a path to the source image")
         else:
             src_path = (base / source) if not os.path.isabs(source) else Path(source)
