@@ -465,6 +465,8 @@ def test_hostile_or_damaged_ova_is_one_line(tmp_path: Path, case: str, want: str
     ('<Envelope xmlns:ovf="o"><References/><DiskSection><Disk ovf:diskId="d" ovf:fileRef="nope"/>'
      "</DiskSection></Envelope>", "Disk 'd' fileRef 'nope' names no References/File"),
     ("<Envelope/>", "OVF holds 0 virtual systems"),
+    (ovf_xml([]).replace("00:50:56:ab:00:01", "01:00:5e:00:00:01"),
+     "NIC Network adapter 1 Address is '01:00:5e:00:00:01'; expected a unicast MAC"),
 ])
 def test_bad_ovf_is_one_line(tmp_path: Path, text: str, want: str) -> None:
     with pytest.raises(InputError) as e:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pipeline.core.errors import InputError
 from pipeline.core.safeio import MiB, escape, file_kind, open_nonblocking, read_capped
-from pipeline.vmware.vmx import CONTROLLERS
+from pipeline.vmware.vmx import CONTROLLERS, is_unicast_mac
 
 MAX_OVF_BYTES = 4 * MiB
 MAX_MANIFEST_BYTES = 1 * MiB
@@ -215,6 +215,9 @@ def parse_ovf(data: bytes, path: Path) -> Ovf:
                 mem = q * _units(_text(it, "AllocationUnits"), name) // (1 << 20)
         elif rtype == "10":
             mac = (_text(it, "Address") or "").lower().replace("-", ":") or None
+            if mac is not None and not is_unicast_mac(mac):
+                raise InputError(f"{name}: NIC {label} Address is {escape(mac, 40)!r}; expected a unicast "
+                                 "MAC, six hex pairs like 00:50:56:01:02:03")
             sub = (_text(it, "ResourceSubType") or "").lower() or None
             nics.append(OvfNic(sub, mac))
         elif rtype == "17":

@@ -205,6 +205,11 @@ def _int(path: Path, lines: dict[str, int], values: dict[str, str], key: str, lo
     return int(v)
 
 
+def is_unicast_mac(mac: str) -> bool:
+    """Six lower-case hex pairs, the group bit clear (a NIC's own address): VMware's MACs and ours."""
+    return bool(_MAC_RE.match(mac)) and not int(mac[:2], 16) & 1
+
+
 def _true(values: dict[str, str], key: str, default: bool = False) -> bool:
     v = values.get(key)
     return default if v is None else v.strip().lower() in _TRUE
@@ -260,7 +265,7 @@ def _facts(path: Path, enc: str, values: dict[str, str], lines: dict[str, int]) 
                  ).strip().lower()
         mkey = f"{p}.address" if atype == "static" else f"{p}.generatedaddress"
         mac = (values.get(mkey) or "").strip().lower().replace("-", ":") or None
-        if mac is not None and (not _MAC_RE.match(mac) or int(mac[:2], 16) & 1):
+        if mac is not None and not is_unicast_mac(mac):
             raise _fail(path, lines.get(mkey), f"{mkey} is {escape(mac, 40)!r}; expected a unicast MAC, six "
                                                "hex pairs like 00:50:56:01:02:03")
         model = (values.get(f"{p}.virtualdev") or "").strip().lower() or None
