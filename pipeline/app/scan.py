@@ -522,8 +522,12 @@ def _vmx(path: Path, descriptors: dict[Path, _Desc], real_roots: list[str], warn
     f.facts.append("disks: " + (", ".join(listed) if listed else "none"))
     if f.source is None:
         f.usable, f.why_not = False, "no disk of the VM was found"
-    elif len([d for d in listed if "missing" not in d]) > 1:
+    elif len(v.disks) > 1:
         f.facts.append(f"system disk: {f.source.name}; further disks are not migrated (one disk per image)")
+    elif f.usable:
+        # one disk: the .vmx itself is the source, so its settings (and VMware's MAC) follow the VM
+        f.source, f.keys = path, {}
+        f.facts.append("source: the .vmx (memory, vCPUs, title, MAC from it; gho2kvm plan shows them)")
     return f
 
 
