@@ -608,3 +608,14 @@ def test_a_list_of_disks_is_refused_for_now(tmp_path: Path) -> None:
     r = run_cli("validate", "--config", cfg)
     assert r.returncode == 2, r.stderr
     assert "m.yaml:3: image 'srv': field 'source': a list of 2 disks" in r.stderr, r.stderr
+
+
+def test_a_changed_vmx_is_read_again_by_a_long_running_worker(tmp_path: Path) -> None:
+    from pipeline.tasks.base import get_config
+
+    cfg = vm_config(tmp_path)
+    assert get_config(str(cfg)).images[0].memory_mib == 768
+    vmx_path = tmp_path / "XP Office PC" / "XP Office PC.vmx"
+    vmx_path.write_text(XP_VMX.replace('memsize = "768"', 'memsize = "1024"'))
+    os.utime(vmx_path, ns=(vmx_path.stat().st_atime_ns, vmx_path.stat().st_mtime_ns + 10**9))
+    assert get_config(str(cfg)).images[0].memory_mib == 1024
