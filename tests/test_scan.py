@@ -118,7 +118,8 @@ def test_vmware_folder(tmp_path: Path) -> None:
         '.encoding = "UTF-8"\nvirtualHW.version = "7"\ndisplayName = "XP Office"\nguestOS = "winxppro"\n'
         'memsize = "768"\nnumvcpus = "2"\nscsi0:1.present = "TRUE"\nscsi0:1.fileName = "data.vmdk"\n'
         'ide1:0.present = "TRUE"\nide1:0.deviceType = "cdrom-image"\nide1:0.fileName = "x.iso"\n'
-        'ide0:0.present = "TRUE"\nide0:0.fileName = "xp.vmdk"\nethernet0.address = "52:54:00:12:34:56"\n')
+        'ide0:0.present = "TRUE"\nide0:0.fileName = "xp.vmdk"\nethernet0.present = "TRUE"\n'
+        'ethernet0.address = "52:54:00:12:34:56"\n')
     # a standalone monolithicSparse disk and a snapshot (delta) of another one, next to it
     other = tmp_path / "shelf" / "disks"
     other.mkdir()
@@ -304,3 +305,18 @@ def test_ids_unique_sanitised_and_stable() -> None:
 def test_comment_and_quoted_cannot_break_the_yaml(text: str) -> None:
     doc = f"# {scan.comment(text)}\nkey: {scan.quoted(text)}\n"
     assert yaml.safe_load(doc) == {"key": text}
+
+
+def test_single_disk_vmware_vm_is_named_by_its_vmx(tmp_path: Path) -> None:
+    vm = tmp_path / "shelf" / "Reception"
+    vm.mkdir(parents=True)
+    qemu_img("-f", "vmdk", vm / "rec.vmdk", "64M")
+    (vm / "Reception.vmx").write_text(
+        'displayName = "Reception"\nmemsize = "512"\nide0:0.present = "TRUE"\nide0:0.fileName = "rec.vmdk"\n'
+        'ethernet0.present = "TRUE"\nethernet0.generatedAddress = "00:0c:29:01:02:03"\n')
+    cfg, _ = scan_to(tmp_path, tmp_path / "shelf")
+    got = images(cfg)["reception"]
+    assert got["source"] == str(vm / "Reception.vmx") and "mac" not in got and "memory_mib" not in got
+    validate(cfg)
+    r = run_cli("plan", "--config", cfg)
+    assert r.returncode == 0 and "00:0c:29:01:02:03  (vmx: ethernet0 (generated))" in r.stdout, r.stdout

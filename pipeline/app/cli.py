@@ -21,13 +21,15 @@ SETTING_FLAGS = ("force_tcg", "scheduler", "scheduler_url")
 
 
 def _load(args: argparse.Namespace):
-    """The config with its settings built once: YAML, then environment, then the flags given; then
-    the one path rule (docs/safety.md) for every image, before anything runs."""
+    """The config with its settings built once: YAML, then environment, then the flags given; VM
+    sources (``.vmx``) resolved to their disks and settings; then the one path rule (docs/safety.md)
+    for every image, before anything runs."""
     from pipeline.core import paths
     from pipeline.steps.sources import check_paths
+    from pipeline.steps.vm_source import resolve_config
 
     paths.allow_overwrite(bool(getattr(args, "force", False)))
-    cfg = load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS})
+    cfg = resolve_config(load_config(args.config, flags={k: getattr(args, k, None) for k in SETTING_FLAGS}))
     check_paths(cfg)
     return cfg
 

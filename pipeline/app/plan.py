@@ -75,4 +75,18 @@ def plan_text(cfg: Config, only: str | None = None) -> str:
     images = len({r[0] for r in rows if r[2] != UP_TO_DATE})
     lines.append(f"{todo} step(s) to run in {images} image(s), {len(rows) - todo} up to date")
     lines += plan_notes(cfg, only)
+    lines += vm_origin_lines(cfg, only)
     return "\n".join(lines)
+
+
+def vm_origin_lines(cfg: Config, only: str | None = None) -> list[str]:
+    """For each image from a VMware VM: where each setting came from (vmx / config / default)."""
+    out: list[str] = []
+    for img in cfg.images:
+        if img.vm is None or (only and img.id != only):
+            continue
+        out.append(f"image {img.id}: from VMware VM {img.vm}")
+        w = max(len(k) for k, _, _ in img.origins)
+        for key, value, origin in img.origins:
+            out.append(f"  {key.ljust(w)}  {value}  ({origin})")
+    return out

@@ -37,12 +37,13 @@ from pipeline.core.config import ID_RE, MAC_RE, SOURCE_SUFFIXES, ConfigError, lo
 from pipeline.core.errors import Gho2KvmError, InputError, escape
 from pipeline.core.safeio import MiB, file_kind, open_nonblocking, read_capped
 from pipeline.gho.spans import resolve_first
+from pipeline.vmware.ovf import ova_members, read_ovf
+from pipeline.vmware.vmx import read_vmx
 
 MAX_DEPTH = 16
 MAX_FILES = 100_000
 HEAD_BYTES = 1024
 MAX_TEXT = 1 * MiB  # a .vmx or .ovf
-VMX_CONTROLLERS = ("ide", "sata", "scsi", "nvme")  # the order a disk is taken as the system disk
 Warn = Callable[[str], None]
 _T = TypeVar("_T")
 
@@ -476,60 +477,36 @@ def _vmdk_entry(path: Path, d: _Desc) -> Found:
     return f
 
 
-def _vmx_values(path: Path) -> dict[str, str]:
-    text = read_capped(path, MAX_TEXT, ".vmx file").decode("utf-8", "replace")
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        m = re.match(r'^\s*([A-Za-z0-9_.:\-]+)\s*=\s*"(.*)"\s*$', line)
-        if m:
-            out[m.group(1).lower()] = m.group(2)
-    return out
-
-
 def _vmx(path: Path, descriptors: dict[Path, _Desc], real_roots: list[str], warn: Warn) -> Found | None:
     try:
-        v = _vmx_values(path)
+        v = read_vmx(path)
     except Gho2KvmError as e:
         warn(escape(e.one_line(), 400))
         return None
-    disks: list[tuple[tuple[int, int, int], str, Path]] = []
-    for key, value in v.items():
-        m = re.match(r"^(ide|sata|scsi|nvme)(\d+):(\d+)\.filename$", key)
-        if not m or not value:
-            continue
-        slot = f"{m.group(1)}{m.group(2)}:{m.group(3)}"
-        if v.get(f"{slot}.present", "true").lower() not in ("true", "1", "yes"):
-            continue
-        dtype = v.get(f"{slot}.devicetype", "disk").lower()
-        if "cdrom" in dtype or "floppy" in dtype or not value.lower().endswith(".vmdk"):
-            continue
-        order = (VMX_CONTROLLERS.index(m.group(1)), int(m.group(2)), int(m.group(3)))
-        disks.append((order, slot, Path(os.path.normpath(path.parent / value))))
-    boot = v.get("bios.hddorder", "").split(",")[0].strip().lower()
-    disks.sort(key=lambda d: (d[1] != boot, d[0]))
-    title = v.get("displayname") or path.stem
+    boot = v.boot_disk
+    disks = sorted(v.disks, key=lambda d: d is not boot)
+    title = v.display_name or path.stem
     f = Found(path, "VMware VM", title if ID_RE.match(_sanitise(title)) else path.stem, None, [path])
-    f.facts.append(f"VMware VM {title!r}, guest OS {v.get('guestos', '?')}, hardware version "
-                   f"{v.get('virtualhw.version', '?')}")
-    mem = v.get("memsize", "")
-    if mem.isdigit() and 64 <= int(mem) <= 4 * 1024 * 1024:
-        f.keys["memory_mib"] = int(mem)
-    cpus = v.get("numvcpus", "")
-    if cpus.isdigit() and 1 <= int(cpus) <= 512:
-        f.keys["vcpus"] = int(cpus)
+    f.facts.append(f"VMware VM {title!r}, guest OS {v.guest_os or '?'}, hardware version "
+                   f"{v.hw_version or '?'}")
+    if v.memory_mib and v.memory_mib >= 64:
+        f.keys["memory_mib"] = v.memory_mib
+    if v.vcpus:
+        f.keys["vcpus"] = v.vcpus
     f.keys["title"] = title
-    mac = (v.get("ethernet0.address") or v.get("ethernet0.generatedaddress") or "").lower()
+    mac = v.nics[0].mac if v.nics else None
     if mac and MAC_RE.match(mac):
         f.keys["mac"] = mac
     elif mac:
         f.facts.append(f"NIC MAC {mac} (VMware's; mac: takes 52:54:00:xx:xx:xx, so the domain gets a "
                        "new one)")
     listed = []
-    for _, slot, disk in disks:
+    for vd in disks:
+        disk = vd.path
         present = disk.is_file() and _inside(os.path.realpath(disk), real_roots)
         d = descriptors.get(disk)
         state = "" if present else " (missing or outside the scanned folders)"
-        listed.append(f"{slot} {disk.name}{state}")
+        listed.append(f"{vd.slot} {disk.name}{state}")
         if present:
             f.files.append(disk)
             if d is not None:
@@ -545,41 +522,27 @@ def _vmx(path: Path, descriptors: dict[Path, _Desc], real_roots: list[str], warn
     f.facts.append("disks: " + (", ".join(listed) if listed else "none"))
     if f.source is None:
         f.usable, f.why_not = False, "no disk of the VM was found"
-    elif len([d for d in listed if "missing" not in d]) > 1:
+    elif len(v.disks) > 1:
         f.facts.append(f"system disk: {f.source.name}; further disks are not migrated (one disk per image)")
+    elif f.usable:
+        # one disk: the .vmx itself is the source, so its settings (and VMware's MAC) follow the VM
+        f.source, f.keys = path, {}
+        f.facts.append("source: the .vmx (memory, vCPUs, title, MAC from it; gho2kvm plan shows them)")
     return f
 
 
 def _ovf_disks(path: Path, warn: Warn) -> list[Path]:
     try:
-        text = read_capped(path, MAX_TEXT, ".ovf file").decode("utf-8", "replace")
+        ovf = read_ovf(path)
     except Gho2KvmError as e:
         warn(escape(e.one_line(), 400))
         return []
-    return [Path(os.path.normpath(path.parent / h)) for h in re.findall(r'href="([^"/\\]+)"', text)][:64]
-
-
-MAX_TAR_MEMBERS = 32
+    return [Path(os.path.normpath(path.parent / f.href)) for f in ovf.files]
 
 
 def _tar_names(path: Path) -> list[str]:
-    """The first member names of an .ova (a tar): 512-byte headers only, the data skipped by seeking."""
-    fd, st = open_nonblocking(path)
-    try:
-        if file_kind(st.st_mode) is not None:
-            raise OSError(0, "not a regular file")
-        names: list[str] = []
-        pos = 0
-        while len(names) < MAX_TAR_MEMBERS and pos + 512 <= st.st_size:
-            h = os.pread(fd, 512, pos)
-            if h[257:262] != b"ustar" or not h[:100].strip(b"\0"):
-                break
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            names.append(comment(h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")))
-            pos += 512 + -(-size // 512) * 512
-        return names
-    finally:
-        os.close(fd)
+    """The member names of an .ova (its tar headers only, each member checked)."""
+    return [comment(m.name) for m in ova_members(path)][:32]
 
 
 def _qcow2(path: Path, head: bytes) -> Found:

@@ -47,7 +47,8 @@ MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
 MAX_YAML_DEPTH = 64  # nesting of mappings/sequences
 MAX_YAML_ALIASES = 1000  # alias (*name) uses
 MAX_YAML_NODES = 200_000  # nodes once aliases are expanded (the "billion laughs" bound)
-SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx")
+SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx", ".vmx", ".ovf")
+VM_SUFFIXES = (".vmx", ".ovf")  # a VM description: resolved to its disks by pipeline.steps.vm_source
 BUILTIN_REGISTRY = ("mergeide",)
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}\Z")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -154,6 +155,12 @@ class ImageConfig:
     # docs/safety.md: replace an existing final disk gho2kvm did not make; what the disk must hold
     overwrite: bool = field(default=False, metadata=RUNTIME)
     expect_os: str = "windows"  # windows | any ("os unknown" fails the image unless any)
+    vm_disk_dirs: tuple[Path, ...] = ()  # folders outside a .vmx's own folder its disks may lie in
+    # set by the loader and pipeline.steps.vm_source, not config keys:
+    vm: Path | None = field(default=None, metadata={"internal": True})  # the .vmx the image came from
+    given: frozenset[str] = field(default=frozenset(), metadata={"internal": True})  # keys the config set
+    # (key, value, where it came from: vmx / config / default), for ``gho2kvm plan``
+    origins: tuple[tuple[str, str, str], ...] = field(default=(), metadata={"internal": True})
 
     @property
     def domain_name(self) -> str:
@@ -288,7 +295,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 # ---------------------------------------------------------------------------------------------
 # Field rules: name -> (type description, check(value) -> normalised value or raises ValueError)
 
-_IMAGE_KEYS = {f.name for f in fields(ImageConfig)}
+_IMAGE_KEYS = {f.name for f in fields(ImageConfig) if not f.metadata.get("internal")}
 _DEFAULT_KEYS = _IMAGE_KEYS - {"id", "source", "name", "uuid", "mac", "title", "description"}
 _GHOST_KEYS = {f.name for f in fields(GhostConfig)}
 _VIRTIO_KEYS = {f.name for f in fields(VirtioConfig)}
@@ -416,6 +423,14 @@ def _command(v: Any) -> tuple[str, ...]:
     raise ValueError(f"expected an argv list such as [wine64, /opt/ghost/ghost64.exe], got {shown(v)}")
 
 
+def _dirs(v: Any) -> tuple[Path, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or len(items) > 64 or not all(
+            isinstance(x, str) and x and "\x00" not in x and os.path.isabs(x) for x in items):
+        raise ValueError(f"expected an absolute folder path or a list of them, got {shown(v)}")
+    return tuple(Path(os.path.normpath(x)) for x in items)
+
+
 def _env_name(v: Any) -> str:
     if isinstance(v, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", v):
         return v
@@ -455,6 +470,7 @@ IMAGE_RULES: dict[str, Any] = {
     "start": _bool,
     "overwrite": _bool,
     "expect_os": _regex(re.compile(r"^(windows|any)\Z"), "windows or any"),
+    "vm_disk_dirs": _dirs,
 }
 GHOST_RULES: dict[str, Any] = {
     "backend": _choice(GhostBackend),
@@ -632,6 +648,7 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True,
         values = dict(defaults)
         values.update(_check_section(col, _sub(raw, ("id", "source", "ghost", "virtio")), IMAGE_RULES,
                                      _IMAGE_KEYS, label))
+        values["given"] = frozenset(values)
         if "virtio" in raw:
             values["virtio"] = _virtio(col, raw["virtio"], raw.lines.get("virtio"), label)
         _guest_paths(col, values, raw, base, label)
@@ -640,7 +657,11 @@ def load_config(path: str | os.PathLike[str], *, check_sources: bool = True,
             ghost_values.update(_ghost(col, raw["ghost"], raw.lines.get("ghost"), label) or {})
         source = raw.get("source")
         src_path: Path | None = None
-        if not isinstance(source, str) or not source or "\x00" in source:
+        if isinstance(source, list) and len(source) > 1:
+            col.add(raw.lines.get("source", raw.line), label, "source",
+                    f"a list of {len(source)} disks: several disks per image are not supported yet; name the "
+                    "system disk")
+        elif not isinstance(source, str) or not source or "\x00" in source:
             col.add(raw.lines.get("source", raw.line), label, "source", "expected a path to the source image")
         else:
             src_path = (base / source) if not os.path.isabs(source) else Path(source)

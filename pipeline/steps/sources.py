@@ -23,6 +23,8 @@ SECTOR = 512
 def reads(img: ImageConfig) -> list[Place]:
     """Every file the image reads: the source, its spans or extents, .reg files, ISO, drivers."""
     out = [Place(img.id, "source", "the source", img.source)]
+    if img.vm is not None:  # a .vmx/.ovf source: its description, beside the disk it names
+        out.append(Place(img.id, "source", "the VM's description", img.vm))
     suffix = img.source.suffix.lower()
     try:
         if suffix == ".gho":

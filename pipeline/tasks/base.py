@@ -34,6 +34,7 @@ from pipeline.core.config import Config, ImageConfig, load_config
 from pipeline.core.errors import Gho2KvmError, InputError, plain_error
 from pipeline.core.receipts import Outcome, R, Receipt
 from pipeline.core.settings import Settings
+from pipeline.steps.vm_source import resolve_config
 
 _config_cache: dict[tuple[str, int], Config] = {}
 _settings: dict[str, Settings] = {}  # config path → the settings the CLI resolved (flags included)
@@ -70,19 +71,39 @@ def use_config(cfg: Config) -> None:
     its settings (YAML, environment, flags) also hold when the file is reloaded after an edit."""
     path = os.path.abspath(cfg.path)
     _settings[path] = cfg.settings
-    _config_cache[(path, os.stat(path).st_mtime_ns)] = cfg
+    key = (path, os.stat(path).st_mtime_ns)
+    _config_cache[key] = cfg
+    _vm_stamps[key] = _vm_stamp(cfg)
 
 
 def get_config(path: str) -> Config:
     """Load (once per file version) the config named by a task parameter."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns)
+    if key in _config_cache and _vm_stamp(_config_cache[key]) != _vm_stamps.get(key):
+        del _config_cache[key]  # a VM's .vmx/.ovf changed since: its settings are read again
     if key not in _config_cache:
-        cfg = load_config(path)
+        cfg = resolve_config(load_config(path))
         if key[0] in _settings:
             cfg = dataclasses.replace(cfg, settings=_settings[key[0]])
         _config_cache[key] = cfg
+        _vm_stamps[key] = _vm_stamp(cfg)
     return _config_cache[key]
+
+
+_vm_stamps: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
+
+
+def _vm_stamp(cfg: Config) -> tuple[tuple[str, int], ...]:
+    """(path, mtime) of every VM description (.vmx/.ovf) the config's images came from."""
+    out = []
+    for img in cfg.images:
+        if img.vm is not None:
+            try:
+                out.append((str(img.vm), os.stat(img.vm).st_mtime_ns))
+            except OSError:
+                out.append((str(img.vm), -1))
+    return tuple(out)
 
 
 def now_iso() -> str:

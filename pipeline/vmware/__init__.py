@@ -1,0 +1,1 @@
+"""VMware VM descriptions (``.vmx``, ``.ovf``/``.ova``): pure parsers, no program is run here."""
