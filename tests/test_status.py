@@ -163,3 +163,21 @@ print(t.error_path.read_text())
     first, record = out.stdout.split("\n", 1)
     assert first == "False"
     assert "worker process died unexpectedly (exit code -9, SIGKILL)" in record
+
+
+def test_summary_names_a_later_failure_that_took_an_earlier_artifact(cfg_path: Path) -> None:
+    """A failed step whose failure left an earlier step incomplete (an adopted .gho disk moved away by a
+    convert that then failed): the summary says failed, with that step and its error — not 'pending'."""
+    inspect, merge, convert, *_ = steps(cfg_path)
+    done(inspect)
+    done(merge)
+    inspect.image.source.write_bytes(b"\1" * 8192)  # inspect's input gone as it was: not done any more
+    failed(convert, finished=LATE)
+    [summary] = runner.summarize(load_config(cfg_path))
+    assert (summary.last_step, summary.status, summary.error) == ("convert", "failed", "convert: boom")
+    inspect.image.source.write_bytes(b"\1" * 8192)
+    done(inspect)
+    done(merge)
+    done(convert)  # a later run finished it: the old failure is not shown
+    [summary] = runner.summarize(load_config(cfg_path))
+    assert summary.status != "failed" and summary.error == ""

@@ -218,14 +218,17 @@ def summarize(cfg: Config, only: str | None = None,
             if r is not None and before is not None and r.get("run_id") != before.get((img.id, st.step)):
                 ran.append(st.step)
                 duration += float(r.get("duration_s") or 0)
-        for st in statuses:
+        for i, st in enumerate(statuses):
             if st.state is StepState.DONE:
                 last = st.step
                 continue
-            if st.error is not None:  # the step that failed is the last one reached
-                last, status, error = st.step, "failed", f"{st.step}: {st.error.get('error', '')}"
-                duration += float(st.error.get("duration_s") or 0)
-                refused = bool(st.error.get("refused"))
+            # the step that failed: this one, or a later one whose failure took an earlier step's
+            # artifact with it (an adopted .gho disk moved away by a convert that then failed)
+            failed = next((f for f in statuses[i:] if f.error is not None), None)
+            if failed is not None and failed.error is not None:
+                last, status, error = failed.step, "failed", f"{failed.step}: {failed.error.get('error', '')}"
+                duration += float(failed.error.get("duration_s") or 0)
+                refused = bool(failed.error.get("refused"))
             break
         else:
             status = "done"
