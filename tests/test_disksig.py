@@ -78,7 +78,8 @@ def test_native_rebuild_gets_the_expected_signature_in_the_overlay(phony: dict[s
     sig = res.disk_signature
     assert sig is not None
     assert sig["action"] == "fixed" and sig["verified"] is True and sig["registry"] == "0x0badc0de"
-    assert sig["warnings"] == [] and res.warnings == ()
+    # the one other note: the XP boot sector's geometry made the BIOS's (pipeline.guest.ntfsgeom)
+    assert sig["warnings"] == [] and [w for w in res.warnings if "heads/" not in w] == []
     assert sig["mbr"] == phony["facts"].disk_signature["mbr"]
     assert res.overlay is not None
     first = _first_sector(res.overlay, "qcow2", tmp)
