@@ -13,10 +13,10 @@ import pytest
 from pipeline.core import receipts
 from pipeline.core.config import ImageConfig
 from pipeline.core.receipts import HASHED, NAMED, RUNTIME, UPSTREAM, Receipt
+from pipeline.model.inspect import InspectFacts, VmdkExtent
 from pipeline.steps.convert import ConvertInput, ConvertResult
 from pipeline.steps.define import Defined
 from pipeline.steps.ghost_convert import GhostConvertResult
-from pipeline.steps.inspect import InspectFacts, VmdkExtent
 from pipeline.steps.registry_merge import MergeResult
 from pipeline.steps.xml_render import DomainXml
 from pipeline.tasks import Convert, chain

@@ -18,7 +18,7 @@ from pipeline.core.errors import InputError
 from pipeline.guest import windows as guest
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 #: a virtio-win folder holds a few thousand files; more than this is not a driver tree
 MAX_TREE_FILES = 100_000

@@ -40,7 +40,7 @@ from pipeline.registry.regfile import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "mergeide": {

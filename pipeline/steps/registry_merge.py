@@ -26,9 +26,9 @@ from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
 from pipeline.guest import disksig, fixes, ntfsgeom, virtio
-from pipeline.guest import hypervisor_tools as hvtools
-from pipeline.guest import network as guest_net
 from pipeline.guest import windows as guest
+from pipeline.model.guest import static_warning, tools_warning
+from pipeline.model.inspect import InspectFacts
 from pipeline.registry import builtin, edits, hive, regf, regfile
 from pipeline.registry.plan import (
     HIVE_PREFIXES,
@@ -38,7 +38,7 @@ from pipeline.registry.plan import (
     remap_control_sets,
 )
 from pipeline.registry.verify import verify
-from pipeline.steps.inspect import InspectFacts, fetch_hives
+from pipeline.steps.inspect import fetch_hives
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, overlay_session
 
@@ -167,8 +167,8 @@ def guest_warnings(inp: MergeInput) -> list[str]:
     config, and the fixes' own notes."""
     f = inp.facts
     found: list[str | None] = [
-        guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
-        hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
+        static_warning(f.network, restore=inp.guest.network_restore == "static"),
+        tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
     geometry = ntfsgeom.warning(f)
     if geometry is not None:
         fixed = ntfsgeom.needs_fix(f) and not inp.guest.keep_boot_geometry

@@ -10,7 +10,7 @@ from pipeline.core import atomic, log
 from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
 from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
-from pipeline.steps.inspect import InspectFacts
+from pipeline.model.inspect import InspectFacts
 
 STEP = Step.XML_RENDER
 
