@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,12 @@ from pipeline.core import atomic, log
 from pipeline.core.choices import Step
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
-from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
+from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM
 from pipeline.guest import disksig, fixes, ntfsgeom, virtio
 from pipeline.guest import windows as guest
 from pipeline.model.guest import static_warning, tools_warning
 from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import MergeResult
 from pipeline.registry import builtin, edits, hive, regf, regfile
 from pipeline.registry.plan import (
     HIVE_PREFIXES,
@@ -89,35 +90,6 @@ class MergeInput:
                                      keep_boot_geometry=image.keep_boot_geometry,
                                      vmware_tools=image.vmware_tools, network_restore=image.network_restore),
             disk_format=disk_format or facts.format, force_tcg=force_tcg)
-
-
-@dataclass(frozen=True)
-class MergeResult(JsonRecord):
-    """What registry-merge did (``skipped`` for a guest not recognised as Windows: no overlay)."""
-
-    skipped: bool
-    overlay: Path | None
-    warnings: tuple[str, ...] = ()
-    hives: Mapping[str, Any] | None = None  # hive name → {guest_path, keys, values, verified}
-    backing_file: Path | None = None
-    backing_format: str | None = None
-    current_control_set: str | None = None
-    registry_variant: str | None = None
-    disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.reconcile
-    virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
-    guest_changes: tuple[fixes.Change, ...] = ()  # pipeline.guest.fixes: each edit beyond the change sets
-    guest_files: tuple[Mapping[str, str], ...] = ()  # files written into the guest: {path, sha256, why}
-    boot_geometry: Mapping[str, Any] | None = None  # pipeline.guest.ntfsgeom.reconcile
-    appliance_launches: int = 0
-    appliance_shared: bool = False
-    appliance_seconds: float | None = None
-    qemu_img_version: str | None = None
-    libguestfs_version: str | None = None
-
-    @property
-    def installed_virtio(self) -> tuple[str, ...]:
-        """The virtio drivers copied into the guest."""
-        return tuple((self.virtio or {}).get("installed") or {})
 
 
 def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:

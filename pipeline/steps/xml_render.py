@@ -9,8 +9,9 @@ from pathlib import Path
 from pipeline.core import atomic, log
 from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
-from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
+from pipeline.core.receipts import NAMED, UPSTREAM
 from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import DomainXml
 
 STEP = Step.XML_RENDER
 
@@ -58,17 +59,6 @@ class RenderInput:
     force_tcg: bool = False  # domain type qemu even where the host offers kvm
     facts: InspectFacts = field(default_factory=InspectFacts, metadata=UPSTREAM)
     installed_virtio: tuple[str, ...] = field(default=(), metadata=UPSTREAM)  # what registry-merge copied
-
-
-@dataclass(frozen=True)
-class DomainXml(JsonRecord):
-    domain_xml: Path
-    name: str
-    uri: str
-    disk_bus: str
-    nic_model: str
-    memory_mib: int
-    warnings: tuple[str, ...] = ()
 
 
 def clock_offset(facts: InspectFacts) -> str:

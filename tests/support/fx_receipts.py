@@ -10,11 +10,7 @@ from typing import Any
 from pipeline.core import receipts
 from pipeline.core.receipts import Receipt
 from pipeline.model.inspect import InspectFacts
-from pipeline.steps.convert import ConvertResult
-from pipeline.steps.define import Defined
-from pipeline.steps.ghost_convert import GhostConvertResult
-from pipeline.steps.registry_merge import MergeResult
-from pipeline.steps.xml_render import DomainXml
+from pipeline.model.results import ConvertResult, Defined, DomainXml, GhostConvertResult, MergeResult
 from pipeline.tasks import chain
 from pipeline.tasks.base import ImageTask
 
