@@ -13,7 +13,7 @@ from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
 from pipeline.core.errors import InputError
 from pipeline.guest import virtio
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 from pipeline.model.inspect import InspectFacts
 from pipeline.registry import builtin
 from pipeline.registry.plan import control_set_findings, map_key, plan, remap_control_sets

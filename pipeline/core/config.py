@@ -124,10 +124,10 @@ class ImageConfig:
     output_dir: Path = Path("var/images")
     format: DiskFormat = DiskFormat.RAW
     libvirt_uri: str = "test:///default"
-    memory_mib: int | None = None  # None: by Windows version (pipeline.guest.windows.default_memory_mib)
+    memory_mib: int | None = None  # None: by Windows version (pipeline.model.windows.default_memory_mib)
     vcpus: int = 1
     disk_bus: DiskBus = DiskBus.IDE
-    nic_model: NicModel | None = None  # None: by Windows version (pipeline.guest.windows.default_nic)
+    nic_model: NicModel | None = None  # None: by Windows version (pipeline.model.windows.default_nic)
     network: str = "user"
     disk_cache: DiskCache = DEFAULT_DISK_CACHE
     disk_io: DiskIo = DEFAULT_DISK_IO

@@ -25,7 +25,7 @@ from pipeline.core.safeio import escape, file_kind, regular_file
 from pipeline.guest import disksig, fixes, ntfsgeom
 from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest import network as guest_net
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 from pipeline.model.hives import HiveFacts
 from pipeline.model.inspect import InspectFacts
 from pipeline.registry import builtin, edits, hivefile, regf, regfile

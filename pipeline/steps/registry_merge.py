@@ -26,7 +26,7 @@ from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM
 from pipeline.guest import disksig, fixes, ntfsgeom, virtio
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 from pipeline.model.guest import static_warning, tools_warning
 from pipeline.model.inspect import InspectFacts
 from pipeline.model.results import MergeResult

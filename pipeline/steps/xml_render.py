@@ -71,7 +71,7 @@ def clock_offset(facts: InspectFacts) -> str:
 def render_domain(inp: RenderInput) -> DomainXml:
     from pipeline.domain.facts import DomainSpec, build_domain
     from pipeline.domain.render import render
-    from pipeline.guest import windows as guest
+    from pipeline.model import windows as guest
     from pipeline.tools import virt
 
     d, facts = inp.domain, inp.facts
