@@ -39,10 +39,12 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
     say = progress or (lambda _p: None)
     g = inp.ghost
     if g.backend == "exe":
+        from pipeline.gho.spans import find_spans
         from pipeline.tools import ghost_exe
 
         res = ghost_exe.convert(ghost_exe.GhostOptions.of(g), inp.source, inp.image_dir,
-                                image_id=inp.image_id, password=g.password(inp.image_id, STEP), progress=say)
+                                image_id=inp.image_id, spans_of=find_spans,
+                                password=g.password(inp.image_id, STEP), progress=say)
         return GhostConvertResult(disk=inp.image_dir / "ghost.vmdk", disk_format="vmdk", backend="exe",
                                   details=res.to_dict())
     from pipeline.gho import extract
