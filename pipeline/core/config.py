@@ -174,10 +174,6 @@ class ImageConfig:
     def final_disk(self) -> Path:
         return self.output_dir / f"{self.id}.{self.format}"
 
-    @property
-    def registry_files(self) -> tuple[Path, ...]:
-        return tuple(Path(r) for r in self.registry if r not in BUILTIN_REGISTRY)
-
 
 @dataclass(frozen=True)
 class Config:

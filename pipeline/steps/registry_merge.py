@@ -107,7 +107,6 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
         try:
             file_ops = regfile.parse_file(str(entry))
         except regfile.RegSyntaxError as e:
-            e.image_id, e.step = inp.image_id, STEP
             raise InputError(e.message, image_id=inp.image_id, step=STEP) from None
         for op, msg, numbered in control_set_findings(file_ops, ccs):
             if numbered and inp.registry_remap_controlset:
