@@ -47,8 +47,12 @@ MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
 MAX_YAML_DEPTH = 64  # nesting of mappings/sequences
 MAX_YAML_ALIASES = 1000  # alias (*name) uses
 MAX_YAML_NODES = 200_000  # nodes once aliases are expanded (the "billion laughs" bound)
-SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx", ".vmx", ".ovf")
+#: the one suffix → qemu-img format rule of a disk source (inspect reads it; ``format:`` overrides)
+DISK_FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
+                         ".vhdx": "vhdx"}
+GHO_SUFFIX = ".gho"  # a Ghost image: ghost-convert makes the disk
 VM_SUFFIXES = (".vmx", ".ovf")  # a VM description: resolved to its disks by pipeline.steps.vm_source
+SOURCE_SUFFIXES = (*DISK_FORMAT_BY_SUFFIX, GHO_SUFFIX, *VM_SUFFIXES)
 BUILTIN_REGISTRY = ("mergeide",)
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}\Z")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")

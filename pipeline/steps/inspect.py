@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import vmdk
 from pipeline.core import log
 from pipeline.core.choices import Step
+from pipeline.core.config import DISK_FORMAT_BY_SUFFIX
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.receipts import RUNTIME
 from pipeline.core.safeio import escape, file_kind, regular_file
@@ -35,8 +36,6 @@ from pipeline.tools import hivex, qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, inspect_session, lines
 
 STEP = Step.INSPECT
-FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
-                    ".vhdx": "vhdx"}
 SAFE_VMDK_TYPES = {
     "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat",
     "streamOptimized", "vmfs", "vmfsSparse", "vmfsThin", "seSparse",
@@ -60,9 +59,10 @@ class InspectInput:
 
 
 def format_of(path: Path) -> str:
-    fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    fmt = DISK_FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
-        raise InputError(f"{path}: unsupported source type; expected one of {', '.join(FORMAT_BY_SUFFIX)}")
+        raise InputError(f"{path}: unsupported source type; expected one of "
+                         f"{', '.join(DISK_FORMAT_BY_SUFFIX)}")
     return fmt
 
 
