@@ -39,6 +39,7 @@ def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None =
     say = progress or (lambda _p: None)
     g = inp.ghost
     if g.backend == "exe":
+        # local: importing pipeline.gho loads the native reader, which the exe backend does not need
         from pipeline.gho.spans import find_spans
         from pipeline.tools import ghost_exe
 
