@@ -65,6 +65,7 @@ fuzz: setup
 lint: setup
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports  # the layers ([tool.importlinter] in pyproject.toml)
 
 # every benchmark, one table (var/bench/results.md); BENCH_QUICK=1 for a short check run,
 # BENCH_IMAGES / BENCH_WORKERS for the many-images bench, BENCH=NAME… for some of them only

@@ -249,7 +249,7 @@ def test_missing_source_file(cfgdir: Path) -> None:
 def test_source_of_unknown_type(cfgdir: Path) -> None:
     (cfgdir / "disk.iso").write_bytes(b"")
     err = one_error(write(cfgdir, _img("", source="disk.iso")))
-    assert "field 'source': expected one of .vmdk .gho" in err and "'disk.iso'" in err
+    assert "field 'source': expected one of .vmdk .qcow2" in err and "'disk.iso'" in err
 
 
 def test_image_without_source(cfgdir: Path) -> None:

@@ -194,8 +194,8 @@ def test_uefi_on_a_host_without_loaders_still_renders() -> None:
 
 @pytest.mark.parametrize(("rtiu", "offset"), [(None, "localtime"), (0, "localtime"), (1, "utc")])
 def test_clock_offset_follows_real_time_is_universal(rtiu: int | None, offset: str) -> None:
-    from pipeline.guest.fixes import BootSettings
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.guest import BootSettings
+    from pipeline.model.inspect import InspectFacts
     from pipeline.steps.xml_render import clock_offset
 
     facts = InspectFacts(os="windows", boot_settings=BootSettings(real_time_is_universal=rtiu))

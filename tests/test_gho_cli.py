@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.gho.cli import register
+from pipeline.app.gho_cli import register
 from tests.support.gho_checks import FIXTURES
 
 

@@ -411,7 +411,7 @@ def test_info_lists_ntfs_partition(vols: dict[str, Path], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from pipeline.gho.cli import register
+    from pipeline.app.gho_cli import register
 
     gho = tmp_path / "INFO.GHO"
     write_ntfs_image(gho, [Part("ntfs", vols["rich"])], "fast")

@@ -699,8 +699,8 @@ def test_exe_adopted_chain_is_a_noop_and_the_rule_holds(tmp_path: Path,
     runs again."""
     from dataclasses import replace
 
-    from pipeline.steps.convert import ConvertResult
-    from pipeline.steps.inspect import VmdkExtent
+    from pipeline.model.inspect import VmdkExtent
+    from pipeline.model.results import ConvertResult
     from pipeline.tasks import GhostConvert, chain
     from tests.support import fx_receipts
 

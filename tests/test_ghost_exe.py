@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.core.config import GhostConfig
 from pipeline.core.errors import InputError, ToolError
+from pipeline.gho.spans import find_spans
 from pipeline.tools import ghost_exe
 from pipeline.tools.ghost_exe import GhostOptions, GhostResult, parse_error_file, translate_path
 
@@ -66,7 +67,7 @@ def build_argv(c: GhostConfig, src: Path, dst: Path, afile: Path, password: str 
 
 def convert(c: GhostConfig, src: Path, out_dir: Path, *, image_id: str, **kw) -> GhostResult:
     """As the ghost-convert task calls it: options and the password from the config."""
-    return ghost_exe.convert(GhostOptions.of(c), src, out_dir, image_id=image_id,
+    return ghost_exe.convert(GhostOptions.of(c), src, out_dir, image_id=image_id, spans_of=find_spans,
                              password=c.password(image_id), **kw)
 
 

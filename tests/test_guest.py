@@ -13,11 +13,11 @@ from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
 from pipeline.core.errors import InputError
 from pipeline.guest import virtio
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
+from pipeline.model.inspect import InspectFacts
 from pipeline.registry import builtin
 from pipeline.registry.plan import control_set_findings, map_key, plan, remap_control_sets
 from pipeline.registry.regfile import RegSyntaxError, parse_text
-from pipeline.steps.inspect import InspectFacts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, plan_warnings
 
 IDE = {"atapi.sys": True, "intelide.sys": True, "pciide.sys": True, "pciidex.sys": True}

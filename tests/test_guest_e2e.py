@@ -33,7 +33,8 @@ import pytest
 
 from pipeline.app import fakedisk
 from pipeline.core.config import ImageConfig, VirtioConfig
-from pipeline.steps.inspect import InspectFacts, guest_facts
+from pipeline.model.inspect import InspectFacts
+from pipeline.steps.inspect import guest_facts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, registry_merge
 from pipeline.tools.guestfs import force_tcg_env
 from pipeline.tools.run import run

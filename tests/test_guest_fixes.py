@@ -11,9 +11,11 @@ import pytest
 
 from pipeline.app import fakedisk
 from pipeline.guest import fixes, hypervisor_tools, network
+from pipeline.model import guest as model_guest
+from pipeline.model.inspect import InspectFacts
 from pipeline.registry import hive, regfile
 from pipeline.registry.plan import HIVE_PREFIXES, plan
-from pipeline.steps.inspect import InspectFacts, system_hive_facts
+from pipeline.steps.inspect import system_hive_facts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, guest_warnings
 from pipeline.tools import hivex
 from tests.support import guest_hives as gh
@@ -106,15 +108,15 @@ def test_facts_survive_inspect_json(hives: dict[str, Path]) -> None:
     facts = facts_of(hives["xp"], "xp")
     again = InspectFacts.from_dict(facts.to_dict())
     assert again == facts
-    assert isinstance(again.network[0], network.NetInterface)
-    assert isinstance(again.hypervisor_tools[0], hypervisor_tools.ToolService)
-    assert again.boot_settings == fixes.BootSettings(auto_reboot=1, crash_dump_enabled=3,
+    assert isinstance(again.network[0], model_guest.NetInterface)
+    assert isinstance(again.hypervisor_tools[0], model_guest.ToolService)
+    assert again.boot_settings == model_guest.BootSettings(auto_reboot=1, crash_dump_enabled=3,
                                                      real_time_is_universal=1, cpu_drivers=(("intelppm", 1),))
 
 
 def test_virtualbox_and_vmware_listed_with_start(hives: dict[str, Path]) -> None:
     xp = {t.name: (t.vendor, t.start) for t in hypervisor_tools.installed(hives["xp"], "ControlSet001")}
-    vbox = hypervisor_tools.VIRTUALBOX
+    vbox = model_guest.VIRTUALBOX
     assert xp == {"VBoxService": (vbox, 2), "VBoxGuest": (vbox, 1), "VBoxMouse": (vbox, 3),
                   "VBoxSF": (vbox, 2)}
     w7 = {t.name: t for t in hypervisor_tools.installed(hives["w7"], "ControlSet002")}
@@ -226,7 +228,7 @@ def test_network_restore_without_static_interface_says_so(hives: dict[str, Path]
     assert collect_ops(inp)[0] == collect_ops(_inp(facts))[0]
 
 
-LAN = network.NetInterface(guid=gh.G_LAN, dhcp=False, addresses=("10.3.58.5", "10.3.58.6"),
+LAN = model_guest.NetInterface(guid=gh.G_LAN, dhcp=False, addresses=("10.3.58.5", "10.3.58.6"),
                            masks=("255.255.255.0", "255.255.255.0"), gateways=("10.3.58.1", "10.3.58.254"),
                            gateway_metrics=(0, 20), dns_servers=("10.3.58.4", "10.3.58.8"),
                            dns_suffix="corp.example", ipv6_dns_servers=("fd00::53",),
@@ -307,9 +309,8 @@ def _boot_sector(spt: int, heads: int, total: int = 100_000) -> bytes:
     (4228374780, 255), (40 << 30, 255)])
 def test_bios_geometry_by_disk_size(size: int, heads: int) -> None:
     """virt-v2v's measured table (64/128/255 heads at its thresholds), extended below 1 GiB."""
-    from pipeline.guest import ntfsgeom
 
-    assert ntfsgeom.bios_geometry(size) == (heads, 63)
+    assert model_guest.bios_geometry(size) == (heads, 63)
 
 
 @pytest.mark.parametrize(("major", "firmware", "fix"), [(5, "bios", True), (6, "bios", False),
@@ -318,7 +319,7 @@ def test_ntfs_geometry_rewritten_only_for_xp_2003_on_bios(major: int, firmware: 
     from pipeline.guest import ntfsgeom
 
     geom = ntfsgeom.parse(_boot_sector(63, 240), 8 << 30, "/dev/sda1")
-    assert geom == ntfsgeom.BootGeometry("/dev/sda1", 63, 240, 8 << 30, 100_000) and geom.mismatch
+    assert geom == model_guest.BootGeometry("/dev/sda1", 63, 240, 8 << 30, 100_000) and geom.mismatch
     facts = InspectFacts(os="windows", major_version=major, minor_version=1, firmware=firmware,
                          boot_geometry=geom)
     assert ntfsgeom.needs_fix(facts) is fix
@@ -356,10 +357,10 @@ def test_the_docs_table_is_the_code_table() -> None:
     text = (Path(__file__).parent.parent / "docs" / "windows-changes.md").read_text()
     table = text[text.index("| service | vendor | what | `disable` |"):]
     table = table[:table.index("\n\n")]
-    for e in hypervisor_tools.TABLE:
+    for e in model_guest.TABLE:
         row = next((ln for ln in table.splitlines() if e.name in [c.strip() for c in
                                                                   ln.strip("|").split("|")[0].split(",")]),
                    None)
         assert row is not None, f"{e.name} missing from the docs table"
-        vmware_storage = e.storage and e.vendor == hypervisor_tools.VMWARE
+        vmware_storage = e.storage and e.vendor == model_guest.VMWARE
         assert ("Start=4" in row) == e.disable and ("never (storage)" in row) == vmware_storage

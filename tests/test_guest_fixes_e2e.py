@@ -105,7 +105,7 @@ def test_final_disk_holds_script_and_values(done: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stderr
     root = done["root"]
     facts = receipt(root, "w7vm", "inspect")["result"]
-    from pipeline.guest.network import NetInterface
+    from pipeline.model.guest import NetInterface
 
     ifaces = [NetInterface.from_dict(i) for i in facts["network"]]
     want = fixes.firstboot_script(fixes.restore_candidate(ifaces)[0], [i.guid for i in ifaces], 6, 1, "w7vm")

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.app.fakedisk import VMDK_SUBFORMATS
 from pipeline.core.errors import InputError
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 from pipeline.steps import inspect as insp
 from pipeline.tools import guestfs
 from tests.support.fx_disks import private_copy, vmdk_files

@@ -18,9 +18,9 @@ import pytest
 
 from pipeline.core.config import ImageConfig
 from pipeline.guest import fixes
+from pipeline.model.inspect import InspectFacts
 from pipeline.registry import builtin, edits, hive, hivefile, regf, regfile, txlog
 from pipeline.registry.plan import plan
-from pipeline.steps.inspect import InspectFacts
 from pipeline.steps.registry_merge import MergeInput, collect_ops, plan_edits, plan_warnings
 from pipeline.tools import hivex
 from tests.support import hives

@@ -13,12 +13,9 @@ import pytest
 from pipeline.core import receipts
 from pipeline.core.config import ImageConfig
 from pipeline.core.receipts import HASHED, NAMED, RUNTIME, UPSTREAM, Receipt
-from pipeline.steps.convert import ConvertInput, ConvertResult
-from pipeline.steps.define import Defined
-from pipeline.steps.ghost_convert import GhostConvertResult
-from pipeline.steps.inspect import InspectFacts, VmdkExtent
-from pipeline.steps.registry_merge import MergeResult
-from pipeline.steps.xml_render import DomainXml
+from pipeline.model.inspect import InspectFacts, VmdkExtent
+from pipeline.model.results import ConvertResult, Defined, DomainXml, GhostConvertResult, MergeResult
+from pipeline.steps.convert import ConvertInput
 from pipeline.tasks import Convert, chain
 from tests.support.fx_pipeline import make_config
 from tests.support.fx_receipts import XP_FACTS, write_chain

@@ -11,8 +11,9 @@ from pipeline.tasks import chain
 
 PIPELINE = Path(__file__).parent.parent / "pipeline"
 #: names that are not pipeline steps on purpose: building demo/test disks, the end-of-run clean-up,
-#: the stand-alone ``gho extract`` command, undefining a domain (tests, outside any run)
-NOT_STEPS = {"fakedisk", "cleanup", "gho extract", "undefine"}
+#: the stand-alone ``gho extract`` command, undefining a domain (tests, outside any run), resolving a
+#: ``.vmx``/``.ovf`` source into an image (config loading, before any step: pipeline.steps.vm_source)
+NOT_STEPS = {"fakedisk", "cleanup", "gho extract", "undefine", "source"}
 LITERAL = re.compile(r'(?:\bstep\s*(?:=|:\s*str\s*=)\s*|\bSTEP\s*=\s*)"([^"]+)"')
 
 

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.set_defaults(func=cmd_report)
     try:
-        from pipeline.gho.cli import register
+        from pipeline.app.gho_cli import register
     except ImportError:
         pass
     else:

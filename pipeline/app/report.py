@@ -68,7 +68,7 @@ def guest_notes(step: str, result: Any) -> list[str]:
     if not isinstance(result, dict):
         return []
     if step == Step.INSPECT:
-        from pipeline.guest.network import NetInterface
+        from pipeline.model.guest import NetInterface
 
         return [f"network: {NetInterface.from_dict(i).describe()}" for i in result.get("network") or []
                 if isinstance(i, dict) and i.get("adapter")]

@@ -47,8 +47,12 @@ MAX_CONFIG_BYTES = 1 * MiB  # a config is read only up to this size
 MAX_YAML_DEPTH = 64  # nesting of mappings/sequences
 MAX_YAML_ALIASES = 1000  # alias (*name) uses
 MAX_YAML_NODES = 200_000  # nodes once aliases are expanded (the "billion laughs" bound)
-SOURCE_SUFFIXES = (".vmdk", ".gho", ".raw", ".img", ".qcow2", ".vhd", ".vhdx", ".vmx", ".ovf")
+#: the one suffix → qemu-img format rule of a disk source (inspect reads it; ``format:`` overrides)
+DISK_FORMAT_BY_SUFFIX = {".vmdk": "vmdk", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw", ".vhd": "vpc",
+                         ".vhdx": "vhdx"}
+GHO_SUFFIX = ".gho"  # a Ghost image: ghost-convert makes the disk
 VM_SUFFIXES = (".vmx", ".ovf")  # a VM description: resolved to its disks by pipeline.steps.vm_source
+SOURCE_SUFFIXES = (*DISK_FORMAT_BY_SUFFIX, GHO_SUFFIX, *VM_SUFFIXES)
 BUILTIN_REGISTRY = ("mergeide",)
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}\Z")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -124,10 +128,10 @@ class ImageConfig:
     output_dir: Path = Path("var/images")
     format: DiskFormat = DiskFormat.RAW
     libvirt_uri: str = "test:///default"
-    memory_mib: int | None = None  # None: by Windows version (pipeline.guest.windows.default_memory_mib)
+    memory_mib: int | None = None  # None: by Windows version (pipeline.model.windows.default_memory_mib)
     vcpus: int = 1
     disk_bus: DiskBus = DiskBus.IDE
-    nic_model: NicModel | None = None  # None: by Windows version (pipeline.guest.windows.default_nic)
+    nic_model: NicModel | None = None  # None: by Windows version (pipeline.model.windows.default_nic)
     network: str = "user"
     disk_cache: DiskCache = DEFAULT_DISK_CACHE
     disk_io: DiskIo = DEFAULT_DISK_IO
@@ -173,10 +177,6 @@ class ImageConfig:
     @property
     def final_disk(self) -> Path:
         return self.output_dir / f"{self.id}.{self.format}"
-
-    @property
-    def registry_files(self) -> tuple[Path, ...]:
-        return tuple(Path(r) for r in self.registry if r not in BUILTIN_REGISTRY)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ FAT_RECORD_LENGTHS = {
     K_BOOT: lambda n: n == 512, K_RESERVED: lambda n: n > 0 and n % 512 == 0,
 }
 
-FIRST_SCAN_LIMIT = 16 << 20
 _SCAN_CHUNK = 1 << 20
 
 
@@ -184,37 +183,6 @@ class Walker:
             what = f"byte +2 is 0x{buf[2]:02x}, a file kind, not a partition subtype"
         raise GhoError(f"{self.name}: corrupt first partition header at offset {expect} (after the "
                        f"{expect - HEADER_SIZE}-byte descriptor area the trailer implies): {what}")
-
-    def find_first_structure(self) -> int:
-        """Offset of the first partition header or track-0 record after the descriptor (§3, §5.2)."""
-        pos = HEADER_SIZE
-        limit = min(self.stream.size, FIRST_SCAN_LIMIT)
-        hdr = self.header
-        while pos < limit:
-            chunk = self.stream.read_upto(pos, _SCAN_CHUNK + 16)
-            if len(chunk) < 8:
-                break
-            best = None
-            j = chunk.find(b"\xfe\xef")
-            while j != -1 and j < _SCAN_CHUNK:
-                if is_partition_header(chunk, j, hdr.compression, hdr.image_id):
-                    best = j
-                    break
-                j = chunk.find(b"\xfe\xef", j + 1)
-            j = chunk.find(RECORD_MAGIC_BYTES)
-            while j != -1 and j - 4 < _SCAN_CHUNK and (best is None or j - 4 < best):
-                if j >= 4 and chunk[j - 4] == K_TRACK0:
-                    best = j - 4
-                    break
-                j = chunk.find(RECORD_MAGIC_BYTES, j + 1)
-            if best is not None:
-                return pos + best
-            pos += _SCAN_CHUNK
-        if self.stream.size < FIRST_SCAN_LIMIT:
-            raise self.stream.truncated(self.stream.size, "the descriptor area (no partition header found)")
-        raise GhoError(f"{self.name}: no partition header found in the first "
-                       f"{min(self.stream.size, FIRST_SCAN_LIMIT)} bytes; "
-                       "image truncated or not a Ghost image")
 
     # -- record walk (FAT sections) ----------------------------------------------------------
     def iter_records(self, pos: int, limit: int, what: str = "record") -> Iterator[Record]:

@@ -27,7 +27,7 @@ from pipeline.registry import hive
 from pipeline.tools.guestfs import Guestfish
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 SIGNATURE_OFFSET = 440
 VALUE = "\\DosDevices\\C:"

@@ -13,7 +13,7 @@ sources is ``docs/windows-changes.md``.
   are boot/system start (0/1): loaded on a CPU of the other vendor (QEMU's default CPU model is
   AMD's) they stop the guest with 0x7E. Opt-out ``keep_cpu_drivers: true``.
 * :func:`vmware_ops` — ``vmware_tools: disable``: Start=4 on the VMware entries of
-  :data:`pipeline.guest.hypervisor_tools.TABLE` marked ``disable`` (never storage).
+  :data:`pipeline.model.guest.TABLE` marked ``disable`` (never storage).
 * :func:`network_restore` — ``network_restore: static``: a first-boot service that re-applies the
   old static addresses on the new adapter (:func:`firstboot_script`), then deletes itself.
 """
@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.core.receipts import JsonRecord
-from pipeline.guest import hypervisor_tools as hvtools
 from pipeline.guest.hiveread import read_tree
-from pipeline.guest.network import NET_CLASS, NetInterface
+from pipeline.guest.network import NET_CLASS
+from pipeline.model.guest import VMWARE, BootSettings, Change, NetInterface, ToolService
 from pipeline.registry.regfile import Op, Policy, RegType, encode_dword, encode_multi_sz, encode_sz
 
 CCS = "HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet"
@@ -39,16 +39,6 @@ DEMAND_START, DISABLED = 3, 4
 FIRSTBOOT_SERVICE = "gho2kvm-firstboot"
 FIRSTBOOT_DIR = "gho2kvm"  # under %SystemRoot%
 FIRSTBOOT_SCRIPT = "firstboot.cmd"
-
-
-@dataclass(frozen=True)
-class BootSettings(JsonRecord):
-    """Values of the live control set that decide the fixes (None: absent)."""
-
-    auto_reboot: int | None = None  # CrashControl\AutoReboot (Windows' default 1)
-    crash_dump_enabled: int | None = None  # CrashControl\CrashDumpEnabled (kept)
-    real_time_is_universal: int | None = None  # TimeZoneInformation\RealTimeIsUniversal (1: RTC in UTC)
-    cpu_drivers: tuple[tuple[str, int | None], ...] = ()  # (service, Start) of CPU_DRIVERS present
 
 
 def boot_settings(hive_path: str | os.PathLike[str], control_set: str, *, image_id: str | None = None,
@@ -78,18 +68,6 @@ class GuestOptions:
     keep_boot_geometry: bool = False  # pipeline.guest.ntfsgeom
     vmware_tools: str = "keep"  # keep | disable
     network_restore: str = "off"  # off | static
-
-
-@dataclass(frozen=True)
-class Change(JsonRecord):
-    """One edit in the guest, as the receipt shows it."""
-
-    fix: str  # autoreboot | cpu-driver | vmware-tools | network-restore
-    key: str  # in the SYSTEM hive, CurrentControlSet = the live set
-    value: str | None  # None: a key, or a file
-    was: str | None  # "absent" when it did not exist
-    now: str | None
-    why: str
 
 
 @dataclass(frozen=True)
@@ -147,12 +125,12 @@ def cpu_driver_ops(settings: BootSettings) -> tuple[list[Op], list[Change]]:
     return ops, changes
 
 
-def vmware_ops(tools: Sequence[hvtools.ToolService]) -> tuple[list[Op], list[Change], list[str]]:
+def vmware_ops(tools: Sequence[ToolService]) -> tuple[list[Op], list[Change], list[str]]:
     """Start=4 on every installed VMware entry marked ``disable`` (never a storage driver)."""
     ops, changes, notes = [], [], []
     for t in tools:
         entry = t.entry()
-        if entry is None or entry.vendor != hvtools.VMWARE or not entry.disable:
+        if entry is None or entry.vendor != VMWARE or not entry.disable:
             continue
         if t.storage:
             notes.append(f"vmware_tools: disable: {t.name} left as it is (group {t.group!r}: boot storage)")
@@ -356,7 +334,7 @@ def network_restore(ifaces: Sequence[NetInterface], major: int, minor: int,
     return ops, changes, warnings, [GuestFile(path, script, f"re-apply {best.where()}")]
 
 
-def guest_fixes(settings: BootSettings | None, tools: Sequence[hvtools.ToolService],
+def guest_fixes(settings: BootSettings | None, tools: Sequence[ToolService],
                 ifaces: Sequence[NetInterface], options: GuestOptions, *, major: int, minor: int,
                 image_id: str) -> FixPlan:
     """Every fix for one Windows guest, in a fixed order."""

@@ -13,74 +13,13 @@ service is ``Enum\\<PnpInstanceID>\\Service`` (or the ``Ndi\\Service`` of the ne
 
 from __future__ import annotations
 
-import ipaddress
 import os
-from dataclasses import dataclass
 
-from pipeline.core.receipts import JsonRecord
 from pipeline.guest.hiveread import Tree, read_tree
+from pipeline.model.guest import NetInterface
 
 NET_CLASS = "{4D36E972-E325-11CE-BFC1-08002BE10318}"  # the network adapter device class
 _UNSET = ("", "0.0.0.0")
-
-
-@dataclass(frozen=True)
-class NetInterface(JsonRecord):
-    """One TCP/IP interface of the guest as its registry had it."""
-
-    guid: str
-    dhcp: bool
-    addresses: tuple[str, ...] = ()  # static IPv4 addresses (IPAddress), "0.0.0.0" left out
-    masks: tuple[str, ...] = ()  # SubnetMask, one per address
-    gateways: tuple[str, ...] = ()  # DefaultGateway
-    gateway_metrics: tuple[int, ...] = ()  # DefaultGatewayMetric (empty: automatic)
-    dns_servers: tuple[str, ...] = ()  # NameServer (static DNS; with DHCP too, when set by hand)
-    dns_suffix: str | None = None  # Domain: the connection-specific DNS suffix
-    ipv6_dns_servers: tuple[str, ...] = ()  # Tcpip6 NameServer
-    dhcp_address: str | None = None  # DhcpIPAddress: the last lease
-    dhcp_mask: str | None = None
-    dhcp_gateways: tuple[str, ...] = ()
-    dhcp_dns_servers: tuple[str, ...] = ()
-    adapter: str | None = None  # Connection\Name ("Local Area Connection")
-    pnp_instance: str | None = None  # Connection\PnpInstanceID (PCI\VEN_15AD&DEV_07B0\...)
-    driver: str | None = None  # the NIC's driver service (vmxnet3ndis6, E1G60, ...)
-
-    @property
-    def static(self) -> bool:
-        """Static IPv4 addresses are configured (what a new NIC loses)."""
-        return not self.dhcp and bool(self.addresses)
-
-    def cidrs(self) -> tuple[str, ...]:
-        """``10.3.58.5/24`` for each address (``/?`` where the mask is missing or not a mask)."""
-        return tuple(f"{a}/{prefix_len(m)}" for a, m in zip(self.addresses, self.masks + ("",) * len(
-            self.addresses), strict=False))
-
-    def describe(self) -> str:
-        """``static 10.3.58.5/24 gateway 10.3.58.1 DNS 10.3.58.4 on 'Local Area Connection' (vmxnet3)``."""
-        if self.static:
-            out = f"static {', '.join(self.cidrs())}"
-            if self.gateways:
-                out += f" gateway {', '.join(self.gateways)}"
-        else:
-            out = "DHCP" + (f" (last lease {self.dhcp_address})" if self.dhcp_address else "")
-        if self.dns_servers:
-            out += f" DNS {', '.join(self.dns_servers)}"
-        if self.ipv6_dns_servers:
-            out += f" IPv6 DNS {', '.join(self.ipv6_dns_servers)}"
-        if self.dns_suffix:
-            out += f" suffix {self.dns_suffix}"
-        return out + f" on {self.where()}"
-
-    def where(self) -> str:
-        name = f"'{self.adapter}'" if self.adapter else f"interface {self.guid}"
-        return name + (f" ({self.driver})" if self.driver else "")
-
-
-def prefix_len(mask: str) -> str:
-    try:
-        return str(ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen)
-    except ValueError:
-        return "?"
 
 
 def _addrs(tree: Tree, rel: str, name: str) -> tuple[str, ...]:
@@ -142,14 +81,3 @@ def _class_driver(classes: Tree, guid: str) -> str | None:
     return None
 
 
-def static_warning(ifaces: tuple[NetInterface, ...], restore: bool) -> str | None:
-    """The warning when any interface was static: what it had, and what the new NIC will do."""
-    static = [i for i in ifaces if i.static]
-    if not static:
-        return None
-    had = "; ".join(i.describe() for i in static)
-    if restore:
-        return (f"the guest used {had}; the new NIC is a new adapter (DHCP by default): "
-                f"network_restore: static re-applies the settings at first boot (see the receipt)")
-    return (f"the guest used {had}; the new NIC will use DHCP: set the address in the guest, "
-            f"or use network_restore: static")

@@ -20,47 +20,15 @@ from __future__ import annotations
 import re
 import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ToolError
-from pipeline.core.receipts import JsonRecord
+from pipeline.model.guest import GEOMETRY_OFFSET, BootGeometry
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
     from pipeline.tools.guestfs import Guestfish
-
-GEOMETRY_OFFSET = 0x18  # sectors per track (u16), then heads (u16)
-PHYSICAL_HEADS, SECTORS = 16, 63  # QEMU's physical geometry of an IDE disk
-
-
-def bios_geometry(size: int) -> tuple[int, int]:
-    """``(heads, sectors per track)`` the BIOS reports for a disk of ``size`` bytes (LBA translation)."""
-    heads = PHYSICAL_HEADS
-    cylinders = size // (PHYSICAL_HEADS * SECTORS * 512)
-    while cylinders > 1024 and heads < 255:
-        heads = min(heads * 2, 255)
-        cylinders = (cylinders + 1) // 2  # halved, rounded up: virt-v2v's thresholds exactly
-    return heads, SECTORS
-
-
-@dataclass(frozen=True)
-class BootGeometry(JsonRecord):
-    partition: str  # the system partition (/dev/sda1)
-    bpb_sectors: int  # the boot sector's sectors per track
-    bpb_heads: int
-    disk_size: int  # bytes of the whole disk
-    total_sectors: int = 0  # of the volume: the backup boot sector is the sector after them
-
-    @property
-    def bios(self) -> tuple[int, int]:
-        return bios_geometry(self.disk_size)
-
-    @property
-    def mismatch(self) -> bool:
-        return (self.bpb_heads, self.bpb_sectors) != self.bios
-
 
 def parse(boot: bytes, disk_size: int, partition: str) -> BootGeometry | None:
     """The geometry of an NTFS boot sector (pure); None when the sector is not NTFS."""

@@ -2,7 +2,7 @@
 
 virtio-win lays drivers out as ``<driver>/<os>/<arch>/<driver>.sys`` (``viostor/w7/amd64/viostor.sys``,
 ``viostor/w10/amd64/viostor.sys``, ``netkvm/xp/x86/netkvm.sys``); the ``<os>`` names of a guest come from
-:func:`pipeline.guest.windows.virtio_os_dirs`. Which files a tree holds is a list of relative paths: a folder
+:func:`pipeline.model.windows.virtio_os_dirs`. Which files a tree holds is a list of relative paths: a folder
 is listed here (bounded), an ISO inside registry-merge's appliance (``find`` on the mounted ISO), and
 :func:`find_drivers` picks from either list the same way.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 #: a virtio-win folder holds a few thousand files; more than this is not a driver tree
 MAX_TREE_FILES = 100_000
@@ -45,9 +45,9 @@ def list_folder(folder: Path, *, image_id: str | None = None, step: str = "regis
 def find_drivers(paths: Iterable[str], facts: InspectFacts) -> dict[str, str]:
     """``{driver: path}`` (from ``paths``) of viostor/netkvm for this guest's ``<os>/<arch>``.
 
-    The first ``<os>`` name of :func:`pipeline.guest.windows.virtio_os_dirs` that has the driver wins; names
+    The first ``<os>`` name of :func:`pipeline.model.windows.virtio_os_dirs` that has the driver wins; names
     compare case-insensitively (ISO 9660 readers differ), any leading folders are allowed. Only drivers
-    the guest can get offline are looked for (:data:`pipeline.guest.windows.VIRTIO_OFFLINE`: no netkvm
+    the guest can get offline are looked for (:data:`pipeline.model.windows.VIRTIO_OFFLINE`: no netkvm
     for Windows 8 and later).
     """
     arch = guest.arch_of(facts)

@@ -1,6 +1,6 @@
 """Built-in registry change sets shipped as ``.reg`` files in ``pipeline/registry/data``.
 
-``mergeide``, chosen by the guest's family (:func:`pipeline.guest.windows.family`):
+``mergeide``, chosen by the guest's family (:func:`pipeline.model.windows.family`):
 
 * ``nt5`` (2000/XP/2003, and unknown versions): the classic MergeIDE changes of Microsoft KB314082
   (CriticalDeviceDatabase entries for IDE controllers, boot-start ``atapi``/``intelide``/``pciide``)
@@ -15,7 +15,7 @@
 driver files they point at: the ``viostor`` service for every family, bound to the virtio PCI ids
 through CriticalDeviceDatabase (``nt5``/``nt6``) or DriverDatabase (``nt62``, which no longer reads
 CriticalDeviceDatabase); ``netkvm`` (service + CriticalDeviceDatabase) for ``nt5``/``nt6`` only
-(:data:`pipeline.guest.windows.VIRTIO_OFFLINE`).
+(:data:`pipeline.model.windows.VIRTIO_OFFLINE`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import InputError
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
 from pipeline.registry.regfile import (
     Op,
     Policy,
@@ -40,7 +40,7 @@ from pipeline.registry.regfile import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 BUILTIN_SETS: dict[str, dict[str, tuple[str, ...]]] = {
     "mergeide": {
@@ -124,7 +124,7 @@ def fix_policies(ops: list[Op], fam: str, bus: str) -> list[Op]:
     """The policies of a MergeIDE-style fix set: CriticalDeviceDatabase entries as
     :func:`_cdd_policy`; a service the set defines whole (with an ``ImagePath``) is created where
     absent, a service it only tunes (a ``Start``) is left alone where absent; only the ``Start`` (and
-    ``StartOverride``) of :func:`pipeline.guest.windows.boot_services` is changed, every other value
+    ``StartOverride``) of :func:`pipeline.model.windows.boot_services` is changed, every other value
     only filled in. NT 6+ get Windows 7's lower-case ClassGUID where the hive shows no spelling."""
     boot = {s.lower() for s in guest.boot_services(fam, bus)}
     whole = {m.group(1).lower() for op in ops if (op.name or "").lower() == "imagepath"
@@ -185,7 +185,7 @@ def _data_ops(name: str, fname: str) -> list[Op]:
 
 def required_drivers() -> list[str]:
     """Driver files (in ``System32\\drivers``) the mergeide changes need to boot on IDE (a missing
-    AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.guest.windows.decide`)."""
+    AHCI driver is a refusal of ``disk_bus: sata`` instead, :func:`pipeline.model.windows.decide`)."""
     return list(guest.IDE_DRIVERS)
 
 

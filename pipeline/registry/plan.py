@@ -85,14 +85,6 @@ def hive_relative(key: str) -> str:
     return "\\" + "\\".join(rest)
 
 
-def hive_of(key: str) -> str:
-    """``SYSTEM`` or ``SOFTWARE`` for a canonical key."""
-    parts = key.split("\\")
-    if len(parts) < 2 or parts[0].upper() not in _ROOT_ALIASES or parts[1].upper() not in HIVE_PREFIXES:
-        raise ValueError(f"not a canonical SYSTEM/SOFTWARE key: {key!r}")
-    return parts[1].upper()
-
-
 def _ancestors(key: str) -> list[str]:
     """Canonical ancestors strictly between the hive root and ``key``, outermost first."""
     parts = key.split("\\")

@@ -139,10 +139,6 @@ def encode_dword(n: int) -> bytes:
     return n.to_bytes(4, "little")
 
 
-def encode_qword(n: int) -> bytes:
-    return n.to_bytes(8, "little")
-
-
 def decode_value(t: int, data: bytes) -> str | int | list[str] | bytes:
     try:
         if t in (RegType.SZ, RegType.EXPAND_SZ, RegType.LINK) and len(data) % 2 == 0:

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.core import atomic, log, paths, space
 from pipeline.core.choices import Step
-from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM, JsonRecord
+from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM
+from pipeline.model.results import ConvertResult
 from pipeline.tools import qemu_img
 
 STEP = Step.CONVERT
@@ -40,25 +40,6 @@ class ConvertInput:
     base_format: str = field(default="raw", metadata=UPSTREAM)
     image_dir: Path | None = field(default=None, metadata=RUNTIME)  # its marker records the final disk
     overwrite: bool = field(default=False, metadata=RUNTIME)
-
-
-@dataclass(frozen=True)
-class ConvertResult(JsonRecord):
-    input: Path
-    input_format: str
-    output: Path
-    format: str
-    verified: bool
-    qemu_img_version: str | None = None
-    convert_seconds: float | None = None
-    verify_seconds: float | None = None
-    sync_seconds: float | None = None
-    commit_seconds: float | None = None  # the overlay committed into the copy (or the adopted disk)
-    adopted: dict[str, Any] | None = None
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return ()
 
 
 def convert_disk(inp: ConvertInput, *, progress: Callable[[float], None] | None = None) -> ConvertResult:

@@ -4,7 +4,6 @@ boot check (or a plain start)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ from typing import Any
 from pipeline.core.choices import Step
 from pipeline.core.config import BootCheck
 from pipeline.core.errors import TransientError
-from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM, JsonRecord
+from pipeline.core.receipts import NAMED, RUNTIME, UPSTREAM
+from pipeline.model.results import Defined
 
 STEP = Step.DEFINE
 
@@ -29,22 +29,6 @@ class DefineInput:
     domain_xml: Path = field(default=Path(), metadata=UPSTREAM)  # xml-render's output
     attempts: int = field(default=3, metadata=RUNTIME)  # define is retried on a transient libvirt error
     retry_delay_s: float = field(default=5.0, metadata=RUNTIME)
-
-
-@dataclass(frozen=True)
-class Defined(JsonRecord):
-    action: str  # created | updated | unchanged
-    name: str
-    uuid: str
-    uri: str
-    autostart: bool = False
-    boot_check: Mapping[str, Any] | None = None  # the verdict (pipeline.tools.bootcheck.boot_check)
-    started: Mapping[str, Any] | None = None  # start: true without a boot check
-    screenshot: Path | None = None  # the boot check's last screen
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return ()
 
 
 def define_domain(inp: DefineInput) -> Defined:

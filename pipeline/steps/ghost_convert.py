@@ -5,7 +5,7 @@ written in place through ``qemu-nbd`` (:mod:`pipeline.tools.nbd`), never as a ra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.choices import DiskFormat, Step, values
 from pipeline.core.config import GhostConfig
 from pipeline.core.receipts import NAMED
+from pipeline.model.results import GhostConvertResult
 
 if TYPE_CHECKING:
     from pipeline.gho.extract import OpenDisk
@@ -34,46 +35,17 @@ class GhostInput:
     disk_format: str = "raw"  # native backend: the final disk's format (raw | qcow2); exe: vmdk
 
 
-@dataclass(frozen=True)
-class GhostConvertResult:
-    """The disk the next steps read and the backend's own record (``details``: Ghost's argv, spans
-    and outputs, or the native reader's partitions, files and warnings)."""
-
-    disk: Path
-    disk_format: str  # vmdk | raw | qcow2
-    backend: str  # exe | native
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return tuple(self.details.get("warnings") or ())
-
-    @property
-    def outputs(self) -> dict[str, Path]:
-        """The files made (name → path): every Ghost output, or the native reader's disk."""
-        if self.backend == "exe":
-            return {Path(o["path"]).name: Path(o["path"]) for o in self.details.get("outputs", [])}
-        return {"disk": self.disk}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.details, "backend": self.backend, "disk": str(self.disk),
-                "disk_format": self.disk_format}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GhostConvertResult:
-        details = {k: v for k, v in data.items() if k not in ("backend", "disk", "disk_format")}
-        return cls(disk=Path(data["disk"]), disk_format=str(data["disk_format"]),
-                   backend=str(data.get("backend", "exe")), details=details)
-
-
 def ghost_convert(inp: GhostInput, *, progress: Callable[[float], None] | None = None) -> GhostConvertResult:
     say = progress or (lambda _p: None)
     g = inp.ghost
     if g.backend == "exe":
+        # local: importing pipeline.gho loads the native reader, which the exe backend does not need
+        from pipeline.gho.spans import find_spans
         from pipeline.tools import ghost_exe
 
         res = ghost_exe.convert(ghost_exe.GhostOptions.of(g), inp.source, inp.image_dir,
-                                image_id=inp.image_id, password=g.password(inp.image_id, STEP), progress=say)
+                                image_id=inp.image_id, spans_of=find_spans,
+                                password=g.password(inp.image_id, STEP), progress=say)
         return GhostConvertResult(disk=inp.image_dir / "ghost.vmdk", disk_format="vmdk", backend="exe",
                                   details=res.to_dict())
     from pipeline.gho import extract

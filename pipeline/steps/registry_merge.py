@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,12 @@ from pipeline.core import atomic, log
 from pipeline.core.choices import Step
 from pipeline.core.config import BUILTIN_REGISTRY, ImageConfig
 from pipeline.core.errors import InputError, ToolError
-from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM, JsonRecord
+from pipeline.core.receipts import HASHED, NAMED, PREFLIGHT, RUNTIME, UPSTREAM
 from pipeline.guest import disksig, fixes, ntfsgeom, virtio
-from pipeline.guest import hypervisor_tools as hvtools
-from pipeline.guest import network as guest_net
-from pipeline.guest import windows as guest
+from pipeline.model import windows as guest
+from pipeline.model.guest import static_warning, tools_warning
+from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import MergeResult
 from pipeline.registry import builtin, edits, hive, regf, regfile
 from pipeline.registry.plan import (
     HIVE_PREFIXES,
@@ -38,7 +39,7 @@ from pipeline.registry.plan import (
     remap_control_sets,
 )
 from pipeline.registry.verify import verify
-from pipeline.steps.inspect import InspectFacts, fetch_hives
+from pipeline.steps.inspect import fetch_hives
 from pipeline.tools import qemu_img
 from pipeline.tools.guestfs import Appliances, Guestfish, overlay_session
 
@@ -91,35 +92,6 @@ class MergeInput:
             disk_format=disk_format or facts.format, force_tcg=force_tcg)
 
 
-@dataclass(frozen=True)
-class MergeResult(JsonRecord):
-    """What registry-merge did (``skipped`` for a guest not recognised as Windows: no overlay)."""
-
-    skipped: bool
-    overlay: Path | None
-    warnings: tuple[str, ...] = ()
-    hives: Mapping[str, Any] | None = None  # hive name → {guest_path, keys, values, verified}
-    backing_file: Path | None = None
-    backing_format: str | None = None
-    current_control_set: str | None = None
-    registry_variant: str | None = None
-    disk_signature: Mapping[str, Any] | None = None  # pipeline.guest.disksig.reconcile
-    virtio: Mapping[str, Any] | None = None  # {"drivers": tree, "installed": {driver: {from, to, sha256}}}
-    guest_changes: tuple[fixes.Change, ...] = ()  # pipeline.guest.fixes: each edit beyond the change sets
-    guest_files: tuple[Mapping[str, str], ...] = ()  # files written into the guest: {path, sha256, why}
-    boot_geometry: Mapping[str, Any] | None = None  # pipeline.guest.ntfsgeom.reconcile
-    appliance_launches: int = 0
-    appliance_shared: bool = False
-    appliance_seconds: float | None = None
-    qemu_img_version: str | None = None
-    libguestfs_version: str | None = None
-
-    @property
-    def installed_virtio(self) -> tuple[str, ...]:
-        """The virtio drivers copied into the guest."""
-        return tuple((self.virtio or {}).get("installed") or {})
-
-
 def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
     """Every change, parsed and validated, in config order, and the warnings about user files:
     keys in a ``ControlSet00N`` that is not the live one (rewritten to the live one with
@@ -135,7 +107,6 @@ def collect_ops(inp: MergeInput) -> tuple[list[regfile.Op], list[str]]:
         try:
             file_ops = regfile.parse_file(str(entry))
         except regfile.RegSyntaxError as e:
-            e.image_id, e.step = inp.image_id, STEP
             raise InputError(e.message, image_id=inp.image_id, step=STEP) from None
         for op, msg, numbered in control_set_findings(file_ops, ccs):
             if numbered and inp.registry_remap_controlset:
@@ -167,8 +138,8 @@ def guest_warnings(inp: MergeInput) -> list[str]:
     config, and the fixes' own notes."""
     f = inp.facts
     found: list[str | None] = [
-        guest_net.static_warning(f.network, restore=inp.guest.network_restore == "static"),
-        hvtools.tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
+        static_warning(f.network, restore=inp.guest.network_restore == "static"),
+        tools_warning(f.hypervisor_tools, disable_vmware=inp.guest.vmware_tools == "disable")]
     geometry = ntfsgeom.warning(f)
     if geometry is not None:
         fixed = ntfsgeom.needs_fix(f) and not inp.guest.keep_boot_geometry

@@ -9,8 +9,9 @@ from pathlib import Path
 from pipeline.core import atomic, log
 from pipeline.core.choices import Step
 from pipeline.core.config import ImageConfig
-from pipeline.core.receipts import NAMED, UPSTREAM, JsonRecord
-from pipeline.steps.inspect import InspectFacts
+from pipeline.core.receipts import NAMED, UPSTREAM
+from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import DomainXml
 
 STEP = Step.XML_RENDER
 
@@ -60,17 +61,6 @@ class RenderInput:
     installed_virtio: tuple[str, ...] = field(default=(), metadata=UPSTREAM)  # what registry-merge copied
 
 
-@dataclass(frozen=True)
-class DomainXml(JsonRecord):
-    domain_xml: Path
-    name: str
-    uri: str
-    disk_bus: str
-    nic_model: str
-    memory_mib: int
-    warnings: tuple[str, ...] = ()
-
-
 def clock_offset(facts: InspectFacts) -> str:
     """``utc`` when the guest keeps its hardware clock in UTC (``RealTimeIsUniversal`` = 1), else
     ``localtime`` (what Windows expects by default)."""
@@ -81,7 +71,7 @@ def clock_offset(facts: InspectFacts) -> str:
 def render_domain(inp: RenderInput) -> DomainXml:
     from pipeline.domain.facts import DomainSpec, build_domain
     from pipeline.domain.render import render
-    from pipeline.guest import windows as guest
+    from pipeline.model import windows as guest
     from pipeline.tools import virt
 
     d, facts = inp.domain, inp.facts

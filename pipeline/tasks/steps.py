@@ -17,12 +17,14 @@ import luigi
 from pipeline.core import log
 from pipeline.core.choices import Step
 from pipeline.core.receipts import Outcome
-from pipeline.steps.convert import ConvertInput, ConvertResult, convert_disk
-from pipeline.steps.define import Defined, DefineInput, define_domain
-from pipeline.steps.ghost_convert import GhostConvertResult, GhostInput, ghost_convert
-from pipeline.steps.inspect import InspectFacts, InspectInput, inspect_image
-from pipeline.steps.registry_merge import MergeInput, MergeResult, registry_merge
-from pipeline.steps.xml_render import DomainConfig, DomainXml, RenderInput, render_domain
+from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import ConvertResult, Defined, DomainXml, GhostConvertResult, MergeResult
+from pipeline.steps.convert import ConvertInput, convert_disk
+from pipeline.steps.define import DefineInput, define_domain
+from pipeline.steps.ghost_convert import GhostInput, ghost_convert
+from pipeline.steps.inspect import InspectInput, inspect_image
+from pipeline.steps.registry_merge import MergeInput, registry_merge
+from pipeline.steps.xml_render import DomainConfig, RenderInput, render_domain
 from pipeline.tasks.base import ImageTask, get_config, hooks
 
 

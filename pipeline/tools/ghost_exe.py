@@ -47,7 +47,6 @@ from pipeline.core.atomic import fsync_path
 from pipeline.core.choices import Adapter, PathStyle, Step, VmdkType, values
 from pipeline.core.errors import InputError, ToolError
 from pipeline.core.safeio import regular_file
-from pipeline.gho.spans import find_spans
 from pipeline.tools import qemu_img
 from pipeline.tools.run import REDACTED, pid_alive, redact, run
 
@@ -317,6 +316,7 @@ def convert(
     out_dir: Path,
     *,
     image_id: str,
+    spans_of: Callable[[Path], Sequence[Path]],
     password: str | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> GhostResult:
@@ -325,7 +325,9 @@ def convert(
     For ``vmdk_type: flat`` the raw extent is ``out_dir/ghost-s001.vmdk`` (more with
     ``vmdk_split_mb``); when the descriptor shows that one extent is the whole disk,
     ``raw_extent`` names it (convert may adopt it as the final raw disk). ``password`` is the
-    image's (None: none). ``progress`` gets Ghost's percentage (0-100) when it prints one.
+    image's (None: none). ``spans_of`` lists the .GHS spans of ``src``
+    (:func:`pipeline.gho.spans.find_spans`: the format rule lives above the
+    tools). ``progress`` gets Ghost's percentage (0-100) when it prints one.
     Raises :class:`InputError` for bad input, :class:`ToolError` when Ghost or the check fails.
     """
     src = Path(src)
@@ -335,7 +337,7 @@ def convert(
         raise InputError(f"Ghost image not found: {src}", image_id=image_id, step=STEP)
     regular_file(src, "Ghost image", image_id=image_id, step=STEP)  # never a FIFO or device
     source = _stat_entry(src)
-    spans = [_stat_entry(p) for p in find_spans(src)]
+    spans = [_stat_entry(p) for p in spans_of(src)]
     # Check the configuration and paths before touching the disk (temp names never add commas).
     probe = out_dir / f"{TMP_PREFIX}0" / FINAL_NAME
     build_argv(cfg, src, probe, probe.with_name(AFILE_NAME), password)

@@ -26,7 +26,7 @@ import libvirt
 
 from pipeline.core.choices import Step
 from pipeline.core.errors import Gho2KvmError, InputError, TransientError
-from pipeline.domain.facts import ARCHES, HostCaps, host_caps_from_xml
+from pipeline.model.host import ARCHES, HostCaps, host_caps_from_xml
 
 
 class BootCheckError(Gho2KvmError):
@@ -144,7 +144,7 @@ class _Conn(Protocol):
 
 def host_caps(conn: _Conn, *, prefer_kvm: bool = True, arches: tuple[str, ...] = ARCHES) -> HostCaps:
     """Fetch what the libvirt host behind ``conn`` offers (capabilities, domain capabilities per arch)
-    and read it with :func:`pipeline.domain.facts.host_caps_from_xml`. ``prefer_kvm``: the caller passes
+    and read it with :func:`pipeline.model.host.host_caps_from_xml`. ``prefer_kvm``: the caller passes
     ``not settings.force_tcg``."""
     def domain_caps(emulator: str | None, arch: str, machine: str, virttype: str) -> str | None:
         try:

@@ -432,7 +432,7 @@ def judge(case: Case, work: Path) -> tuple[list[str], Outcome]:
 def run(seed: int, n: int, verbose: bool = False) -> tuple[Counter[str], Counter[str], list[str]]:
     """Run ``n`` cases; return (cases per class, failures per class, failure descriptions)."""
     import pipeline.app.cli  # noqa: F401  imported once: the forked children start warm (and all
-    import pipeline.gho.cli  # noqa: F401  run the same code even if the tree is edited meanwhile)
+    import pipeline.app.gho_cli  # noqa: F401  run the same code even if the tree is edited meanwhile)
 
     per_class: Counter[str] = Counter()
     fails: Counter[str] = Counter()

@@ -9,12 +9,8 @@ from typing import Any
 
 from pipeline.core import receipts
 from pipeline.core.receipts import Receipt
-from pipeline.steps.convert import ConvertResult
-from pipeline.steps.define import Defined
-from pipeline.steps.ghost_convert import GhostConvertResult
-from pipeline.steps.inspect import InspectFacts
-from pipeline.steps.registry_merge import MergeResult
-from pipeline.steps.xml_render import DomainXml
+from pipeline.model.inspect import InspectFacts
+from pipeline.model.results import ConvertResult, Defined, DomainXml, GhostConvertResult, MergeResult
 from pipeline.tasks import chain
 from pipeline.tasks.base import ImageTask
 

@@ -190,9 +190,6 @@ class Chain:
         return True
 
     # -- the stream interface ------------------------------------------------------------------
-    def remaining_raw(self) -> int:
-        return self.lay.end - self._next
-
     def peek(self, n: int) -> bytes:
         """Up to ``n`` bytes without consuming them (fewer only at the end of the chain)."""
         if not self.lay.framed:
@@ -235,11 +232,6 @@ class Chain:
                 self._block = self._next
             n -= take
             self.pos += take
-
-    def at_end(self) -> bool:
-        if not self.lay.framed:
-            return self._next >= self.lay.end
-        return not self._buf and self._next >= self.lay.end
 
 
 def decode_payload(payload: bytes, decoder: BlockDecoder, seed: int | None, ctx: Chain | None,

@@ -175,7 +175,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m pipeline.gho.cli``)."""
+    """Stand-alone entry point (``python -m pipeline.app.gho_cli``)."""
     parser = argparse.ArgumentParser(prog="gho2kvm-gho")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ One place for the per-version knowledge:
   is a warning;
 * the virtio-win folder names of a guest (``viostor/<os>/<arch>``) and memory defaults.
 
-``facts`` is what the inspect step found (:class:`pipeline.steps.inspect.InspectFacts`: ``os``,
+``facts`` is what the inspect step found (:class:`pipeline.model.inspect.InspectFacts`: ``os``,
 ``major_version``, ``minor_version``, ``product_name``, ``arch``, ``drivers_present``, ``services``).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the type only: this module stays free of tools at run time
-    from pipeline.steps.inspect import InspectFacts
+    from pipeline.model.inspect import InspectFacts
 
 NT5, NT6, NT62 = "nt5", "nt6", "nt62"
 
