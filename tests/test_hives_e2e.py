@@ -71,13 +71,16 @@ def test_dirty_hive_replayed_then_edited_and_logs_left(dirty: dict[str, Any]) ->
     merged = receipt(dirty["base"], "w10d", "registry-merge")["result"]
     system = merged["hives"]["SYSTEM"]
     assert (system["dirty"], system["entries_replayed"], system["values_recovered"]) == (True, 2, 7)
-    assert system["counts"] == {"built-in": {"changed": 2, "kept": 3}}
+    # mergeide's two Starts, and the guest fixes' AutoReboot=0 (this hive has no CrashControl key)
+    assert system["counts"] == {"built-in": {"added": 1, "changed": 2, "kept": 3}}
+    added = [(e["key"].rsplit("\\", 1)[-1], e["name"]) for e in system["edits"] if e["status"] == "added"]
+    assert len(added) == 1 and added[0][0] == "CrashControl", added
     changed = {(e["key"].rsplit("\\", 1)[-1], e["name"]): (e["old"], e["new"])
                for e in system["edits"] if e["status"] == "changed"}
     assert changed == {("intelide", "Start"): ("REG_DWORD 3", "REG_DWORD 0"),
                        ("atapi", "Start"): ("REG_DWORD 3", "REG_DWORD 0")}
     # plan shows the same counts (from inspect's snapshot)
-    assert "registry: image 'w10d': SYSTEM hive: built-in: 2 changed, 3 kept" in dirty["plan"].stdout
+    assert "registry: image 'w10d': SYSTEM hive: built-in: 1 added, 2 changed, 3 kept" in dirty["plan"].stdout
     back = dirty["back"]
     h = regf.check((back / "system").read_bytes())
     assert not h.base.dirty and h.base.secondary_seq > 4317
@@ -120,7 +123,7 @@ def test_damaged_hive_one_line_in_inspect_and_plan(damaged: dict[str, Any]) -> N
     facts = json.loads(ins.stdout)
     assert facts["os"] == "windows"
     plan = damaged["plan"]
-    assert plan.returncode == 1
+    assert plan.returncode == 2  # a refusal (docs/safety.md)
     refused = [ln for ln in plan.stdout.splitlines() if ln.startswith("REFUSED: ")]
     assert refused == ["REFUSED: " + lines[0]]
 
