@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import vmdk
@@ -280,20 +281,29 @@ def _sparse_vmdk_problem(path: Path, size: int) -> str | None:
         if gt and gt * SECTOR + gtes * 4 > size:
             return f"VMDK grain table {i} at sector {gt} lies past the end of the file ({size} bytes)"
     if not compressed:
-        for i in range(min(len(gd) // 4, 4096)):
-            gt = struct.unpack_from("<I", gd, i * 4)[0]
-            if not gt:
-                continue
-            table = _read(path, gt * SECTOR, gtes * 4)
-            for j in range(len(table) // 4):
-                g = struct.unpack_from("<I", table, j * 4)[0]
-                if g > 1 and g * SECTOR + grain * SECTOR > size:
-                    return (f"VMDK grain table {i} entry {j} points to sector {g}, past the end of the file "
-                            f"({size} bytes)")
+        for i, j, g in _grains(path, gd, gtes, tables=4096):
+            if g * SECTOR + grain * SECTOR > size:
+                return (f"VMDK grain table {i} entry {j} points to sector {g}, past the end of the file "
+                        f"({size} bytes)")
     else:
         return _stream_grains_problem(path, size, gd, gtes, grain)
     del version, flags, overhead
     return None
+
+
+def _grains(path: Path, gd: bytes, gtes: int, *, tables: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """(grain table, entry, grain sector) of every allocated grain (sector > 1) of a sparse VMDK whose
+    grain directory is ``gd`` (the first ``tables`` grain tables when given)."""
+    n = len(gd) // 4 if tables is None else min(len(gd) // 4, tables)
+    for i in range(n):
+        gt = struct.unpack_from("<I", gd, i * 4)[0]
+        if not gt:
+            continue
+        table = _read(path, gt * SECTOR, gtes * 4)
+        for j in range(len(table) // 4):
+            g = struct.unpack_from("<I", table, j * 4)[0]
+            if g > 1:
+                yield i, j, g
 
 
 def _stream_grains_problem(path: Path, size: int, gd: bytes, gtes: int, grain: int) -> str | None:
@@ -301,36 +311,26 @@ def _stream_grains_problem(path: Path, size: int, gd: bytes, gtes: int, grain: i
     deflate stream inflates to at most one grain."""
     import zlib
 
-    checked = 0
-    for i in range(len(gd) // 4):
-        gt = struct.unpack_from("<I", gd, i * 4)[0]
-        if not gt:
-            continue
-        table = _read(path, gt * SECTOR, gtes * 4)
-        for j in range(len(table) // 4):
-            g = struct.unpack_from("<I", table, j * 4)[0]
-            if g <= 1:
-                continue
-            marker = _read(path, g * SECTOR, 12)
-            if len(marker) < 12:
-                return f"streamOptimized VMDK grain at sector {g} lies past the end of the file"
-            lba, clen = struct.unpack_from("<QI", marker)
-            if lba != (i * gtes + j) * grain:
-                return (f"streamOptimized VMDK grain at sector {g} says LBA {lba}, its table entry says "
-                        f"{(i * gtes + j) * grain}")
-            if g * SECTOR + 12 + clen > size:
-                return (f"streamOptimized VMDK grain at sector {g} ({clen} bytes) runs past the end "
-                        "of the file")
-            try:
-                d = zlib.decompressobj()
-                out = d.decompress(_read(path, g * SECTOR + 12, clen), grain * SECTOR + 1)
-                if len(out) > grain * SECTOR or not d.eof:
-                    raise zlib.error("not one grain")
-            except zlib.error:
-                return f"streamOptimized VMDK grain at sector {g} does not inflate to one grain; corrupt"
-            checked += 1
-            if checked >= 65536:
-                return None
+    for checked, (i, j, g) in enumerate(_grains(path, gd, gtes), start=1):
+        marker = _read(path, g * SECTOR, 12)
+        if len(marker) < 12:
+            return f"streamOptimized VMDK grain at sector {g} lies past the end of the file"
+        lba, clen = struct.unpack_from("<QI", marker)
+        if lba != (i * gtes + j) * grain:
+            return (f"streamOptimized VMDK grain at sector {g} says LBA {lba}, its table entry says "
+                    f"{(i * gtes + j) * grain}")
+        if g * SECTOR + 12 + clen > size:
+            return (f"streamOptimized VMDK grain at sector {g} ({clen} bytes) runs past the end "
+                    "of the file")
+        try:
+            d = zlib.decompressobj()
+            out = d.decompress(_read(path, g * SECTOR + 12, clen), grain * SECTOR + 1)
+            if len(out) > grain * SECTOR or not d.eof:
+                raise zlib.error("not one grain")
+        except zlib.error:
+            return f"streamOptimized VMDK grain at sector {g} does not inflate to one grain; corrupt"
+        if checked >= 65536:
+            return None
     return None
 
 
